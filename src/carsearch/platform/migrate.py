@@ -1,0 +1,75 @@
+"""Run the Alembic migrations: the only way the schema is made or changed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.exc import OperationalError
+
+from carsearch.platform.db import make_engine
+from carsearch.platform.errors import ConfigError
+
+
+def migrations_dir() -> Path:
+    """The `migrations/` folder: $CARSEARCH_MIGRATIONS_DIR, else the repository root's."""
+    env = os.environ.get("CARSEARCH_MIGRATIONS_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[3] / "migrations")
+    candidates.append(Path.cwd() / "migrations")
+    for c in candidates:
+        if (c / "env.py").is_file():
+            return c
+    raise ConfigError(
+        "cannot find the migrations folder; set CARSEARCH_MIGRATIONS_DIR to the project's "
+        "migrations/ directory"
+    )
+
+
+def alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    _run(url, lambda cfg: command.upgrade(cfg, revision))
+
+
+def downgrade(url: str, revision: str) -> None:
+    _run(url, lambda cfg: command.downgrade(cfg, revision))
+
+
+def _run(url: str, fn: Callable[[Config], None]) -> None:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fn(alembic_config(url))
+    except OperationalError as exc:
+        raise ConfigError(f"cannot reach the database {_safe(url)}: {exc.orig}") from None
+
+
+def current_revision(url: str) -> str | None:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def _safe(url: str) -> str:
+    """A URL with any password masked, for messages."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,40 @@
+"""The platform's parts, built from Settings on first use and shared by one process."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from carsearch.platform.db import Database
+from carsearch.platform.registry import Registry
+from carsearch.platform.search import SearchService
+from carsearch.platform.settings import Settings
+from carsearch.platform.vectorstore import MilvusStore
+
+
+class Platform:
+    """Database, vector store, registry and search service for one process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def db(self) -> Database:
+        return Database(self.settings.database_url)
+
+    @cached_property
+    def store(self) -> MilvusStore:
+        return MilvusStore(self.settings.milvus_uri, token=self.settings.milvus_token)
+
+    @cached_property
+    def registry(self) -> Registry:
+        return Registry(self.db, self.settings.model_dir)
+
+    @cached_property
+    def search(self) -> SearchService:
+        return SearchService(self.settings, self.db, self.store)
+
+    def close(self) -> None:
+        if "store" in self.__dict__:
+            self.store.close()
+        if "db" in self.__dict__:
+            self.db.dispose()

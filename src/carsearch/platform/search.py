@@ -1,0 +1,209 @@
+"""The search service: text or image in, ranked hits with metadata out.
+
+Uses the serving model version: its encoder (loaded once per version, after the
+artifact's hash is checked), its Milvus collection, and metadata joined from the
+database. Every query is written to `query_log`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from carsearch.platform.db import Database, Image, ModelVersion, QueryLog
+from carsearch.platform.encoder import Encoder
+from carsearch.platform.errors import QueryError
+from carsearch.platform.images import load_image
+from carsearch.platform.registry import Registry
+from carsearch.platform.settings import Settings
+from carsearch.platform.vectorstore import SearchFilters, VectorStore
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int
+    score: float
+    image_id: int
+    path: str
+    make: str | None = None
+    model: str | None = None
+    year: int | None = None
+    body_type: str | None = None
+    colour: str | None = None
+    class_name: str | None = None
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    query: str | None
+    kind: str
+    version: str
+    k: int
+    filters: dict[str, Any]
+    latency_ms: float
+    hits: list[SearchHit] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hits"] = [h.to_dict() for h in self.hits]
+        return d
+
+
+class SearchService:
+    """Text and image search over the serving model version."""
+
+    def __init__(self, settings: Settings, db: Database, store: VectorStore) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.registry = Registry(db, settings.model_dir)
+        self._encoders: dict[str, Encoder] = {}
+        self._lock = threading.Lock()
+
+    # -- model -----------------------------------------------------------------------
+    def encoder_for(self, version: ModelVersion) -> Encoder:
+        """The encoder of a version, created once after checking the artifact's hash."""
+        with self._lock:
+            enc = self._encoders.get(version.name)
+            if enc is None:
+                path = self.registry.verify(version)
+                enc = Encoder(
+                    path,
+                    device=self.settings.device,
+                    batch_size=self.settings.encode_batch_size,
+                    torch_threads=self.settings.threads.torch,
+                )
+                self._encoders[version.name] = enc
+            return enc
+
+    # -- queries ---------------------------------------------------------------------
+    def clean_query(self, query: str | None) -> str:
+        text = " ".join((query or "").split())
+        if not text:
+            raise QueryError("empty query: describe a vehicle, e.g. 'red 2012 chevy pickup'")
+        if len(text) > self.settings.max_query_chars:
+            raise QueryError(
+                f"query too long ({len(text)} characters; at most "
+                f"{self.settings.max_query_chars}): describe the vehicle in a few words"
+            )
+        return text
+
+    @staticmethod
+    def check_k(k: int) -> int:
+        if not 1 <= int(k) <= MAX_K:
+            raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
+        return int(k)
+
+    def search_text(
+        self, query: str, k: int = 10, filters: SearchFilters | None = None
+    ) -> SearchResult:
+        text = self.clean_query(query)
+        k = self.check_k(k)
+        t0 = time.perf_counter()
+        version = self.registry.require_serving()
+        vec = self.encoder_for(version).encode_text([text])
+        return self._finish(version, vec, "text", text, k, filters, t0)
+
+    def search_image(
+        self, image: PILImage.Image, k: int = 10, filters: SearchFilters | None = None
+    ) -> SearchResult:
+        k = self.check_k(k)
+        t0 = time.perf_counter()
+        version = self.registry.require_serving()
+        vec = self.encoder_for(version).encode_images([image.convert("RGB")])
+        return self._finish(version, vec, "image", None, k, filters, t0)
+
+    def search_similar(
+        self, image_id: int, k: int = 10, filters: SearchFilters | None = None
+    ) -> SearchResult:
+        """"More like this": image search with an indexed image as the query."""
+        with self.db.session() as s:
+            row = s.get(Image, int(image_id))
+        if row is None:
+            raise QueryError(f"no image with id {image_id}")
+        img = load_image(Path(row.path), max_pixels=self.settings.max_image_pixels)
+        return self.search_image(img, k, filters)
+
+    def _finish(
+        self,
+        version: ModelVersion,
+        vec: np.ndarray,
+        kind: str,
+        text: str | None,
+        k: int,
+        filters: SearchFilters | None,
+        t0: float,
+    ) -> SearchResult:
+        hits = self.store.search(version.collection, vec, k, filters)[0]
+        rows = self._metadata([h.id for h in hits])
+        out: list[SearchHit] = []
+        for h in hits:
+            row = rows.get(h.id)
+            if row is None:  # a vector whose row is gone: reconcile repairs it
+                log.warning("vector %d in %s has no database row", h.id, version.collection)
+                continue
+            out.append(
+                SearchHit(
+                    rank=len(out) + 1,
+                    score=round(h.score, 6),
+                    image_id=h.id,
+                    path=row.path,
+                    make=row.make,
+                    model=row.model,
+                    year=row.year,
+                    body_type=row.body_type,
+                    colour=row.colour,
+                    class_name=row.class_name,
+                    source=row.source,
+                )
+            )
+        latency = (time.perf_counter() - t0) * 1000.0
+        fdict = filters.model_dump(exclude_defaults=True) if filters else {}
+        self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
+        return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out)
+
+    def _metadata(self, ids: list[int]) -> dict[int, Image]:
+        if not ids:
+            return {}
+        with self.db.session() as s:
+            return {r.id: r for r in s.scalars(select(Image).where(Image.id.in_(ids)))}
+
+    def _log(
+        self,
+        version: ModelVersion,
+        kind: str,
+        text: str | None,
+        filters: dict[str, Any],
+        k: int,
+        latency: float,
+        ids: list[int],
+    ) -> None:
+        with self.db.session() as s:
+            s.add(
+                QueryLog(
+                    kind=kind,
+                    query=text,
+                    filters={key: list(v) if isinstance(v, tuple) else v
+                             for key, v in filters.items()},
+                    k=k,
+                    latency_ms=latency,
+                    result_ids=ids,
+                    model_version_id=version.id,
+                )
+            )

@@ -1,0 +1,133 @@
+"""One settings class for every process, read from CARSEARCH_* variables.
+
+Built once in the entry point and passed in explicitly; tests construct their own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from carsearch.platform.errors import ConfigError
+
+
+class SettingsError(ConfigError):
+    """Settings that cannot be used; the message names the variable."""
+
+
+class ThreadSettings(BaseSettings):
+    """Thread pools: torch, FAISS and Milvus Lite each start one; on 2 cores they fight."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    torch: int = Field(default=2, ge=1, le=256)
+    faiss: int = Field(default=1, ge=1, le=256)
+    omp: int = Field(default=1, ge=1, le=256)
+
+
+class Settings(BaseSettings):
+    """Everything a carsearch process needs to know about its surroundings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CARSEARCH_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    data_dir: Path = Field(default=Path("data"), description="Root of all local state.")
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL; empty means a SQLite file under data_dir.",
+    )
+    milvus_uri: str = Field(
+        default="",
+        description="Milvus Lite file path or http://host:19530; empty means data_dir/milvus.db.",
+    )
+    milvus_token: str = Field(default="", description="Milvus server token (user:password).")
+    model_dir: Path = Field(default=Path(""), description="Where model versions are stored.")
+    base_model: str = Field(
+        default="",
+        description="Hub id or directory of the SigLIP base; empty means the compact local one.",
+    )
+    device: str = Field(default="cpu")
+    encode_batch_size: int = Field(default=64, ge=1, le=4096)
+    threads: ThreadSettings = Field(default_factory=ThreadSettings)
+    ollama_host: str = Field(default="http://127.0.0.1:11434")
+    ollama_model: str = Field(default="qwen2.5:14b")
+    image_dir: Path = Field(default=Path(""), description="Images the search page may serve.")
+    max_image_pixels: int = Field(default=40_000_000, ge=1024)
+    max_query_chars: int = Field(default=500, ge=1)
+    log_level: str = Field(default="INFO")
+
+    @field_validator("milvus_uri")
+    @classmethod
+    def _milvus_uri(cls, v: str) -> str:
+        if v and "://" in v and not v.startswith(("http://", "https://", "tcp://", "unix://")):
+            raise ValueError("must be a Milvus Lite file path or an http(s):// server URI")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        if v and not v.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        level = v.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _defaults_under_data_dir(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'carsearch.db').resolve()}"
+        if not self.milvus_uri:
+            self.milvus_uri = str((self.data_dir / "milvus.db").resolve())
+        if self.model_dir == Path(""):
+            self.model_dir = self.data_dir / "models"
+        if self.image_dir == Path(""):
+            self.image_dir = self.data_dir / "images"
+        if not self.base_model:
+            self.base_model = str(self.data_dir / "base" / "compact-siglip")
+        return self
+
+    @property
+    def milvus_is_lite(self) -> bool:
+        return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix://"))
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.model_dir, self.image_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def _variable_name(loc: tuple[int | str, ...]) -> str:
+    return "CARSEARCH_" + "__".join(str(p).upper() for p in loc)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment, turning validation errors into one line each."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = [f"{_variable_name(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise SettingsError("invalid settings: " + "; ".join(lines)) from None
+
+
+def apply_thread_settings(settings: Settings) -> None:
+    """Size the OpenMP/MKL pools before any library starts them.
+
+    torch's intra-op pool is set by the encoder and the trainer (Settings.threads.torch),
+    FAISS's by the exact index (Settings.threads.faiss); Milvus Lite's server process
+    inherits these variables.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", str(settings.threads.omp))
+    os.environ.setdefault("MKL_NUM_THREADS", str(settings.threads.omp))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

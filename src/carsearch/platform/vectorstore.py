@@ -1,0 +1,329 @@
+"""Vector store: a small Protocol and its Milvus adapter (Milvus Lite file or server).
+
+One collection per model version. Vectors are L2-normalised float32 and compared by
+inner product, so scores are cosine similarities. Each row carries the scalar fields
+that filters use (make, body, year, colour, source); filter values are validated and
+quoted here, never pasted into an expression as typed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from carsearch.platform.errors import CarsearchError, QueryError
+
+log = logging.getLogger(__name__)
+
+SCALAR_FIELDS: dict[str, int] = {"make": 64, "body": 32, "colour": 32, "source": 64}
+# Letters (any script), digits, space and a few joiners: everything a make, body type,
+# colour or source name needs, and nothing an expression could be built from.
+_SAFE_VALUE = re.compile(r"^[\w][\w .\-/&']{0,63}$", re.UNICODE)
+
+
+class VectorStoreError(CarsearchError):
+    """The vector database failed or is unreachable."""
+
+
+class SearchFilters(BaseModel):
+    """Typed metadata filters. Lists mean "any of"; an empty list means no filter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    make: tuple[str, ...] = ()
+    body: tuple[str, ...] = ()
+    colour: tuple[str, ...] = ()
+    source: tuple[str, ...] = ()
+    year_min: int | None = Field(default=None, ge=1886, le=2100)
+    year_max: int | None = Field(default=None, ge=1886, le=2100)
+
+    @field_validator("make", "body", "colour", "source", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            return (v,)
+        return v
+
+    @field_validator("make", "body", "colour", "source")
+    @classmethod
+    def _safe_values(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) > 32:
+            raise ValueError("at most 32 values per filter")
+        out = []
+        for item in v:
+            item = item.strip()
+            if not _SAFE_VALUE.fullmatch(item):
+                raise ValueError(f"unusable filter value {item!r}")
+            out.append(item)
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _year_order(self) -> SearchFilters:
+        lo, hi = self.year_min, self.year_max
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError("year_min is after year_max")
+        return self
+
+    def is_empty(self) -> bool:
+        return not (self.make or self.body or self.colour or self.source) and (
+            self.year_min is None and self.year_max is None
+        )
+
+
+def _quote(value: str) -> str:
+    # A JSON string literal is a valid Milvus string literal: quotes and backslashes
+    # are escaped. Values were already checked against _SAFE_VALUE.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def build_filter_expression(filters: SearchFilters | None) -> str:
+    """The Milvus boolean expression for typed filters ("" for none)."""
+    if filters is None or filters.is_empty():
+        return ""
+    clauses: list[str] = []
+    for name in ("make", "body", "colour", "source"):
+        values: tuple[str, ...] = getattr(filters, name)
+        if values:
+            clauses.append(f"{name} in [{', '.join(_quote(v) for v in values)}]")
+    if filters.year_min is not None:
+        clauses.append(f"year >= {int(filters.year_min)}")
+    if filters.year_max is not None:
+        clauses.append(f"year <= {int(filters.year_max)}")
+    return " and ".join(clauses)
+
+
+@dataclass(frozen=True)
+class VectorRow:
+    """The scalar fields stored beside a vector ("" / 0 where unknown)."""
+
+    make: str = ""
+    body: str = ""
+    colour: str = ""
+    source: str = ""
+    year: int = 0
+
+    def as_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"year": int(self.year or 0)}
+        for name, max_len in SCALAR_FIELDS.items():
+            out[name] = str(getattr(self, name) or "")[:max_len]
+        return out
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+IndexType = Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"]
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How a collection's vector field is indexed and searched."""
+
+    type: IndexType = "FLAT"
+    params: dict[str, int] = field(default_factory=dict)
+    search_params: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def default_for(cls, lite: bool) -> IndexSpec:
+        if lite:
+            return cls("FLAT")
+        return cls("HNSW", {"M": 16, "efConstruction": 200}, {"ef": 64})
+
+
+class VectorStore(Protocol):
+    def ensure_collection(self, name: str, dim: int) -> None: ...
+
+    def upsert(
+        self, name: str, ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]
+    ) -> int: ...
+
+    def delete(self, name: str, ids: Sequence[int]) -> None: ...
+
+    def search(
+        self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None
+    ) -> list[list[Hit]]: ...
+
+    def count(self, name: str) -> int: ...
+
+    def drop(self, name: str) -> None: ...
+
+
+def _check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
+    arr = np.ascontiguousarray(vectors, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"vectors must be 2-D, got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"vectors have dimension {arr.shape[1]}, collection has {dim}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("vectors contain NaN or infinity")
+    norms = np.linalg.norm(arr, axis=1)
+    if arr.shape[0] and not np.allclose(norms, 1.0, atol=1e-3):
+        raise ValueError("vectors must be L2-normalised")
+    return arr
+
+
+class MilvusStore:
+    """The Milvus adapter: a Milvus Lite file path or an http(s):// server URI."""
+
+    def __init__(self, uri: str, *, token: str = "", index: IndexSpec | None = None) -> None:
+        from pymilvus import MilvusClient
+        from pymilvus.exceptions import MilvusException
+
+        self.uri = uri
+        self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix://"))
+        self.index = index or IndexSpec.default_for(self.is_lite)
+        self._loaded: set[str] = set()
+        self._dims: dict[str, int] = {}
+        self._lock = threading.Lock()
+        if self.is_lite:
+            from pathlib import Path
+
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client = MilvusClient(uri=uri, token=token)
+        except MilvusException as exc:
+            raise VectorStoreError(f"cannot open Milvus at {uri}: {exc.message}") from None
+
+    # -- collections -------------------------------------------------------------
+    def has_collection(self, name: str) -> bool:
+        return bool(self.client.has_collection(name))
+
+    def list_collections(self) -> list[str]:
+        return list(self.client.list_collections())
+
+    def ensure_collection(self, name: str, dim: int) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        if self.has_collection(name):
+            have = self.dimension(name)
+            if have != dim:
+                raise VectorStoreError(
+                    f"collection {name} has dimension {have}, model gives {dim}"
+                )
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        for fname, max_len in SCALAR_FIELDS.items():
+            schema.add_field(fname, DataType.VARCHAR, max_length=max_len)
+        schema.add_field("year", DataType.INT64)
+        params = self.client.prepare_index_params()
+        params.add_index(
+            field_name="vector",
+            index_type=self.index.type,
+            metric_type="IP",
+            params=dict(self.index.params),
+        )
+        self.client.create_collection(name, schema=schema, index_params=params)
+        log.info("created collection %s (dim %d, IP, %s)", name, dim, self.index.type)
+        self._dims[name] = dim
+
+    def dimension(self, name: str) -> int:
+        if name not in self._dims:
+            desc = self.client.describe_collection(name)
+            for f in desc["fields"]:
+                if f["name"] == "vector":
+                    self._dims[name] = int(f["params"]["dim"])
+        return self._dims[name]
+
+    def _ensure_loaded(self, name: str) -> None:
+        if name in self._loaded:
+            return
+        with self._lock:
+            if name not in self._loaded:
+                if not self.has_collection(name):
+                    raise VectorStoreError(f"no collection {name} in Milvus at {self.uri}")
+                self.client.load_collection(name)
+                self._loaded.add(name)
+
+    def drop(self, name: str) -> None:
+        if self.has_collection(name):
+            self.client.drop_collection(name)
+        self._loaded.discard(name)
+        self._dims.pop(name, None)
+
+    # -- rows ----------------------------------------------------------------------
+    def upsert(
+        self, name: str, ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]
+    ) -> int:
+        if not (len(ids) == len(rows) == len(vectors)):
+            raise ValueError("ids, vectors and rows differ in length")
+        if not len(ids):
+            return 0
+        self._ensure_loaded(name)
+        arr = _check_vectors(vectors, self.dimension(name))
+        data = [
+            {"id": int(i), "vector": arr[j].tolist(), **rows[j].as_fields()}
+            for j, i in enumerate(ids)
+        ]
+        res = self.client.upsert(name, data)
+        return int(res.get("upsert_count", len(data)))
+
+    def flush(self, name: str) -> None:
+        """Seal growing segments: searches on unflushed rows are far slower."""
+        self.client.flush(name)
+
+    def delete(self, name: str, ids: Sequence[int]) -> None:
+        if not len(ids):
+            return
+        self._ensure_loaded(name)
+        self.client.delete(name, ids=[int(i) for i in ids])
+
+    def count(self, name: str) -> int:
+        if not self.has_collection(name):
+            return 0
+        self._ensure_loaded(name)
+        res = self.client.query(name, filter="", output_fields=["count(*)"])
+        return int(res[0]["count(*)"])
+
+    def ids(self, name: str, batch: int = 10_000) -> set[int]:
+        """Every primary key in a collection (for reconcile)."""
+        self._ensure_loaded(name)
+        out: set[int] = set()
+        it = self.client.query_iterator(name, batch_size=batch, filter="", output_fields=["id"])
+        try:
+            while True:
+                page = it.next()
+                if not page:
+                    break
+                out.update(int(r["id"]) for r in page)
+        finally:
+            it.close()
+        return out
+
+    def search(
+        self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None
+    ) -> list[list[Hit]]:
+        if k < 1:
+            raise QueryError("k must be at least 1")
+        self._ensure_loaded(name)
+        arr = _check_vectors(vectors, self.dimension(name))
+        res = self.client.search(
+            name,
+            data=[v.tolist() for v in arr],
+            limit=int(k),
+            filter=build_filter_expression(filters),
+            output_fields=[*SCALAR_FIELDS, "year"],
+            search_params={"metric_type": "IP", "params": dict(self.index.search_params)},
+        )
+        return [
+            [Hit(id=int(h["id"]), score=float(h["distance"]), fields=dict(h["entity"])) for h in q]
+            for q in res
+        ]
+
+    def close(self) -> None:
+        self.client.close()

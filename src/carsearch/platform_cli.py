@@ -1,0 +1,228 @@
+"""CLI verbs for the platform core: db, models, ingest (manifest), search."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from carsearch.platform import migrate
+from carsearch.platform.db import ModelVersion
+from carsearch.platform.errors import ConfigError, QueryError
+from carsearch.platform.runtime import Platform
+from carsearch.platform.settings import Settings
+from carsearch.platform.vectorstore import SearchFilters
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    obj = ctx.find_root().obj
+    if not isinstance(obj, Settings):  # pragma: no cover - the root callback sets it
+        raise RuntimeError("settings were not built")
+    return obj
+
+
+def _platform(ctx: typer.Context) -> Platform:
+    p = Platform(_settings(ctx))
+    ctx.call_on_close(p.close)
+    return p
+
+
+def _echo_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+# -- db ----------------------------------------------------------------------------------
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Migrate the database up to a revision (default: the newest)."""
+    url = _settings(ctx).database_url
+    migrate.upgrade(url, revision)
+    typer.echo(f"database at revision {migrate.current_revision(url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    ctx: typer.Context, revision: Annotated[str, typer.Argument(help="Target, e.g. base.")]
+) -> None:
+    """Migrate the database down to a revision."""
+    url = _settings(ctx).database_url
+    migrate.downgrade(url, revision)
+    typer.echo(f"database at revision {migrate.current_revision(url) or 'base'}")
+
+
+@db_app.command("current")
+def db_current(ctx: typer.Context) -> None:
+    """Show the database's revision and the newest one."""
+    url = _settings(ctx).database_url
+    typer.echo(f"current: {migrate.current_revision(url) or 'base'}")
+    typer.echo(f"head:    {migrate.head_revision()}")
+
+
+# -- models ------------------------------------------------------------------------------
+models_app = typer.Typer(help="Model registry: publish, list, promote, roll back.",
+                         no_args_is_help=True)
+
+
+def _version_dict(v: ModelVersion) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "status": v.status.value,
+        "dim": v.dim,
+        "collection": v.collection,
+        "base_model": v.base_model,
+        "artifact_path": v.artifact_path,
+        "artifact_sha256": v.artifact_sha256,
+        "created_at": v.created_at,
+        "promoted_at": v.promoted_at,
+        "metrics": v.metrics,
+    }
+
+
+@models_app.command("publish")
+def models_publish(
+    ctx: typer.Context,
+    artifact: Annotated[Path, typer.Argument(help="Model directory (save_pretrained layout).")],
+    name: Annotated[str | None, typer.Option(help="Version name (default: dated).")] = None,
+    base: Annotated[str, typer.Option(help="Base model it came from.")] = "",
+    promote: Annotated[bool, typer.Option(help="Promote it to serving at once.")] = False,
+) -> None:
+    """Copy a model directory into the registry as a candidate version."""
+    p = _platform(ctx)
+    v = p.registry.publish(artifact, name=name, base_model=base)
+    typer.echo(f"published {v.name} (sha256 {v.artifact_sha256[:12]}, dim {v.dim})")
+    if promote:
+        p.registry.promote(v.name)
+        typer.echo(f"{v.name} is serving")
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """List model versions."""
+    versions = _platform(ctx).registry.list()
+    if as_json:
+        _echo_json([_version_dict(v) for v in versions])
+        return
+    if not versions:
+        typer.echo("no model versions")
+    for v in versions:
+        typer.echo(f"{v.name:40s} {v.status.value:9s} dim={v.dim} {v.artifact_sha256[:12]}")
+
+
+@models_app.command("promote")
+def models_promote(ctx: typer.Context, name: str) -> None:
+    """Make a version the serving one (after checking its artifact's hash)."""
+    v = _platform(ctx).registry.promote(name)
+    typer.echo(f"{v.name} is serving")
+
+
+@models_app.command("rollback")
+def models_rollback(ctx: typer.Context) -> None:
+    """Serve again the version that served before the current one."""
+    v = _platform(ctx).registry.rollback()
+    typer.echo(f"rolled back: {v.name} is serving")
+
+
+@models_app.command("retire")
+def models_retire(ctx: typer.Context, name: str) -> None:
+    """Take a non-serving version out of service for good."""
+    v = _platform(ctx).registry.retire(name)
+    typer.echo(f"{v.name} is retired")
+
+
+@models_app.command("verify")
+def models_verify(ctx: typer.Context, name: str) -> None:
+    """Check a version's artifact against the hash recorded when it was published."""
+    reg = _platform(ctx).registry
+    path = reg.verify(reg.get(name))
+    typer.echo(f"{name}: artifact at {path} matches its recorded sha256")
+
+
+# -- ingest ------------------------------------------------------------------------------
+ingest_app = typer.Typer(help="Ingest images into Milvus and the database.",
+                         no_args_is_help=True)
+
+
+@ingest_app.command("manifest")
+def ingest_manifest(
+    ctx: typer.Context,
+    manifest: Annotated[Path, typer.Argument(help="JSONL or CSV with a path column.")],
+    source: Annotated[str, typer.Option(help="Source name recorded per image.")] = "manifest",
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Embed the images a manifest lists with the serving version and index them."""
+    from carsearch.ingest.pipeline import ingest_items, read_manifest
+
+    p = _platform(ctx)
+    version = p.registry.require_serving()
+    items = list(read_manifest(manifest, source))
+    summary = ingest_items(
+        items,
+        db=p.db,
+        store=p.store,
+        encoder=p.search.encoder_for(version),
+        version=version,
+        max_pixels=p.settings.max_image_pixels,
+        batch_size=batch_size,
+        total=len(items),
+    )
+    if as_json:
+        _echo_json(summary.to_dict())
+    else:
+        typer.echo(
+            f"indexed {summary.indexed}, quarantined {summary.quarantined} "
+            f"of {summary.seen} into {version.collection}"
+        )
+
+
+# -- search ------------------------------------------------------------------------------
+def search_command(
+    ctx: typer.Context,
+    query: Annotated[str | None, typer.Argument(help="What to look for.")] = None,
+    k: Annotated[int, typer.Option("--k", help="How many hits.")] = 10,
+    image: Annotated[Path | None, typer.Option(help="Search by an image instead.")] = None,
+    make: Annotated[list[str] | None, typer.Option(help="Only this make (repeatable).")] = None,
+    body: Annotated[list[str] | None, typer.Option(help="Body category: pickup, suv, ...")] = None,
+    colour: Annotated[list[str] | None, typer.Option(help="Only this colour.")] = None,
+    year_min: Annotated[int | None, typer.Option(help="Earliest model year.")] = None,
+    year_max: Annotated[int | None, typer.Option(help="Latest model year.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Search the serving version by text (or --image) and print the hits."""
+    from pydantic import ValidationError
+
+    try:
+        filters = SearchFilters(
+            make=tuple(make or ()), body=tuple(body or ()), colour=tuple(colour or ()),
+            year_min=year_min, year_max=year_max,
+        )
+    except ValidationError as exc:
+        raise QueryError("bad filter: " + "; ".join(e["msg"] for e in exc.errors())) from None
+    p = _platform(ctx)
+    if image is not None:
+        from carsearch.platform.images import load_image
+
+        result = p.search.search_image(
+            load_image(image, max_pixels=p.settings.max_image_pixels), k, filters
+        )
+    elif query is None:
+        raise ConfigError("give a query, or --image PATH")
+    else:
+        result = p.search.search_text(query, k, filters)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    typer.echo(f"{len(result.hits)} hits in {result.latency_ms:.1f} ms ({result.version})")
+    for h in result.hits:
+        label = h.class_name or " ".join(str(x) for x in (h.make, h.model, h.year) if x)
+        typer.echo(f"{h.rank:3d}. {h.score:+.3f}  {label or '-'}  {h.path}")

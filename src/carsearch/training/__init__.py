@@ -1,0 +1,1 @@
+"""carsearch.training."""

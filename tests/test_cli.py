@@ -1,0 +1,92 @@
+"""The `carsearch` command end to end in real subprocesses, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "carsearch.cli"]
+
+
+def run(args: list[str], env: dict[str, str], ok: bool = True) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def one_line_error(p: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("CARSEARCH_")}
+    e.update(CARSEARCH_DATA_DIR=str(tmp_path / "data"), CARSEARCH_LOG_LEVEL="WARNING",
+             OMP_NUM_THREADS="1")
+    return e
+
+
+def test_help_lists_every_verb(env: dict[str, str]) -> None:
+    out = run(["--help"], env).stdout
+    for verb in ("db", "base", "data", "models", "ingest", "search", "augment"):
+        assert f" {verb} " in out
+
+
+def test_round_trip(env: dict[str, str], tmp_path: Path, compact_model: Path) -> None:
+    run(["db", "upgrade"], env)
+    assert "0001" in run(["db", "current"], env).stdout
+    out = run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
+    assert "v1 is serving" in out.stdout
+    listed = json.loads(run(["models", "list", "--json"], env).stdout)
+    assert [(v["name"], v["status"]) for v in listed] == [("v1", "serving")]
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, cls in enumerate(["Ford F-150 Regular Cab 2012", "BMW M3 Coupe 2012"]):
+        arr = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"path": f"{i}.png", "class_name": cls}))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    summary = json.loads(run(["ingest", "manifest", str(tmp_path / "m.jsonl"), "--json"],
+                             env).stdout)
+    assert summary["indexed"] == 2
+
+    res = json.loads(run(["search", "ford pickup", "--k", "5", "--json"], env).stdout)
+    assert res["version"] == "v1"
+    assert {h["make"] for h in res["hits"]} == {"Ford", "BMW"}
+    res = json.loads(run(["search", "truck", "--body", "pickup", "--json"], env).stdout)
+    assert [h["make"] for h in res["hits"]] == ["Ford"]
+    res = json.loads(run(["search", "--image", str(tmp_path / "1.png"), "--json"], env).stdout)
+    assert res["hits"][0]["make"] == "BMW"
+
+    one_line_error(run(["search", "   "], env, ok=False), "empty query")
+    one_line_error(run(["search", "car", "--make", 'x" or 1'], env, ok=False), "bad filter")
+    one_line_error(run(["models", "promote", "nope"], env, ok=False), "no model version")
+
+    weights = next((tmp_path / "data" / "models" / "v1").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    one_line_error(run(["search", "ford"], env, ok=False), "changed since it was published")
+
+
+def test_bad_settings_are_one_line(env: dict[str, str]) -> None:
+    env = dict(env, CARSEARCH_THREADS__TORCH="lots")
+    one_line_error(run(["models", "list"], env, ok=False), "CARSEARCH_THREADS__TORCH")
+
+
+def test_missing_model_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    run(["db", "upgrade"], env)
+    one_line_error(run(["models", "publish", str(tmp_path / "absent")], env, ok=False),
+                   "no model artifact")
+    one_line_error(run(["search", "red pickup"], env, ok=False), "no serving model version")

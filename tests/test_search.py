@@ -1,0 +1,140 @@
+"""Search service end to end: real compact model, Milvus Lite, SQLite/PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from sqlalchemy import func, select
+
+from carsearch.ingest.pipeline import IngestItem, ingest_items, read_manifest
+from carsearch.platform.db import Database, ImageStatus, QueryLog
+from carsearch.platform.db import Image as ImageRow
+from carsearch.platform.errors import ModelNotFoundError, QueryError
+from carsearch.platform.search import SearchService
+from carsearch.platform.settings import Settings
+from carsearch.platform.vectorstore import MilvusStore, SearchFilters
+
+LABELS = [
+    ("Chevrolet Silverado 1500 Regular Cab 2012", "red"),
+    ("Ford F-150 Regular Cab 2007", "blue"),
+    ("BMW M3 Coupe 2012", "black"),
+    ("Mercedes-Benz C-Class Sedan 2012", "silver"),
+    ("Volkswagen Golf Hatchback 1991", "white"),
+    ("Jeep Wrangler SUV 2012", "green"),
+]
+
+
+def _draw(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (96, 72), tuple(int(c) for c in rng.integers(0, 255, 3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(4):
+        x, y = rng.integers(0, 60, 2)
+        d.rectangle([int(x), int(y), int(x) + 30, int(y) + 20],
+                    fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    img.save(path)
+
+
+@pytest.fixture
+def service(database: Database, tmp_path: Path, compact_model: Path):
+    settings = Settings(data_dir=tmp_path / "data", database_url=database.url)
+    store = MilvusStore(settings.milvus_uri)
+    svc = SearchService(settings, database, store)
+    yield svc
+    store.close()
+
+
+@pytest.fixture
+def indexed(service: SearchService, compact_model: Path, tmp_path: Path):
+    v = service.registry.publish(compact_model, name="base")
+    service.registry.promote("base")
+    manifest = tmp_path / "manifest.jsonl"
+    lines = []
+    for i, (cls, colour) in enumerate(LABELS):
+        _draw(tmp_path / f"car{i}.png", i)
+        lines.append(json.dumps({"path": f"car{i}.png", "class_name": cls, "colour": colour}))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    lines.append(json.dumps({"path": "broken.jpg"}))
+    manifest.write_text("\n".join(lines) + "\n")
+    summary = ingest_items(
+        list(read_manifest(manifest)), db=service.db, store=service.store,
+        encoder=service.encoder_for(service.registry.serving()),  # type: ignore[arg-type]
+        version=v, max_pixels=10**7, batch_size=4, progress=False,
+    )
+    assert (summary.indexed, summary.quarantined) == (len(LABELS), 1)
+    return v
+
+
+def test_text_search_returns_hits_with_metadata(service: SearchService, indexed) -> None:
+    res = service.search_text("  red 2012 chevy   pickup ", k=4)
+    assert res.query == "red 2012 chevy pickup"
+    assert res.version == "base"
+    assert [h.rank for h in res.hits] == [1, 2, 3, 4]
+    scores = [h.score for h in res.hits]
+    assert scores == sorted(scores, reverse=True)
+    by_class = {c for c, _ in LABELS}
+    assert all(h.class_name in by_class and h.make and Path(h.path).is_file() for h in res.hits)
+    with service.db.session() as s:
+        log = s.scalars(select(QueryLog)).all()
+    assert len(log) == 1 and log[0].query == "red 2012 chevy pickup"
+    assert log[0].result_ids == [h.image_id for h in res.hits]
+
+
+def test_filters_apply(service: SearchService, indexed) -> None:
+    res = service.search_text("car", k=10, filters=SearchFilters(body="pickup"))
+    assert {h.make for h in res.hits} == {"Chevrolet", "Ford"}
+    res = service.search_text("car", k=10, filters=SearchFilters(year_max=2000))
+    assert [h.class_name for h in res.hits] == ["Volkswagen Golf Hatchback 1991"]
+    res = service.search_text("car", k=10, filters=SearchFilters(colour="silver", make="BMW"))
+    assert res.hits == []
+
+
+def test_image_search_finds_the_same_image_first(service: SearchService, indexed,
+                                                 tmp_path: Path) -> None:
+    res = service.search_image(Image.open(tmp_path / "car2.png"), k=3)
+    assert res.hits[0].class_name == "BMW M3 Coupe 2012"
+    assert res.hits[0].score == pytest.approx(1.0, abs=1e-4)
+    again = service.search_similar(res.hits[0].image_id, k=1)
+    assert again.hits[0].image_id == res.hits[0].image_id
+
+
+def test_corrupt_file_is_quarantined_with_reason(service: SearchService, indexed) -> None:
+    with service.db.session() as s:
+        rows = s.scalars(select(ImageRow).where(ImageRow.status == ImageStatus.quarantined)).all()
+        n = s.scalar(select(func.count()).select_from(ImageRow))
+    assert len(rows) == 1 and rows[0].path.endswith("broken.jpg") and rows[0].error
+    assert n == len(LABELS) + 1
+    assert service.store.count(indexed.collection) == len(LABELS)
+
+
+def test_replaying_an_ingest_doubles_nothing(service: SearchService, indexed,
+                                             tmp_path: Path) -> None:
+    # The same bytes under a second name, and the whole first batch again.
+    (tmp_path / "copy.png").write_bytes((tmp_path / "car0.png").read_bytes())
+    items = [IngestItem(tmp_path / f"car{i}.png") for i in range(3)]
+    items.append(IngestItem(tmp_path / "copy.png"))
+    ingest_items(items, db=service.db, store=service.store,
+                 encoder=service.encoder_for(indexed), version=indexed,
+                 max_pixels=10**7, progress=False)
+    with service.db.session() as s:
+        n = s.scalar(select(func.count()).select_from(ImageRow))
+    assert n == len(LABELS) + 1
+    assert service.store.count(indexed.collection) == len(LABELS)
+
+
+@pytest.mark.parametrize("query", ["", "   ", "x" * 10_000])
+def test_bad_queries_get_a_message(service: SearchService, indexed, query: str) -> None:
+    with pytest.raises(QueryError) as err:
+        service.search_text(query)
+    assert "query" in str(err.value)
+
+
+def test_bad_k_and_no_serving_version(service: SearchService) -> None:
+    with pytest.raises(QueryError):
+        service.search_text("red car", k=0)
+    with pytest.raises(ModelNotFoundError, match="no serving model version"):
+        service.search_text("red car")

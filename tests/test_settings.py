@@ -1,0 +1,54 @@
+"""Settings: defaults under the data directory, environment parsing, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from carsearch.platform.settings import Settings, SettingsError, load_settings
+
+
+def test_defaults_live_under_the_data_dir(tmp_path: Path) -> None:
+    s = Settings(data_dir=tmp_path)
+    assert s.database_url == f"sqlite:///{(tmp_path / 'carsearch.db').resolve()}"
+    assert s.milvus_uri == str((tmp_path / "milvus.db").resolve())
+    assert s.milvus_is_lite
+    assert s.model_dir == tmp_path / "models"
+    assert s.threads.torch >= 1
+
+
+def test_environment_with_prefix_and_nested_delimiter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CARSEARCH_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CARSEARCH_MILVUS_URI", "http://milvus:19530")
+    monkeypatch.setenv("CARSEARCH_THREADS__TORCH", "1")
+    monkeypatch.setenv("CARSEARCH_OLLAMA_MODEL", "llama3.2:3b")
+    s = load_settings()
+    assert s.data_dir == tmp_path
+    assert s.milvus_uri == "http://milvus:19530"
+    assert not s.milvus_is_lite
+    assert s.threads.torch == 1
+    assert s.ollama_model == "llama3.2:3b"
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("CARSEARCH_THREADS__TORCH", "many"),
+        ("CARSEARCH_THREADS__FAISS", "0"),
+        ("CARSEARCH_DATABASE_URL", "mysql://x"),
+        ("CARSEARCH_MILVUS_URI", "ftp://milvus"),
+        ("CARSEARCH_ENCODE_BATCH_SIZE", "-3"),
+        ("CARSEARCH_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_invalid_values_name_the_variable(
+    var: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert var in str(err.value)
+    assert "\n" not in str(err.value)
