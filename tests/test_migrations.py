@@ -10,7 +10,10 @@ from alembic.runtime.migration import MigrationContext
 from carsearch.platform import migrate
 from carsearch.platform.db import Base, Database, ModelVersion, VersionStatus
 
-TABLES = {"images", "model_versions", "ingest_jobs", "training_runs", "drift_reports", "query_log"}
+TABLES = {
+    "images", "model_versions", "ingest_jobs", "training_runs", "drift_reports", "query_log",
+    "ann_reports", "query_feedback",
+}
 
 
 def _tables(url: str) -> set[str]:

@@ -209,6 +209,37 @@ class QueryLog(Base):
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
 
 
+class AnnReport(Base):
+    """One ANN audit: Milvus top-k against FAISS exact top-k for a model version."""
+
+    __tablename__ = "ann_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    index_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    n_queries: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_vectors: Mapped[int] = mapped_column(Integer, nullable=False)
+    recall_at_10: Mapped[float | None] = mapped_column(Float)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class QueryFeedback(Base):
+    """A thumbs-up (+1) or thumbs-down (-1) on one result of a logged query."""
+
+    __tablename__ = "query_feedback"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    query_log_id: Mapped[int | None] = mapped_column(ForeignKey("query_log.id"))
+    image_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    vote: Mapped[int] = mapped_column(Integer, nullable=False)
+    query: Mapped[str | None] = mapped_column(Text)
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """An engine for SQLite or PostgreSQL with sensible per-dialect settings."""
     if url.startswith("sqlite"):
