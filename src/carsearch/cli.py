@@ -40,7 +40,8 @@ def _root(ctx: typer.Context) -> None:
 def quiet_libraries(level: str) -> None:
     """Keep third-party chatter (faiss loader, Milvus Lite start/stop) below our own logs."""
     floor = max(logging.WARNING, logging.getLevelName(level))
-    for name in ("faiss.loader", "alembic.runtime.migration", "httpx", "milvus_lite"):
+    for name in ("faiss.loader", "alembic.runtime.migration", "httpx", "milvus_lite",
+                 "pymilvus.client.iterator"):
         logging.getLogger(name).setLevel(floor)
     # pymilvus asks Milvus Lite for AllocTimestamp, which Lite does not implement; the
     # client falls back by itself, but grpc logs the refusal as an error with a trace.
@@ -67,6 +68,7 @@ def _register() -> None:
     app.add_typer(platform_cli.models_app, name="models")
     app.add_typer(platform_cli.ingest_app, name="ingest")
     app.command("search")(platform_cli.search_command)
+    app.command("reconcile")(platform_cli.reconcile_command)
     app.command("augment")(augment_cli.augment_command)
 
 

@@ -99,8 +99,10 @@ def models_publish(
     v = p.registry.publish(artifact, name=name, base_model=base)
     typer.echo(f"published {v.name} (sha256 {v.artifact_sha256[:12]}, dim {v.dim})")
     if promote:
-        p.registry.promote(v.name)
-        typer.echo(f"{v.name} is serving")
+        from carsearch.ingest.reindex import promote_with_backfill
+
+        _, report = promote_with_backfill(p, v.name)
+        typer.echo(f"{v.name} is serving (re-indexed {report.embedded} images)")
 
 
 @models_app.command("list")
@@ -120,16 +122,26 @@ def models_list(
 
 @models_app.command("promote")
 def models_promote(ctx: typer.Context, name: str) -> None:
-    """Make a version the serving one (after checking its artifact's hash)."""
-    v = _platform(ctx).registry.promote(name)
-    typer.echo(f"{v.name} is serving")
+    """Re-index every image into NAME's collection, then make NAME serve.
+
+    The current version keeps serving until the new collection is complete.
+    """
+    from carsearch.ingest.reindex import promote_with_backfill
+
+    v, report = promote_with_backfill(_platform(ctx), name)
+    typer.echo(f"{v.name} is serving (re-indexed {report.embedded} images, "
+               f"{report.already} already there, {report.lost} lost)")
 
 
 @models_app.command("rollback")
 def models_rollback(ctx: typer.Context) -> None:
-    """Serve again the version that served before the current one."""
-    v = _platform(ctx).registry.rollback()
-    typer.echo(f"rolled back: {v.name} is serving")
+    """Serve again the version that served before the current one (and catch it up)."""
+    from carsearch.ingest.reindex import backfill
+
+    p = _platform(ctx)
+    v = p.registry.rollback()
+    report = backfill(p, v)
+    typer.echo(f"rolled back: {v.name} is serving (caught up {report.embedded} images)")
 
 
 @models_app.command("retire")
@@ -182,6 +194,98 @@ def ingest_manifest(
         typer.echo(
             f"indexed {summary.indexed}, quarantined {summary.quarantined} "
             f"of {summary.seen} into {version.collection}"
+        )
+
+
+@ingest_app.command("run")
+def ingest_run(
+    ctx: typer.Context,
+    inbox: Annotated[Path | None, typer.Option(help="Watched folder of new images.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
+    poll: Annotated[float, typer.Option(help="Seconds between polls when idle.")] = 1.0,
+    visibility_timeout: Annotated[float, typer.Option(help="Reclaim silent jobs after.")] = 60.0,
+) -> None:
+    """Work continuously (inbox + queue) until SIGTERM or SIGINT."""
+    stats = _worker(ctx, inbox, batch_size, poll, visibility_timeout).run_forever()
+    typer.echo(json.dumps(stats.summary.to_dict()))
+
+
+@ingest_app.command("once")
+def ingest_once(
+    ctx: typer.Context,
+    inbox: Annotated[Path | None, typer.Option(help="Watched folder of new images.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
+    visibility_timeout: Annotated[float, typer.Option(help="Reclaim silent jobs after.")] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Scan the inbox, drain the queue, and exit."""
+    stats = _worker(ctx, inbox, batch_size, 1.0, visibility_timeout).run_once()
+    if as_json:
+        _echo_json({"batches": stats.batches, "failed_batches": stats.failed_batches,
+                    **stats.summary.to_dict()})
+    else:
+        s = stats.summary
+        typer.echo(f"indexed {s.indexed}, quarantined {s.quarantined}, "
+                   f"failed batches {stats.failed_batches}")
+
+
+def _worker(ctx: typer.Context, inbox: Path | None, batch_size: int, poll: float,
+            visibility_timeout: float) -> Any:
+    from carsearch.ingest.worker import IngestWorker
+
+    return IngestWorker(_platform(ctx), inbox=inbox, batch_size=batch_size,
+                        poll_interval=poll, visibility_timeout=visibility_timeout)
+
+
+@ingest_app.command("enqueue")
+def ingest_enqueue(
+    ctx: typer.Context,
+    paths: Annotated[list[Path], typer.Argument(help="Image files to queue.")],
+    source: Annotated[str, typer.Option()] = "queue",
+) -> None:
+    """Queue image files as ingest jobs (what other systems do by inserting rows)."""
+    from carsearch.ingest import queue
+
+    ids = queue.enqueue(_platform(ctx).db, [
+        {"path": str(p.resolve()), "source": source, "meta": {}} for p in paths
+    ])
+    typer.echo(f"queued {len(ids)} jobs")
+
+
+@ingest_app.command("status")
+def ingest_status(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Queue counts, lag and throughput."""
+    from carsearch.ingest import queue
+
+    st = queue.status(_platform(ctx).db)
+    if as_json:
+        _echo_json(st)
+        return
+    typer.echo(" ".join(f"{k}={st[k]}" for k in ("queued", "running", "done", "failed", "dead")))
+    typer.echo(f"lag {st['lag_s']} s, throughput {st['throughput_per_s']}/s")
+
+
+def reconcile_command(
+    ctx: typer.Context,
+    version: Annotated[str | None, typer.Option(help="Version (default: serving).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Report only, repair nothing.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Compare Milvus ids with the database and repair either side."""
+    from carsearch.ingest.reindex import reconcile
+
+    p = _platform(ctx)
+    v = p.registry.get(version) if version else None
+    rep = reconcile(p, v, repair=not dry_run)
+    if as_json:
+        _echo_json(rep.to_dict())
+    else:
+        typer.echo(
+            f"{rep.version}: milvus {rep.milvus}, database {rep.database}, missing "
+            f"{rep.missing} (re-embedded {rep.repaired_missing}), orphans {rep.orphans} "
+            f"(removed {rep.removed_orphans})"
         )
 
 

@@ -228,7 +228,14 @@ class MilvusStore:
             metric_type="IP",
             params=dict(self.index.params),
         )
-        self.client.create_collection(name, schema=schema, index_params=params)
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            self.client.create_collection(name, schema=schema, index_params=params)
+        except MilvusException:
+            if not self.has_collection(name):  # not just another worker winning the race
+                raise
+            return
         log.info("created collection %s (dim %d, IP, %s)", name, dim, self.index.type)
         self._dims[name] = dim
 
@@ -326,4 +333,11 @@ class MilvusStore:
         ]
 
     def close(self) -> None:
+        """Close the client; for Milvus Lite also stop its in-process server, which
+        releases the file lock so that another process (a restarted worker) can open it."""
         self.client.close()
+        if self.is_lite:
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.uri)
+        self._loaded.clear()

@@ -1,0 +1,229 @@
+"""The continuous ingest worker: inbox -> queue -> stages -> Milvus + database.
+
+Order per batch: claim jobs, decode (quarantining bad files), embed with the serving
+version, upsert vectors into Milvus, write the rows, mark the jobs done. A crash at any
+point leaves jobs `running` with a stale heartbeat; another worker (or this one after a
+restart) claims them again after the visibility timeout, and the replay lands on the
+same content-derived ids, so nothing is lost and nothing doubles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carsearch.ingest import queue
+from carsearch.ingest.pipeline import (
+    IngestItem,
+    IngestSummary,
+    Prepared,
+    embed,
+    prepare,
+    quarantine,
+    vector_rows,
+    write_rows,
+)
+from carsearch.platform.errors import ImageRejectedError
+from carsearch.platform.images import sha256_file
+from carsearch.platform.runtime import Platform
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CRASH_ENV = "CARSEARCH_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Test hook: SIGKILL this process at a named point when CARSEARCH_CRASH_AT=name.
+
+    The crash-safety tests use it to kill a real worker subprocess exactly between two
+    stages; unset (always, outside those tests) it does nothing.
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        log.warning("crash point %s reached: killing the process", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _read_sidecar(path: Path) -> tuple[dict[str, Any], Path | None]:
+    for side in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
+        if side.is_file() and side != path:
+            try:
+                meta = json.loads(side.read_text())
+                if not isinstance(meta, dict):
+                    raise ValueError("not a JSON object")
+                return meta, side
+            except (ValueError, OSError) as exc:
+                log.warning("ignoring unreadable sidecar %s: %s", side, exc)
+                return {"sidecar_error": str(exc)[:200]}, side
+    return {}, None
+
+
+def scan_inbox(platform: Platform, inbox: Path) -> int:
+    """Move new files from the inbox into the image store and queue a job for each.
+
+    The job is queued before the file moves: a crash in between leaves the file in the
+    inbox (scanned again; the duplicate job is a no-op) rather than a file nobody owns.
+    """
+    if not inbox.is_dir():
+        return 0
+    store_dir = platform.settings.image_dir
+    n = 0
+    for path in sorted(p for p in inbox.iterdir() if p.is_file()):
+        if path.name.startswith(".") or path.suffix.lower() == ".json":
+            continue
+        meta, sidecar = _read_sidecar(path)
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:  # vanished or unreadable: leave it for the next scan
+            log.warning("cannot read %s: %s", path, exc)
+            continue
+        suffix = path.suffix.lower() if path.suffix.lower() in IMAGE_SUFFIXES else ".bin"
+        dest = store_dir / digest[:2] / f"{digest}{suffix}"
+        source = str(meta.pop("source", "inbox"))
+        queue.enqueue(platform.db, [{"path": str(dest), "source": source, "meta": meta,
+                                     "original_name": path.name}])
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            path.unlink()
+        else:
+            tmp = dest.with_name(dest.name + ".part")
+            shutil.move(str(path), tmp)
+            tmp.rename(dest)
+        if sidecar is not None:
+            sidecar.unlink(missing_ok=True)
+        n += 1
+    if n:
+        log.info("queued %d new files from %s", n, inbox)
+    return n
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    summary: IngestSummary = field(default_factory=IngestSummary)
+    failed_batches: int = 0
+
+
+class IngestWorker:
+    """Claims jobs from the queue and runs the ingest stages on them, batch by batch."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        *,
+        worker_id: str | None = None,
+        inbox: Path | None = None,
+        batch_size: int = 32,
+        visibility_timeout: float = 60.0,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.p = platform
+        self.worker_id = worker_id or default_worker_id()
+        self.inbox = inbox
+        self.batch_size = batch_size
+        self.visibility_timeout = visibility_timeout
+        self.poll_interval = poll_interval
+        self.stats = WorkerStats()
+        self.stop_event = threading.Event()
+
+    # -- loop ------------------------------------------------------------------------
+    def run_once(self) -> WorkerStats:
+        """Scan the inbox, then drain every ready job, then return."""
+        if self.inbox is not None:
+            scan_inbox(self.p, self.inbox)
+        indexed_before = self.stats.summary.indexed
+        while not self.stop_event.is_set():
+            jobs = queue.claim(self.p.db, self.worker_id, self.batch_size,
+                               visibility_timeout=self.visibility_timeout)
+            if not jobs:
+                break
+            self.process(jobs)
+        if self.stats.summary.indexed > indexed_before:
+            # Drained: seal the growing segment so searches stay fast (Milvus Lite
+            # searches unflushed rows by brute force, far slower).
+            version = self.p.registry.serving()
+            if version is not None and self.p.store.has_collection(version.collection):
+                self.p.store.flush(version.collection)
+        return self.stats
+
+    def run_forever(self) -> WorkerStats:
+        """Work until SIGTERM or SIGINT, then finish the current batch and return."""
+        self._install_signal_handlers()
+        log.info("worker %s started", self.worker_id)
+        while not self.stop_event.is_set():
+            before = self.stats.batches
+            self.run_once()
+            if self.stats.batches == before:
+                self.stop_event.wait(self.poll_interval)
+        log.info("worker %s stopped", self.worker_id)
+        return self.stats
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def _stop(signum: int, _frame: object) -> None:
+            log.info("signal %d: stopping after the current batch", signum)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+
+    # -- one batch ---------------------------------------------------------------------
+    def process(self, jobs: Sequence[queue.ClaimedJob]) -> None:
+        db = self.p.db
+        s = self.stats.summary
+        self.stats.batches += 1
+        good: list[tuple[queue.ClaimedJob, Prepared]] = []
+        for n, job in enumerate(jobs):
+            if n == 1:
+                crash_point("mid_batch")
+            payload = job.payload
+            item = IngestItem(Path(payload["path"]), str(payload.get("source") or "queue"),
+                              dict(payload.get("meta") or {}))
+            s.seen += 1
+            try:
+                good.append((job, prepare(item, self.p.settings.max_image_pixels)))
+            except ImageRejectedError as exc:
+                if exc.reason == "file not found":
+                    queue.fail(db, self.worker_id, [job.id], f"{item.path}: file not found")
+                    continue
+                quarantine(db, item, exc.reason)
+                queue.complete(db, self.worker_id, [job.id], note=f"quarantined: {exc.reason}")
+                s.quarantined += 1
+                s.reasons[exc.reason] = s.reasons.get(exc.reason, 0) + 1
+        if not good:
+            return
+        ids = [j.id for j, _ in good]
+        queue.heartbeat(db, self.worker_id, ids)
+        try:
+            store = self.p.store  # opened here, so an unreachable Milvus fails the batch
+            version = self.p.registry.require_serving()
+            batch = list({p.id: p for _, p in good}.values())
+            vectors = embed(self.p.search.encoder_for(version), batch)
+            store.ensure_collection(version.collection, version.dim)
+            store.upsert(version.collection, [p.id for p in batch], vectors, vector_rows(batch))
+            crash_point("after_upsert")
+            write_rows(db, batch)
+            crash_point("after_rows")
+        except Exception as exc:  # the worker must outlive any one batch
+            log.exception("batch of %d failed; jobs go back with backoff", len(ids))
+            queue.fail(db, self.worker_id, ids, f"{type(exc).__name__}: {exc}")
+            self.stats.failed_batches += 1
+            return
+        queue.complete(db, self.worker_id, ids)
+        s.indexed += len(batch)

@@ -1,0 +1,259 @@
+"""The ingest worker on real Milvus Lite and SQLite/PostgreSQL.
+
+Every test ends by checking the invariant "nothing lost, nothing doubled": the Milvus
+primary-key set of the serving collection equals the database's set of indexed images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import func, select, update
+
+from carsearch.ingest import queue
+from carsearch.ingest.reindex import indexed_ids, promote_with_backfill, reconcile
+from carsearch.ingest.worker import IngestWorker, scan_inbox
+from carsearch.platform import migrate
+from carsearch.platform.db import Image, ImageStatus, IngestJob, JobState
+from carsearch.platform.runtime import Platform
+from carsearch.platform.settings import Settings
+from carsearch.platform.vectorstore import VectorRow
+
+
+def make_image(path: Path, seed: int, size: tuple[int, int] = (64, 48)) -> Path:
+    """Write a picture the way inbox writers must: under a dot-name, then rename."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    tmp = path.with_name("." + path.name)
+    PILImage.fromarray(arr).save(tmp, format="PNG")
+    tmp.rename(path)
+    return path
+
+
+def assert_invariant(p: Platform) -> set[int]:
+    v = p.registry.require_serving()
+    in_milvus = p.store.ids(v.collection)
+    in_db = indexed_ids(p)
+    assert in_milvus == in_db
+    assert p.store.count(v.collection) == len(in_db)
+    return in_db
+
+
+def world(tmp_path: Path, db_url: str, model: Path) -> Platform:
+    migrate.upgrade(db_url)
+    s = Settings(data_dir=tmp_path / "data", database_url=db_url)
+    s.ensure_dirs()
+    p = Platform(s)
+    p.registry.publish(model, name="v1")
+    p.registry.promote("v1")
+    return p
+
+
+@pytest.fixture
+def plat(tmp_path: Path, compact_model: Path):
+    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", compact_model)
+    yield p
+    p.close()
+
+
+def test_inbox_with_sidecars_duplicates_and_a_corrupt_file(plat: Platform, tmp_path: Path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(5):
+        make_image(inbox / f"car{i}.png", i)
+    (inbox / "car0.png.json").write_text(json.dumps({"make": "Ford", "year": 2012,
+                                                     "colour": "red", "camera": "gate-3"}))
+    (inbox / "same-as-car1.png").write_bytes((inbox / "car1.png").read_bytes())
+    (inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (inbox / "empty.png").write_bytes(b"")
+
+    w = IngestWorker(plat, inbox=inbox, batch_size=3)
+    stats = w.run_once()
+    assert list(inbox.iterdir()) == []  # everything moved into the image store
+    assert stats.summary.quarantined == 2
+    ids = assert_invariant(plat)
+    assert len(ids) == 5
+    with plat.db.session() as s:
+        ford = s.scalar(select(Image).where(Image.make == "Ford"))
+        bad = s.scalars(select(Image).where(Image.status == ImageStatus.quarantined)).all()
+    assert ford is not None and ford.colour == "red" and ford.extra == {"camera": "gate-3"}
+    assert Path(ford.path).is_relative_to(plat.settings.image_dir)
+    assert sorted(b.error.split(":")[0] for b in bad) == ["empty", "truncated"]
+    assert queue.counts(plat.db)["done"] == 8
+
+    # The same image delivered again (a new file name, the queue, the inbox): no-ops.
+    make_image(inbox / "again.png", 0)
+    w.run_once()
+    queue.enqueue(plat.db, [{"path": ford.path, "source": "queue"}])
+    w.run_once()
+    assert assert_invariant(plat) == ids
+
+
+def test_milvus_unavailable_for_a_while(plat: Platform, tmp_path: Path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(4):
+        make_image(inbox / f"c{i}.png", 10 + i)
+    uri = plat.settings.milvus_uri
+    plat.close()
+    p = Platform(plat.settings)
+    # Another process holds the Milvus Lite file: this worker cannot open it.
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"from pymilvus import MilvusClient; import sys, time; MilvusClient({uri!r}); "
+         "print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        stats = IngestWorker(p, inbox=inbox).run_once()
+        assert stats.failed_batches == 1 and stats.summary.indexed == 0
+        with p.db.session() as s:
+            jobs = s.scalars(select(IngestJob)).all()
+        assert {j.state for j in jobs} == {JobState.queued}
+        assert all(j.attempts == 1 and j.last_error for j in jobs)
+    finally:
+        holder.kill()
+        holder.wait()
+    # Backoff: not claimable yet; once due, they go through.
+    assert IngestWorker(p).run_once().summary.indexed == 0
+    with p.db.session() as s:
+        s.execute(update(IngestJob).values(available_at=queue.now()))
+    assert IngestWorker(p).run_once().summary.indexed == 4
+    assert len(assert_invariant(p)) == 4
+    p.close()
+
+
+def test_dead_letter_after_max_attempts(plat: Platform, tmp_path: Path):
+    queue.enqueue(plat.db, [{"path": str(tmp_path / "never-arrives.png")}], max_attempts=2)
+    w = IngestWorker(plat)
+    for _ in range(2):
+        w.run_once()
+        with plat.db.session() as s:
+            s.execute(update(IngestJob).values(available_at=queue.now()))
+    st = queue.status(plat.db)
+    assert st["dead"] == 1 and "file not found" in st["dead_jobs"][0]["error"]
+
+
+@pytest.mark.parametrize("point", ["after_upsert", "mid_batch"])
+def test_sigkill_and_restart(point: str, plat: Platform, tmp_path: Path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(6):
+        make_image(inbox / f"k{i}.png", 100 + i)
+    scan_inbox(plat, inbox)
+    plat.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARSEARCH_")}
+    env.update(CARSEARCH_DATA_DIR=str(plat.settings.data_dir),
+               CARSEARCH_DATABASE_URL=plat.settings.database_url,
+               CARSEARCH_LOG_LEVEL="WARNING", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "carsearch.cli", "ingest", "once", "--batch-size", "4",
+           "--visibility-timeout", "1"]
+    killed = subprocess.run(cmd, env={**env, "CARSEARCH_CRASH_AT": point},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    p = Platform(plat.settings)
+    assert queue.counts(p.db)["running"] == 4  # the killed batch holds its jobs
+    if point == "after_upsert":  # vectors written, rows not: the state reconcile sees
+        v = p.registry.require_serving()
+        assert len(p.store.ids(v.collection)) == 4 and indexed_ids(p) == set()
+    p.close()
+    time.sleep(1.2)  # past the visibility timeout
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    p = Platform(plat.settings)
+    assert len(assert_invariant(p)) == 6
+    counts = queue.counts(p.db)
+    assert counts["done"] == 6 and counts["running"] == 0
+    p.close()
+
+
+def test_reconcile_repairs_orphans_and_gaps(plat: Platform, tmp_path: Path):
+    for i in range(6):
+        queue.enqueue(plat.db, [{"path": str(make_image(tmp_path / f"r{i}.png", 200 + i))}])
+    IngestWorker(plat).run_once()
+    v = plat.registry.require_serving()
+    ids = sorted(assert_invariant(plat))
+    rng = np.random.default_rng(0)
+    junk = rng.normal(size=(3, v.dim)).astype(np.float32)
+    junk /= np.linalg.norm(junk, axis=1, keepdims=True)
+    plat.store.upsert(v.collection, [1, 2, 3], junk, [VectorRow()] * 3)  # orphans
+    plat.store.delete(v.collection, ids[:2])  # gaps
+    plat.store.flush(v.collection)
+    dry = reconcile(plat, repair=False, progress=False)
+    assert (dry.missing, dry.orphans) == (2, 3)
+    rep = reconcile(plat, progress=False)
+    assert (rep.repaired_missing, rep.removed_orphans) == (2, 3)
+    assert sorted(assert_invariant(plat)) == ids
+
+
+def test_promotion_during_ingest(plat: Platform, tmp_path: Path, compact_model: Path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(8):
+        make_image(inbox / f"a{i}.png", 300 + i)
+    w = IngestWorker(plat, inbox=inbox, batch_size=4, poll_interval=0.05)
+    w.run_once()
+    plat.registry.publish(compact_model, name="v2")
+    t = threading.Thread(target=w.run_forever)
+    t.start()
+    try:
+        for i in range(8, 16):  # keeps arriving while v2 is being filled
+            make_image(inbox / f"a{i}.png", 300 + i)
+            time.sleep(0.05)
+        served, report = promote_with_backfill(plat, "v2", progress=False)
+        assert served.name == "v2"
+        for i in range(16, 20):
+            make_image(inbox / f"a{i}.png", 300 + i)
+        deadline = time.time() + 60
+        while any(inbox.iterdir()) or queue.counts(plat.db)["done"] < 20:
+            assert time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        w.stop_event.set()
+        t.join(60)
+    assert plat.registry.require_serving().name == "v2"
+    ids = assert_invariant(plat)
+    assert len(ids) == 20
+    assert report.embedded + report.already >= 8
+    with plat.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Image)) == 20
+
+
+@pytest.mark.postgres
+def test_two_workers_share_one_queue(tmp_path: Path, pg_database: str, compact_model: Path):
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA public"))
+    engine.dispose()
+    p1 = world(tmp_path, pg_database, compact_model)
+    p2 = Platform(p1.settings)
+    p2.__dict__["store"] = p1.store  # one Milvus Lite file per process: share the client
+    paths = [make_image(tmp_path / f"w{i}.png", 400 + i) for i in range(24)]
+    queue.enqueue(p1.db, [{"path": str(x)} for x in paths])
+    workers = [IngestWorker(p, batch_size=3, worker_id=f"w{n}") for n, p in enumerate((p1, p2))]
+    threads = [threading.Thread(target=w.run_once) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    with p1.db.session() as s:
+        jobs = s.scalars(select(IngestJob)).all()
+    assert all(j.state == JobState.done and j.attempts == 1 for j in jobs)  # none taken twice
+    assert sum(w.stats.summary.indexed for w in workers) == 24
+    assert all(w.stats.batches > 0 for w in workers), "both workers should get work"
+    assert len(assert_invariant(p1)) == 24
+    p2.db.dispose()
+    p1.close()
