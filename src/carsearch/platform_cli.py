@@ -135,12 +135,14 @@ def models_promote(ctx: typer.Context, name: str) -> None:
 
 @models_app.command("rollback")
 def models_rollback(ctx: typer.Context) -> None:
-    """Serve again the version that served before the current one (and catch it up)."""
-    from carsearch.ingest.reindex import backfill
+    """Serve again the version that served before the current one.
+
+    Images indexed since it last served are embedded into its collection first.
+    """
+    from carsearch.ingest.reindex import promote_with_backfill
 
     p = _platform(ctx)
-    v = p.registry.rollback()
-    report = backfill(p, v)
+    v, report = promote_with_backfill(p, p.registry.previous().name)
     typer.echo(f"rolled back: {v.name} is serving (caught up {report.embedded} images)")
 
 

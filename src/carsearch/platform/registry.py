@@ -174,8 +174,8 @@ class Registry:
             log.info("promoted %s (was %s)", name, current.name if current else "none")
             return v
 
-    def rollback(self) -> ModelVersion:
-        """Serve again the version that served before the current one."""
+    def previous(self) -> ModelVersion:
+        """The version that served before the current one (what rollback returns to)."""
         with self.db.session() as s:
             current = s.scalar(
                 select(ModelVersion).where(ModelVersion.status == VersionStatus.serving)
@@ -189,8 +189,11 @@ class Registry:
             previous = s.scalar(q.order_by(ModelVersion.promoted_at.desc()).limit(1))
             if previous is None:
                 raise RegistryError("nothing to roll back to: no earlier serving version")
-            name = previous.name
-        return self.promote(name)
+            return previous
+
+    def rollback(self) -> ModelVersion:
+        """Serve again the version that served before the current one."""
+        return self.promote(self.previous().name)
 
     def retire(self, name: str) -> ModelVersion:
         with self.db.session() as s:
