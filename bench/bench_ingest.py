@@ -18,7 +18,6 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -66,12 +65,6 @@ def images(n: int, out: Path) -> list[Path]:
     return paths
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def run_model(model: Path, paths: list[Path], work: Path, batch: int) -> dict[str, float]:
     url = f"sqlite:///{work / 'bench.db'}"
     migrate.upgrade(url)
@@ -89,16 +82,19 @@ def run_model(model: Path, paths: list[Path], work: Path, batch: int) -> dict[st
     items = [IngestItem(p, "bench", {"class_name": "Ford F-150 Regular Cab 2012"}) for p in paths]
     t = {"decode": 0.0, "preprocess": 0.0, "encode+preprocess": 0.0, "upsert": 0.0, "db": 0.0}
     for i in range(0, len(items), batch):
-        chunk = items[i : i + batch]
-        prepared = []
-        t["decode"] += timed(lambda c=chunk: prepared.extend(prepare(x, 10**8) for x in c))
-        imgs = [p.image for p in prepared]
-        t["preprocess"] += timed(lambda im=imgs: processor(images=im, return_tensors="pt"))
-        vecs: list[np.ndarray] = []
-        t["encode+preprocess"] += timed(lambda pr=prepared: vecs.append(embed(enc, pr)))
-        t["upsert"] += timed(lambda pr=prepared: store.upsert(
-            v.collection, [p.id for p in pr], vecs[0], vector_rows(pr)))
-        t["db"] += timed(lambda pr=prepared: write_rows(db, pr))
+        t0 = time.perf_counter()
+        prepared = [prepare(x, 10**8) for x in items[i : i + batch]]
+        t1 = time.perf_counter()
+        processor(images=[p.image for p in prepared], return_tensors="pt")
+        t2 = time.perf_counter()
+        vecs = embed(enc, prepared)  # preprocess + encode, as the worker runs it
+        t3 = time.perf_counter()
+        store.upsert(v.collection, [p.id for p in prepared], vecs, vector_rows(prepared))
+        t4 = time.perf_counter()
+        write_rows(db, prepared)
+        t5 = time.perf_counter()
+        for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            t[key] += dt
     t["encode"] = t.pop("encode+preprocess") - t["preprocess"]
     store.drop(v.collection)
 

@@ -60,7 +60,7 @@ def _register() -> None:
     # Sub-commands live beside the parts they drive; imported here so that
     # `carsearch --help` lists them all.
     from carsearch import platform_cli
-    from carsearch.training import augment_cli, base_cli, data_cli
+    from carsearch.training import augment_cli, base_cli, data_cli, train_cli
 
     app.add_typer(platform_cli.db_app, name="db")
     app.add_typer(base_cli.app, name="base")
@@ -70,6 +70,8 @@ def _register() -> None:
     app.command("search")(platform_cli.search_command)
     app.command("reconcile")(platform_cli.reconcile_command)
     app.command("augment")(augment_cli.augment_command)
+    app.command("train")(train_cli.train_command)
+    app.command("evaluate")(train_cli.evaluate_command)
 
 
 _register()

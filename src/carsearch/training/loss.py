@@ -1,0 +1,66 @@
+"""SigLIP's pairwise sigmoid loss, with class-level positives.
+
+For a batch of n image embeddings x_i and n text embeddings y_j (L2-normalised), the
+logit of a pair is z_ij = exp(t) * <x_i, y_j> + b, with t the log temperature
+(`logit_scale`) and b the bias (`logit_bias`). Each pair is a binary problem with label
+l_ij = +1 when image i and text j show the same class, -1 otherwise; the loss is
+
+    L = -(1 / n) * sum_ij log sigmoid(l_ij * z_ij)
+
+(Zhai et al., "Sigmoid Loss for Language Image Pre-Training", 2023, eq. 1, normalised by
+the batch size as there). Without class labels only the diagonal is positive, as in the
+paper; with them, two images of one class and each other's captions are positives,
+not negatives, which matters when a batch holds several images of a class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pair_labels(classes: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """The (n, n) matrix of +1 (same class, or the diagonal) and -1 (otherwise)."""
+    if classes is None:
+        same = torch.eye(n, dtype=torch.bool, device=device)
+    else:
+        if classes.shape != (n,):
+            raise ValueError(f"classes must have shape ({n},), got {tuple(classes.shape)}")
+        same = classes.view(-1, 1) == classes.view(1, -1)
+    return same.to(torch.float32) * 2.0 - 1.0
+
+
+def siglip_logits(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+) -> torch.Tensor:
+    """z_ij = exp(t) * <x_i, y_j> + b, rows images, columns texts."""
+    return image_emb @ text_emb.t() * logit_scale.exp() + logit_bias
+
+
+def siglip_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    classes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The pairwise sigmoid loss of a batch (see the module docstring).
+
+    `image_emb` and `text_emb` are (n, d) and should be L2-normalised; `classes` is an
+    (n,) integer tensor of class ids shared by image i and text i, or None for
+    diagonal-only positives. Computed in float32 whatever the input precision.
+    """
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(
+            f"embeddings must both be (n, d), got {tuple(image_emb.shape)} "
+            f"and {tuple(text_emb.shape)}"
+        )
+    n = image_emb.shape[0]
+    logits = siglip_logits(
+        image_emb.float(), text_emb.float(), logit_scale.float(), logit_bias.float()
+    )
+    labels = pair_labels(classes, n, logits.device)
+    return -F.logsigmoid(labels * logits).sum() / n

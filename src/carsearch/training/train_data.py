@@ -1,0 +1,231 @@
+"""Training data: train-split images (augmented) paired with their queries and captions.
+
+Only the train split of a data set reaches training: `TrainSet.from_dataset` takes
+`dataset.split("train")` and keeps only the queries of those images, whatever the
+query file holds.
+
+The sample stream is a pure function of (seed, position): position p of the stream is
+image `perm_e[p mod n]` of epoch e = p div n, where perm_e is a permutation seeded by
+(seed, e), and the crop, flip, colour jitter and text of that sample come from a random
+generator seeded by (seed, p). A plain sequential sampler over the stream therefore
+gives the same batches in one process or in several (Accelerate splits each batch
+across them) and after a resume (which skips the batches already seen).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+from tqdm import tqdm
+
+from carsearch.platform.errors import ConfigError
+from carsearch.platform.vehicles import VehicleLabel
+from carsearch.training.augment import OfflineGenerator, RuleJudge, load_queries
+from carsearch.training.stanford import LabelledImage, StanfordDataset
+
+log = logging.getLogger(__name__)
+
+QUERIES_PER_IMAGE = 5
+
+
+def caption(label: VehicleLabel) -> str:
+    """The class-name caption of a label (the same text the evaluation queries with)."""
+    return label.class_name
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(image_ids: Sequence[str], queries_source: str) -> str:
+    """sha256 over the sorted train image ids and the query file's hash (or source tag)."""
+    h = hashlib.sha256()
+    for image_id in sorted(image_ids):
+        h.update(image_id.encode())
+        h.update(b"\n")
+    h.update(b"queries:")
+    h.update(queries_source.encode())
+    return h.hexdigest()
+
+
+def generated_queries(
+    items: Sequence[LabelledImage], seed: int, n: int = QUERIES_PER_IMAGE
+) -> dict[str, list[str]]:
+    """Queries made on the fly by the offline generator, kept where the rule judge agrees."""
+    generator, judge = OfflineGenerator(seed=seed), RuleJudge()
+    out: dict[str, list[str]] = {}
+    for item in items:
+        candidates = generator.generate(item.label, n, key=item.image_id)
+        accepted = [v.query for v in judge.judge(item.label, candidates) if v.accepted]
+        if accepted:
+            out[item.image_id] = accepted
+    return out
+
+
+def train_queries(
+    items: Sequence[LabelledImage], queries_path: Path | None, seed: int
+) -> tuple[dict[str, list[str]], str]:
+    """The queries of the train images only, and the source tag for the fingerprint."""
+    if queries_path is None:
+        return generated_queries(items, seed), f"generated:offline:seed={seed}"
+    if not queries_path.is_file():
+        raise ConfigError(f"no query file at {queries_path}")
+    loaded = load_queries(queries_path)
+    train_ids = {item.image_id for item in items}
+    kept = {k: v for k, v in loaded.items() if k in train_ids}
+    dropped = len(loaded) - len(kept)
+    if dropped:
+        log.info("queries: ignored %d images that are not in the train split", dropped)
+    return kept, f"file:{file_sha256(queries_path)}"
+
+
+@dataclass
+class TrainSet:
+    """The train split in memory: images resized to `cache_side`, classes and texts."""
+
+    image_ids: list[str]
+    images: list[Image.Image]
+    class_ids: list[int]
+    class_names: list[str]
+    captions: list[str]
+    queries: list[list[str]]
+    fingerprint: str
+    caption_prob: float = 0.5
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @classmethod
+    def from_dataset(
+        cls,
+        dataset: StanfordDataset,
+        *,
+        image_size: int,
+        queries_path: Path | None = None,
+        seed: int = 0,
+        limit: int = 0,
+        progress: bool = True,
+    ) -> TrainSet:
+        """Load the train split (the first `limit` images where limit > 0)."""
+        items = dataset.split("train")
+        if limit > 0:
+            items = items[:limit]
+        if not items:
+            raise ConfigError(f"{dataset.root}: no train images")
+        queries, source = train_queries(items, queries_path, seed)
+        names = sorted({item.label.class_name for item in items})
+        index = {name: i for i, name in enumerate(names)}
+        side = max(image_size, math.ceil(image_size * 1.25))
+        images = [
+            dataset.open_image(item).resize((side, side), Image.Resampling.BICUBIC)
+            for item in tqdm(items, desc="loading train images", unit="img", disable=not progress)
+        ]
+        ids = [item.image_id for item in items]
+        return cls(
+            image_ids=ids,
+            images=images,
+            class_ids=[index[item.label.class_name] for item in items],
+            class_names=names,
+            captions=[caption(item.label) for item in items],
+            queries=[queries.get(item.image_id, []) for item in items],
+            fingerprint=data_fingerprint(ids, source),
+            meta={"queries_source": source, "with_queries": sum(1 for q in queries.values() if q)},
+        )
+
+
+def augment_image(img: Image.Image, rng: random.Random) -> Image.Image:
+    """Light augmentation: random resized crop (75-100 % of the area), flip, jitter.
+
+    Brightness, contrast and saturation move by at most 15 %; hue never changes, since
+    colour is part of what a query asks for.
+    """
+    w, h = img.size
+    area = rng.uniform(0.75, 1.0) * w * h
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = max(1, min(w, round(math.sqrt(area * ratio))))
+    ch = max(1, min(h, round(math.sqrt(area / ratio))))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    out = img.crop((x, y, x + cw, y + ch))
+    if rng.random() < 0.5:
+        out = ImageOps.mirror(out)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        out = enhance(out).enhance(rng.uniform(0.85, 1.15))
+    return out
+
+
+class SampleStream(torch.utils.data.Dataset[dict[str, Any]]):
+    """`total` samples drawn from a TrainSet, epoch after epoch (see the module docstring)."""
+
+    def __init__(self, data: TrainSet, total: int, seed: int, *, augment: bool = True) -> None:
+        self.data = data
+        self.total = total
+        self.seed = seed
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return self.total
+
+    @lru_cache(maxsize=4)  # noqa: B019 - one small array per epoch, the stream lives briefly
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(
+            len(self.data)
+        )
+
+    def item_at(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.data))
+        return int(self._permutation(epoch)[offset])
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        if not 0 <= position < self.total:
+            raise IndexError(position)
+        i = self.item_at(position)
+        rng = random.Random(f"{self.seed}:{position}")
+        image = self.data.images[i]
+        image = augment_image(image, rng) if self.augment else image
+        queries = self.data.queries[i]
+        if not queries or rng.random() < self.data.caption_prob:
+            text = self.data.captions[i]
+        else:
+            text = rng.choice(queries)
+        return {"image": image, "text": text, "class_id": self.data.class_ids[i], "index": i}
+
+
+class Collate:
+    """Batches samples: the base's image processor, the tokenizer padded to max length."""
+
+    def __init__(self, processor: Any, max_length: int) -> None:
+        self.processor = processor
+        self.max_length = max_length
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pixels = self.processor.image_processor(
+            images=[s["image"] for s in samples], return_tensors="pt"
+        )["pixel_values"]
+        tokens = self.processor.tokenizer(
+            [s["text"] for s in samples],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "pixel_values": pixels,
+            "input_ids": tokens["input_ids"],
+            "classes": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
+        }

@@ -1,0 +1,538 @@
+"""The Accelerate training loop: LoRA (or full) fine-tuning of both SigLIP towers.
+
+    result = train(TrainConfig(data=Path("data/catalogue"), out=Path("runs/r1"), base=...))
+
+- Model: `build_model` loads any SigLIP base (directory or hub id). LoRA (peft) wraps
+  the `q_proj` and `v_proj` matrices of every attention layer of BOTH towers; the raw
+  scalars `logit_scale` and `logit_bias`, which peft freezes, are unfrozen explicitly.
+  `full=True` trains every weight instead. `full=None` (the default) picks full
+  training for a base with no pre-training (the compact base's build_info.json says
+  `"pretrained": false`): LoRA on random weights has no features to adapt.
+- Loop: `Accelerator(gradient_accumulation_steps, mixed_precision)` with `split_batches`
+  (the batch size is the global batch, divided among the processes), `prepare` once,
+  AdamW, cosine schedule with linear warmup, gradient clipping, `set_seed`. In several
+  processes the embeddings are all-gathered with their gradients, so each process
+  computes the loss of the whole global batch: the same loss, and after DDP's gradient
+  averaging the same update, as one process with that batch.
+- Precision: bf16 autocast where the accelerator supports it (CUDA with bf16), fp32
+  otherwise; on CPU bf16 autocast is usually slower than fp32 and is only used when
+  asked for (`mixed_precision="bf16"`).
+- Checkpoints: `accelerator.save_state` every `checkpoint_every` steps and when a run
+  stops early (`stop_after`); `resume=True` loads the latest one, counters included, and
+  skips the batches already trained on, so the run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+from tqdm import tqdm
+
+from carsearch.platform.encoder import quiet_config_check
+from carsearch.platform.errors import ConfigError, ModelNotFoundError
+from carsearch.training.loss import siglip_loss
+from carsearch.training.stanford import load_stanford
+from carsearch.training.train_data import Collate, SampleStream, TrainSet
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "v_proj")
+SCALARS = ("logit_scale", "logit_bias")
+CHECKPOINTS = "checkpoints"
+MODEL_SUBDIR = "model"
+MIXED_PRECISION = ("auto", "no", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run (written to train_config.json and the registry)."""
+
+    data: Path
+    out: Path
+    base: str
+    queries: Path | None = None
+    steps: int = 0  # optimizer steps; 0: from epochs
+    epochs: float = 1.0
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 0.0  # 0: 5e-4 for full training, 2e-4 for LoRA
+    warmup: int = -1  # warmup steps; -1: 5 % of the steps
+    weight_decay: float = 0.05
+    max_grad_norm: float = 1.0
+    lora_rank: int = 16
+    lora_alpha: int = 0  # 0: twice the rank
+    full: bool | None = None  # None: full when the base has no pre-training
+    seed: int = 0
+    mixed_precision: str = "auto"
+    checkpoint_every: int = 0  # 0: only when stopping early
+    stop_after: int = 0  # stop (with a checkpoint) after this many steps; 0: run to the end
+    resume: bool = False
+    limit: int = 0  # use only the first N train images; 0: all
+    caption_prob: float = 0.5
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("data", "out", "queries"):
+            d[key] = str(d[key]) if d[key] is not None else None
+        return d
+
+
+@dataclass
+class Counters:
+    """Where a run stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # batches consumed
+    samples: int = 0  # samples consumed (global)
+    loss_sum: float = 0.0
+    losses: list[float] = field(default_factory=list)  # mean loss of every optimizer step
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+@dataclass
+class TrainResult:
+    """What a run did. `model_dir` is the merged, saveable model (None when stopped early)."""
+
+    out: Path
+    model_dir: Path | None
+    counters: Counters
+    total_steps: int
+    full: bool
+    fingerprint: str
+    n_train_images: int
+    n_classes: int
+    seconds: float
+    samples_per_s: float
+    peak_rss_mb: float
+    num_processes: int
+    mixed_precision: str
+    trainable_parameters: int
+    parameters: int
+    is_main_process: bool
+    config: dict[str, Any]
+
+    @property
+    def finished(self) -> bool:
+        return self.counters.step >= self.total_steps
+
+    def summary(self) -> dict[str, Any]:
+        losses = self.counters.losses
+        return {
+            "steps": self.counters.step,
+            "total_steps": self.total_steps,
+            "samples": self.counters.samples,
+            "full": self.full,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "seconds": round(self.seconds, 2),
+            "samples_per_s": round(self.samples_per_s, 2),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "num_processes": self.num_processes,
+            "mixed_precision": self.mixed_precision,
+            "trainable_parameters": self.trainable_parameters,
+            "parameters": self.parameters,
+            "n_train_images": self.n_train_images,
+            "n_classes": self.n_classes,
+            "data_fingerprint": self.fingerprint,
+        }
+
+
+# -- the model --------------------------------------------------------------------------
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """get_*_features returns a tensor in transformers 4, a pooling output in 5."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    raise TypeError(f"unexpected feature output {type(output).__name__}")
+
+
+class DualEncoder(nn.Module):
+    """The module Accelerate prepares: both towers, unit embeddings and the two scalars."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    @property
+    def siglip(self) -> Any:
+        """The underlying SiglipModel (inside the peft wrapper where there is one)."""
+        get_base = getattr(self.net, "get_base_model", None)
+        return get_base() if callable(get_base) else self.net
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        net: Any = self.net
+        image = _pooled(net.get_image_features(pixel_values=pixel_values))
+        text = _pooled(net.get_text_features(input_ids=input_ids))
+        siglip = self.siglip
+        return (
+            F.normalize(image.float(), dim=-1),
+            F.normalize(text.float(), dim=-1),
+            siglip.logit_scale.reshape(()),
+            siglip.logit_bias.reshape(()),
+        )
+
+
+def base_is_pretrained(base: str) -> bool:
+    """False for a base whose build_info.json says it was never pre-trained."""
+    info = Path(base).expanduser() / "build_info.json"
+    if not info.is_file():
+        return True
+    try:
+        return bool(json.loads(info.read_text()).get("pretrained", True))
+    except (OSError, ValueError):
+        return True
+
+
+def load_base(base: str) -> tuple[Any, Any]:
+    """The SigLIP model and processor of a base (directory, or hub id in the local cache)."""
+    from transformers import AutoModel, AutoProcessor
+
+    path = Path(base).expanduser()
+    source = str(path) if path.is_dir() else base
+    kwargs: dict[str, Any] = {} if path.is_dir() else {"local_files_only": True}
+    try:
+        with quiet_config_check():
+            processor = AutoProcessor.from_pretrained(source, **kwargs)
+            net = AutoModel.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelNotFoundError(f"cannot load base model {base!r}: {first}") from None
+    if not hasattr(net, "get_text_features") or not hasattr(net, "get_image_features"):
+        raise ModelNotFoundError(f"{base!r} is not a dual encoder")
+    return net, processor
+
+
+def apply_lora(net: nn.Module, rank: int, alpha: int = 0) -> Any:
+    """Wrap q_proj and v_proj of both towers with LoRA; unfreeze the two scalars."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or 2 * rank,
+        lora_dropout=0.0,
+        target_modules=list(LORA_TARGETS),
+        bias="none",
+    )
+    model = get_peft_model(net, config)  # type: ignore[arg-type]
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in SCALARS:
+            param.requires_grad_(True)
+    return model
+
+
+def lora_wrapped_modules(model: nn.Module) -> list[str]:
+    """Names of the modules carrying a LoRA adapter."""
+    return sorted(name for name, mod in model.named_modules() if hasattr(mod, "lora_A"))
+
+
+def build_model(config: TrainConfig) -> tuple[DualEncoder, Any, bool]:
+    """The trainable module, the processor, and whether every weight trains."""
+    net, processor = load_base(config.base)
+    full = config.full if config.full is not None else not base_is_pretrained(config.base)
+    if full:
+        net.requires_grad_(True)
+    else:
+        net = apply_lora(net, config.lora_rank, config.lora_alpha)
+    return DualEncoder(net), processor, full
+
+
+def image_size_of(processor: Any) -> int:
+    size: Any = getattr(processor.image_processor, "size", None)
+    side = None
+    for key in ("height", "shortest_edge"):
+        side = side or (size.get(key) if hasattr(size, "get") else getattr(size, key, None))
+    if not side:
+        raise ModelNotFoundError("the base's image processor declares no image size")
+    return int(side)
+
+
+def text_length_of(net: Any, processor: Any) -> int:
+    limits = [
+        getattr(getattr(net.config, "text_config", None), "max_position_embeddings", None),
+        getattr(processor.tokenizer, "model_max_length", None),
+    ]
+    usable = [n for n in limits if isinstance(n, int) and 0 < n < 100_000]
+    if not usable:
+        raise ModelNotFoundError("the base declares no maximum text length")
+    return min(usable)
+
+
+# -- optimisation -----------------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; no weight decay on 1-d tensors (biases, norms, the scalars)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98))
+
+
+def resolve_precision(choice: str) -> str:
+    if choice not in MIXED_PRECISION:
+        raise ConfigError(f"mixed precision must be one of {', '.join(MIXED_PRECISION)}")
+    if choice != "auto":
+        return choice
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def total_steps(config: TrainConfig, n_images: int) -> int:
+    if config.steps > 0:
+        return config.steps
+    if config.epochs <= 0:
+        raise ConfigError("give --steps or a positive --epochs")
+    per_step = config.batch_size * config.grad_accum
+    return max(1, math.ceil(config.epochs * n_images / per_step))
+
+
+def _gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+def use_cpu() -> bool:
+    """Train on CPU where there is no GPU; several CPU processes then use gloo.
+
+    Accelerate treats a torchrun-style launch (`accelerate launch --multi_gpu
+    --num_processes 2`) as multi-CPU only when told to use the CPU.
+    """
+    return not torch.cuda.is_available()
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / CHECKPOINTS).glob("step-*"))
+    return found[-1] if found else None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _check(config: TrainConfig, num_processes: int) -> None:
+    if config.batch_size < 1 or config.grad_accum < 1:
+        raise ConfigError("batch size and gradient accumulation must be at least 1")
+    if config.batch_size % num_processes:
+        raise ConfigError(
+            f"batch size {config.batch_size} is not divisible by {num_processes} processes"
+        )
+
+
+# -- the loop ---------------------------------------------------------------------------
+
+
+class _Run:
+    """One training run: the prepared objects and the loop over them."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.precision = resolve_precision(config.mixed_precision)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.grad_accum,
+            mixed_precision=self.precision,
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            project_dir=str(config.out),
+            cpu=use_cpu(),
+        )
+        _check(config, self.accelerator.num_processes)
+        set_seed(config.seed)
+        self.model, self.processor, self.full = build_model(config)
+        dataset = load_stanford(config.data)
+        self.data = TrainSet.from_dataset(
+            dataset,
+            image_size=image_size_of(self.processor),
+            queries_path=config.queries,
+            seed=config.seed,
+            limit=config.limit,
+            progress=config.progress and self.accelerator.is_local_main_process,
+        )
+        self.data.caption_prob = config.caption_prob
+        self.total_steps = total_steps(config, len(self.data))
+        self.counters = Counters()
+
+    def prepare(self) -> None:
+        config, acc = self.config, self.accelerator
+        stream = SampleStream(
+            self.data, self.total_steps * config.grad_accum * config.batch_size, config.seed
+        )
+        max_length = text_length_of(self.model.siglip, self.processor)
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=config.batch_size,
+            shuffle=False,
+            drop_last=True,
+            collate_fn=Collate(self.processor, max_length),
+        )
+        lr = config.lr or (5e-4 if self.full else 2e-4)
+        optimizer = make_optimizer(self.model, lr, config.weight_decay)
+        from transformers import get_cosine_schedule_with_warmup
+
+        warmup = config.warmup if config.warmup >= 0 else round(0.05 * self.total_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(
+            self.model, optimizer, loader, scheduler
+        )
+        acc.register_for_checkpointing(self.counters)
+        self.lr, self.warmup = lr, warmup
+
+    def resume(self) -> Any:
+        ckpt = latest_checkpoint(self.config.out)
+        if ckpt is None:
+            raise ConfigError(f"nothing to resume: no checkpoint under {self.config.out}")
+        self.accelerator.load_state(str(ckpt))
+        log.info("resumed from %s at step %d", ckpt, self.counters.step)
+        return self.accelerator.skip_first_batches(self.loader, self.counters.micro_step)
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        path = self.config.out / CHECKPOINTS / f"step-{self.counters.step:07d}"
+        acc.save_state(str(path))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for old in (self.config.out / CHECKPOINTS).glob("step-*"):
+                if old != path:
+                    shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            image, text, scale, bias = self.model(batch["pixel_values"], batch["input_ids"])
+            classes = batch["classes"]
+            if acc.num_processes > 1:
+                image, text = _gather_with_grad(image), _gather_with_grad(text)
+                classes = acc.gather(classes)
+            loss = siglip_loss(image, text, scale, bias, classes)
+            acc.backward(loss)
+            if acc.sync_gradients and self.config.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return float(loss.detach())
+
+    def loop(self, batches: Any) -> float:
+        config, acc, c = self.config, self.accelerator, self.counters
+        stop = min(self.total_steps, config.stop_after or self.total_steps)
+        bar = tqdm(
+            total=self.total_steps, initial=c.step, desc="training", unit="step",
+            disable=not (config.progress and acc.is_local_main_process),
+        )
+        self.model.train()
+        start, samples0 = time.perf_counter(), c.samples
+        for batch in batches:
+            if c.step >= stop:
+                break
+            c.loss_sum += self.step(batch)
+            c.micro_step += 1
+            c.samples += config.batch_size
+            if not acc.sync_gradients:
+                continue
+            c.step += 1
+            c.losses.append(c.loss_sum / config.grad_accum)
+            c.loss_sum = 0.0
+            rate = (c.samples - samples0) / max(time.perf_counter() - start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{c.losses[-1]:.4f}", samples_s=f"{rate:.1f}", refresh=False)
+            if config.checkpoint_every and c.step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if c.step < self.total_steps:
+            self.save_checkpoint()
+        return time.perf_counter() - start
+
+    def save_model(self) -> Path:
+        """Merge LoRA into the base (where used) and save model + processor."""
+        acc = self.accelerator
+        out = self.config.out / MODEL_SUBDIR
+        module: DualEncoder = acc.unwrap_model(self.model)
+        net: Any = module.net
+        if not self.full:
+            net = net.merge_and_unload()
+        if out.exists():
+            shutil.rmtree(out)
+        with quiet_config_check():
+            net.save_pretrained(out, safe_serialization=True)
+        self.processor.save_pretrained(out)
+        return out
+
+
+def _parameter_counts(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) a training run; the main process saves the merged model."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    run = _Run(config)
+    trainable, total = _parameter_counts(run.model)
+    run.prepare()
+    acc = run.accelerator
+    batches = run.resume() if config.resume else run.loader
+    if acc.is_main_process:
+        (config.out / "train_config.json").write_text(
+            json.dumps({**config.to_dict(), "lr": run.lr, "warmup": run.warmup,
+                        "full": run.full, "total_steps": run.total_steps}, indent=2) + "\n"
+        )
+    samples0 = run.counters.samples
+    seconds = run.loop(batches)
+    acc.wait_for_everyone()
+    model_dir = None
+    if run.counters.step >= run.total_steps and acc.is_main_process:
+        model_dir = run.save_model()
+    acc.wait_for_everyone()
+    done = run.counters.samples - samples0
+    result = TrainResult(
+        out=config.out,
+        model_dir=model_dir,
+        counters=run.counters,
+        total_steps=run.total_steps,
+        full=run.full,
+        fingerprint=run.data.fingerprint,
+        n_train_images=len(run.data),
+        n_classes=len(run.data.class_names),
+        seconds=seconds,
+        samples_per_s=done / seconds if seconds > 0 else 0.0,
+        peak_rss_mb=peak_rss_mb(),
+        num_processes=acc.num_processes,
+        mixed_precision=run.precision,
+        trainable_parameters=trainable,
+        parameters=total,
+        is_main_process=acc.is_main_process,
+        config={**config.to_dict(), "lr": run.lr, "warmup": run.warmup, "full": run.full},
+    )
+    log.info("training: %s", result.summary())
+    return result

@@ -1,0 +1,189 @@
+"""The training loop, end to end on real rendered images and a real compact SigLIP."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import select
+
+from carsearch.platform.db import Database, RunStatus, TrainingRun, VersionStatus
+from carsearch.platform.encoder import Encoder
+from carsearch.platform.errors import ConfigError
+from carsearch.platform.registry import Registry
+from carsearch.training.loss import siglip_loss
+from carsearch.training.publish import promotion_decision, run_job
+from carsearch.training.stanford import load_stanford
+from carsearch.training.train_data import Collate, SampleStream, TrainSet, data_fingerprint
+from carsearch.training.trainer import (
+    DualEncoder,
+    apply_lora,
+    base_is_pretrained,
+    build_model,
+    load_base,
+    lora_wrapped_modules,
+    text_length_of,
+    train,
+)
+from train_helpers import tiny_catalogue, tiny_config, weights
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_catalogue(tmp_path_factory.mktemp("cat") / "catalogue")
+
+
+def test_lora_wraps_q_and_v_of_both_towers(compact_model: Path) -> None:
+    net, _ = load_base(str(compact_model))
+    layers = net.config.text_config.num_hidden_layers
+    model = apply_lora(net, rank=4)
+    wrapped = lora_wrapped_modules(model)
+    for tower in ("text_model", "vision_model"):
+        for proj in ("q_proj", "v_proj"):
+            hits = [n for n in wrapped if f".{tower}." in n and n.endswith(f"self_attn.{proj}")]
+            assert len(hits) == layers, (tower, proj, wrapped)
+    assert all(n.endswith(("q_proj", "v_proj")) for n in wrapped)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or n.endswith(("logit_scale", "logit_bias")) for n in names)
+
+
+def test_scalars_receive_gradients_and_change(compact_model: Path, catalogue: Path) -> None:
+    net, processor = load_base(str(compact_model))
+    module = DualEncoder(apply_lora(net, rank=4))
+    data = TrainSet.from_dataset(load_stanford(catalogue), image_size=64, limit=8,
+                                 progress=False)
+    batch = Collate(processor, text_length_of(module.siglip, processor))(
+        [SampleStream(data, 8, seed=0)[i] for i in range(8)]
+    )
+    before = {n: float(getattr(module.siglip, n).detach()) for n in ("logit_scale", "logit_bias")}
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    image, text, scale, bias = module(batch["pixel_values"], batch["input_ids"])
+    siglip_loss(image, text, scale, bias, batch["classes"]).backward()
+    for name in before:
+        grad = getattr(module.siglip, name).grad
+        assert grad is not None and float(grad.abs().sum()) > 0, name
+    opt.step()
+    for name, value in before.items():
+        assert float(getattr(module.siglip, name).detach()) != value, name
+
+
+def test_compact_base_defaults_to_full_training(compact_model: Path, tmp_path: Path) -> None:
+    assert not base_is_pretrained(str(compact_model))
+    cfg = tiny_config(tmp_path, compact_model, tmp_path / "run", full=None)
+    _, _, full = build_model(cfg)
+    assert full
+    cfg.full = False
+    module, _, full = build_model(cfg)
+    assert not full and lora_wrapped_modules(module)
+
+
+def test_only_train_split_reaches_training(catalogue: Path, tmp_path: Path) -> None:
+    ds = load_stanford(catalogue)
+    test_ids = {im.image_id for im in ds.split("test")}
+    train_ids = {im.image_id for im in ds.split("train")}
+    assert test_ids and train_ids and not test_ids & train_ids
+    queries = tmp_path / "queries.jsonl"
+    lines = [{"image_id": i, "query": f"query for {i}", "generator": "t", "accepted": True,
+              "reason": None} for i in sorted(test_ids | train_ids)]
+    queries.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    data = TrainSet.from_dataset(ds, image_size=64, queries_path=queries, progress=False)
+    assert set(data.image_ids) == train_ids
+    flat = {q for qs in data.queries for q in qs}
+    assert flat == {f"query for {i}" for i in train_ids}
+    stream = SampleStream(data, 3 * len(data), seed=0)
+    texts = {stream[p]["text"] for p in range(len(stream))}
+    assert not any(t.endswith(tuple(test_ids)) for t in texts)
+    assert {stream[p]["index"] for p in range(len(data))} == set(range(len(data)))
+    # the fingerprint covers the train ids and the query file
+    assert data.fingerprint == data_fingerprint(sorted(train_ids), data.meta["queries_source"])
+    generated = TrainSet.from_dataset(ds, image_size=64, progress=False)
+    assert generated.fingerprint != data.fingerprint
+    assert any(generated.queries)
+
+
+def test_sample_stream_is_a_function_of_seed_and_position(catalogue: Path) -> None:
+    data = TrainSet.from_dataset(load_stanford(catalogue), image_size=64, limit=6,
+                                 progress=False)
+    a, b = SampleStream(data, 12, seed=5), SampleStream(data, 12, seed=5)
+    for p in (0, 7, 11):
+        x, y = a[p], b[p]
+        assert x["text"] == y["text"] and x["index"] == y["index"]
+        assert np.array_equal(np.asarray(x["image"]), np.asarray(y["image"]))
+    with pytest.raises(IndexError):
+        a[12]
+
+
+def test_resume_continues_exactly(compact_model: Path, catalogue: Path, tmp_path: Path) -> None:
+    straight = train(tiny_config(catalogue, compact_model, tmp_path / "straight", grad_accum=2))
+    assert straight.model_dir is not None
+    cfg = tiny_config(catalogue, compact_model, tmp_path / "split", grad_accum=2, stop_after=2)
+    half = train(cfg)
+    assert half.model_dir is None and half.counters.step == 2
+    cfg.stop_after, cfg.resume = 0, True
+    resumed = train(cfg)
+    assert resumed.counters.step == 4 and resumed.model_dir is not None
+    assert resumed.counters.losses == pytest.approx(straight.counters.losses, rel=1e-5)
+    a, b = weights(straight.model_dir), weights(resumed.model_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    base = weights(compact_model)
+    assert any(not torch.equal(base[k], a[k]) for k in a)
+
+
+def test_resume_needs_a_checkpoint(compact_model: Path, catalogue: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(tiny_config(catalogue, compact_model, tmp_path / "none", resume=True))
+
+
+def test_end_to_end_train_evaluate_publish_promote(
+    compact_model: Path, catalogue: Path, database: Database, tmp_path: Path
+) -> None:
+    registry = Registry(database, tmp_path / "models")
+    cfg = tiny_config(catalogue, compact_model, tmp_path / "run", full=False, lora_rank=4)
+    report = run_job(cfg, db=database, registry=registry, promote=True, eval_limit=16)
+
+    results = json.loads((tmp_path / "run" / "evaluation_results.json").read_text())
+    assert set(results["models"]) == {"zero_shot", "fine_tuned"}
+    for column in results["models"].values():
+        assert {"recall@1", "recall@5", "recall@10", "mAP", "MRR"} <= column.keys()
+    assert results["n_images"] == 16 and results["training"]["steps"] == 4
+
+    assert report.version is not None and report.promoted
+    version = registry.get(report.version)
+    assert version.status == VersionStatus.serving
+    assert version.base_model == str(compact_model)
+    assert version.metrics["mAP"] == results["models"]["fine_tuned"]["mAP"]
+    assert version.params["lora_rank"] == 4 and version.params["data_fingerprint"]
+    artifact = registry.verify(version)
+    assert not any("lora" in k for k in weights(artifact))
+    vec = Encoder(artifact).encode_text(["red chevy pickup"])
+    assert vec.shape == (1, 192) and np.isclose(np.linalg.norm(vec), 1.0, atol=1e-4)
+
+    with database.session() as s:
+        row = s.scalar(select(TrainingRun).where(TrainingRun.id == report.run_id))
+        assert row is not None and row.status == RunStatus.finished
+        assert row.model_version_id == version.id and row.finished_at is not None
+        assert row.data_fingerprint == version.params["data_fingerprint"]
+        assert row.config is not None and row.config["steps"] == 4
+
+
+def test_promotion_decision() -> None:
+    ev = {"models": {"fine_tuned": {"mAP": 0.5}, "serving": {"mAP": 0.6}}}
+    assert promotion_decision(ev, "mAP", None)[0]
+    ok, reason = promotion_decision(ev, "mAP", "v1")
+    assert not ok and "does not beat" in reason
+    ev["models"]["serving"]["mAP"] = 0.4
+    assert promotion_decision(ev, "mAP", "v1")[0]
+
+
+def test_failed_run_is_recorded(compact_model: Path, database: Database, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path / "missing", compact_model, tmp_path / "run")
+    with pytest.raises(Exception, match="missing"):
+        run_job(cfg, db=database, registry=None)
+    with database.session() as s:
+        row = s.scalars(select(TrainingRun)).one()
+        assert row.status == RunStatus.failed and row.error
