@@ -91,3 +91,9 @@ def test_missing_model_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
     one_line_error(run(["models", "publish", str(tmp_path / "absent")], env, ok=False),
                    "no model artifact")
     one_line_error(run(["search", "red pickup"], env, ok=False), "no serving model version")
+
+
+def test_unmigrated_database_is_one_line(env: dict[str, str]) -> None:
+    one_line_error(run(["models", "list"], env, ok=False), "run `carsearch db upgrade`")
+    env = dict(env, CARSEARCH_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none")
+    one_line_error(run(["models", "list"], env, ok=False), "cannot reach the database")

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from carsearch.platform.vectorstore import (
+    IndexSpec,
     MilvusStore,
     SearchFilters,
     VectorRow,
@@ -131,3 +132,16 @@ def test_apostrophe_value_filters_exactly(store: MilvusStore) -> None:
     store.flush("c2")
     hits = store.search("c2", unit(rng, 1), 5, SearchFilters(source="o'brien"))[0]
     assert [h.id for h in hits] == [1]
+
+
+def test_index_build_parameters_reach_milvus_lite(tmp_path: Path) -> None:
+    # pymilvus flattens build parameters, which Lite ignores; the store sends both forms.
+    s = MilvusStore(str(tmp_path / "ix.db"), index=IndexSpec("IVF_FLAT", {"nlist": 8}))
+    s.ensure_collection("c", DIM)
+    desc = s.client.describe_index("c", "vector")
+    assert desc["index_type"] == "IVF_FLAT" and desc["params"].get("nlist") == 8
+    s.close()
+    default = MilvusStore(str(tmp_path / "d.db"))
+    default.ensure_collection("c", DIM)
+    assert default.client.describe_index("c", "vector")["params"] == {"M": 16, "efConstruction": 200}
+    default.close()

@@ -6,8 +6,10 @@ through the Typer context (`ctx.obj`); errors a person can fix print as one line
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from typing import Any
 
 import typer
 
@@ -56,10 +58,30 @@ def settings_of(ctx: typer.Context) -> Settings:
     return obj
 
 
+def _evaluate_app() -> typer.Typer:
+    """`carsearch evaluate` (retrieval metrics of models) with `evaluate ann` beneath it."""
+    from carsearch import bench_cli
+    from carsearch.training import train_cli
+
+    sub = typer.Typer(
+        invoke_without_command=True,
+        help="Retrieval metrics of models on the test split; `evaluate ann` audits Milvus.",
+    )
+
+    @functools.wraps(train_cli.evaluate_command)
+    def _models(ctx: typer.Context, **kwargs: Any) -> None:
+        if ctx.invoked_subcommand is None:
+            train_cli.evaluate_command(ctx, **kwargs)
+
+    sub.callback()(_models)
+    sub.command("ann")(bench_cli.ann_command)
+    return sub
+
+
 def _register() -> None:
     # Sub-commands live beside the parts they drive; imported here so that
     # `carsearch --help` lists them all.
-    from carsearch import platform_cli
+    from carsearch import bench_cli, platform_cli
     from carsearch.training import augment_cli, base_cli, data_cli, train_cli
 
     app.add_typer(platform_cli.db_app, name="db")
@@ -71,7 +93,8 @@ def _register() -> None:
     app.command("reconcile")(platform_cli.reconcile_command)
     app.command("augment")(augment_cli.augment_command)
     app.command("train")(train_cli.train_command)
-    app.command("evaluate")(train_cli.evaluate_command)
+    app.add_typer(_evaluate_app(), name="evaluate")
+    app.add_typer(bench_cli.app, name="bench")
 
 
 _register()

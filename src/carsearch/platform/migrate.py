@@ -52,20 +52,28 @@ def _run(url: str, fn: Callable[[Config], None]) -> None:
     try:
         fn(alembic_config(url))
     except OperationalError as exc:
-        raise ConfigError(f"cannot reach the database {_safe(url)}: {exc.orig}") from None
+        raise ConfigError(f"cannot reach the database {_safe(url)}: {_one_line(exc)}") from None
 
 
 def current_revision(url: str) -> str | None:
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return None  # not created yet; connecting would create an empty file
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise ConfigError(f"cannot reach the database {_safe(url)}: {_one_line(exc)}") from None
     finally:
         engine.dispose()
 
 
 def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def _one_line(exc: OperationalError) -> str:
+    return " ".join(str(exc.orig).split())
 
 
 def _safe(url: str) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from functools import cached_property
 
+from carsearch.platform import migrate
 from carsearch.platform.db import Database
+from carsearch.platform.errors import ConfigError
 from carsearch.platform.registry import Registry
 from carsearch.platform.search import SearchService
 from carsearch.platform.settings import Settings
@@ -19,7 +21,15 @@ class Platform:
 
     @cached_property
     def db(self) -> Database:
-        return Database(self.settings.database_url)
+        """The database, after checking its schema is the one this code was written for."""
+        url = self.settings.database_url
+        current, head = migrate.current_revision(url), migrate.head_revision()
+        if current != head:
+            raise ConfigError(
+                f"the database schema is at revision {current or 'none'}, this code needs "
+                f"{head}: run `carsearch db upgrade`"
+            )
+        return Database(url)
 
     @cached_property
     def store(self) -> MilvusStore:
