@@ -143,5 +143,6 @@ def test_index_build_parameters_reach_milvus_lite(tmp_path: Path) -> None:
     s.close()
     default = MilvusStore(str(tmp_path / "d.db"))
     default.ensure_collection("c", DIM)
-    assert default.client.describe_index("c", "vector")["params"] == {"M": 16, "efConstruction": 200}
+    params = default.client.describe_index("c", "vector")["params"]
+    assert params == {"M": 16, "efConstruction": 200}
     default.close()
