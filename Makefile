@@ -19,7 +19,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
-test: $(STAMP)
+# The browser test drives Debian's Chromium (Playwright's own browser download cannot
+# run here). Installed once when missing; without root it is left to the person.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	    || echo "could not install chromium: the browser test will not run"; \
+	else echo "chromium is missing: apt-get install chromium to run the browser test"; fi
+
+test: $(STAMP) | $(CHROMIUM)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest
 

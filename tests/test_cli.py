@@ -40,7 +40,8 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 def test_help_lists_every_verb(env: dict[str, str]) -> None:
     out = run(["--help"], env).stdout
-    for verb in ("db", "base", "data", "models", "ingest", "search", "augment"):
+    for verb in ("db", "base", "data", "models", "ingest", "search", "augment", "train",
+                 "evaluate", "bench", "serve", "reconcile"):
         assert f" {verb} " in out
 
 

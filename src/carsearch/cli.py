@@ -81,7 +81,7 @@ def _evaluate_app() -> typer.Typer:
 def _register() -> None:
     # Sub-commands live beside the parts they drive; imported here so that
     # `carsearch --help` lists them all.
-    from carsearch import bench_cli, platform_cli
+    from carsearch import bench_cli, platform_cli, ui_cli
     from carsearch.training import augment_cli, base_cli, data_cli, train_cli
 
     app.add_typer(platform_cli.db_app, name="db")
@@ -95,6 +95,7 @@ def _register() -> None:
     app.command("train")(train_cli.train_command)
     app.add_typer(_evaluate_app(), name="evaluate")
     app.add_typer(bench_cli.app, name="bench")
+    app.command("serve")(ui_cli.serve_command)
 
 
 _register()

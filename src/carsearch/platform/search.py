@@ -58,6 +58,7 @@ class SearchResult:
     filters: dict[str, Any]
     latency_ms: float
     hits: list[SearchHit] = field(default_factory=list)
+    query_log_id: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,6 +76,22 @@ class SearchService:
         self.registry = Registry(db, settings.model_dir)
         self._encoders: dict[str, Encoder] = {}
         self._lock = threading.Lock()
+        self._serving: tuple[float, ModelVersion] | None = None
+        self.serving_ttl_s = 2.0
+
+    def serving(self) -> ModelVersion:
+        """The serving version, re-read from the database at most every `serving_ttl_s`.
+
+        A promotion reaches a running search process within that time; each query does
+        not pay a database round trip for it.
+        """
+        now = time.monotonic()
+        cached = self._serving
+        if cached is not None and now - cached[0] < self.serving_ttl_s:
+            return cached[1]
+        version = self.registry.require_serving()
+        self._serving = (now, version)
+        return version
 
     # -- model -----------------------------------------------------------------------
     def encoder_for(self, version: ModelVersion) -> Encoder:
@@ -116,7 +133,7 @@ class SearchService:
         text = self.clean_query(query)
         k = self.check_k(k)
         t0 = time.perf_counter()
-        version = self.registry.require_serving()
+        version = self.serving()
         vec = self.encoder_for(version).encode_text([text])
         return self._finish(version, vec, "text", text, k, filters, t0)
 
@@ -125,7 +142,7 @@ class SearchService:
     ) -> SearchResult:
         k = self.check_k(k)
         t0 = time.perf_counter()
-        version = self.registry.require_serving()
+        version = self.serving()
         vec = self.encoder_for(version).encode_images([image.convert("RGB")])
         return self._finish(version, vec, "image", None, k, filters, t0)
 
@@ -175,8 +192,8 @@ class SearchService:
             )
         latency = (time.perf_counter() - t0) * 1000.0
         fdict = filters.model_dump(exclude_defaults=True) if filters else {}
-        self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
-        return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out)
+        qid = self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
+        return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid)
 
     def _metadata(self, ids: list[int]) -> dict[int, Image]:
         if not ids:
@@ -193,17 +210,18 @@ class SearchService:
         k: int,
         latency: float,
         ids: list[int],
-    ) -> None:
+    ) -> int:
+        """Write the query_log row; its id is what feedback on a result refers to."""
+        row = QueryLog(
+            kind=kind,
+            query=text,
+            filters={key: list(v) if isinstance(v, tuple) else v for key, v in filters.items()},
+            k=k,
+            latency_ms=latency,
+            result_ids=ids,
+            model_version_id=version.id,
+        )
         with self.db.session() as s:
-            s.add(
-                QueryLog(
-                    kind=kind,
-                    query=text,
-                    filters={key: list(v) if isinstance(v, tuple) else v
-                             for key, v in filters.items()},
-                    k=k,
-                    latency_ms=latency,
-                    result_ids=ids,
-                    model_version_id=version.id,
-                )
-            )
+            s.add(row)
+            s.flush()
+            return int(row.id)

@@ -1,0 +1,201 @@
+"""Query latency of the search page's search function at 10k and 100k indexed images.
+
+The world: the compact SigLIP base, published and promoted through the Registry, and
+N synthetic vehicles: clustered unit vectors written straight into Milvus Lite (with
+their make / body / colour / year / source scalar fields) and matching rows in SQLite.
+Their thumbnails all come from one real generated image, so the page path has files
+to show. Two paths are timed, one query at a time:
+
+  service  SearchService.search_text: text encode + Milvus ANN + metadata + query log
+  page     SearchPage.search_text: the same plus natural-language filters (parsed,
+           validated against the DB vocabulary, applied as Milvus scalar filters),
+           captions and thumbnails (warm cache)
+
+and then queries/s with 8 concurrent clients through the page path. Prints a
+markdown table.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_search.py --sizes 10000 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import insert
+from tqdm import tqdm
+
+from carsearch.platform import migrate
+from carsearch.platform.db import Image, ImageStatus
+from carsearch.platform.runtime import Platform
+from carsearch.platform.settings import Settings
+from carsearch.platform.vectorstore import IndexSpec, MilvusStore, VectorRow
+from carsearch.platform.vehicles import COLOURS, MAKE_ALIASES
+from carsearch.training.base_model import build_compact_base
+from carsearch.ui.page import PickedFilters, SearchPage
+
+BODIES = {"Sedan": "sedan", "Coupe": "coupe", "SUV": "suv", "Crew Cab": "pickup",
+          "Hatchback": "hatchback", "Convertible": "convertible", "Minivan": "minivan"}
+QUERIES = [
+    "red 2012 chevy pickup", "older model mercedes coupe", "black bmw sedan", "white suv",
+    "a blue hatchback from the late 2000s", "ford truck", "silver audi convertible 2011",
+    "family minivan", "green jeep", "yellow sports car", "porsche 911", "grey volvo wagon",
+    "something fast and shiny", "toyota 2008", "dodge ram crew cab", "orange lamborghini",
+]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def synthetic_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    centres = rng.normal(size=(max(8, n // 200), dim)).astype(np.float32)
+    labels = rng.integers(0, len(centres), n)
+    vecs = centres[labels] + 0.35 * rng.normal(size=(n, dim)).astype(np.float32)
+    return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def fill(platform_: Platform, collection: str, dim: int, n: int, photo: Path) -> None:
+    """N synthetic vehicles: vectors into Milvus, rows into the database."""
+    rng = np.random.default_rng(0)
+    makes = list(MAKE_ALIASES)
+    bodies = list(BODIES)
+    store = platform_.store
+    store.ensure_collection(collection, dim)
+    batch = 5000
+    for start in tqdm(range(0, n, batch), desc=f"fill {n}", unit="batch"):
+        ids = list(range(start + 1, min(n, start + batch) + 1))
+        vecs = synthetic_vectors(len(ids), dim, rng)
+        meta = [
+            (makes[int(rng.integers(len(makes)))], bodies[int(rng.integers(len(bodies)))],
+             COLOURS[int(rng.integers(len(COLOURS)))], int(rng.integers(1995, 2013)),
+             "stanford" if rng.random() < 0.5 else "synthetic")
+            for _ in ids
+        ]
+        rows = [VectorRow(make=m, body=BODIES[b], colour=c, year=y, source=s)
+                for m, b, c, y, s in meta]
+        store.upsert(collection, ids, vecs, rows)
+        values = [
+            {"id": i, "sha256": f"{i:064x}", "path": str(photo), "source": s, "make": m,
+             "model": "Model", "year": y, "body_type": b, "colour": c,
+             "class_name": f"{m} Model {b} {y}", "status": ImageStatus.indexed.value}
+            for i, (m, b, c, y, s) in zip(ids, meta, strict=True)
+        ]
+        with platform_.db.session() as s:
+            s.execute(insert(Image), values)
+    store.flush(collection)  # growing segments search far slower than sealed ones
+
+
+def percentiles(ms: Sequence[float]) -> tuple[float, float]:
+    q = statistics.quantiles(ms, n=20)
+    return statistics.median(ms), q[18]
+
+
+def timed(fn: Callable[[str], object], queries: Sequence[str]) -> list[float]:
+    out = []
+    for q in queries:
+        t0 = time.perf_counter()
+        fn(q)
+        out.append((time.perf_counter() - t0) * 1000.0)
+    return out
+
+
+def concurrent_qps(fn: Callable[[str], object], queries: Sequence[str], clients: int) -> float:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(fn, queries))
+    return len(queries) / (time.perf_counter() - t0)
+
+
+def run_size(n: int, args: argparse.Namespace, model: Path, root: Path) -> dict[str, object]:
+    data = root / f"n{n}"
+    settings = Settings(data_dir=data, threads={"torch": args.threads})  # type: ignore[arg-type]
+    settings.ensure_dirs()
+    migrate.upgrade(settings.database_url)
+    photo = root / "car.png"
+    if not photo.is_file():
+        PILImage.new("RGB", (128, 96), (180, 30, 30)).save(photo)
+    plat = Platform(settings)
+    spec = IndexSpec(args.index, {"nlist": args.nlist} if args.index == "IVF_FLAT" else {},
+                     {"nprobe": args.nprobe} if args.index == "IVF_FLAT" else {})
+    plat.__dict__["store"] = MilvusStore(settings.milvus_uri, index=spec)
+    try:
+        version = plat.registry.publish(model, name="bench")
+        plat.registry.promote("bench")
+        fill(plat, version.collection, version.dim, n, photo)
+        page = SearchPage(plat)
+        page.warm_up()
+        queries = [QUERIES[i % len(QUERIES)] for i in range(args.queries)]
+
+        def page_fn(q: str) -> object:
+            return page.search_text(q, args.k, PickedFilters())
+
+        def service_fn(q: str) -> object:
+            return page.service.search_text(q, args.k)
+
+        timed(page_fn, QUERIES)  # warm: encoder caches, thumbnails, vocabulary
+        encoder = page.service.encoder_for(version)
+        vecs = {q: encoder.encode_text([q]) for q in QUERIES}
+        enc = percentiles(timed(lambda q: encoder.encode_text([q]), queries))
+        ann = percentiles(timed(
+            lambda q: plat.store.search(version.collection, vecs[q], args.k), queries))
+        svc = percentiles(timed(service_fn, queries))
+        pg = percentiles(timed(page_fn, queries))
+        qps = concurrent_qps(page_fn, queries * 2, args.clients)
+        return {"n": n, "enc": enc, "ann": ann, "svc": svc, "page": pg, "qps": qps}
+    finally:
+        plat.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--queries", type=int, default=64, help="timed queries per path")
+    ap.add_argument("--k", type=int, default=12)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--index", choices=["FLAT", "IVF_FLAT"], default="FLAT")
+    ap.add_argument("--nlist", type=int, default=1024)
+    ap.add_argument("--nprobe", type=int, default=16)
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+        root = Path(tmp)
+        model = root / "compact"
+        build_compact_base(model, seed=0)
+        for n in args.sizes:
+            results.append(run_size(n, args, model, root))
+    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores · torch threads {args.threads} · "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} · index {args.index}"
+          + (f" (nlist {args.nlist}, nprobe {args.nprobe})" if args.index == "IVF_FLAT" else "")
+          + f" · k {args.k} · {dt.date.today().isoformat()}\n")
+    print("| images | encode p50 | ANN p50 | service p50 | service p95 | page p50 | page p95 "
+          f"| page queries/s, {args.clients} clients |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        cells = [f"{r[key][i]:.1f}"  # type: ignore[index]
+                 for key, i in (("enc", 0), ("ann", 0), ("svc", 0), ("svc", 1),
+                                ("page", 0), ("page", 1))]
+        print(f"| {r['n']:,} | " + " | ".join(cells) + f" | {r['qps']:.1f} |")
+    print("\n(milliseconds; service = encode + ANN + metadata + query log; page = service "
+          "+ NL filters + captions + thumbnails)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The Gradio search page: layout and event wiring over `SearchPage`.
+
+Tabs: Search (query box, chips read from the query, filters, results gallery, image
+upload, "more like this", thumbs up/down), Status (serving version, index size, ingest
+queue, last drift report, ANN audit, versions) and Evaluation (the latest metrics).
+Every handler turns a `CarsearchError` into a message on the page (a toast and the
+status line) and leaves the server running.
+
+API names (for `gradio_client`): /search, /refine, /image_search, /more_like_this,
+/select_result, /vote_up, /vote_down, /page_info, /status, /evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from carsearch.platform.errors import CarsearchError, ConfigError
+from carsearch.platform.runtime import Platform
+from carsearch.ui.page import ANY, PageResult, PickedFilters, SearchPage
+from carsearch.ui.render import evaluation_table, page_header, status_markdown
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 12
+MAX_K_ON_PAGE = 100
+CSS = "#status {min-height: 1.5em} #results .caption-label {white-space: normal}"
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    auth: tuple[str, str] | None = None
+    max_file_size: str = "20mb"
+    quiet: bool = True
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """CARSEARCH_UI_AUTH "user:password" -> (user, password); empty -> None."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("CARSEARCH_UI_AUTH must be user:password (both non-empty)")
+    return user, password
+
+
+def _error(exc: Exception) -> str:
+    msg = str(exc) or type(exc).__name__
+    gr.Warning(msg)
+    return f"**Error:** {msg}"
+
+
+def _picked(make: Any, body: Any, colour: Any, source: Any, y0: Any, y1: Any) -> PickedFilters:
+    def tup(v: Any) -> tuple[str, ...]:
+        if v is None or v == "":
+            return ()
+        return (str(v),) if isinstance(v, str) else tuple(str(x) for x in v)
+
+    return PickedFilters(tup(make), tup(body), tup(colour), tup(source), y0, y1)
+
+
+class PageHandlers:
+    """Gradio callbacks: unpack widgets, call `SearchPage`, shape updates, catch errors."""
+
+    def __init__(self, page: SearchPage) -> None:
+        self.page = page
+
+    def _outputs(self, res: PageResult) -> tuple[Any, ...]:
+        return res.items, res.status, res.hits, res.query_log_id, "", ""
+
+    def _failed(self, exc: Exception) -> tuple[Any, ...]:
+        return [], _error(exc), [], None, "", ""
+
+    def search(self, query: str, k: int, *filters: Any) -> tuple[Any, ...]:
+        """A new query: read its chips (all ticked) and search."""
+        try:
+            res = self.page.search_text(query, k, _picked(*filters))
+        except CarsearchError as exc:
+            return (*self._failed(exc), gr.update(choices=[], value=[]))
+        assert res.parsed is not None
+        choices = [(c.label, c.key) for c in res.parsed.chips]
+        chips = gr.update(choices=choices, value=res.parsed.keys())
+        return (*self._outputs(res), chips)
+
+    def refine(self, query: str, chips: list[str] | None, k: int, *filters: Any) -> tuple[Any, ...]:
+        """The same query with only the ticked chips (a chip was removed or put back)."""
+        try:
+            res = self.page.search_text(query, k, _picked(*filters), keep_chips=list(chips or []))
+        except CarsearchError as exc:
+            return self._failed(exc)
+        return self._outputs(res)
+
+    def image_search(self, upload: str | None, k: int, *filters: Any) -> tuple[Any, ...]:
+        try:
+            res = self.page.search_upload(upload, k, _picked(*filters))
+        except CarsearchError as exc:
+            return (*self._failed(exc), gr.update(choices=[], value=[]))
+        return (*self._outputs(res), gr.update(choices=[], value=[]))
+
+    def more_like_this(self, image_id: str | None, k: int, *filters: Any) -> tuple[Any, ...]:
+        try:
+            res = self.page.more_like_this(image_id, k, _picked(*filters))
+        except CarsearchError as exc:
+            return (*self._failed(exc), gr.update(choices=[], value=[]))
+        return (*self._outputs(res), gr.update(choices=[], value=[]))
+
+    def select(self, hits: list[dict[str, Any]], evt: gr.SelectData) -> tuple[str, str]:
+        idx = evt.index if isinstance(evt.index, int) else int(evt.index[0])
+        if not hits or not 0 <= idx < len(hits):
+            return "", ""
+        h = hits[idx]
+        detail = (
+            f"Selected #{h['rank']}: **{h.get('class_name') or h.get('make') or 'unlabelled'}**"
+            f" · score {h['score']:.3f} · colour {h.get('colour') or '?'}"
+            f" · source {h.get('source') or '?'} · id {h['image_id']}"
+        )
+        return str(h["image_id"]), detail
+
+    def vote(self, vote: int) -> Callable[..., str]:
+        def handler(image_id: str | None, query_log_id: int | None, query: str | None) -> str:
+            try:
+                self.page.feedback(query_log_id, image_id, vote, query or None)
+            except CarsearchError as exc:
+                return _error(exc)
+            word = "up" if vote > 0 else "down"
+            gr.Info(f"thumbs-{word} saved for image {image_id}")
+            return f"thumbs-{word} saved for image {image_id}"
+
+        return handler
+
+    # -- page data ---------------------------------------------------------------------
+    def page_info(self) -> tuple[Any, ...]:
+        """Header and the filter choices, fresh from the database on each page load."""
+        vocab = self.page.vocabulary()
+        years = [ANY, *[str(y) for y in vocab.years]]
+        return (
+            page_header(self.page.platform),
+            gr.update(choices=sorted(vocab.makes)),
+            gr.update(choices=sorted(vocab.bodies)),
+            gr.update(choices=sorted(vocab.colours)),
+            gr.update(choices=sorted(vocab.sources)),
+            gr.update(choices=years, value=ANY),
+            gr.update(choices=years, value=ANY),
+        )
+
+    def status(self) -> str:
+        return status_markdown(self.page.platform)
+
+    def evaluation(self) -> tuple[str, Any]:
+        note, frame = evaluation_table(self.page.platform)
+        return note, frame
+
+
+def build_app(page: SearchPage) -> gr.Blocks:
+    """The Blocks page over a SearchPage (not launched)."""
+    h = PageHandlers(page)
+    with gr.Blocks(title="carsearch", analytics_enabled=False) as demo:
+        header = gr.Markdown("carsearch", elem_id="header")
+        with gr.Tab("Search"):
+            with gr.Row():
+                query = gr.Textbox(
+                    label="Describe a vehicle", placeholder="red 2012 chevy pickup",
+                    scale=5, elem_id="query", lines=1, max_lines=1, submit_btn=False,
+                )
+                go = gr.Button("Search", variant="primary", scale=1, elem_id="search-btn")
+            chips = gr.CheckboxGroup(
+                choices=[], value=[], elem_id="chips",
+                label="Filters read from your query (untick to remove)",
+            )
+            status = gr.Markdown("", elem_id="status")
+            with gr.Row():
+                with gr.Column(scale=1, min_width=240):
+                    k = gr.Slider(1, MAX_K_ON_PAGE, value=DEFAULT_K, step=1,
+                                  label="Results (top-k)", elem_id="top-k")
+                    make = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Make")
+                    body = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                       label="Body type")
+                    colour = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                         label="Colour")
+                    source = gr.Dropdown([], multiselect=True, allow_custom_value=True,
+                                         label="Source")
+                    with gr.Row():
+                        year_from = gr.Dropdown([ANY], value=ANY, allow_custom_value=True,
+                                                label="Year from")
+                        year_to = gr.Dropdown([ANY], value=ANY, allow_custom_value=True,
+                                              label="Year to")
+                    upload = gr.File(label="Search by image", type="filepath", elem_id="upload")
+                    upload_btn = gr.Button("Search with this image", elem_id="image-search-btn")
+                with gr.Column(scale=3):
+                    gallery = gr.Gallery(
+                        label="Results", columns=4, height="auto", allow_preview=False,
+                        elem_id="results", object_fit="contain",
+                    )
+                    detail = gr.Markdown("Click a result to select it.", elem_id="detail")
+                    with gr.Row():
+                        selected = gr.Textbox(label="Selected image id", interactive=False,
+                                              elem_id="selected-id", scale=2)
+                        more = gr.Button("More like this", elem_id="more-like-this", scale=1)
+                        up = gr.Button("Thumbs up", elem_id="thumbs-up", scale=1)
+                        down = gr.Button("Thumbs down", elem_id="thumbs-down", scale=1)
+        with gr.Tab("Status"):
+            status_md = gr.Markdown("", elem_id="system-status")
+            refresh = gr.Button("Refresh", elem_id="status-refresh")
+        with gr.Tab("Evaluation"):
+            eval_note = gr.Markdown("")
+            eval_df = gr.Dataframe(interactive=False, wrap=True)
+        hits = gr.State([])
+        qlog = gr.State(None)
+
+        filters = [make, body, colour, source, year_from, year_to]
+        results = [gallery, status, hits, qlog, selected, detail]
+        go.click(h.search, [query, k, *filters], [*results, chips], api_name="search")
+        query.submit(h.search, [query, k, *filters], [*results, chips],
+                     api_visibility="private")
+        chips.input(h.refine, [query, chips, k, *filters], results, api_name="refine")
+        upload_btn.click(h.image_search, [upload, k, *filters], [*results, chips],
+                         api_name="image_search")
+        upload.upload(h.image_search, [upload, k, *filters], [*results, chips],
+                      api_visibility="private")
+        more.click(h.more_like_this, [selected, k, *filters], [*results, chips],
+                   api_name="more_like_this")
+        gallery.select(h.select, [hits], [selected, detail], api_name="select_result")
+        up.click(h.vote(1), [selected, qlog, query], status, api_name="vote_up")
+        down.click(h.vote(-1), [selected, qlog, query], status, api_name="vote_down")
+        demo.load(h.page_info, None, [header, make, body, colour, source, year_from, year_to],
+                  api_name="page_info")
+        demo.load(h.status, None, status_md, api_name="status")
+        refresh.click(h.status, None, status_md, api_visibility="private")
+        demo.load(h.evaluation, None, [eval_note, eval_df], api_name="evaluation")
+    return demo
+
+
+def launch(platform: Platform, options: LaunchOptions, *, block: bool = True) -> gr.Blocks:
+    """Build and start the page; serves only the image directory (thumbnails live there)."""
+    page = SearchPage(platform)
+    page.warm_up()
+    demo = build_app(page)
+    image_dir = Path(platform.settings.image_dir).resolve()
+    demo.queue(default_concurrency_limit=4)
+    log.info("search page on http://%s:%d (serving files only from %s)",
+             options.host, options.port, image_dir)
+    demo.launch(
+        server_name=options.host,
+        server_port=options.port,
+        auth=options.auth,
+        allowed_paths=[str(image_dir)],
+        max_file_size=options.max_file_size,
+        show_error=True,
+        quiet=options.quiet,
+        prevent_thread_lock=not block,
+        ssr_mode=False,
+        css=CSS,
+        inbrowser=False,
+        share=False,
+    )
+    return demo

@@ -1,0 +1,304 @@
+"""What the search page does, without any Gradio: plain functions over the platform.
+
+`SearchPage` turns the page's inputs (query text, picked filters, an upload, a
+selected result) into calls on the platform's search service and shapes the answer
+for display: gallery items (thumbnail path, caption), a one-line status, the filter
+chips read from the query. Retrieval itself is the search service's; this module only
+parses, validates, calls and formats. Errors a person can fix come back as
+`PageError` (a CarsearchError) with the message the page shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image as PILImage
+from pydantic import ValidationError
+
+from carsearch.platform.db import QueryFeedback, QueryLog
+from carsearch.platform.errors import CarsearchError, ImageRejectedError, QueryError
+from carsearch.platform.images import load_image, load_image_bytes
+from carsearch.platform.nlfilters import (
+    FilterVocabulary,
+    ParsedQuery,
+    VocabularyCache,
+    merge_filters,
+    parse_query,
+    validate_filters,
+)
+from carsearch.platform.runtime import Platform
+from carsearch.platform.search import SearchHit, SearchResult
+from carsearch.platform.vectorstore import SearchFilters
+
+log = logging.getLogger(__name__)
+
+ANY = "any"
+THUMB_SIZE = 320
+DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
+
+
+class PageError(CarsearchError):
+    """A problem the page shows as a message (bad input, no model, unusable upload)."""
+
+
+class ThumbnailCache:
+    """JPEG thumbnails of result images, made once with the safe decoder.
+
+    They live in `root` (inside the image directory, the only folder the page serves),
+    named by image id, so photos indexed from anywhere on disk are shown without that
+    folder ever being opened to the web.
+    """
+
+    def __init__(self, root: Path, size: int = THUMB_SIZE, max_pixels: int = 40_000_000) -> None:
+        self.root = Path(root)
+        self.size = size
+        self.max_pixels = max_pixels
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._missing = self.root / "missing.jpg"
+
+    def path_for(self, image_id: int) -> Path:
+        return self.root / f"{image_id & 0xFF:02x}" / f"{image_id}.jpg"
+
+    def get(self, image_id: int, source: str) -> Path:
+        out = self.path_for(image_id)
+        if out.is_file():
+            return out
+        try:
+            img = load_image(Path(source), max_pixels=self.max_pixels)
+        except ImageRejectedError as exc:
+            log.warning("no thumbnail for image %d: %s", image_id, exc)
+            return self.missing()
+        img.thumbnail((self.size, self.size))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{threading.get_ident()}.part")
+        img.save(tmp, format="JPEG", quality=85)
+        tmp.replace(out)
+        return out
+
+    def missing(self) -> Path:
+        if not self._missing.is_file():
+            PILImage.new("RGB", (self.size, self.size), (200, 200, 200)).save(self._missing)
+        return self._missing
+
+
+@dataclass(frozen=True)
+class PickedFilters:
+    """The filter widgets' values as the page sends them."""
+
+    make: tuple[str, ...] = ()
+    body: tuple[str, ...] = ()
+    colour: tuple[str, ...] = ()
+    source: tuple[str, ...] = ()
+    year_from: str | int | None = None
+    year_to: str | int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "make": self.make, "body": self.body, "colour": self.colour, "source": self.source,
+            "year_min": _year_or_none(self.year_from, "from"),
+            "year_max": _year_or_none(self.year_to, "to"),
+        }
+
+
+def _year_or_none(value: str | int | float | None, which: str) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", ANY)):
+        return None
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise PageError(f"year {which} must be a year like 2012, not {value!r}") from None
+
+
+@dataclass
+class PageResult:
+    """One answer, shaped for the page."""
+
+    items: list[tuple[str, str]]  # (thumbnail path, caption)
+    hits: list[dict[str, Any]]
+    status: str
+    query_log_id: int | None = None
+    parsed: ParsedQuery | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def caption(hit: SearchHit) -> str:
+    """"#1 · 0.812 · Chevrolet Silverado 1500 2012 · red · stanford"."""
+    name = " ".join(str(p) for p in (hit.make, hit.model, hit.year) if p) or "unlabelled"
+    parts = [f"#{hit.rank}", f"{hit.score:.3f}", name]
+    if hit.body_type:
+        parts.append(hit.body_type)
+    parts.append(hit.colour or "colour ?")
+    if hit.source:
+        parts.append(hit.source)
+    return " · ".join(parts)
+
+
+def describe_filters(filters: SearchFilters) -> str:
+    bits: list[str] = []
+    for name in ("make", "body", "colour", "source"):
+        values = getattr(filters, name)
+        if values:
+            bits.append(f"{name} {' / '.join(values)}")
+    lo, hi = filters.year_min, filters.year_max
+    if lo is not None or hi is not None:
+        bits.append(f"year {lo}" if lo == hi else f"years {lo or '…'}–{hi or '…'}")
+    return ", ".join(bits) or "none"
+
+
+class SearchPage:
+    """The page's actions over one Platform. Thread-safe: Gradio calls it from a pool."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        *,
+        vocab_ttl_s: float = 60.0,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    ) -> None:
+        self.platform = platform
+        self.settings = platform.settings
+        self.service = platform.search
+        self.vocab_cache = VocabularyCache(platform.db, ttl_s=vocab_ttl_s)
+        self.thumbs = ThumbnailCache(
+            self.settings.image_dir / "_thumbs", max_pixels=self.settings.max_image_pixels
+        )
+        self.max_upload_bytes = max_upload_bytes
+
+    def warm_up(self) -> None:
+        """Load the serving encoder now, so the first query does not wait for it."""
+        try:
+            version = self.service.registry.require_serving()
+            self.service.encoder_for(version).encode_text(["warm up"])
+        except CarsearchError as exc:  # no model yet: the page says so on each search
+            log.warning("search page starts without a usable model: %s", exc)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def vocabulary(self) -> FilterVocabulary:
+        return self.vocab_cache.get()
+
+    def picked_filters(self, picked: PickedFilters) -> SearchFilters:
+        try:
+            return validate_filters(picked.as_dict(), self.vocabulary())
+        except QueryError as exc:
+            raise PageError(f"filter: {exc}") from None
+
+    def parse(self, query: str) -> ParsedQuery:
+        text = self.service.clean_query(query)
+        return parse_query(text, self.vocabulary())
+
+    # -- searches --------------------------------------------------------------------------
+    def search_text(
+        self,
+        query: str,
+        k: int,
+        picked: PickedFilters,
+        keep_chips: list[str] | None = None,
+    ) -> PageResult:
+        """Text search; `keep_chips` (keys) drops the parsed filters the person removed."""
+        parsed = self.parse(query)
+        if keep_chips is not None:
+            parsed = parsed.keep(keep_chips)
+        filters = merge_filters(parsed.filters, self.picked_filters(picked))
+        result = self._guard(lambda: self.service.search_text(parsed.text, int(k), filters))
+        notes = [f"not filtered on {n}" for n in parsed.ignored]
+        return self._shape(result, filters, parsed=parsed, notes=notes)
+
+    def search_upload(self, upload: str | Path | None, k: int, picked: PickedFilters) -> PageResult:
+        if upload is None:
+            raise PageError("choose an image file to search with")
+        path = Path(upload)
+        size = path.stat().st_size if path.is_file() else 0
+        if size > self.max_upload_bytes:
+            raise PageError(
+                f"upload rejected: {size} bytes is over the limit of {self.max_upload_bytes}"
+            )
+        try:
+            img = load_image_bytes(
+                path.read_bytes(), name=path.name, max_pixels=self.settings.max_image_pixels,
+                max_bytes=self.max_upload_bytes,
+            )
+        except ImageRejectedError as exc:
+            raise PageError(f"upload rejected: {exc.reason}") from None
+        filters = self.picked_filters(picked)
+        result = self._guard(lambda: self.service.search_image(img, int(k), filters))
+        return self._shape(result, filters)
+
+    def more_like_this(
+        self, image_id: int | str | None, k: int, picked: PickedFilters
+    ) -> PageResult:
+        if image_id in (None, "", 0):
+            raise PageError("select a result first, then ask for more like it")
+        try:
+            iid = int(image_id)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise PageError(f"not an image id: {image_id!r}") from None
+        filters = self.picked_filters(picked)
+        result = self._guard(lambda: self.service.search_similar(iid, int(k), filters))
+        return self._shape(result, filters)
+
+    def _guard(self, call: Any) -> SearchResult:
+        try:
+            result: SearchResult = call()
+        except ImageRejectedError as exc:
+            raise PageError(f"image rejected: {exc.reason}") from None
+        except ValidationError as exc:
+            raise PageError(f"filter: {exc.errors()[0]['msg']}") from None
+        return result
+
+    def _shape(
+        self,
+        result: SearchResult,
+        filters: SearchFilters,
+        *,
+        parsed: ParsedQuery | None = None,
+        notes: list[str] | None = None,
+    ) -> PageResult:
+        qid = result.query_log_id
+        items = [(str(self.thumbs.get(h.image_id, h.path)), caption(h)) for h in result.hits]
+        what = f"'{result.query}'" if result.query else f"{result.kind} query"
+        status = (
+            f"{len(result.hits)} results for {what} in {result.latency_ms:.0f} ms · "
+            f"filters: {describe_filters(filters)} · model {result.version}"
+        )
+        if not result.hits:
+            status += " · nothing matched: remove a filter chip or widen the filters"
+        if notes:
+            status += " · " + "; ".join(notes)
+        hits = [h.to_dict() for h in result.hits]
+        return PageResult(items, hits, status, qid, parsed, list(notes or []))
+
+    # -- feedback --------------------------------------------------------------------------
+    def feedback(
+        self, query_log_id: int | None, image_id: int | str | None, vote: int,
+        query: str | None = None,
+    ) -> int:
+        """Store a thumbs-up (+1) / thumbs-down (-1) on a result; returns the row id."""
+        if vote not in (1, -1):
+            raise PageError("a vote is +1 or -1")
+        if image_id in (None, "", 0):
+            raise PageError("select a result first, then vote on it")
+        with self.platform.db.session() as s:
+            logged = s.get(QueryLog, int(query_log_id)) if query_log_id is not None else None
+            if logged is None:
+                query_log_id = None
+            elif logged.query:
+                query = logged.query  # the text that produced the result, not the box now
+            row = QueryFeedback(
+                query_log_id=query_log_id, image_id=int(image_id),  # type: ignore[arg-type]
+                vote=vote, query=query,
+            )
+            s.add(row)
+            s.flush()
+            return int(row.id)
+
+    # -- helpers for timing ----------------------------------------------------------------
+    def timed_search(self, query: str, k: int = 10) -> float:
+        """Milliseconds for one text search through the page's path (the benchmark's unit)."""
+        t0 = time.perf_counter()
+        self.search_text(query, k, PickedFilters())
+        return (time.perf_counter() - t0) * 1000.0

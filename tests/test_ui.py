@@ -1,0 +1,285 @@
+"""The search page: the real Gradio server in a subprocess, driven by gradio_client.
+
+The world is real: a compact SigLIP promoted through the Registry, generated images
+ingested through the pipeline into Milvus Lite + SQLite (see ui_world.py).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from carsearch.platform import migrate
+from carsearch.platform.db import AnnReport, Database, DriftReport, QueryFeedback, QueryLog
+from carsearch.platform.errors import ConfigError
+from carsearch.platform.runtime import Platform
+from carsearch.platform.search import SearchHit
+from carsearch.platform.settings import Settings
+from carsearch.platform.vectorstore import SearchFilters
+from carsearch.ui.app import parse_auth
+from carsearch.ui.page import caption, describe_filters
+from carsearch.ui.render import evaluation_table, page_header, status_markdown
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from ui_world import CARS, Server, World, build_world, run_server  # noqa: E402
+
+NO_FILTERS = ([], [], [], [], "any", "any")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, compact_model: Path) -> World:
+    w = build_world(tmp_path_factory.mktemp("ui-world"), compact_model)
+    db = Database(w.settings.database_url)
+    with db.session() as s:  # what the drift job and the ANN audit would have written
+        s.add(DriftReport(n_images=len(CARS), n_isolated=2, retrain_triggered=True))
+        s.add(AnnReport(index_type="IVF_FLAT", n_queries=50, n_vectors=len(CARS),
+                        recall_at_10=0.987, params={"nprobe": 16}))
+    db.dispose()
+    return w
+
+
+@pytest.fixture(scope="module")
+def server(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    yield from run_server(world, tmp_path_factory.mktemp("ui-log") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Client:
+    return Client(server.url, verbose=False)
+
+
+def search(client: Client, query: str, k: int = 8, filters: tuple[Any, ...] = NO_FILTERS) -> Any:
+    return client.predict(query, k, *filters, api_name="/search")
+
+
+def captions(gallery: list[dict[str, Any]]) -> list[str]:
+    return [item["caption"] for item in gallery]
+
+
+def test_text_search_reads_filters_from_the_query(client: Client) -> None:
+    gallery, status, _sel, _detail, chips = search(client, "red 2012 chevy pickup")
+    assert set(chips["value"]) == {"colour=red", "year=2012", "make=Chevrolet", "body=pickup"}
+    assert "make Chevrolet" in status and "year 2012" in status
+    assert len(gallery) == 1 and "Chevrolet Silverado 1500 2012" in captions(gallery)[0]
+    assert Path(gallery[0]["image"]).is_file()  # the thumbnail came back over HTTP
+
+
+def test_a_query_naming_nothing_known_ranks_everything(client: Client) -> None:
+    gallery, status, *_rest, chips = search(client, "something shiny", k=5)
+    assert chips["value"] == [] and "filters: none" in status
+    ranks = [c.split(" · ")[0] for c in captions(gallery)]
+    assert ranks == ["#1", "#2", "#3", "#4", "#5"]
+    scores = [float(c.split(" · ")[1]) for c in captions(gallery)]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_removing_a_chip_widens_the_search(client: Client) -> None:
+    search(client, "red 2012 chevy pickup")
+    gallery, status, *_ = client.predict(
+        "red 2012 chevy pickup", ["year=2012"], 8, *NO_FILTERS, api_name="/refine"
+    )
+    n_2012 = sum(1 for _c, _col, _s in CARS if _c.endswith("2012"))
+    assert len(gallery) == n_2012 and all("2012" in c for c in captions(gallery))
+    assert "make" not in status.split("filters:")[1].split("·")[0]
+
+
+def test_picked_filters_apply_and_override_the_query(client: Client) -> None:
+    gallery, status, *_ = search(client, "chevy", filters=(["BMW"], [], [], [], "any", "any"))
+    assert gallery and all(" BMW " in f" {c} " for c in captions(gallery))
+    assert "filters: make BMW" in status
+    gallery, *_ = search(client, "a car", filters=([], ["coupe", "sedan"], [], ["stanford"],
+                                                   "2010", "2012"))
+    assert {c.split(" · ")[3] for c in captions(gallery)} == {"Coupe", "Sedan"}
+
+
+def test_image_search_finds_the_same_photo_first(client: Client, world: World) -> None:
+    gallery, status, *_ = client.predict(
+        handle_file(str(world.photos[2])), 3, *NO_FILTERS, api_name="/image_search"
+    )
+    assert "image query" in status
+    assert "BMW M3 2012" in captions(gallery)[0]
+    assert float(captions(gallery)[0].split(" · ")[1]) > 0.99
+
+
+def test_more_like_this_and_feedback(client: Client, world: World) -> None:
+    db = Database(world.settings.database_url)
+    try:
+        with db.session() as s:
+            before = len(s.scalars(select(QueryLog)).all())
+        search(client, "white convertible", k=4)
+        with db.session() as s:
+            target = s.scalars(select(QueryLog).order_by(QueryLog.id.desc())).first()
+        assert target is not None and target.query == "white convertible"
+        image_id = target.result_ids[0]
+        status = client.predict(str(image_id), "white convertible", api_name="/vote_up")
+        assert "thumbs-up saved" in status
+        gallery, status, *_ = client.predict(str(image_id), 4, *NO_FILTERS,
+                                             api_name="/more_like_this")
+        assert "image query" in status and float(captions(gallery)[0].split(" · ")[1]) > 0.99
+        with db.session() as s:
+            fb = s.scalars(select(QueryFeedback)).all()
+            logs = s.scalars(select(QueryLog)).all()
+        assert [(f.image_id, f.vote, f.query_log_id, f.query) for f in fb] == [
+            (image_id, 1, target.id, "white convertible")
+        ]
+        assert len(logs) == before + 2  # every query is logged, image queries too
+    finally:
+        db.dispose()
+
+
+def _png_bomb() -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF
+        )
+
+    ihdr = struct.pack(">IIBBBBB", 60_000, 60_000, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("empty", "empty query"),
+        ("long", "query too long"),
+        ("unknown-filter", "unknown make 'Zonda'"),
+        ("bad-year", "year from must be a year"),
+        ("not-an-image", "upload rejected: not-an-image"),
+        ("bomb", "upload rejected:"),
+        ("no-selection", "select a result first"),
+    ],
+)
+def test_bad_input_gets_a_clear_message_and_the_server_stays_up(
+    client: Client, tmp_path: Path, kind: str, expected: str
+) -> None:
+    if kind == "empty":
+        out = search(client, "   ")
+    elif kind == "long":
+        out = search(client, "red chevy " * 1000)
+    elif kind == "unknown-filter":
+        out = search(client, "a car", filters=(["Zonda"], [], [], [], "any", "any"))
+    elif kind == "bad-year":
+        out = search(client, "a car", filters=([], [], [], [], "last year", "any"))
+    elif kind == "no-selection":
+        out = client.predict("", 4, *NO_FILTERS, api_name="/more_like_this")
+    else:
+        f = tmp_path / "upload.png"
+        f.write_bytes(b"this is not a picture" if kind == "not-an-image" else _png_bomb())
+        out = client.predict(handle_file(str(f)), 4, *NO_FILTERS, api_name="/image_search")
+    gallery, status = out[0], out[1]
+    assert gallery == [] and status.startswith("**Error:**") and expected in status
+    if kind == "bomb":
+        assert "decompression-bomb" in status or "too-many-pixels" in status
+    gallery, status, *_ = search(client, "blue ford", k=2)  # still serving
+    assert gallery and "Error" not in status
+
+
+def test_header_status_and_evaluation_tabs(client: Client) -> None:
+    header, *_choices = client.predict(api_name="/page_info")
+    assert "Serving model **base**" in header and f"index size **{len(CARS)}**" in header
+    status = client.predict(api_name="/status")
+    assert "### Ingest queue" in status and "| base | serving |" in status
+    drift = status.split("### Last drift report")[1].split("###")[0]
+    assert "| 8 | 2 | yes |" in drift
+    ann = status.split("### Latest ANN audit")[1].split("###")[0]
+    assert "IVF_FLAT" in ann and "0.9870" in ann
+    note, table = client.predict(api_name="/evaluation")
+    assert "model version base" in note
+    assert table["headers"][:3] == ["model", "Recall@1", "Recall@5"]
+    assert table["data"][0][0] == "base (serving)" and table["data"][1][0] == "zero-shot base"
+
+
+def test_only_thumbnails_and_uploads_are_served(server: Server, world: World) -> None:
+    for secret in (Path(world.settings.database_url.removeprefix("sqlite:///")),
+                   world.photos[0], Path(__file__)):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{server.url}gradio_api/file={secret}", timeout=10)
+        assert err.value.code == 403
+    thumbs = sorted((world.settings.image_dir / "_thumbs").rglob("*.jpg"))
+    assert thumbs
+    with urllib.request.urlopen(f"{server.url}gradio_api/file={thumbs[0]}", timeout=10) as r:
+        assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"
+
+
+def test_status_without_any_reports(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "empty")
+    migrate.upgrade(settings.database_url)
+    plat = Platform(settings)
+    try:
+        text = status_markdown(plat)
+        assert "### Last drift report\n\nno report yet" in text
+        assert "### Latest ANN audit\n\nno report yet" in text
+        assert "version **none**" in text and "none published" in text
+        assert "No serving model version" in page_header(plat)
+        assert evaluation_table(plat) == (
+            "No evaluation results yet (train and evaluate a model first).", None
+        )
+    finally:
+        plat.close()
+
+
+def test_evaluation_falls_back_to_the_newest_results_file(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "d")
+    migrate.upgrade(settings.database_url)
+    run = settings.data_dir / "runs" / "20260101-000000"
+    run.mkdir(parents=True)
+    (run / "evaluation_results.json").write_text(json.dumps({
+        "split": "test",
+        "models": {"zero_shot": {"model": "base", "Recall@1": 0.1, "mAP": 0.2},
+                   "fine_tuned": {"model": "out", "Recall@1": 0.3, "mAP": 0.4, "MRR": 0.5}},
+    }))
+    plat = Platform(settings)
+    try:
+        note, table = evaluation_table(plat)
+    finally:
+        plat.close()
+    assert "evaluation_results.json" in note
+    assert table == {"headers": ["model", "Recall@1", "mAP", "MRR"],
+                     "data": [["zero_shot", 0.1, 0.2, None], ["fine_tuned", 0.3, 0.4, 0.5]]}
+
+
+# -- small pure parts --------------------------------------------------------------------
+def test_auth_setting_is_parsed_strictly() -> None:
+    assert parse_auth(None) is None and parse_auth("") is None
+    assert parse_auth("ann:s3cr:et") == ("ann", "s3cr:et")
+    for bad in ("ann", ":pw", "ann:"):
+        with pytest.raises(ConfigError, match="user:password"):
+            parse_auth(bad)
+
+
+def test_captions_and_filter_descriptions() -> None:
+    hit = SearchHit(rank=2, score=0.81234, image_id=5, path="/x", make="Ford", model="F-150",
+                    year=2007, body_type="Regular Cab", colour=None, source="stanford")
+    assert caption(hit) == "#2 · 0.812 · Ford F-150 2007 · Regular Cab · colour ? · stanford"
+    assert describe_filters(SearchFilters()) == "none"
+    assert describe_filters(SearchFilters(make=("Ford", "BMW"), year_min=2008)) == (
+        "make Ford / BMW, years 2008–…"
+    )
+
+
+def test_login_is_required_when_auth_is_set(
+    tmp_path: Path, compact_model: Path
+) -> None:
+    world = build_world(tmp_path / "auth-world", compact_model)
+    servers = run_server(world, tmp_path / "server.log", {"CARSEARCH_UI_AUTH": "ann:s3cret"})
+    server = next(servers)
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - the client raises its own error type
+            Client(server.url, verbose=False)
+        authed = Client(server.url, verbose=False, auth=("ann", "s3cret"))
+        gallery, status, *_ = authed.predict("blue ford", 2, *NO_FILTERS, api_name="/search")
+        assert gallery and "Error" not in status
+    finally:
+        servers.close()
