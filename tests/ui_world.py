@@ -3,7 +3,7 @@
 The world: a compact SigLIP published and promoted through the Registry, a handful of
 generated images (outside the image directory, as photos indexed from elsewhere are)
 ingested through the real pipeline into Milvus Lite + SQLite. The server is
-`python -m carsearch.ui serve` pointed at that data directory by CARSEARCH_* variables.
+`python -m carsearch.cli serve` pointed at that data directory by CARSEARCH_* variables.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def run_server(
     }
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "carsearch.ui", "serve", "--port", str(port)],
+            [sys.executable, "-m", "carsearch.cli", "serve", "--port", str(port)],
             cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"

@@ -26,7 +26,7 @@ def serve_command(
     if not isinstance(settings, Settings):  # pragma: no cover - the root callback sets it
         raise RuntimeError("settings were not built")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    auth = parse_auth(os.environ.get("CARSEARCH_UI_AUTH"))
+    auth = parse_auth(settings.ui_auth)
     settings.ensure_dirs()
     platform = Platform(settings)
     ctx.call_on_close(platform.close)

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     ollama_host: str = Field(default="http://127.0.0.1:11434")
     ollama_model: str = Field(default="qwen2.5:14b")
     image_dir: Path = Field(default=Path(""), description="Images the search page may serve.")
+    ui_auth: str = Field(default="", description="user:password to require a login on the page.")
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
     max_query_chars: int = Field(default=500, ge=1)
     log_level: str = Field(default="INFO")
