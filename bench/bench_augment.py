@@ -17,19 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from carsearch.platform.machine import cpu_name
 from carsearch.platform.vehicles import VehicleLabel
 from carsearch.training.augment import OfflineGenerator, RuleJudge, augment
 from carsearch.training.stanford import load_stanford
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _root() -> Path:
@@ -64,7 +55,7 @@ def main() -> None:
         summary = augment(items, gen, judge, Path(tmp) / "q.jsonl", args.n, progress=False)
 
     accepted = sum(v.accepted for v in verdicts)
-    print(f"Offline query augmentation — {_cpu_name()}, 1 process, "
+    print(f"Offline query augmentation — {cpu_name()}, 1 process, "
           f"Python {platform.python_version()}, {dt.date.today().isoformat()}\n")
     print(f"{len(items):,} Stanford Cars images ({args.split} split), {args.n} candidates each, "
           f"{accepted / max(1, len(verdicts)):.1%} accepted by the rule judge\n")

@@ -14,7 +14,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ import transformers
 from PIL import Image
 
 from carsearch.platform.encoder import Encoder
+from carsearch.platform.machine import cpu_name
 from carsearch.training.base_model import BUILD_INFO, CompactSpec, TowerSize, build_compact_base
 
 BASE_SIZED = CompactSpec(
@@ -35,16 +35,6 @@ BASE_SIZED = CompactSpec(
     vision=TowerSize(hidden=768, layers=12, heads=12),
     text=TowerSize(hidden=768, layers=12, heads=12),
 )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _photos(n: int) -> tuple[list[Image.Image], str]:
@@ -115,7 +105,7 @@ def main() -> None:
             base = build_compact_base(Path(tmp) / "base", seed=0, spec=BASE_SIZED)
             rows.append(_measure("SigLIP-base-sized (random)", base, args, n, n, images))
 
-    print(f"Machine: {_cpu_name()}, {os.cpu_count()} logical CPUs; torch threads "
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs; torch threads "
           f"{args.threads}, batch {args.batch_size}; {dt.date.today().isoformat()}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}; "
           f"inputs: {source}; 1-min load average {load_before:.2f} before, "

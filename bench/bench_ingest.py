@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,19 +36,13 @@ from carsearch.ingest.pipeline import (
 from carsearch.platform import migrate
 from carsearch.platform.db import Database
 from carsearch.platform.encoder import Encoder
+from carsearch.platform.machine import cpu_name
 from carsearch.platform.registry import Registry
 from carsearch.platform.vectorstore import MilvusStore, VectorRow
 from carsearch.training.base_model import CompactSpec, TowerSize, build_compact_base
 
 REPO = Path(__file__).resolve().parents[1]
 STANFORD = Path(os.environ.get("CARSEARCH_STANFORD_ROOT", REPO.parent / "shared" / "stanford_cars"))
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def images(n: int, out: Path) -> list[Path]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from carsearch.platform import migrate
 from carsearch.platform.db import Image, ImageStatus
+from carsearch.platform.machine import cpu_name
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectorstore import IndexSpec, MilvusStore, VectorRow
@@ -52,16 +52,6 @@ QUERIES = [
     "family minivan", "green jeep", "yellow sports car", "porsche 911", "grey volvo wagon",
     "something fast and shiny", "toyota 2008", "dodge ram crew cab", "orange lamborghini",
 ]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synthetic_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
@@ -181,7 +171,7 @@ def main() -> None:
         build_compact_base(model, seed=0)
         for n in args.sizes:
             results.append(run_size(n, args, model, root))
-    print(f"machine: {_cpu_name()}, {os.cpu_count()} cores · torch threads {args.threads} · "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores · torch threads {args.threads} · "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} · index {args.index}"
           + (f" (nlist {args.nlist}, nprobe {args.nprobe})" if args.index == "IVF_FLAT" else "")
           + f" · k {args.k} · {dt.date.today().isoformat()}\n")

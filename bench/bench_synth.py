@@ -18,13 +18,13 @@ from pathlib import Path
 
 import PIL
 
+from carsearch.platform.machine import machine_line
 from carsearch.training.stanford import load_stanford
 from carsearch.training.synth import DEFAULT_SIZE, write_catalogue
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    return f"{platform.node()} ({cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()})"
+    return f"{machine_line()}, Python {platform.python_version()}"
 
 
 def _row(what: str, n: int, seconds: float) -> str:

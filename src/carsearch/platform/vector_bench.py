@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from carsearch.platform.exact import ExactIndex
+from carsearch.platform.machine import cpu_name
 from carsearch.platform.metrics import recall_at_k_vs_exact
 from carsearch.platform.vectorstore import (
     IndexSpec,
@@ -102,14 +103,7 @@ def machine_info() -> dict[str, Any]:
     """CPU model, cores, thread settings, library versions and the date (for every table)."""
     import faiss
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     versions: dict[str, str] = {"faiss": getattr(faiss, "__version__", "?")}
     for mod in ("pymilvus", "milvus_lite", "numpy"):
         try:
