@@ -1,0 +1,20 @@
+# carsearch: one image for every platform process (migrations, ingest worker, search page,
+# ANN audit). Build: docker build -t carsearch .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false \
+    CARSEARCH_DATA_DIR=/data CARSEARCH_MIGRATIONS_DIR=/app/migrations
+
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY src ./src
+COPY migrations ./migrations
+# torch==2.13.0 is pinned in pyproject.toml. For a smaller CPU-only image, install
+# torch from PyTorch's CPU wheel index in a layer before this one.
+RUN pip install -e .
+
+VOLUME ["/data"]
+EXPOSE 7860
+ENTRYPOINT ["carsearch"]
+CMD ["--help"]
