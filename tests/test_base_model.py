@@ -15,6 +15,7 @@ from carsearch.training.base_cli import app
 from carsearch.training.base_model import (
     BUILD_INFO,
     EOS_TOKEN,
+    INIT_LOGIT_BIAS,
     build_compact_base,
     stanford_class_names,
 )
@@ -72,10 +73,25 @@ def test_build_info_describes_the_model(base_dir: Path) -> None:
     assert info["pretrained"] is False
 
 
-def test_temperature_and_bias_start_where_siglip_starts_them(base_dir: Path) -> None:
+def test_temperature_and_bias_start_for_small_batches(base_dir: Path) -> None:
     model = AutoModel.from_pretrained(base_dir)
     assert model.logit_scale.exp().item() == pytest.approx(10.0)
-    assert model.logit_bias.item() == pytest.approx(-10.0)
+    assert model.logit_bias.item() == pytest.approx(INIT_LOGIT_BIAS)
+    assert -5.0 < INIT_LOGIT_BIAS < -3.0  # about -log(64), not the paper's -10
+
+
+def test_untrained_text_embeddings_are_not_collapsed(base_dir: Path) -> None:
+    model = AutoModel.from_pretrained(base_dir)
+    tokenizer = AutoProcessor.from_pretrained(base_dir).tokenizer
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    assert torch.count_nonzero(model.text_model.embeddings.token_embedding.weight[eos_id]) == 0
+    texts = ["Audi A4 Wagon 2006", "red pickup truck", "a photo of a car", "bmw m3 coupe"]
+    ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.get_text_features(input_ids=ids)
+    emb = torch.nn.functional.normalize(getattr(out, "pooler_output", out), dim=-1)
+    off_diagonal = (emb @ emb.T)[~torch.eye(len(texts), dtype=torch.bool)]
+    assert off_diagonal.mean().item() < 0.85
 
 
 def test_tokenizer_pads_right_to_max_length_ending_in_pad(base_dir: Path) -> None:

@@ -14,7 +14,7 @@ from transformers import AutoModel
 
 from carsearch.platform.encoder import Encoder
 from carsearch.platform.errors import ModelNotFoundError
-from carsearch.training.base_model import build_compact_base
+from carsearch.training.base_model import INIT_LOGIT_BIAS, build_compact_base
 
 CLASS_NAMES = ["Chevrolet Silverado 1500 Extended Cab 2012", "BMW M3 Coupe 2012"]
 TEXTS = [
@@ -121,7 +121,7 @@ def test_real_photos_encode(encoder: Encoder) -> None:
 
 def test_logit_scale_and_bias_come_from_the_model(encoder: Encoder) -> None:
     assert np.exp(encoder.logit_scale) == pytest.approx(10.0)
-    assert encoder.logit_bias == pytest.approx(-10.0)
+    assert encoder.logit_bias == pytest.approx(INIT_LOGIT_BIAS)
 
 
 def test_loads_lazily_and_once_across_threads(

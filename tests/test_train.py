@@ -19,6 +19,8 @@ from carsearch.training.publish import promotion_decision, run_job
 from carsearch.training.stanford import load_stanford
 from carsearch.training.train_data import Collate, SampleStream, TrainSet, data_fingerprint
 from carsearch.training.trainer import (
+    FULL_EPOCHS,
+    LORA_EPOCHS,
     DualEncoder,
     apply_lora,
     base_is_pretrained,
@@ -26,6 +28,7 @@ from carsearch.training.trainer import (
     load_base,
     lora_wrapped_modules,
     text_length_of,
+    total_steps,
     train,
 )
 from train_helpers import tiny_catalogue, tiny_config, weights
@@ -187,3 +190,16 @@ def test_failed_run_is_recorded(compact_model: Path, database: Database, tmp_pat
     with database.session() as s:
         row = s.scalars(select(TrainingRun)).one()
         assert row.status == RunStatus.failed and row.error
+
+
+def test_default_epochs_depend_on_full_training(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, tmp_path, tmp_path / "run", steps=0, epochs=0.0, batch_size=10)
+    assert total_steps(cfg, 100, full=True) == round(FULL_EPOCHS * 10)
+    assert total_steps(cfg, 100, full=False) == round(LORA_EPOCHS * 10)
+    cfg.epochs = 2.0
+    assert total_steps(cfg, 100, full=True) == total_steps(cfg, 100, full=False) == 20
+    cfg.steps = 7
+    assert total_steps(cfg, 100, full=True) == 7
+    cfg.steps, cfg.epochs = 0, -1.0
+    with pytest.raises(ConfigError):
+        total_steps(cfg, 100)

@@ -13,6 +13,7 @@ registry as a candidate (metrics, base id, data fingerprint, hyperparameters), a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -131,8 +132,13 @@ def run_job(
     eval_queries: Path | None = None,
     eval_limit: int = 0,
     version_name: str | None = None,
+    promoter: Callable[[str], object] | None = None,
 ) -> JobReport:
-    """Train, evaluate, publish (see the module docstring). Other processes only train."""
+    """Train, evaluate, publish (see the module docstring). Other processes only train.
+
+    `promoter(name)` makes a version serve (default: `registry.promote`); the CLI passes
+    the ingest side's promote-with-backfill, so the new collection is filled first.
+    """
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
     main = PartialState(cpu=use_cpu()).is_main_process
@@ -152,7 +158,8 @@ def run_job(
         )
         report.evaluation = evaluation
         version_id = _publish(report, result, config, registry, evaluation, serving,
-                              promote=promote, metric=metric, name=version_name)
+                              promote=promote, metric=metric, name=version_name,
+                              promoter=promoter)
         if db is not None and run_id is not None:
             finish_run(db, run_id, status=RunStatus.finished,
                        data_fingerprint=result.fingerprint,
@@ -176,6 +183,7 @@ def _publish(
     promote: bool,
     metric: str,
     name: str | None,
+    promoter: Callable[[str], object] | None = None,
 ) -> int | None:
     if registry is None or result.model_dir is None:
         return None
@@ -190,7 +198,7 @@ def _publish(
         ok, reason = promotion_decision(evaluation, metric, serving)
         report.promotion_reason = reason
         if ok:
-            registry.promote(version.name)
+            (promoter or registry.promote)(version.name)
             report.promoted = True
         log.info("promotion of %s: %s", version.name, reason)
     return int(version.id)

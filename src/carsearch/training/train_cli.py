@@ -21,9 +21,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from carsearch.platform.db import Database
 from carsearch.platform.errors import ConfigError
-from carsearch.platform.registry import Registry
 from carsearch.platform.settings import Settings
 from carsearch.training.evaluate import KS, evaluate_models
 from carsearch.training.publish import METRICS, run_job
@@ -71,11 +69,12 @@ def train_command(
                                                  "offline.")] = None,
     base: Annotated[str, typer.Option(help="Base model dir or hub id (default: "
                                       "CARSEARCH_BASE_MODEL).")] = "",
-    epochs: Annotated[float, typer.Option(min=0.0, help="Epochs (unless --steps).")] = 1.0,
+    epochs: Annotated[float, typer.Option(min=0.0, help="Epochs (unless --steps; 0: 40 for "
+                                          "full training, 1 for LoRA).")] = 0.0,
     steps: Annotated[int, typer.Option(min=0, help="Optimizer steps (0: from --epochs).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size.")] = 64,
     grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (0: 5e-4 full, "
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (0: 3e-4 full, "
                                       "2e-4 LoRA).")] = 0.0,
     warmup: Annotated[int, typer.Option(min=-1, help="Warmup steps (-1: 5 %).")] = -1,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
@@ -119,14 +118,18 @@ def train_command(
         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
         stop_after=stop_after, resume=resume, limit=limit, progress=not as_json,
     )
-    db = Database(settings.database_url)
+    from carsearch.ingest.reindex import promote_with_backfill
+    from carsearch.platform.runtime import Platform
+
+    platform = Platform(settings)  # checks the schema is migrated
     try:
         report = run_job(
-            config, db=db, registry=Registry(db, settings.model_dir), promote=promote,
+            config, db=platform.db, registry=platform.registry, promote=promote,
             metric=metric, eval_queries=eval_queries, eval_limit=eval_limit, version_name=name,
+            promoter=lambda version: promote_with_backfill(platform, version),
         )
     finally:
-        db.dispose()
+        platform.close()
     if not report.is_main_process:
         return
     if as_json:
@@ -163,14 +166,15 @@ def evaluate_command(
         models = {f"model{i}" if len(model) > 1 else "model": m for i, m in enumerate(model)}
     else:
         models["zero_shot"] = _base(settings, "")
-        db = Database(settings.database_url)
+        from carsearch.platform.runtime import Platform
+
+        platform = Platform(settings)
         try:
-            registry = Registry(db, settings.model_dir)
-            serving = registry.serving()
+            serving = platform.registry.serving()
             if serving is not None:
-                models["serving"] = registry.verify(serving)
+                models["serving"] = platform.registry.verify(serving)
         finally:
-            db.dispose()
+            platform.close()
     results = evaluate_models(models, _default_data(settings, data), queries_file=queries,
                               limit=limit, progress=not as_json)
     if as_json:
