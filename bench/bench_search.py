@@ -122,8 +122,11 @@ def run_size(n: int, args: argparse.Namespace, model: Path, root: Path) -> dict[
     if not photo.is_file():
         PILImage.new("RGB", (128, 96), (180, 30, 30)).save(photo)
     plat = Platform(settings)
-    spec = IndexSpec(args.index, {"nlist": args.nlist} if args.index == "IVF_FLAT" else {},
-                     {"nprobe": args.nprobe} if args.index == "IVF_FLAT" else {})
+    if args.index == "HNSW":
+        spec = IndexSpec.default_for(lite=True)
+    else:
+        spec = IndexSpec(args.index, {"nlist": args.nlist} if args.index == "IVF_FLAT" else {},
+                         {"nprobe": args.nprobe} if args.index == "IVF_FLAT" else {})
     plat.__dict__["store"] = MilvusStore(settings.milvus_uri, index=spec)
     try:
         version = plat.registry.publish(model, name="bench")
@@ -160,7 +163,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=12)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    ap.add_argument("--index", choices=["FLAT", "IVF_FLAT"], default="FLAT")
+    ap.add_argument("--index", choices=["HNSW", "FLAT", "IVF_FLAT"], default="HNSW",
+                    help="HNSW: the store's default (M 16, efConstruction 200, ef 64)")
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--nprobe", type=int, default=16)
     args = ap.parse_args()
