@@ -65,9 +65,13 @@ def test_round_trip(env: dict[str, str], tmp_path: Path, compact_model: Path) ->
                              env).stdout)
     assert summary["indexed"] == 2
 
-    res = json.loads(run(["search", "ford pickup", "--k", "5", "--json"], env).stdout)
+    res = json.loads(run(["search", "ford pickup", "--k", "5", "--no-parse", "--json"],
+                         env).stdout)
     assert res["version"] == "v1"
     assert {h["make"] for h in res["hits"]} == {"Ford", "BMW"}
+    out = run(["search", "ford pickup", "--k", "5"], env).stdout  # filters read from text
+    assert "filters read from the query: make: Ford, body: pickup" in out
+    assert "BMW" not in out and "Ford F-150" in out
     res = json.loads(run(["search", "truck", "--body", "pickup", "--json"], env).stdout)
     assert [h["make"] for h in res["hits"]] == ["Ford"]
     res = json.loads(run(["search", "--image", str(tmp_path / "1.png"), "--json"], env).stdout)

@@ -89,6 +89,8 @@ def test_inbox_with_sidecars_duplicates_and_a_corrupt_file(plat: Platform, tmp_p
     assert Path(ford.path).is_relative_to(plat.settings.image_dir)
     assert sorted(b.error.split(":")[0] for b in bad) == ["empty", "truncated"]
     assert queue.counts(plat.db)["done"] == 8
+    st = queue.status(plat.db)
+    assert st["queued"] == 0 and st["lag_s"] == 0.0 and st["throughput_per_s"] > 0
 
     # The same image delivered again (a new file name, the queue, the inbox): no-ops.
     make_image(inbox / "again.png", 0)

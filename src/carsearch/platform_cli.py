@@ -302,9 +302,17 @@ def search_command(
     colour: Annotated[list[str] | None, typer.Option(help="Only this colour.")] = None,
     year_min: Annotated[int | None, typer.Option(help="Earliest model year.")] = None,
     year_max: Annotated[int | None, typer.Option(help="Latest model year.")] = None,
+    parse: Annotated[bool, typer.Option(
+        "--parse/--no-parse",
+        help="Read filters from the query text (colour, make, body, year), as the page does.",
+    )] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Search the serving version by text (or --image) and print the hits."""
+    """Search the serving version by text (or --image) and print the hits.
+
+    "red 2012 chevy pickup" also filters on colour, year, make and body where those values
+    exist in the index (--no-parse: vector similarity alone); options override them.
+    """
     from pydantic import ValidationError
 
     try:
@@ -324,7 +332,16 @@ def search_command(
     elif query is None:
         raise ConfigError("give a query, or --image PATH")
     else:
+        chips = ""
+        if parse:
+            from carsearch.platform.nlfilters import load_vocabulary, merge_filters, parse_query
+
+            parsed = parse_query(p.search.clean_query(query), load_vocabulary(p.db))
+            filters = merge_filters(parsed.filters, filters)
+            chips = ", ".join(c.label for c in parsed.chips)
         result = p.search.search_text(query, k, filters)
+        if chips and not as_json:
+            typer.echo(f"filters read from the query: {chips}")
     if as_json:
         _echo_json(result.to_dict())
         return

@@ -141,6 +141,11 @@ def counts(db: Database) -> dict[str, int]:
     return out
 
 
+def _aware(ts: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; they were written in UTC."""
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+
+
 def status(db: Database, window_s: float = 300.0) -> dict[str, Any]:
     """Queue counts, lag (age of the oldest waiting job) and recent throughput."""
     t = now()
@@ -148,23 +153,26 @@ def status(db: Database, window_s: float = 300.0) -> dict[str, Any]:
         oldest = s.scalar(
             select(func.min(IngestJob.created_at)).where(IngestJob.state == JobState.queued)
         )
-        recent = s.scalar(
-            select(func.count()).where(
+        recent, first, last = s.execute(
+            select(func.count(), func.min(IngestJob.updated_at),
+                   func.max(IngestJob.updated_at)).where(
                 IngestJob.state == JobState.done,
                 IngestJob.updated_at >= t - timedelta(seconds=window_s),
             )
-        )
+        ).one()
         dead = s.execute(
             select(IngestJob.id, IngestJob.last_error)
             .where(IngestJob.state == JobState.dead)
             .order_by(IngestJob.id.desc())
             .limit(10)
         ).all()
-    if oldest is not None and oldest.tzinfo is None:
-        oldest = oldest.replace(tzinfo=UTC)
+    oldest, first, last = (_aware(x) for x in (oldest, first, last))
+    # Jobs done per second while the worker was busy within the window: from the first
+    # to the last completion (a burst that ended a minute ago is not diluted by idleness).
+    span = max(1.0, (last - first).total_seconds()) if first and last else window_s
     return {
         **counts(db),
         "lag_s": round((t - oldest).total_seconds(), 3) if oldest else 0.0,
-        "throughput_per_s": round((recent or 0) / window_s, 3),
+        "throughput_per_s": round((recent or 0) / span, 3),
         "dead_jobs": [{"id": i, "error": e} for i, e in dead],
     }
