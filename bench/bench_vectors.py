@@ -23,7 +23,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--dims", type=int, nargs="+", default=[192, 768])
-    ap.add_argument("--million", action="store_true", help="add 1,000,000 × 192")
+    ap.add_argument("--million", action="store_true", help="add 1,000,000 × 192 (IVF_FLAT)")
+    ap.add_argument("--million-hnsw", action="store_true",
+                    help="at 1M also build HNSW (about 15 min more on 2 cores)")
     ap.add_argument("--queries", type=int, default=200, help="queries per run (≤ 100 at 100k+)")
     ap.add_argument("--no-threads", action="store_true", help="skip the thread-count table")
     ap.add_argument("--json", type=Path, help="also write the raw figures here")
@@ -42,7 +44,9 @@ def main() -> None:
         nq = args.queries if n < 100_000 else min(args.queries, 100)
         configs = vb.default_configs(n)
         if n >= 1_000_000:  # FLAT and the small-nlist sweep would take hours here
-            configs = [c for c in configs if c.index_type != "FLAT"][:1] + configs[-1:]
+            configs = [c for c in configs if c.index_type != "FLAT"][:1]
+            if args.million_hnsw:
+                configs += [c for c in vb.default_configs(n) if c.index_type == "HNSW"]
         report = vb.run_vector_bench(n, dim, configs=configs, n_queries=nq)
         sections.append(vb.to_markdown(report))
         raw["runs"].append(report.to_dict())  # type: ignore[union-attr]

@@ -138,3 +138,31 @@ def test_bad_k_and_no_serving_version(service: SearchService) -> None:
         service.search_text("red car", k=0)
     with pytest.raises(ModelNotFoundError, match="no serving model version"):
         service.search_text("red car")
+
+
+def test_real_photos_end_to_end(service: SearchService, compact_model: Path,
+                                stanford_root: Path, tmp_path: Path) -> None:
+    """A few real Stanford Cars photos through ingest and search (skips without them)."""
+    from carsearch.training.stanford import load_stanford
+
+    items = load_stanford(stanford_root).split("test")[:12]
+    manifest = tmp_path / "real.jsonl"
+    manifest.write_text("".join(
+        json.dumps({"path": str(i.path), "class_name": i.label.class_name,
+                    "source": "stanford_cars"}) + "\n" for i in items))
+    v = service.registry.publish(compact_model, name="real")
+    service.registry.promote("real")
+    summary = ingest_items(list(read_manifest(manifest)), db=service.db, store=service.store,
+                           encoder=service.encoder_for(v), version=v, max_pixels=10**8,
+                           progress=False)
+    assert summary.indexed == len({i.path.read_bytes() for i in items})
+    res = service.search_text("silver sedan", k=5)
+    assert len(res.hits) == 5 and all(h.source == "stanford_cars" for h in res.hits)
+    first = items[0]
+    res = service.search_image(Image.open(first.path), k=1)
+    assert res.hits[0].class_name == first.label.class_name
+    assert res.hits[0].score == pytest.approx(1.0, abs=1e-4)
+    makes = {i.label.make for i in items}
+    some = sorted(makes)[0]
+    res = service.search_text("car", k=20, filters=SearchFilters(make=some))
+    assert res.hits and {h.make for h in res.hits} == {some}
