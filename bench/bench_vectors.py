@@ -21,8 +21,8 @@ from carsearch.platform import vector_bench as vb
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    ap.add_argument("--dims", type=int, nargs="+", default=[192, 768])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000])
+    ap.add_argument("--dims", type=int, nargs="*", default=[192, 768])
     ap.add_argument("--million", action="store_true", help="add 1,000,000 × 192 (IVF_FLAT)")
     ap.add_argument("--million-hnsw", action="store_true",
                     help="at 1M also build HNSW (about 15 min more on 2 cores)")
