@@ -114,7 +114,7 @@ def _merge_adapter(net: Any, adapter: str | Path) -> Any:
         raise ModelNotFoundError(f"cannot load LoRA adapter {adapter}: {exc}") from None
 
 
-def _features(output: Any) -> torch.Tensor:
+def pooled_features(output: Any) -> torch.Tensor:
     """get_*_features returns a tensor in transformers 4, a pooling output in 5."""
     if isinstance(output, torch.Tensor):
         return output
@@ -249,7 +249,7 @@ class Encoder:
                     return_tensors="pt",
                 )
             args = {k: v.to(self._device) for k, v in inputs.items() if k in _TEXT_INPUTS}
-            return _features(loaded.model.get_text_features(**args))
+            return pooled_features(loaded.model.get_text_features(**args))
 
         return self._encode(list(texts), run, loaded.dim)
 
@@ -261,7 +261,7 @@ class Encoder:
             rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in batch]
             inputs = loaded.processor.image_processor(images=rgb, return_tensors="pt")
             pixels = inputs["pixel_values"].to(self._device)
-            return _features(loaded.model.get_image_features(pixel_values=pixels))
+            return pooled_features(loaded.model.get_image_features(pixel_values=pixels))
 
         return self._encode(list(images), run, loaded.dim)
 

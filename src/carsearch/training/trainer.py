@@ -41,7 +41,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from tqdm import tqdm
 
-from carsearch.platform.encoder import quiet_config_check
+from carsearch.platform.encoder import pooled_features, quiet_config_check
 from carsearch.platform.errors import ConfigError, ModelNotFoundError
 from carsearch.training.loss import siglip_loss
 from carsearch.training.stanford import load_stanford
@@ -169,16 +169,6 @@ class TrainResult:
 # -- the model --------------------------------------------------------------------------
 
 
-def _pooled(output: Any) -> torch.Tensor:
-    """get_*_features returns a tensor in transformers 4, a pooling output in 5."""
-    if isinstance(output, torch.Tensor):
-        return output
-    pooled = getattr(output, "pooler_output", None)
-    if isinstance(pooled, torch.Tensor):
-        return pooled
-    raise TypeError(f"unexpected feature output {type(output).__name__}")
-
-
 class DualEncoder(nn.Module):
     """The module Accelerate prepares: both towers, unit embeddings and the two scalars."""
 
@@ -196,8 +186,8 @@ class DualEncoder(nn.Module):
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         net: Any = self.net
-        image = _pooled(net.get_image_features(pixel_values=pixel_values))
-        text = _pooled(net.get_text_features(input_ids=input_ids))
+        image = pooled_features(net.get_image_features(pixel_values=pixel_values))
+        text = pooled_features(net.get_text_features(input_ids=input_ids))
         siglip = self.siglip
         return (
             F.normalize(image.float(), dim=-1),
