@@ -246,7 +246,15 @@ def test_two_workers_share_one_queue(tmp_path: Path, pg_database: str, compact_m
     paths = [make_image(tmp_path / f"w{i}.png", 400 + i) for i in range(24)]
     queue.enqueue(p1.db, [{"path": str(x)} for x in paths])
     workers = [IngestWorker(p, batch_size=3, worker_id=f"w{n}") for n, p in enumerate((p1, p2))]
-    threads = [threading.Thread(target=w.run_once) for w in workers]
+    for p in (p1, p2):  # load both encoders first, so that neither starts late
+        p.search.encoder_for(p.registry.require_serving()).load()
+    start = threading.Barrier(2)
+
+    def work(w: IngestWorker) -> None:
+        start.wait()
+        w.run_once()
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in workers]
     for t in threads:
         t.start()
     for t in threads:
