@@ -267,3 +267,24 @@ def test_two_workers_share_one_queue(tmp_path: Path, pg_database: str, compact_m
     assert len(assert_invariant(p1)) == 24
     p2.db.dispose()
     p1.close()
+
+
+def test_a_slow_batch_keeps_its_jobs(plat: Platform, tmp_path: Path):
+    """Heartbeats during a batch keep a slower-than-the-timeout batch from being reclaimed."""
+    queue.enqueue(plat.db, [{"path": str(make_image(tmp_path / f"s{i}.png", 500 + i))}
+                            for i in range(3)])
+    claimed_by_other: list[int] = []
+
+    class SlowWorker(IngestWorker):
+        def _store_batch(self, good, ids):  # type: ignore[no-untyped-def]
+            time.sleep(1.0)  # longer than the visibility timeout below
+            claimed_by_other.extend(j.id for j in queue.claim(
+                plat.db, "other", 10, visibility_timeout=0.3))
+            super()._store_batch(good, ids)
+
+    w = SlowWorker(plat, visibility_timeout=0.3)
+    w.run_once()
+    assert claimed_by_other == []
+    assert w.stats.summary.indexed == 3
+    assert queue.counts(plat.db)["done"] == 3
+    assert len(assert_invariant(plat)) == 3

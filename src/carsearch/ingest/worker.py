@@ -17,7 +17,8 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,35 @@ class IngestWorker:
         if not good:
             return
         ids = [j.id for j, _ in good]
-        queue.heartbeat(db, self.worker_id, ids)
+        with self._heartbeating(ids):
+            self._store_batch(good, ids)
+
+    @contextmanager
+    def _heartbeating(self, ids: list[int]) -> Iterator[None]:
+        """Heartbeat the batch's jobs now and every third of the visibility timeout until
+        the batch is over, so a slow batch (a large model, a slow Milvus) is not reclaimed
+        by another worker while it is still running."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while True:
+                try:
+                    queue.heartbeat(self.p.db, self.worker_id, ids)
+                except Exception:  # a missed beat is retried; the batch decides the outcome
+                    log.warning("heartbeat failed", exc_info=True)
+                if done.wait(self.visibility_timeout / 3):
+                    return
+
+        t = threading.Thread(target=beat, name="ingest-heartbeat", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join()
+
+    def _store_batch(self, good: list[tuple[queue.ClaimedJob, Prepared]], ids: list[int]) -> None:
+        db, s = self.p.db, self.stats.summary
         try:
             store = self.p.store  # opened here, so an unreachable Milvus fails the batch
             version = self.p.registry.require_serving()
