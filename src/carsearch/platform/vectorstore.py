@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -204,6 +205,7 @@ class MilvusStore:
         self._loaded: set[str] = set()
         self._dims: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._create_lock = threading.Lock()
         if self.is_lite:
             from pathlib import Path
 
@@ -221,15 +223,25 @@ class MilvusStore:
         return list(self.client.list_collections())
 
     def ensure_collection(self, name: str, dim: int) -> None:
-        from pymilvus import DataType, MilvusClient
+        """Create the collection if it does not exist; check its dimension if it does.
 
-        if self.has_collection(name):
-            have = self.dimension(name)
-            if have != dim:
-                raise VectorStoreError(
-                    f"collection {name} has dimension {have}, model gives {dim}"
-                )
-            return
+        Threads of one process take turns (the lock); a worker in another process that
+        creates it at the same moment makes our create fail, after which it exists.
+        """
+        with self._create_lock:
+            if self.has_collection(name):
+                have = self.dimension(name)
+                if have != dim:
+                    raise VectorStoreError(
+                        f"collection {name} has dimension {have}, model gives {dim}"
+                    )
+                return
+            self._create_collection(name, dim)
+
+    def _create_collection(self, name: str, dim: int) -> None:
+        from pymilvus import DataType, MilvusClient
+        from pymilvus.exceptions import MilvusException
+
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
@@ -243,14 +255,14 @@ class MilvusStore:
             metric_type="IP",
             params=lite_index_params(self.index.params),
         )
-        from pymilvus.exceptions import MilvusException
-
         try:
             self.client.create_collection(name, schema=schema, index_params=params)
         except MilvusException:
-            if not self.has_collection(name):  # not just another worker winning the race
-                raise
-            return
+            for _ in range(20):  # another process won the race: wait until it is visible
+                if self.has_collection(name):
+                    return
+                time.sleep(0.1)
+            raise
         log.info("created collection %s (dim %d, IP, %s)", name, dim, self.index.type)
         self._dims[name] = dim
 
