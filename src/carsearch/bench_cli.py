@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from carsearch.cli_context import settings_from
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.settings import Settings
 
@@ -26,13 +27,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    if isinstance(obj, Settings):
-        return obj
-    return Settings()
 
 
 @app.command("vectors")
@@ -50,7 +44,7 @@ def vectors_command(
     next to FAISS exact search, on synthetic clustered unit vectors."""
     from carsearch.platform import vector_bench as vb
 
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     report = vb.run_vector_bench(n, dim, n_queries=queries, batch_size=batch_size,
                                  n_clusters=clusters, workdir=_workdir(settings))
     thread_results = vb.thread_bench(n, dim) if threads else []
@@ -92,7 +86,7 @@ def ann_command(
 
     if queries not in ("classes", "logged"):
         raise ConfigError(f"--queries must be 'classes' or 'logged', got {queries!r}")
-    platform = Platform(_settings(ctx))
+    platform = Platform(settings_from(ctx))
 
     def once() -> None:
         report = run_ann_audit(platform, queries=queries,  # type: ignore[arg-type]

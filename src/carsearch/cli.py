@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from carsearch.platform.errors import CarsearchError
-from carsearch.platform.settings import Settings, apply_thread_settings, load_settings
+from carsearch.platform.settings import apply_thread_settings, load_settings
 
 app = typer.Typer(
     name="carsearch",
@@ -50,14 +50,6 @@ def quiet_libraries(level: str) -> None:
     # pymilvus asks Milvus Lite for AllocTimestamp, which Lite does not implement; the
     # client falls back by itself, but grpc logs the refusal as an error with a trace.
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
-
-
-def settings_of(ctx: typer.Context) -> Settings:
-    """The Settings the root callback built."""
-    obj = ctx.find_root().obj
-    if not isinstance(obj, Settings):  # pragma: no cover - the callback always sets it
-        raise RuntimeError("settings were not built")
-    return obj
 
 
 def _evaluate_app() -> typer.Typer:

@@ -8,23 +8,16 @@ from typing import Annotated, Any
 
 import typer
 
+from carsearch.cli_context import settings_from
 from carsearch.platform import migrate
 from carsearch.platform.db import ModelVersion
 from carsearch.platform.errors import ConfigError, QueryError
 from carsearch.platform.runtime import Platform
-from carsearch.platform.settings import Settings
 from carsearch.platform.vectorstore import SearchFilters
 
 
-def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    if not isinstance(obj, Settings):  # pragma: no cover - the root callback sets it
-        raise RuntimeError("settings were not built")
-    return obj
-
-
 def _platform(ctx: typer.Context) -> Platform:
-    p = Platform(_settings(ctx))
+    p = Platform(settings_from(ctx))
     ctx.call_on_close(p.close)
     return p
 
@@ -43,7 +36,7 @@ def db_upgrade(
     revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
 ) -> None:
     """Migrate the database up to a revision (default: the newest)."""
-    url = _settings(ctx).database_url
+    url = settings_from(ctx).database_url
     migrate.upgrade(url, revision)
     typer.echo(f"database at revision {migrate.current_revision(url)}")
 
@@ -53,7 +46,7 @@ def db_downgrade(
     ctx: typer.Context, revision: Annotated[str, typer.Argument(help="Target, e.g. base.")]
 ) -> None:
     """Migrate the database down to a revision."""
-    url = _settings(ctx).database_url
+    url = settings_from(ctx).database_url
     migrate.downgrade(url, revision)
     typer.echo(f"database at revision {migrate.current_revision(url) or 'base'}")
 
@@ -61,7 +54,7 @@ def db_downgrade(
 @db_app.command("current")
 def db_current(ctx: typer.Context) -> None:
     """Show the database's revision and the newest one."""
-    url = _settings(ctx).database_url
+    url = settings_from(ctx).database_url
     typer.echo(f"current: {migrate.current_revision(url) or 'base'}")
     typer.echo(f"head:    {migrate.head_revision()}")
 

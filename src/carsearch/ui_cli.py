@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from carsearch.platform.settings import Settings
+from carsearch.cli_context import settings_from
 
 
 def serve_command(
@@ -22,9 +22,7 @@ def serve_command(
     from carsearch.platform.runtime import Platform
     from carsearch.ui.app import LaunchOptions, launch, parse_auth
 
-    settings = ctx.find_root().obj
-    if not isinstance(settings, Settings):  # pragma: no cover - the root callback sets it
-        raise RuntimeError("settings were not built")
+    settings = settings_from(ctx)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = parse_auth(settings.ui_auth)
     settings.ensure_dirs()

@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
+from carsearch.cli_context import settings_from
 from carsearch.platform.errors import ConfigError
-from carsearch.platform.settings import Settings
 from carsearch.training.augment import (
     Judge,
     OfflineGenerator,
@@ -26,11 +26,6 @@ from carsearch.training.augment import (
 GENERATORS = ("offline", "ollama")
 JUDGES = ("rules", "ollama")
 SPLITS = ("train", "test", "all")
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, Settings) else Settings()
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
@@ -62,7 +57,7 @@ def augment_command(
     _choice(generator, GENERATORS, "--generator")
     _choice(judge, JUDGES, "--judge")
     _choice(split, SPLITS, "--split")
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     host = ollama_host or settings.ollama_host
     model = ollama_model or settings.ollama_model
     from carsearch.training.stanford import load_stanford

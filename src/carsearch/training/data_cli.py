@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from carsearch.cli_context import settings_from
 from carsearch.training.stanford import load_stanford, read_devkit
 from carsearch.training.synth import DEFAULT_SIZE, write_catalogue
 
@@ -18,8 +19,7 @@ app = typer.Typer(
 
 
 def _max_pixels(ctx: typer.Context) -> int:
-    settings = ctx.find_root().obj
-    return int(getattr(settings, "max_image_pixels", 40_000_000))
+    return settings_from(ctx).max_image_pixels
 
 
 def _text_summary(s: dict[str, Any]) -> list[str]:

@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from carsearch.cli_context import settings_from
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.settings import Settings
 from carsearch.training.evaluate import KS, evaluate_models
@@ -28,11 +29,6 @@ from carsearch.training.publish import METRICS, run_job
 from carsearch.training.trainer import MIXED_PRECISION, TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, Settings) else Settings()
 
 
 def _default_data(settings: Settings, data: Path | None) -> Path:
@@ -101,7 +97,7 @@ def train_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Fine-tune the base on the train split, evaluate, and publish a candidate version."""
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     if mixed_precision not in MIXED_PRECISION:
         raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     if metric not in METRICS:
@@ -159,7 +155,7 @@ def evaluate_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Text→image Recall@K, mAP and MRR on the test split (zero-shot base vs serving)."""
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     torch.set_num_threads(settings.threads.torch)
     models: dict[str, str | Path] = {}
     if model:
