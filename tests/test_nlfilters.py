@@ -175,3 +175,12 @@ def test_vocabulary_comes_from_indexed_rows_and_is_cached(tmp_path: Path) -> Non
     now[0] = 61.0
     assert "Ford" in cache.get().makes
     db.dispose()
+
+
+def test_body_category_is_case_blind_and_keeps_unknown_types() -> None:
+    from carsearch.platform.vehicles import body_category
+
+    assert body_category("Regular Cab") == body_category("regular cab") == "pickup"
+    assert body_category("Sedan") == body_category(" sedan ") == "sedan"
+    assert body_category("Limousine") == "limousine"  # no category: still filterable
+    assert body_category(None) == body_category("") == ""

@@ -29,7 +29,7 @@ from carsearch.platform.errors import CarsearchError, ImageRejectedError
 from carsearch.platform.ids import image_id
 from carsearch.platform.images import load_image, sha256_file
 from carsearch.platform.vectorstore import MilvusStore, VectorRow
-from carsearch.platform.vehicles import BODY_CATEGORY, parse_class_name
+from carsearch.platform.vehicles import body_category, parse_class_name
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,10 @@ def vector_rows(batch: Sequence[Prepared]) -> list[VectorRow]:
         rows.append(
             VectorRow(
                 make=f["make"] or "",
-                body=BODY_CATEGORY.get(f["body_type"] or "", "") if f["body_type"] else "",
-                colour=f["colour"] or "",
+                # Normalised as the page's filter vocabulary is (nlfilters), so that a
+                # sidecar's "Sedan" or "Red" matches the filter body=sedan, colour=red.
+                body=body_category(f["body_type"]),
+                colour=(f["colour"] or "").lower(),
                 source=p.item.source,
                 year=f["year"] or 0,
             )

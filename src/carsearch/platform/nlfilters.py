@@ -49,7 +49,13 @@ from sqlalchemy import select
 from carsearch.platform.db import Database, Image, ImageStatus
 from carsearch.platform.errors import QueryError
 from carsearch.platform.vectorstore import SearchFilters
-from carsearch.platform.vehicles import BODY_ALIASES, BODY_CATEGORY, COLOUR_ALIASES, MAKE_ALIASES
+from carsearch.platform.vehicles import (
+    BODY_ALIASES,
+    BODY_CATEGORY,
+    COLOUR_ALIASES,
+    MAKE_ALIASES,
+    body_category,
+)
 
 FieldName = Literal["make", "colour", "body", "year"]
 
@@ -100,7 +106,7 @@ def load_vocabulary(db: Database) -> FilterVocabulary:
             )
             return [v for v in s.scalars(stmt) if v not in ("", None)]
 
-    bodies = {BODY_CATEGORY.get(b, b.lower()) for b in distinct_of(Image.body_type)}
+    bodies = {body_category(b) for b in distinct_of(Image.body_type)}
     return FilterVocabulary(
         makes=frozenset(distinct_of(Image.make)),
         colours=frozenset(c.lower() for c in distinct_of(Image.colour)),

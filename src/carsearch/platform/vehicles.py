@@ -54,6 +54,19 @@ BODY_CATEGORY: dict[str, str] = {
 }
 
 BODY_CATEGORIES: tuple[str, ...] = tuple(sorted(set(BODY_CATEGORY.values())))
+_BODY_BY_LOWER = {k.lower(): v for k, v in BODY_CATEGORY.items()}
+
+
+def body_category(body_type: str | None) -> str:
+    """The filterable body category of a body type, whatever its case ("" for none).
+
+    Stanford's "Regular Cab" and a sidecar's "pickup" both become "pickup"; a body type
+    with no category is kept, lower-cased, so it can still be filtered on.
+    """
+    if not body_type:
+        return ""
+    key = body_type.strip().lower()
+    return _BODY_BY_LOWER.get(key, key)
 
 # Words people type for a body category.
 BODY_ALIASES: dict[str, str] = {
