@@ -238,12 +238,12 @@ def audit(
     exact_scores = np.full((len(mat), k), -np.inf, dtype=np.float64)
     exact_t: list[float] = []
     try:
-        store.search(collection, mat[:1], k)  # load and warm before timing
+        store.search_ann(collection, mat[:1], k)  # load and warm before timing
         for i in tqdm(range(len(mat)), desc="ann audit", unit="query", disable=not progress,
                       leave=False):
             q = mat[i:i + 1]
             t0 = time.perf_counter()
-            milvus_hits.append(store.search(collection, q, k)[0])
+            milvus_hits.append(store.search_ann(collection, q, k)[0])
             t1 = time.perf_counter()
             s, ids = exact.search(q, k)
             t2 = time.perf_counter()

@@ -7,6 +7,7 @@ from functools import cached_property
 from carsearch.platform import migrate
 from carsearch.platform.db import Database
 from carsearch.platform.errors import ConfigError
+from carsearch.platform.mirror import MirroredStore
 from carsearch.platform.registry import Registry
 from carsearch.platform.search import SearchService
 from carsearch.platform.settings import Settings
@@ -33,7 +34,11 @@ class Platform:
 
     @cached_property
     def store(self) -> MilvusStore:
-        return MilvusStore(self.settings.milvus_uri, token=self.settings.milvus_token)
+        """Milvus; searches served from an exact in-memory mirror where that is safe."""
+        s = self.settings
+        if s.mirror_enabled:
+            return MirroredStore(s.milvus_uri, token=s.milvus_token)
+        return MilvusStore(s.milvus_uri, token=s.milvus_token)
 
     @cached_property
     def registry(self) -> Registry:

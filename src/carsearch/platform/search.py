@@ -22,6 +22,7 @@ from carsearch.platform.db import Database, Image, ModelVersion, QueryLog
 from carsearch.platform.encoder import Encoder
 from carsearch.platform.errors import QueryError
 from carsearch.platform.images import load_image
+from carsearch.platform.mirror import MirroredStore
 from carsearch.platform.registry import Registry
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectorstore import SearchFilters, VectorStore
@@ -108,6 +109,18 @@ class SearchService:
                 )
                 self._encoders[version.name] = enc
             return enc
+
+    def warm(self, *, wait: bool = False) -> ModelVersion:
+        """Ready the serving version: load its encoder and, where searches are served from
+        the in-memory mirror, build the collection's mirror (in the background unless
+        ``wait``) and let later versions' mirrors build on their first search."""
+        version = self.registry.require_serving()
+        self.encoder_for(version).encode_text(["warm up"])
+        if isinstance(self.store, MirroredStore):
+            self.store.auto_build = True
+            if self.store.has_collection(version.collection):
+                self.store.warm(version.collection, wait=wait)
+        return version
 
     # -- queries ---------------------------------------------------------------------
     def clean_query(self, query: str | None) -> str:

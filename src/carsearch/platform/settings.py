@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,6 +63,11 @@ class Settings(BaseSettings):
     ui_auth: str = Field(default="", description="user:password to require a login on the page.")
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
     max_query_chars: int = Field(default=500, ge=1)
+    search_mirror: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Serve searches from an exact in-memory mirror of the Milvus "
+        "collection; auto means on for Milvus Lite, off for a server.",
+    )
     log_level: str = Field(default="INFO")
 
     @field_validator("milvus_uri")
@@ -103,6 +109,17 @@ class Settings(BaseSettings):
     @property
     def milvus_is_lite(self) -> bool:
         return not self.milvus_uri.startswith(("http://", "https://", "tcp://", "unix://"))
+
+    @property
+    def mirror_enabled(self) -> bool:
+        """Whether searches are served from the in-memory mirror (platform/mirror.py).
+
+        Only a process that sees every write may mirror: true of a Milvus Lite file,
+        which one process opens at a time, not of a server that others write to.
+        """
+        if self.search_mirror == "auto":
+            return self.milvus_is_lite
+        return self.search_mirror == "on"
 
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.model_dir, self.image_dir):

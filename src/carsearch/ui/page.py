@@ -170,10 +170,10 @@ class SearchPage:
         self.max_upload_bytes = max_upload_bytes
 
     def warm_up(self) -> None:
-        """Load the serving encoder now, so the first query does not wait for it."""
+        """Load the serving encoder now, so the first query does not wait for it, and
+        start building the search mirror (platform/mirror.py) where one is used."""
         try:
-            version = self.service.registry.require_serving()
-            self.service.encoder_for(version).encode_text(["warm up"])
+            self.service.warm()
         except CarsearchError as exc:  # no model yet: the page says so on each search
             log.warning("search page starts without a usable model: %s", exc)
 
