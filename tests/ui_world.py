@@ -128,7 +128,8 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: floa
 
 
 def run_server(
-    world: World, log: Path, extra_env: dict[str, str] | None = None
+    world: World, log: Path, extra_env: dict[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> Iterator[Server]:
     port = free_port()
     env = {
@@ -142,7 +143,7 @@ def run_server(
     }
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "carsearch.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "carsearch.cli", "serve", "--port", str(port), *(args or [])],
             cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"
