@@ -76,7 +76,7 @@ def _register() -> None:
     # Sub-commands live beside the parts they drive; imported here so that
     # `carsearch --help` lists them all.
     from carsearch import bench_cli, platform_cli, ui_cli
-    from carsearch.training import augment_cli, base_cli, data_cli, train_cli
+    from carsearch.training import augment_cli, base_cli, data_cli, drift_cli, train_cli
 
     app.add_typer(platform_cli.db_app, name="db")
     app.add_typer(base_cli.app, name="base")
@@ -89,6 +89,7 @@ def _register() -> None:
     app.command("train")(train_cli.train_command)
     app.add_typer(_evaluate_app(), name="evaluate")
     app.add_typer(bench_cli.app, name="bench")
+    app.add_typer(drift_cli.app, name="drift")
     app.command("serve")(ui_cli.serve_command)
 
 

@@ -6,6 +6,7 @@ Built once in the entry point and passed in explicitly; tests construct their ow
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Literal
 
@@ -27,6 +28,37 @@ class ThreadSettings(BaseSettings):
     torch: int = Field(default=2, ge=1, le=256)
     faiss: int = Field(default=1, ge=1, le=256)
     omp: int = Field(default=1, ge=1, le=256)
+
+
+class DriftSettings(BaseSettings):
+    """The drift job: kNN density of new embeddings against the indexed collection."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    k: int = Field(default=10, ge=1, le=200, description="Neighbours in the kNN density.")
+    percentile: float = Field(
+        default=5.0, gt=0.0, lt=50.0,
+        description="Reference density percentile under which a new image is novel.",
+    )
+    min_cluster_size: int = Field(
+        default=5, ge=2, le=10_000, description="Novel images that make an isolated cluster."
+    )
+    min_new: int = Field(default=20, ge=1, description="Fewer new images: no check.")
+    max_reference: int = Field(default=20_000, ge=10, le=1_000_000)
+    max_new: int = Field(default=20_000, ge=1, le=1_000_000)
+    retrain_command: str = Field(
+        default="", description="Started (no shell) when isolated clusters are found."
+    )
+    retrain_cooldown_h: float = Field(default=24.0, ge=0.0, le=24.0 * 365)
+
+    @field_validator("retrain_command")
+    @classmethod
+    def _command_splits(cls, v: str) -> str:
+        try:
+            shlex.split(v)
+        except ValueError as exc:
+            raise ValueError(f"cannot split into arguments ({exc})") from None
+        return v
 
 
 class Settings(BaseSettings):
@@ -57,6 +89,7 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu")
     encode_batch_size: int = Field(default=64, ge=1, le=4096)
     threads: ThreadSettings = Field(default_factory=ThreadSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     ollama_host: str = Field(default="http://127.0.0.1:11434")
     ollama_model: str = Field(default="qwen2.5:14b")
     image_dir: Path = Field(default=Path(""), description="Images the search page may serve.")

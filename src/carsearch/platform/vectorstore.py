@@ -375,3 +375,25 @@ class MilvusStore:
 
             server_manager_instance.release_server(self.uri)
         self._loaded.clear()
+
+    def vectors(
+        self, name: str, ids: Sequence[int], *, batch: int = 1000
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The stored vectors of ``ids``: ``(ids found (int64), float32 (n, dim))``, in the
+        order asked (repeats once); ids the collection does not hold are left out. Ids are
+        cast to int, so the ``id in [...]`` expression is built from numbers only."""
+        self._ensure_loaded(name)
+        dim = self.dimension(name)
+        wanted = list(dict.fromkeys(int(i) for i in ids))
+        found: dict[int, list[float]] = {}
+        batch = max(1, batch)
+        for start in range(0, len(wanted), batch):
+            chunk = wanted[start:start + batch]
+            rows = self.client.query(
+                name, filter=f"id in [{', '.join(str(i) for i in chunk)}]",
+                output_fields=["id", "vector"],
+            )
+            found.update((int(r["id"]), r["vector"]) for r in rows)
+        order = [i for i in wanted if i in found]
+        matrix = np.asarray([found[i] for i in order], dtype=np.float32).reshape(-1, dim)
+        return np.asarray(order, dtype=np.int64), matrix
