@@ -230,6 +230,25 @@ def test_status_without_any_reports(tmp_path: Path) -> None:
         plat.close()
 
 
+def test_status_shows_the_last_drift_check_behind_newer_idle_runs(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "drift")
+    migrate.upgrade(settings.database_url)
+    plat = Platform(settings)
+    try:
+        with plat.db.session() as s:
+            s.add(DriftReport(n_images=40, n_isolated=1, retrain_triggered=True,
+                              report={"status": "checked"}))
+            s.add(DriftReport(n_images=3, report={"status": "too_few_new"}))
+            s.add(DriftReport(n_images=0, report={"status": "too_few_new"}))
+        drift = status_markdown(plat).split("### Last drift report")[1].split("###")[0]
+        lines = [ln for ln in drift.splitlines() if ln.startswith("| ") and "---" not in ln]
+        assert "| too_few_new | 0 | 0 | no |" in lines[1]  # the newest run first
+        assert "| checked | 40 | 1 | yes |" in lines[2]  # then the last real check
+        assert len(lines) == 3
+    finally:
+        plat.close()
+
+
 def test_evaluation_falls_back_to_the_newest_results_file(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "d")
     migrate.upgrade(settings.database_url)

@@ -110,19 +110,32 @@ def ingest_queue(db: Database) -> dict[str, int]:
     return out
 
 
-def latest_drift(db: Database) -> dict[str, Any] | None:
+def _drift_row(r: DriftReport) -> dict[str, Any]:
+    report = r.report or {}
+    return {
+        "id": r.id,
+        "created_at": r.created_at,
+        "status": str(report.get("status", "")),
+        "n_images": r.n_images,
+        "n_isolated": r.n_isolated,
+        "retrain_triggered": r.retrain_triggered,
+        "report": report,
+    }
+
+
+def latest_drift(db: Database, scan: int = 200) -> dict[str, Any] | None:
+    """The newest drift report, and under "last_check" the newest one that ran the
+    detection, when that is an older row (a scheduled job often finds too few new images)."""
     with db.session() as s:
-        r = s.scalar(select(DriftReport).order_by(DriftReport.id.desc()).limit(1))
-        if r is None:
+        rows = list(s.scalars(select(DriftReport).order_by(DriftReport.id.desc()).limit(scan)))
+        if not rows:
             return None
-        return {
-            "id": r.id,
-            "created_at": r.created_at,
-            "n_images": r.n_images,
-            "n_isolated": r.n_isolated,
-            "retrain_triggered": r.retrain_triggered,
-            "report": r.report or {},
-        }
+        out = _drift_row(rows[0])
+        if out["status"] not in ("checked", ""):
+            checked = next((r for r in rows[1:] if (r.report or {}).get("status") == "checked"),
+                           None)
+            out["last_check"] = _drift_row(checked) if checked is not None else None
+        return out
 
 
 def latest_ann(db: Database) -> dict[str, Any] | None:

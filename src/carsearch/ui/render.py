@@ -45,10 +45,11 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 def _drift_md(drift: dict[str, Any] | None) -> str:
     if drift is None:
         return "no report yet"
-    triggered = "yes" if drift["retrain_triggered"] else "no"
+    rows = [drift] + ([drift["last_check"]] if drift.get("last_check") else [])
     return _table(
-        ["created", "images", "isolated", "retrain triggered"],
-        [[drift["created_at"], drift["n_images"], drift["n_isolated"], triggered]],
+        ["created", "result", "images", "isolated", "retrain triggered"],
+        [[d["created_at"], d.get("status") or "-", d["n_images"], d["n_isolated"],
+          "yes" if d["retrain_triggered"] else "no"] for d in rows],
     )
 
 
