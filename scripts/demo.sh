@@ -49,4 +49,6 @@ step "9. audit Milvus against FAISS exact search, and reconcile the index with t
 carsearch evaluate ann --n 36
 carsearch reconcile
 
-printf '\nThe search page: CARSEARCH_DATA_DIR=%s carsearch serve  (http://127.0.0.1:7860)\n' "$D"
+printf '\nThe search page, with the ingest worker and an hourly drift job in the same process:\n'
+printf '  CARSEARCH_DATA_DIR=%s carsearch serve --ingest --inbox %s/inbox --drift-every 3600\n' "$D" "$D"
+printf '  (http://127.0.0.1:7860; drop images, with optional NAME.json labels, into the inbox)\n'

@@ -1,4 +1,5 @@
-"""`carsearch serve --ingest`: the page and the ingest worker in one process.
+"""`carsearch serve --ingest --drift-every`: the page, the ingest worker and the drift job
+in one process.
 
 Milvus Lite lets one process open its file, so on one machine the page's process also
 runs the worker. An image dropped into the inbox while the page serves must become
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from carsearch.platform.db import Database, DriftReport
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402
@@ -36,7 +39,8 @@ def inbox(world: World) -> Path:
 def server(world: World, inbox: Path,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("ingest-log") / "server.log"
-    yield from run_server(world, log, args=["--ingest", "--inbox", str(inbox)])
+    yield from run_server(world, log,
+                          args=["--ingest", "--inbox", str(inbox), "--drift-every", "1"])
 
 
 def captions(client: Client) -> list[str]:
@@ -70,3 +74,22 @@ def test_an_image_dropped_in_the_inbox_becomes_searchable(server: Server, inbox:
     log = server.log.read_text()
     assert "ingest worker running in this process" in log
     assert "search mirror of" in log and "ready" in log
+
+
+def test_the_drift_job_runs_on_its_schedule_in_the_page_process(
+    server: Server, world: World
+) -> None:
+    db = Database(world.settings.database_url)
+    try:
+        deadline = time.monotonic() + 60
+        reports: list[DriftReport] = []
+        while time.monotonic() < deadline and len(reports) < 2:
+            with db.session() as s:
+                reports = list(s.query(DriftReport).order_by(DriftReport.id))
+            time.sleep(0.5)
+    finally:
+        db.dispose()
+    assert len(reports) >= 2, server.log.read_text()[-3000:]
+    first = reports[0].report or {}
+    assert first.get("status") == "baseline" and reports[0].model_version_id is not None
+    assert "drift job running in this process every 1 s" in server.log.read_text()

@@ -1,9 +1,12 @@
-"""`carsearch serve`: start the Gradio search page."""
+"""`carsearch serve`: start the Gradio search page, optionally with the platform's
+background jobs (ingest worker, drift job) on threads of the same process."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,6 +16,8 @@ from carsearch.cli_context import settings_from
 
 if TYPE_CHECKING:
     from carsearch.platform.runtime import Platform
+
+log = logging.getLogger(__name__)
 
 
 def serve_command(
@@ -33,6 +38,10 @@ def serve_command(
     inbox: Annotated[
         Path | None, typer.Option(help="Inbox folder for the worker (with --ingest).")
     ] = None,
+    drift_every: Annotated[
+        float | None,
+        typer.Option(help="Also run the drift job every SECONDS in this process.", min=1),
+    ] = None,
 ) -> None:
     """Serve the search page (auth: set CARSEARCH_UI_AUTH=user:password)."""
     from carsearch.platform.runtime import Platform
@@ -40,7 +49,6 @@ def serve_command(
 
     if inbox is not None and not ingest:
         raise typer.BadParameter("--inbox needs --ingest")
-
     settings = settings_from(ctx)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = parse_auth(settings.ui_auth)
@@ -49,37 +57,67 @@ def serve_command(
     ctx.call_on_close(platform.close)
     login = " (login required)" if auth else ""
     typer.echo(f"carsearch search page: http://{host}:{port}{login}")
-    worker = _start_worker(platform, inbox) if ingest else None
+    jobs = BackgroundJobs()
+    if ingest:
+        _start_worker(jobs, platform, inbox)
+    if drift_every is not None:
+        _start_drift(jobs, platform, drift_every)
     try:
         launch(platform, LaunchOptions(host=host, port=port, auth=auth,
                                        max_file_size=max_file_size))
     finally:
-        if worker is not None:
-            worker.stop()
+        jobs.stop()
 
 
-class _BackgroundWorker:
-    """The ingest worker on a thread of the page's process, sharing its Platform: one
-    Milvus Lite client, one encoder, and writes that reach the search mirror at once."""
+class BackgroundJobs:
+    """Jobs on threads of the page's process, sharing its Platform: one Milvus Lite
+    client, one encoder, and writes that reach the search mirror at once."""
 
-    def __init__(self, platform: Platform, inbox: Path | None) -> None:
-        from carsearch.ingest.worker import IngestWorker
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+        self.stoppers: list[Callable[[], None]] = []
 
-        self.worker = IngestWorker(platform, inbox=inbox)
-        self.thread = threading.Thread(target=self.worker.run_forever, name="ingest-worker",
-                                       daemon=True)
+    def start(self, name: str, target: Callable[[], object], stop: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                target()
+            except Exception:  # a job must not take the page down with it
+                log.exception("background job %s stopped with an error", name)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        self.threads.append(thread)
+        self.stoppers.append(stop)
+        thread.start()
 
     def stop(self) -> None:
-        """Finish the current batch, then return."""
-        self.worker.stop_event.set()
-        self.thread.join(timeout=120)
+        """Ask every job to finish what it is doing, then wait for them."""
+        for stop in self.stoppers:
+            stop()
+        for thread in self.threads:
+            thread.join(timeout=120)
 
 
-def _start_worker(platform: Platform, inbox: Path | None) -> _BackgroundWorker:
+def _start_worker(jobs: BackgroundJobs, platform: Platform, inbox: Path | None) -> None:
+    from carsearch.ingest.worker import IngestWorker
+
     if inbox is not None:
         inbox.mkdir(parents=True, exist_ok=True)
-    bg = _BackgroundWorker(platform, inbox)
-    bg.thread.start()
+    worker = IngestWorker(platform, inbox=inbox)
+    jobs.start("ingest-worker", worker.run_forever, worker.stop_event.set)
     where = f", watching {inbox}" if inbox is not None else ""
     typer.echo(f"ingest worker running in this process{where}")
-    return bg
+
+
+def _start_drift(jobs: BackgroundJobs, platform: Platform, every_s: float) -> None:
+    from carsearch.platform.ann_audit import run_every
+    from carsearch.training.drift import run_drift
+
+    stop = threading.Event()
+
+    def once() -> None:
+        log.info("drift job: %s", run_drift(platform).summary())
+
+    # The first run waits one interval: the page should come up before the job reads.
+    jobs.start("drift-job", lambda: stop.wait(every_s) or run_every(once, every_s, stop=stop),
+               stop.set)
+    typer.echo(f"drift job running in this process every {every_s:g} s")
