@@ -6,13 +6,14 @@ their make / body / colour / year / source scalar fields) and matching rows in S
 Their thumbnails all come from one real generated image, so the page path has files
 to show. Two paths are timed, one query at a time:
 
-  service  SearchService.search_text: text encode + Milvus ANN + metadata + query log
+  service  SearchService.search_text: text encode + vector search + metadata + query log
   page     SearchPage.search_text: the same plus natural-language filters (parsed,
-           validated against the DB vocabulary, applied as Milvus scalar filters),
+           validated against the DB vocabulary, applied as scalar filters),
            captions and thumbnails (warm cache)
 
-and then queries/s with 8 concurrent clients through the page path. Prints a
-markdown table.
+and then queries/s with 8 concurrent clients through the page path. Each size is timed
+twice on the same data, side by side: with the search mirror (platform/mirror.py, the
+default on Milvus Lite) and with Milvus Lite's own search. Prints a markdown table.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_search.py --sizes 10000 100000
 """
@@ -37,9 +38,10 @@ from tqdm import tqdm
 from carsearch.platform import migrate
 from carsearch.platform.db import Image, ImageStatus
 from carsearch.platform.machine import cpu_name
+from carsearch.platform.mirror import MirroredStore
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectorstore import IndexSpec, MilvusStore, VectorRow
+from carsearch.platform.vectorstore import IndexSpec, VectorRow
 from carsearch.platform.vehicles import COLOURS, MAKE_ALIASES
 from carsearch.training.base_model import build_compact_base
 from carsearch.ui.page import PickedFilters, SearchPage
@@ -113,7 +115,33 @@ def concurrent_qps(fn: Callable[[str], object], queries: Sequence[str], clients:
     return len(queries) / (time.perf_counter() - t0)
 
 
-def run_size(n: int, args: argparse.Namespace, model: Path, root: Path) -> dict[str, object]:
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def time_paths(page: SearchPage, collection: str, args: argparse.Namespace,
+               vecs: dict[str, np.ndarray]) -> dict[str, object]:
+    """Encode, vector search, service and page latencies, then concurrent queries/s."""
+    store = page.platform.store
+    queries = [QUERIES[i % len(QUERIES)] for i in range(args.queries)]
+
+    def page_fn(q: str) -> object:
+        return page.search_text(q, args.k, PickedFilters())
+
+    timed(page_fn, QUERIES)  # warm: caches, thumbnails, vocabulary
+    encoder = page.service.encoder_for(page.service.serving())
+    return {
+        "enc": percentiles(timed(lambda q: encoder.encode_text([q]), queries)),
+        "ann": percentiles(timed(lambda q: store.search(collection, vecs[q], args.k),
+                                 queries)),
+        "svc": percentiles(timed(lambda q: page.service.search_text(q, args.k), queries)),
+        "page": percentiles(timed(page_fn, queries)),
+        "qps": concurrent_qps(page_fn, queries * 2, args.clients),
+    }
+
+
+def run_size(n: int, args: argparse.Namespace, model: Path, root: Path) -> list[dict[str, object]]:
     data = root / f"n{n}"
     settings = Settings(data_dir=data, threads={"torch": args.threads})  # type: ignore[arg-type]
     settings.ensure_dirs()
@@ -127,31 +155,29 @@ def run_size(n: int, args: argparse.Namespace, model: Path, root: Path) -> dict[
     else:
         spec = IndexSpec(args.index, {"nlist": args.nlist} if args.index == "IVF_FLAT" else {},
                          {"nprobe": args.nprobe} if args.index == "IVF_FLAT" else {})
-    plat.__dict__["store"] = MilvusStore(settings.milvus_uri, index=spec)
+    store = MirroredStore(settings.milvus_uri, index=spec)
+    plat.__dict__["store"] = store
     try:
         version = plat.registry.publish(model, name="bench")
         plat.registry.promote("bench")
         fill(plat, version.collection, version.dim, n, photo)
         page = SearchPage(plat)
-        page.warm_up()
-        queries = [QUERIES[i % len(QUERIES)] for i in range(args.queries)]
-
-        def page_fn(q: str) -> object:
-            return page.search_text(q, args.k, PickedFilters())
-
-        def service_fn(q: str) -> object:
-            return page.service.search_text(q, args.k)
-
-        timed(page_fn, QUERIES)  # warm: encoder caches, thumbnails, vocabulary
+        page.warm_up()  # starts the mirror build in the background, as `serve` does
+        store.warm(version.collection)  # wait for it
         encoder = page.service.encoder_for(version)
         vecs = {q: encoder.encode_text([q]) for q in QUERIES}
-        enc = percentiles(timed(lambda q: encoder.encode_text([q]), queries))
-        ann = percentiles(timed(
-            lambda q: plat.store.search(version.collection, vecs[q], args.k), queries))
-        svc = percentiles(timed(service_fn, queries))
-        pg = percentiles(timed(page_fn, queries))
-        qps = concurrent_qps(page_fn, queries * 2, args.clients)
-        return {"n": n, "enc": enc, "ann": ann, "svc": svc, "page": pg, "qps": qps}
+        # Rebuild once more to time the build and its memory on its own.
+        store.forget(version.collection)
+        rss0, t0 = rss_mb(), time.perf_counter()
+        store.warm(version.collection)
+        build_s, build_mb = time.perf_counter() - t0, rss_mb() - rss0
+        mirrored = time_paths(page, version.collection, args, vecs)
+        store.auto_build = False
+        store.forget(version.collection)  # from here on: Milvus Lite's own search
+        milvus = time_paths(page, version.collection, args, vecs)
+        return [{"n": n, "backend": "mirror", "build_s": build_s, "build_mb": build_mb,
+                 **mirrored},
+                {"n": n, "backend": "Milvus Lite", **milvus}]
     finally:
         plat.close()
 
@@ -174,21 +200,26 @@ def main() -> None:
         model = root / "compact"
         build_compact_base(model, seed=0)
         for n in args.sizes:
-            results.append(run_size(n, args, model, root))
+            results.extend(run_size(n, args, model, root))
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores · torch threads {args.threads} · "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} · index {args.index}"
           + (f" (nlist {args.nlist}, nprobe {args.nprobe})" if args.index == "IVF_FLAT" else "")
           + f" · k {args.k} · {dt.date.today().isoformat()}\n")
-    print("| images | encode p50 | ANN p50 | service p50 | service p95 | page p50 | page p95 "
-          f"| page queries/s, {args.clients} clients |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| images | vector search | encode p50 | search p50 | service p50 | service p95 "
+          f"| page p50 | page p95 | page queries/s, {args.clients} clients |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         cells = [f"{r[key][i]:.1f}"  # type: ignore[index]
                  for key, i in (("enc", 0), ("ann", 0), ("svc", 0), ("svc", 1),
                                 ("page", 0), ("page", 1))]
-        print(f"| {r['n']:,} | " + " | ".join(cells) + f" | {r['qps']:.1f} |")
-    print("\n(milliseconds; service = encode + ANN + metadata + query log; page = service "
-          "+ NL filters + captions + thumbnails)")
+        print(f"| {r['n']:,} | {r['backend']} | " + " | ".join(cells)
+              + f" | {r['qps']:.1f} |")
+    print("\n(milliseconds; search = the vector search alone; service = encode + search + "
+          "metadata + query log; page = service + NL filters + captions + thumbnails)\n")
+    for r in results:
+        if "build_s" in r:
+            print(f"- mirror build at {r['n']:,} vectors: {r['build_s']:.1f} s, "
+                  f"RSS +{r['build_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

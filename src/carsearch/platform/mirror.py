@@ -237,6 +237,11 @@ class MirroredStore(MilvusStore):
         elif wait and build is not None and build.thread is not None:
             build.thread.join()
 
+    def forget(self, name: str) -> None:
+        """Free a collection's mirror; searches go to Milvus until it is built again."""
+        with self._mlock:
+            self._mirrors.pop(name, None)
+
     def _build(self, name: str, build: _Build) -> None:
         t0 = time.perf_counter()
         try:
