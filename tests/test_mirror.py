@@ -144,6 +144,19 @@ def test_store_serves_from_mirror_once_warm_and_agrees_with_milvus(filled: Any) 
     assert np.mean(agree) >= 0.95
 
 
+def test_vectors_by_id_come_from_the_mirror_as_milvus_returns_them(filled: Any) -> None:
+    store, ids, vecs, _rows, _rng = filled
+    ask = [int(ids[5]), 12345, int(ids[0]), int(ids[5]), int(ids[399])]  # unknown, repeat
+    from_milvus = store.vectors(NAME, ask)  # no mirror yet: Milvus answers
+    store.warm(NAME)
+    got_ids, got = store.vectors(NAME, ask)
+    assert got_ids.tolist() == from_milvus[0].tolist() == [ask[0], ask[2], ask[4]]
+    np.testing.assert_allclose(got, from_milvus[1], atol=1e-6)
+    np.testing.assert_allclose(got, vecs[[5, 0, 399]], atol=1e-6)
+    empty_ids, empty = store.vectors(NAME, [1, 2])
+    assert empty_ids.size == 0 and empty.shape == (0, DIM)
+
+
 def test_writes_pass_through_to_the_mirror(filled: Any) -> None:
     store, ids, _vecs, _rows, rng = filled
     store.warm(NAME)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from carsearch.cli_context import settings_from
+from carsearch.cli_context import once_or_every, settings_from
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.settings import Settings
 
@@ -81,7 +81,7 @@ def ann_command(
 ) -> None:
     """Audit Milvus ANN results of the serving version against FAISS exact search; the
     report (recall@1/10/k, score agreement, latency) is printed and recorded."""
-    from carsearch.platform.ann_audit import run_ann_audit, run_every
+    from carsearch.platform.ann_audit import run_ann_audit
     from carsearch.platform.runtime import Platform
 
     if queries not in ("classes", "logged"):
@@ -93,10 +93,4 @@ def ann_command(
                                n=n, k=k, seed=seed, progress=not as_json)
         typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
-    try:
-        if every is None:
-            once()
-        else:
-            run_every(once, every)
-    finally:
-        platform.close()
+    once_or_every(platform, once, every)

@@ -136,6 +136,15 @@ class VectorMirror:
         self._pos = {int(i): n for n, i in enumerate(self.ids.tolist())}
         return len(positions)
 
+    def vectors(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Stored vectors of ``ids`` in the order asked (repeats once, unknown ids left
+        out): ``(ids found, float32 (n, dim))``, as ``MilvusStore.vectors`` returns them."""
+        found = [i for i in dict.fromkeys(int(i) for i in ids) if i in self._pos]
+        if not found:
+            return np.empty(0, dtype=np.int64), np.empty((0, self.dim), dtype=np.float32)
+        pos = np.asarray([self._pos[i] for i in found], dtype=np.int64)
+        return np.asarray(found, dtype=np.int64), self.index.reconstruct_batch(pos)
+
     def mask(self, filters: SearchFilters | None) -> np.ndarray | None:
         """Rows that pass ``filters`` (None: all rows)."""
         if filters is None or filters.is_empty():
@@ -332,6 +341,17 @@ class MirroredStore(MilvusStore):
     def count(self, name: str) -> int:
         mirror = self.mirror(name)
         return len(mirror) if mirror is not None else super().count(name)
+
+    def vectors(
+        self, name: str, ids: Sequence[int], *, batch: int = 1000
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Stored vectors by id: from the mirror when it is ready (the drift job reads
+        thousands at a time), from Milvus otherwise."""
+        with self._mlock:
+            mirror = self._mirrors.get(name)
+            if mirror is not None:
+                return mirror.vectors(ids)
+        return super().vectors(name, ids, batch=batch)
 
     def search(
         self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None

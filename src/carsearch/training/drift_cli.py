@@ -12,20 +12,15 @@ from typing import Annotated
 
 import typer
 
-from carsearch.cli_context import settings_from
+from carsearch.cli_context import once_or_every, settings_from
 from carsearch.platform.errors import ConfigError
 
 __all__ = ["app", "parse_since"]
 
 log = logging.getLogger(__name__)
 
-app = typer.Typer(
-    name="drift",
-    help="Drift monitoring: isolated clusters of new embeddings trigger retraining.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = typer.Typer(help="Drift monitoring: isolated clusters of new embeddings trigger "
+                  "retraining.", no_args_is_help=True)
 
 
 def parse_since(value: str) -> datetime:
@@ -51,7 +46,6 @@ def run_command(
 ) -> None:
     """Compare the kNN density of newly indexed images with the collection's, record a
     drift report, and start the retrain command when isolated clusters are found."""
-    from carsearch.platform.ann_audit import run_every
     from carsearch.platform.runtime import Platform
     from carsearch.training.drift import run_drift
 
@@ -65,10 +59,4 @@ def run_command(
         run = run_drift(platform, since=start, progress=not as_json)
         typer.echo(json.dumps(run.to_dict(), indent=2) if as_json else run.summary())
 
-    try:
-        if every is None:
-            once()
-        else:
-            run_every(once, every)
-    finally:
-        platform.close()
+    once_or_every(platform, once, every)
