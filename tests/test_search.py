@@ -14,6 +14,7 @@ from carsearch.ingest.pipeline import IngestItem, ingest_items, read_manifest
 from carsearch.platform.db import Database, ImageStatus, QueryLog
 from carsearch.platform.db import Image as ImageRow
 from carsearch.platform.errors import ModelNotFoundError, QueryError
+from carsearch.platform.mirror import MirroredStore
 from carsearch.platform.search import SearchService
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectorstore import MilvusStore, SearchFilters
@@ -39,10 +40,13 @@ def _draw(path: Path, seed: int) -> None:
     img.save(path)
 
 
-@pytest.fixture
-def service(database: Database, tmp_path: Path, compact_model: Path):
+@pytest.fixture(params=["milvus", "mirror"])
+def service(request: pytest.FixtureRequest, database: Database, tmp_path: Path,
+            compact_model: Path):
+    """The service over Milvus Lite's own search, and over the search mirror."""
     settings = Settings(data_dir=tmp_path / "data", database_url=database.url)
-    store = MilvusStore(settings.milvus_uri)
+    kind = MirroredStore if request.param == "mirror" else MilvusStore
+    store = kind(settings.milvus_uri)
     svc = SearchService(settings, database, store)
     yield svc
     store.close()
@@ -66,6 +70,9 @@ def indexed(service: SearchService, compact_model: Path, tmp_path: Path):
         version=v, max_pixels=10**7, batch_size=4, progress=False,
     )
     assert (summary.indexed, summary.quarantined) == (len(LABELS), 1)
+    service.warm(wait=True)  # with the mirror: built now, kept in step from here on
+    if isinstance(service.store, MirroredStore):
+        assert service.store.mirror(v.collection) is not None
     return v
 
 
@@ -166,3 +173,40 @@ def test_real_photos_end_to_end(service: SearchService, compact_model: Path,
     some = sorted(makes)[0]
     res = service.search_text("car", k=20, filters=SearchFilters(make=some))
     assert res.hits and {h.make for h in res.hits} == {some}
+
+
+def test_a_promotion_moves_the_mirror_to_the_new_version(
+    database: Database, tmp_path: Path, compact_model: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=database.url)
+    store = MirroredStore(settings.milvus_uri)
+    service = SearchService(settings, database, store)
+    service.serving_ttl_s = 0.0
+    try:
+        items = []
+        for i, (cls, colour) in enumerate(LABELS):
+            _draw(tmp_path / f"car{i}.png", i)
+            items.append(IngestItem(tmp_path / f"car{i}.png", "test",
+                                    {"class_name": cls, "colour": colour}))
+        versions = {}
+        for name in ("one", "two"):
+            versions[name] = service.registry.publish(compact_model, name=name)
+            ingest_items(items, db=database, store=store,
+                         encoder=service.encoder_for(versions[name]), version=versions[name],
+                         max_pixels=10**7, batch_size=8, progress=False)
+        service.registry.promote("one")
+        service.warm(wait=True)
+        first = service.search_text("red pickup", k=3)
+        assert store.mirror(versions["one"].collection) is not None
+        service.registry.promote("two")
+        second = service.search_text("red pickup", k=3)  # Milvus answers; a build starts
+        assert second.version == "two"
+        assert store.mirror(versions["one"].collection) is None  # the old copy is freed
+        store.warm(versions["two"].collection)  # wait for the new one
+        third = service.search_text("red pickup", k=3)
+        assert store.mirror(versions["two"].collection) is not None
+        # Same model and images in both versions: the same ranking from either path.
+        assert ([h.image_id for h in first.hits] == [h.image_id for h in second.hits]
+                == [h.image_id for h in third.hits])
+    finally:
+        store.close()

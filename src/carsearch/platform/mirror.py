@@ -251,6 +251,13 @@ class MirroredStore(MilvusStore):
         with self._mlock:
             self._mirrors.pop(name, None)
 
+    def keep_only(self, name: str) -> None:
+        """Free every mirror but ``name``'s (after a promotion, the old version's copy)."""
+        with self._mlock:
+            for other in [n for n in self._mirrors if n != name]:
+                log.info("freeing the search mirror of %s", other)
+                del self._mirrors[other]
+
     def _build(self, name: str, build: _Build) -> None:
         t0 = time.perf_counter()
         try:

@@ -91,6 +91,10 @@ class SearchService:
         if cached is not None and now - cached[0] < self.serving_ttl_s:
             return cached[1]
         version = self.registry.require_serving()
+        if cached is not None and cached[1].name != version.name:
+            log.info("serving version is now %s (was %s)", version.name, cached[1].name)
+            if isinstance(self.store, MirroredStore):
+                self.store.keep_only(version.collection)
         self._serving = (now, version)
         return version
 
