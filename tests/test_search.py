@@ -109,6 +109,26 @@ def test_image_search_finds_the_same_image_first(service: SearchService, indexed
     assert again.hits[0].image_id == res.hits[0].image_id
 
 
+def test_more_like_this_uses_the_stored_vector_and_falls_back_to_the_file(
+    service: SearchService, indexed, tmp_path: Path
+) -> None:
+    first = service.search_image(Image.open(tmp_path / "car3.png"), k=len(LABELS))
+    image_id = first.hits[0].image_id
+    path = Path(first.hits[0].path)
+    moved = path.rename(tmp_path / "elsewhere.png")  # no file: only the vector can serve
+    similar = service.search_similar(image_id, k=len(LABELS))
+    assert [h.image_id for h in similar.hits] == [h.image_id for h in first.hits]
+    assert similar.hits[0].score == pytest.approx(1.0, abs=1e-4)
+    # Not in the collection (not indexed there yet): the file is decoded and encoded.
+    moved.rename(path)
+    service.store.delete(indexed.collection, [image_id])
+    fallback = service.search_similar(image_id, k=len(LABELS))
+    assert image_id not in [h.image_id for h in fallback.hits]
+    assert len(fallback.hits) == len(LABELS) - 1
+    with pytest.raises(QueryError, match="no image with id"):
+        service.search_similar(12345, k=3)
+
+
 def test_corrupt_file_is_quarantined_with_reason(service: SearchService, indexed) -> None:
     with service.db.session() as s:
         rows = s.scalars(select(ImageRow).where(ImageRow.status == ImageStatus.quarantined)).all()

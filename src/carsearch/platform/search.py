@@ -166,7 +166,17 @@ class SearchService:
     def search_similar(
         self, image_id: int, k: int = 10, filters: SearchFilters | None = None
     ) -> SearchResult:
-        """"More like this": image search with an indexed image as the query."""
+        """"More like this": image search with an indexed image as the query.
+
+        The query is the image's stored vector in the serving collection (no decode, no
+        encode); an image the collection does not hold yet is decoded and encoded.
+        """
+        k = self.check_k(k)
+        t0 = time.perf_counter()
+        version = self.serving()
+        found, vec = self.store.vectors(version.collection, [int(image_id)])
+        if len(found):
+            return self._finish(version, vec, "image", None, k, filters, t0)
         with self.db.session() as s:
             row = s.get(Image, int(image_id))
         if row is None:

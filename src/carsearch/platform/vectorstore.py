@@ -177,6 +177,10 @@ class VectorStore(Protocol):
 
     def drop(self, name: str) -> None: ...
 
+    def vectors(
+        self, name: str, ids: Sequence[int], *, batch: int = 1000
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
     arr = np.ascontiguousarray(vectors, dtype=np.float32)
