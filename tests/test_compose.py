@@ -44,7 +44,8 @@ def test_the_validation_catches_a_broken_file(
 
 def test_the_platform_runs_against_the_production_parts(compose: dict) -> None:
     services = compose["services"]
-    assert {"postgres", "milvus", "ollama", "migrate", "ingest", "search"} <= set(services)
+    assert {"postgres", "milvus", "ollama", "migrate", "ingest", "search", "ann-audit",
+            "drift"} <= set(services)
     env = services["ingest"]["environment"]
     assert env["CARSEARCH_MILVUS_URI"] == "http://milvus:19530"
     assert env["CARSEARCH_DATABASE_URL"].startswith("postgresql+psycopg://")
