@@ -123,6 +123,9 @@ def test_milvus_unavailable_for_a_while(plat: Platform, tmp_path: Path):
             jobs = s.scalars(select(IngestJob)).all()
         assert {j.state for j in jobs} == {JobState.queued}
         assert all(j.attempts == 1 and j.last_error for j in jobs)
+        # The error says why and what to do about it.
+        assert all("another process has it open" in (j.last_error or "") for j in jobs)
+        assert all("serve --ingest" in (j.last_error or "") for j in jobs)
     finally:
         holder.kill()
         holder.wait()

@@ -160,6 +160,27 @@ def lite_index_params(params: dict[str, int]) -> dict[str, Any]:
     return {**params, "params": dict(params)} if params else {}
 
 
+def lite_file_in_use(uri: str) -> bool:
+    """Whether another process holds the lock of a Milvus Lite file (a directory with a
+    LOCK file that Milvus Lite holds with flock while it has the file open)."""
+    import fcntl
+    import os
+
+    lock = os.path.join(uri, "LOCK")
+    if not os.path.isfile(lock):
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 class VectorStore(Protocol):
     def ensure_collection(self, name: str, dim: int) -> None: ...
 
@@ -217,6 +238,12 @@ class MilvusStore:
         try:
             self.client = MilvusClient(uri=uri, token=token)
         except MilvusException as exc:
+            if self.is_lite and lite_file_in_use(uri):
+                raise VectorStoreError(
+                    f"cannot open the Milvus Lite file {uri}: another process has it open "
+                    "(one process may open a Lite file at a time; stop that process, or run "
+                    "the ingest worker inside the page with `carsearch serve --ingest`)"
+                ) from None
             raise VectorStoreError(f"cannot open Milvus at {uri}: {exc.message}") from None
 
     # -- collections -------------------------------------------------------------
