@@ -130,7 +130,9 @@ def test_store_serves_from_mirror_once_warm_and_agrees_with_milvus(filled: Any) 
     assert store.mirror(NAME) is None
     store.search(NAME, unit(rng, 1), 5)  # a one-shot process: Milvus answers, nothing builds
     assert store.mirror(NAME) is None
+    assert store.search_backend(NAME) == "Milvus Lite, HNSW (no mirror)"
     store.warm(NAME)
+    assert store.search_backend(NAME) == "in-memory mirror (exact, 400 vectors)"
     mirror = store.mirror(NAME)
     assert mirror is not None and len(mirror) == 400 == store.count(NAME)
     agree = []

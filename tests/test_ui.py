@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -195,6 +196,12 @@ def test_header_status_and_evaluation_tabs(client: Client) -> None:
     assert "| 8 | 2 | yes |" in drift
     ann = status.split("### Latest ANN audit")[1].split("###")[0]
     assert "IVF_FLAT" in ann and "0.9870" in ann
+    # The page serves from the search mirror, built in the background when it started.
+    deadline = time.monotonic() + 30
+    while "search: in-memory mirror (exact, 8 vectors)" not in status:
+        assert time.monotonic() < deadline, status.split("### Ingest queue")[0]
+        time.sleep(0.5)
+        status = client.predict(api_name="/status")
     note, table = client.predict(api_name="/evaluation")
     assert "model version base" in note
     assert table["headers"][:3] == ["model", "Recall@1", "Recall@5"]

@@ -246,6 +246,15 @@ class MirroredStore(MilvusStore):
         elif wait and build is not None and build.thread is not None:
             build.thread.join()
 
+    def search_backend(self, name: str) -> str:
+        with self._mlock:
+            mirror = self._mirrors.get(name)
+            building = name in self._builds
+        if mirror is not None:
+            return f"in-memory mirror (exact, {len(mirror):,} vectors)"
+        state = "mirror building" if building else "no mirror"
+        return f"{super().search_backend(name)} ({state})"
+
     def forget(self, name: str) -> None:
         """Free a collection's mirror; searches go to Milvus until it is built again."""
         with self._mlock:

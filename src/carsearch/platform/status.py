@@ -52,6 +52,7 @@ class ServingInfo:
     collection: str | None
     index_size: int | None  # vectors in the serving collection (None: store unreachable)
     images_indexed: int
+    search_backend: str | None = None  # what answers searches (the mirror or Milvus)
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,15 @@ def serving_info(db: Database, store: VectorStore | None) -> ServingInfo:
     if version is None:
         return ServingInfo(None, None, None, indexed)
     size: int | None = None
+    backend: str | None = None
     if store is not None:
+        describe = getattr(store, "search_backend", None)
+        backend = describe(version.collection) if describe is not None else None
         try:
             size = store.count(version.collection)
         except Exception as exc:  # status must render even when Milvus is down
             log.warning("cannot count %s: %s", version.collection, exc)
-    return ServingInfo(version.name, version.collection, size, indexed)
+    return ServingInfo(version.name, version.collection, size, indexed, backend)
 
 
 def ingest_queue(db: Database) -> dict[str, int]:

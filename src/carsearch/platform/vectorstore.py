@@ -376,6 +376,11 @@ class MilvusStore:
         """Top-k hits per query vector, best first (Milvus's ANN search here)."""
         return self.search_ann(name, vectors, k, filters)
 
+    def search_backend(self, name: str) -> str:
+        """What answers searches on ``name``, for the status page."""
+        del name
+        return f"Milvus {'Lite' if self.is_lite else 'server'}, {self.index.type}"
+
     def search_ann(
         self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None
     ) -> list[list[Hit]]:

@@ -74,7 +74,8 @@ def status_markdown(platform: Platform) -> str:
     parts = [
         "### Serving",
         f"version **{s.serving.version or 'none'}** · collection `{s.serving.collection or '–'}`"
-        f" · index size {size} · images {', '.join(f'{k} {v}' for k, v in s.images.items())}",
+        f" · index size {size} · images {', '.join(f'{k} {v}' for k, v in s.images.items())}"
+        f" · search: {s.serving.search_backend or 'unknown'}",
         "### Ingest queue",
         _table(list(s.queue), [list(s.queue.values())]),
         "### Last drift report",
