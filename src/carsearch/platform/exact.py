@@ -18,7 +18,6 @@ Ties: FAISS does not order results of exactly equal score by id; do not rely on 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import faiss
 import numpy as np
 
 from carsearch.platform.errors import ArtifactTamperedError, ModelNotFoundError
+from carsearch.platform.images import sha256_file
 
 __all__ = ["INDEX_FILE", "META_FILE", "NORM_TOLERANCE", "ExactIndex", "set_threads"]
 
@@ -136,7 +136,7 @@ class ExactIndex:
             "dim": self.dim,
             "model_version": self.model_version,
             "count": len(self),
-            "sha256": _sha256(index_path),
+            "sha256": sha256_file(index_path),
         }
         tmp_meta = directory / (META_FILE + ".tmp")
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -157,7 +157,7 @@ class ExactIndex:
             dim, count, digest = int(meta["dim"]), int(meta["count"]), str(meta["sha256"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ArtifactTamperedError(f"{meta_path}: unreadable metadata ({exc})") from exc
-        if _sha256(index_path) != digest:
+        if sha256_file(index_path) != digest:
             raise ArtifactTamperedError(f"{index_path}: sha256 does not match {META_FILE}")
         raw = faiss.read_index(str(index_path))
         if not isinstance(raw, faiss.IndexIDMap2) or raw.d != dim or raw.ntotal != count:
@@ -207,10 +207,3 @@ def _check_ids(ids: np.ndarray) -> np.ndarray:
         raise ValueError("ids repeat within one call")
     return arr
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -382,7 +382,9 @@ class MirroredStore(MilvusStore):
                 return mirror.search(arr, k, filters)
         failed = self._failed_at.get(name)
         retry = failed is None or time.monotonic() - failed > RETRY_AFTER_S
-        if self.auto_build and retry and self.has_collection(name):
+        with self._mlock:
+            building = name in self._builds
+        if self.auto_build and retry and not building and self.has_collection(name):
             self.warm(name, wait=False)
         return super().search(name, vectors, k, filters)
 

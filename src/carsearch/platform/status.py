@@ -96,8 +96,7 @@ def serving_info(db: Database, store: VectorStore | None) -> ServingInfo:
     size: int | None = None
     backend: str | None = None
     if store is not None:
-        describe = getattr(store, "search_backend", None)
-        backend = describe(version.collection) if describe is not None else None
+        backend = store.search_backend(version.collection)
         try:
             size = store.count(version.collection)
         except Exception as exc:  # status must render even when Milvus is down

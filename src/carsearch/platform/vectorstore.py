@@ -202,6 +202,8 @@ class VectorStore(Protocol):
         self, name: str, ids: Sequence[int], *, batch: int = 1000
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def search_backend(self, name: str) -> str: ...
+
 
 def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
     arr = np.ascontiguousarray(vectors, dtype=np.float32)

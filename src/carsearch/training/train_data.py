@@ -30,6 +30,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from tqdm import tqdm
 
 from carsearch.platform.errors import ConfigError
+from carsearch.platform.images import sha256_file
 from carsearch.platform.vehicles import VehicleLabel
 from carsearch.training.augment import OfflineGenerator, RuleJudge, load_queries
 from carsearch.training.stanford import LabelledImage, StanfordDataset
@@ -42,14 +43,6 @@ QUERIES_PER_IMAGE = 5
 def caption(label: VehicleLabel) -> str:
     """The class-name caption of a label (the same text the evaluation queries with)."""
     return label.class_name
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_fingerprint(image_ids: Sequence[str], queries_source: str) -> str:
@@ -91,7 +84,7 @@ def train_queries(
     dropped = len(loaded) - len(kept)
     if dropped:
         log.info("queries: ignored %d images that are not in the train split", dropped)
-    return kept, f"file:{file_sha256(queries_path)}"
+    return kept, f"file:{sha256_file(queries_path)}"
 
 
 @dataclass
