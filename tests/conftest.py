@@ -1,8 +1,15 @@
-"""Shared fixtures: real SQLite and PostgreSQL databases, Milvus Lite files, a real model.
+"""Shared fixtures: real SQLite and PostgreSQL databases, Milvus Lite files, a real
+Milvus server, a real model.
 
 PostgreSQL is the server at 127.0.0.1:5432 (user postgres, trust auth). Each test run
 creates its own database and drops it at the end. Where the server is unreachable the
 PostgreSQL tests skip, except under CI (CI=true), where they fail: CI must run them.
+
+The Milvus server is the standalone binary of the `milvus` package (a dev dependency),
+started once per test run on free ports with a temporary data directory and stopped (its
+whole process group) at the end. `milvus_uri` gives each test a Lite file and the server
+in turn; a server test starts with no collections. Where the server cannot start the
+server tests skip, except under CI, where they fail.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import sqlalchemy as sa
 
 from carsearch.platform import migrate
 from carsearch.platform.db import Database
+from carsearch.platform.milvus_server import LocalMilvusServer, MilvusServerError
 from carsearch.platform.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +99,44 @@ def database(db_url: str) -> Iterator[Database]:
     db = Database(db_url)
     yield db
     db.dispose()
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMilvusServer]:
+    """One Milvus standalone server for the whole run, or skip/fail."""
+    server = LocalMilvusServer(tmp_path_factory.mktemp("milvus-server"))
+    try:
+        server.start()
+    except MilvusServerError as exc:
+        if _in_ci():
+            pytest.fail(f"{exc} (CI must run the Milvus server tests)")
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def empty_server(uri: str) -> None:
+    """Drop every collection (and so its aliases) on a server between tests."""
+    from carsearch.platform.vectorstore import MilvusStore
+
+    store = MilvusStore(uri)
+    try:
+        for name in store.list_collections():
+            store.drop(name)
+    finally:
+        store.close()
+
+
+@pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
+def milvus_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A Milvus Lite file, then the Milvus server (emptied for this test)."""
+    if request.param == "lite":
+        return str(tmp_path / "milvus.db")
+    server: LocalMilvusServer = request.getfixturevalue("milvus_server")
+    empty_server(server.uri)
+    return server.uri
 
 
 @pytest.fixture

@@ -88,23 +88,15 @@ def exact_from_milvus(
     if not store.has_collection(collection):
         raise CarsearchError(f"no collection {collection} in Milvus at {store.uri}")
     dim = store.dimension(collection)
-    store._ensure_loaded(collection)
     id_parts: list[np.ndarray] = []
     vec_parts: list[np.ndarray] = []
-    it = store.client.query_iterator(
-        collection, batch_size=batch, filter="", output_fields=["id", "vector"]
-    )
     bar = tqdm(desc=f"read {collection}", unit="vec", disable=not progress, leave=False)
     try:
-        while True:
-            page = it.next()
-            if not page:
-                break
+        for page in store.scan(collection, ["id", "vector"], batch=batch):
             id_parts.append(np.fromiter((int(r["id"]) for r in page), np.int64, len(page)))
             vec_parts.append(np.asarray([r["vector"] for r in page], dtype=np.float32))
             bar.update(len(page))
     finally:
-        it.close()
         bar.close()
     ids = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
     vectors = np.concatenate(vec_parts) if vec_parts else np.empty((0, dim), np.float32)

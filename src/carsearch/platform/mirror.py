@@ -296,25 +296,19 @@ class MirroredStore(MilvusStore):
 
     def _scan(self, name: str, batch: int = 10_000) -> VectorMirror:
         """Every row of a collection, read from Milvus into a new mirror."""
-        self._ensure_loaded(name)
         mirror = VectorMirror(self.dimension(name))
-        it = self.client.query_iterator(name, batch_size=batch, filter="",
-                                        output_fields=["id", "vector", *_COLUMNS, "year"])
         bar = tqdm(desc=f"mirror {name}", unit="vec", disable=not self.progress, leave=False)
         try:
-            while True:
-                if self._closing.is_set():
-                    raise _Cancelled
-                page = it.next()
-                if not page:
-                    break
+            for page in self.scan(name, ["id", "vector", *_COLUMNS, "year"], batch=batch,
+                                  stop=self._closing):
                 vecs = np.asarray([r["vector"] for r in page], dtype=np.float32)
                 rows = [VectorRow(**{f: r[f] for f in (*_COLUMNS, "year")}) for r in page]
                 mirror.upsert([int(r["id"]) for r in page], vecs, rows)
                 bar.update(len(page))
         finally:
-            it.close()
             bar.close()
+        if self._closing.is_set():
+            raise _Cancelled
         return mirror
 
     def _tracks(self, name: str) -> bool:

@@ -8,12 +8,13 @@ quoted here, never pasted into an expression as typed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -182,7 +183,16 @@ def lite_file_in_use(uri: str) -> bool:
 
 
 class VectorStore(Protocol):
+    """What the platform needs from a vector database (Milvus Lite, a Milvus server)."""
+
+    uri: str
+    is_lite: bool
+
+    def has_collection(self, name: str) -> bool: ...
+
     def ensure_collection(self, name: str, dim: int) -> None: ...
+
+    def dimension(self, name: str) -> int: ...
 
     def upsert(
         self, name: str, ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]
@@ -190,11 +200,15 @@ class VectorStore(Protocol):
 
     def delete(self, name: str, ids: Sequence[int]) -> None: ...
 
+    def flush(self, name: str) -> None: ...
+
     def search(
         self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None
     ) -> list[list[Hit]]: ...
 
     def count(self, name: str) -> int: ...
+
+    def ids(self, name: str) -> set[int]: ...
 
     def drop(self, name: str) -> None: ...
 
@@ -203,6 +217,8 @@ class VectorStore(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
     def search_backend(self, name: str) -> str: ...
+
+    def close(self) -> None: ...
 
 
 def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -219,16 +235,72 @@ def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
     return arr
 
 
+# Consistency (a Milvus server; Milvus Lite, one process, always reads its own writes).
+# Reads that must see every write finished before them (reconcile's id sets, re-index
+# skip sets, counts, full scans, the drift job's reads) use Strong: the server waits for
+# its time tick to pass the request's timestamp (200-400 ms a call on a 2.3 standalone
+# here). Searches use SEARCH_CONSISTENCY by default (Settings.milvus_consistency).
+STRONG = "Strong"
+Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
+SERVING_ALIAS = "carsearch_serving"
+_MVCC_FALLBACK = "failed to get mvccTs"
+
+
+class _IteratorTimestampNote(logging.Filter):
+    """pymilvus 3 asks the server for an MVCC timestamp to pin an iterator's snapshot;
+    Milvus 2.3 and Milvus Lite return none, and pymilvus warns and falls back to the
+    client's clock, which a Bounded read then ignores. Our scans ask for Strong
+    consistency on every page instead, so the fallback changes nothing: the warning is
+    replaced by one INFO line per process saying so."""
+
+    noted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _MVCC_FALLBACK not in record.getMessage():
+            return True
+        if not _IteratorTimestampNote.noted:
+            _IteratorTimestampNote.noted = True
+            log.info("this Milvus gives iterators no MVCC timestamp; full scans read each "
+                     "page at Strong consistency instead of one snapshot")
+        return False
+
+
+_iterator_note = _IteratorTimestampNote()
+
+
+def _milvus_errors(fn: Any) -> Any:
+    """Turn pymilvus and gRPC failures into VectorStoreError (a one-line message)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self: MilvusStore, *args: Any, **kwargs: Any) -> Any:
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            return fn(self, *args, **kwargs)
+        except MilvusException as exc:
+            raise VectorStoreError(
+                f"Milvus at {self.uri}: {fn.__name__} failed: {exc.message}"
+            ) from exc
+    return wrapper
+
+
+def _not_loaded(exc: Exception) -> bool:
+    return "not loaded" in str(exc).lower()
+
+
 class MilvusStore:
     """The Milvus adapter: a Milvus Lite file path or an http(s):// server URI."""
 
-    def __init__(self, uri: str, *, token: str = "", index: IndexSpec | None = None) -> None:
+    def __init__(self, uri: str, *, token: str = "", index: IndexSpec | None = None,
+                 consistency: Consistency = "Session") -> None:
         from pymilvus import MilvusClient
         from pymilvus.exceptions import MilvusException
 
         self.uri = uri
         self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix://"))
         self.index = index or IndexSpec.default_for(self.is_lite)
+        self.consistency: Consistency = consistency
         self._loaded: set[str] = set()
         self._dims: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -237,6 +309,10 @@ class MilvusStore:
             from pathlib import Path
 
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        for name in ("pymilvus.client.iterator.query_iterator", "pymilvus.client.iterator"):
+            lg = logging.getLogger(name)
+            if _iterator_note not in lg.filters:
+                lg.addFilter(_iterator_note)
         try:
             self.client = MilvusClient(uri=uri, token=token)
         except MilvusException as exc:
@@ -249,9 +325,11 @@ class MilvusStore:
             raise VectorStoreError(f"cannot open Milvus at {uri}: {exc.message}") from None
 
     # -- collections -------------------------------------------------------------
+    @_milvus_errors
     def has_collection(self, name: str) -> bool:
         return bool(self.client.has_collection(name))
 
+    @_milvus_errors
     def list_collections(self) -> list[str]:
         return list(self.client.list_collections())
 
@@ -271,6 +349,21 @@ class MilvusStore:
                 return
             self._create_collection(name, dim)
 
+    def scalar_index_types(self) -> dict[str, str]:
+        """Scalar indexes on the filter fields, by what this Milvus supports.
+
+        A 2.3 server has Trie (strings) and STL_SORT (numbers), 2.4 and later INVERTED.
+        Milvus Lite, which filters in its own process, gets none (as before).
+        """
+        if self.is_lite:
+            return {}
+        version = str(self.client.get_server_version()).lstrip("v")
+        major_minor = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) or (2, 3)
+        if major_minor >= (2, 4):
+            return {**{f: "INVERTED" for f in SCALAR_FIELDS}, "year": "INVERTED"}
+        return {**{f: "Trie" for f in SCALAR_FIELDS}, "year": "STL_SORT"}
+
+    @_milvus_errors
     def _create_collection(self, name: str, dim: int) -> None:
         from pymilvus import DataType, MilvusClient
         from pymilvus.exceptions import MilvusException
@@ -288,6 +381,8 @@ class MilvusStore:
             metric_type="IP",
             params=lite_index_params(self.index.params),
         )
+        for fname, kind in self.scalar_index_types().items():
+            params.add_index(field_name=fname, index_type=kind)
         try:
             self.client.create_collection(name, schema=schema, index_params=params)
         except MilvusException:
@@ -299,6 +394,7 @@ class MilvusStore:
         log.info("created collection %s (dim %d, IP, %s)", name, dim, self.index.type)
         self._dims[name] = dim
 
+    @_milvus_errors
     def dimension(self, name: str) -> int:
         if name not in self._dims:
             desc = self.client.describe_collection(name)
@@ -307,23 +403,79 @@ class MilvusStore:
                     self._dims[name] = int(f["params"]["dim"])
         return self._dims[name]
 
-    def _ensure_loaded(self, name: str) -> None:
-        if name in self._loaded:
+    def _ensure_loaded(self, name: str, *, again: bool = False) -> None:
+        if name in self._loaded and not again:
             return
         with self._lock:
-            if name not in self._loaded:
+            if again or name not in self._loaded:
                 if not self.has_collection(name):
                     raise VectorStoreError(f"no collection {name} in Milvus at {self.uri}")
                 self.client.load_collection(name)
                 self._loaded.add(name)
 
+    def _loaded_call(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn`` on a loaded collection; a server that restarted may have released
+        it (our cache says loaded), so "not loaded" loads it again and retries once."""
+        from pymilvus.exceptions import MilvusException
+
+        self._ensure_loaded(name)
+        try:
+            return fn(*args, **kwargs)
+        except MilvusException as exc:
+            if not _not_loaded(exc):
+                raise
+            log.info("collection %s was released (a server restart?); loading it again", name)
+            self._ensure_loaded(name, again=True)
+            return fn(*args, **kwargs)
+
+    @_milvus_errors
     def drop(self, name: str) -> None:
+        """Drop a collection, its aliases first: Milvus 2.3 keeps a dropped collection's
+        alias half alive (not listed, not describable, but "already exists" to create)."""
         if self.has_collection(name):
+            for alias in self.client.list_aliases(name).get("aliases") or []:
+                self.client.drop_alias(alias)
             self.client.drop_collection(name)
         self._loaded.discard(name)
         self._dims.pop(name, None)
 
+    # -- the serving alias ---------------------------------------------------------
+    @_milvus_errors
+    def alias_target(self, alias: str = SERVING_ALIAS) -> str | None:
+        """The collection an alias points to, or None when there is no such alias."""
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            aliases = self.client.list_aliases()
+        except MilvusException:
+            return None
+        if alias not in (aliases.get("aliases") or []):
+            return None
+        return str(self.client.describe_alias(alias)["collection_name"])
+
+    @_milvus_errors
+    def point_alias(self, collection: str, alias: str = SERVING_ALIAS) -> None:
+        """Make ``alias`` name ``collection``: one atomic switch on the server."""
+        from pymilvus.exceptions import MilvusException
+
+        current = self.alias_target(alias)
+        if current == collection:
+            return
+        if current is not None:
+            self.client.alter_alias(collection, alias)
+        else:
+            try:
+                self.client.create_alias(collection, alias)
+            except MilvusException as exc:
+                if "exist" not in exc.message:
+                    raise
+                # The remains of an alias whose collection was dropped: clear, then create.
+                self.client.drop_alias(alias)
+                self.client.create_alias(collection, alias)
+        log.info("alias %s -> %s (was %s)", alias, collection, current or "unset")
+
     # -- rows ----------------------------------------------------------------------
+    @_milvus_errors
     def upsert(
         self, name: str, ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]
     ) -> int:
@@ -331,45 +483,101 @@ class MilvusStore:
             raise ValueError("ids, vectors and rows differ in length")
         if not len(ids):
             return 0
-        self._ensure_loaded(name)
         arr = check_vectors(vectors, self.dimension(name))
         data = [
             {"id": int(i), "vector": arr[j].tolist(), **rows[j].as_fields()}
             for j, i in enumerate(ids)
         ]
-        res = self.client.upsert(name, data)
+        res = self._loaded_call(name, self.client.upsert, name, data)
         return int(res.get("upsert_count", len(data)))
 
+    @_milvus_errors
     def flush(self, name: str) -> None:
-        """Seal growing segments: searches on unflushed rows are far slower."""
-        self.client.flush(name)
+        """Seal growing segments after a bulk load. Milvus Lite brute-forces unflushed
+        rows (far slower searches); a server seals segments itself and rate-limits
+        flushes (0.5-3 s a call here), so there this is a no-op."""
+        if self.is_lite:
+            self.client.flush(name)
 
+    @_milvus_errors
     def delete(self, name: str, ids: Sequence[int]) -> None:
         if not len(ids):
             return
-        self._ensure_loaded(name)
-        self.client.delete(name, ids=[int(i) for i in ids])
+        self._loaded_call(name, self.client.delete, name, ids=[int(i) for i in ids])
 
-    def count(self, name: str) -> int:
+    @_milvus_errors
+    def count(self, name: str, *, consistency: Consistency = STRONG) -> int:
         if not self.has_collection(name):
             return 0
-        self._ensure_loaded(name)
-        res = self.client.query(name, filter="", output_fields=["count(*)"])
+        res = self._loaded_call(name, self.client.query, name, filter="",
+                                output_fields=["count(*)"], consistency_level=consistency)
         return int(res[0]["count(*)"])
 
-    def ids(self, name: str, batch: int = 10_000) -> set[int]:
-        """Every primary key in a collection (for reconcile)."""
+    def scan(
+        self, name: str, fields: Sequence[str], *, batch: int = 10_000,
+        stop: threading.Event | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Every row of a collection, a page at a time: the one whole-collection read
+        (reconcile's id set, re-index skip sets, the exact index, the search mirror).
+
+        On a server, pages are read by primary key (``id > last``, at most ``batch``,
+        ascending) at Strong consistency, so a scan sees every write finished before it
+        started. pymilvus's query iterator cannot promise that against Milvus 2.3: it
+        asks for an MVCC timestamp the server does not give, falls back to the client's
+        clock, and its pages are then read at the collection's default (Bounded)
+        consistency, which missed rows written a moment before in a test here. Milvus
+        Lite (one process, every write visible at once) keeps the iterator, since its
+        limited queries do not come back in key order.
+        """
         self._ensure_loaded(name)
-        out: set[int] = set()
-        it = self.client.query_iterator(name, batch_size=batch, filter="", output_fields=["id"])
+        pages = (self._lite_pages(name, fields, batch) if self.is_lite
+                 else self._key_pages(name, fields, batch))
+        for page in pages:
+            if stop is not None and stop.is_set():
+                return
+            yield page
+
+    @_milvus_errors
+    def _key_pages(
+        self, name: str, fields: Sequence[str], batch: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        wanted = list(dict.fromkeys(["id", *fields]))
+        expr = f"id >= {-(1 << 63) + 1}"  # Milvus cannot parse -2**63 itself
+        while True:
+            page = self._loaded_call(name, self.client.query, name, filter=expr,
+                                     output_fields=wanted, limit=int(batch),
+                                     consistency_level=STRONG)
+            if not page:
+                return
+            keys = [int(r["id"]) for r in page]
+            if any(b <= a for a, b in itertools.pairwise(keys)):
+                raise VectorStoreError(f"Milvus at {self.uri} returned a page of {name} "
+                                       "out of key order: cannot scan it by primary key")
+            yield list(page)
+            if len(page) < batch:
+                return
+            expr = f"id > {keys[-1]}"
+
+    @_milvus_errors
+    def _lite_pages(
+        self, name: str, fields: Sequence[str], batch: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        it = self.client.query_iterator(name, batch_size=batch, filter="",
+                                        output_fields=list(fields))
         try:
             while True:
                 page = it.next()
                 if not page:
-                    break
-                out.update(int(r["id"]) for r in page)
+                    return
+                yield list(page)
         finally:
             it.close()
+
+    def ids(self, name: str, batch: int = 10_000) -> set[int]:
+        """Every primary key in a collection (reconcile, re-index, the exact index)."""
+        out: set[int] = set()
+        for page in self.scan(name, ["id"], batch=batch):
+            out.update(int(r["id"]) for r in page)
         return out
 
     def search(
@@ -383,24 +591,29 @@ class MilvusStore:
         del name
         return f"Milvus {'Lite' if self.is_lite else 'server'}, {self.index.type}"
 
+    @_milvus_errors
     def search_ann(
-        self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None
+        self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None,
+        *, consistency: Consistency | None = None,
     ) -> list[list[Hit]]:
         """Milvus's own search, whatever serves `search` (the ANN audit measures this)."""
         if k < 1:
             raise QueryError("k must be at least 1")
-        self._ensure_loaded(name)
         arr = check_vectors(vectors, self.dimension(name))
-        res = self.client.search(
+        res = self._loaded_call(
+            name, self.client.search,
             name,
             data=[v.tolist() for v in arr],
             limit=int(k),
             filter=build_filter_expression(filters),
             output_fields=[*SCALAR_FIELDS, "year"],
             search_params={"metric_type": "IP", "params": dict(self.index.search_params)},
+            consistency_level=consistency or self.consistency,
         )
+        fields = (*SCALAR_FIELDS, "year")
         return [
-            [Hit(id=int(h["id"]), score=float(h["distance"]), fields=dict(h["entity"])) for h in q]
+            [Hit(id=int(h["id"]), score=float(h["distance"]),
+                 fields={f: h["entity"].get(f) for f in fields}) for h in q]
             for q in res
         ]
 
@@ -414,22 +627,25 @@ class MilvusStore:
             server_manager_instance.release_server(self.uri)
         self._loaded.clear()
 
+    @_milvus_errors
     def vectors(
-        self, name: str, ids: Sequence[int], *, batch: int = 1000
+        self, name: str, ids: Sequence[int], *, batch: int = 1000,
+        consistency: Consistency | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The stored vectors of ``ids``: ``(ids found (int64), float32 (n, dim))``, in the
         order asked (repeats once); ids the collection does not hold are left out. Ids are
         cast to int, so the ``id in [...]`` expression is built from numbers only."""
-        self._ensure_loaded(name)
         dim = self.dimension(name)
         wanted = list(dict.fromkeys(int(i) for i in ids))
         found: dict[int, list[float]] = {}
         batch = max(1, batch)
         for start in range(0, len(wanted), batch):
             chunk = wanted[start:start + batch]
-            rows = self.client.query(
+            rows = self._loaded_call(
+                name, self.client.query,
                 name, filter=f"id in [{', '.join(str(i) for i in chunk)}]",
                 output_fields=["id", "vector"],
+                consistency_level=consistency or self.consistency,
             )
             found.update((int(r["id"]), r["vector"]) for r in rows)
         order = [i for i in wanted if i in found]

@@ -1,0 +1,215 @@
+"""A Milvus standalone server on this machine, for tests, benchmarks and the chaos run.
+
+The PyPI package ``milvus`` (2.3.5) ships the Milvus standalone binary behind a small
+Python launcher, ``milvus-server --data DIR``. The launcher binds a fixed default port
+for every component unless told otherwise, and the embedded etcd listens on 2379/2380
+whatever ``--etcd-port`` says, so two servers on one machine collide. So
+:class:`LocalMilvusServer` picks free ports for every component, gives the embedded etcd
+its own config file (``ETCD_CONFIG_PATH``, which Milvus reads as ``etcd.config.path``)
+with free client and peer ports, starts the launcher in its own process group, waits
+until a client can list collections, and stops the whole group. (The launcher finds a
+free metrics port itself, from 9091 up.) SIGTERM did not end the server
+within 45 s in a measurement here, so :meth:`LocalMilvusServer.stop` sends SIGTERM, waits
+briefly, then SIGKILLs the group: nothing is left running. A stopped server can be started
+again on the same data directory and ports (the chaos run restarts it).
+
+In production Milvus runs as its own service (docker-compose); nothing in the platform's
+request paths starts a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from carsearch.platform.errors import CarsearchError
+
+log = logging.getLogger(__name__)
+
+# Every listening component of the standalone binary, as the launcher names its options.
+PORT_OPTIONS = (
+    "proxy-port", "proxy-internal-port", "etcd-port", "root-coord-port",
+    "query-coord-port", "query-node-port", "index-coord-port", "index-node-port",
+    "data-coord-port", "data-node-port",
+)
+
+
+class MilvusServerError(CarsearchError):
+    """The local Milvus server could not be started."""
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on loopback (bound together, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def launcher() -> str:
+    """The ``milvus-server`` launcher beside this interpreter, or on PATH."""
+    beside = Path(sys.executable).with_name("milvus-server")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("milvus-server")
+    if found is None:
+        raise MilvusServerError(
+            "milvus-server is not installed: pip install milvus (the project's dev extra)"
+        )
+    return found
+
+
+class LocalMilvusServer:
+    """One ``milvus-server`` process group on free loopback ports with its own data dir."""
+
+    def __init__(self, data_dir: Path, *, start_timeout_s: float = 120.0) -> None:
+        self.data_dir = Path(data_dir)
+        self.start_timeout_s = start_timeout_s
+        ports = free_ports(len(PORT_OPTIONS) + 1)
+        self.ports = dict(zip(PORT_OPTIONS, ports[:-1], strict=True))
+        self.etcd_peer_port = ports[-1]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.data_dir / "milvus-server.log"
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.ports['proxy-port']}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self) -> list[str]:
+        cmd = [launcher(), "--data", str(self.data_dir)]
+        for option, port in self.ports.items():
+            cmd += [f"--{option}", str(port)]
+        return cmd
+
+    def start(self) -> str:
+        """Start the server and wait until it answers; returns its URI."""
+        if self.running:
+            return self.uri
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "ETCD_CONFIG_PATH": str(self._write_etcd_config())}
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, start_new_session=True,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Milvus server %s ready (pid %d, data %s)", self.uri, self.proc.pid,
+                 self.data_dir)
+        return self.uri
+
+    def _write_etcd_config(self) -> Path:
+        """The embedded etcd's own config: loopback client and peer URLs on our ports."""
+        client = f"http://127.0.0.1:{self.ports['etcd-port']}"
+        peer = f"http://127.0.0.1:{self.etcd_peer_port}"
+        path = self.data_dir / "embed-etcd.yaml"
+        path.write_text(
+            "name: carsearch-milvus\n"
+            f"listen-client-urls: {client}\nadvertise-client-urls: {client}\n"
+            f"listen-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\n"
+            f"initial-cluster: carsearch-milvus={peer}\n"
+        )
+        return path
+
+    def _wait_ready(self) -> None:
+        from pymilvus import MilvusClient
+
+        deadline = time.monotonic() + self.start_timeout_s
+        last: Exception | None = None
+        port = self.ports["proxy-port"]
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise MilvusServerError(
+                    f"milvus-server exited with {self.proc.returncode} during start; "
+                    f"see {self.log_path}: {self._log_tail()}"
+                )
+            time.sleep(0.5)
+            try:  # the proxy port first: a client would log every refused connection
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                client = MilvusClient(uri=self.uri, timeout=5)
+                try:
+                    client.list_collections()
+                finally:
+                    client.close()
+                return
+            except Exception as exc:  # not up yet
+                last = exc
+        raise MilvusServerError(
+            f"milvus-server did not answer on {self.uri} within {self.start_timeout_s:g} s "
+            f"({last}); see {self.log_path}"
+        )
+
+    def _log_tail(self, n: int = 400) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+    def stop(self, *, grace_s: float = 3.0) -> None:
+        """SIGTERM the process group, SIGKILL it after ``grace_s``, and wait until no
+        process of the group is left (the launcher and the server binary it started)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        _signal_group(proc.pid, signal.SIGTERM)
+        _wait_group(proc, grace_s)
+        _signal_group(proc.pid, signal.SIGKILL)
+        if not _wait_group(proc, 30.0):
+            log.warning("Milvus server process group %d did not go away", proc.pid)
+        log.info("Milvus server %s stopped", self.uri)
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (a crash, for the chaos run)."""
+        self.stop(grace_s=0.0)
+
+    def restart(self) -> str:
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> LocalMilvusServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _wait_group(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Wait until no process of ``proc``'s group is alive; False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        proc.poll()  # reap the launcher, so that a zombie does not count as alive
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
