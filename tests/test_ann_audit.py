@@ -1,5 +1,6 @@
-"""ANN audit on real Milvus Lite files and FAISS: recall by hand, end to end, recorded rows,
-the exact index built from Milvus, and `carsearch evaluate ann` through the CLI."""
+"""ANN audit on real Milvus Lite files, a real Milvus server and FAISS: recall by hand, end
+to end, recorded rows, the exact index built from Milvus, and `carsearch evaluate ann`
+through the CLI."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def _fill(store: MilvusStore, name: str, ids: list[int], vectors: np.ndarray) ->
     store.ensure_collection(name, vectors.shape[1])
     store.upsert(name, ids, vectors, [VectorRow(source="test")] * len(ids))
     store.flush(name)
-    # Lite builds a flushed segment's index in a background thread and brute-forces the
-    # segment until then; a reload builds it now, so every query sees the same index.
+    # Milvus builds a flushed segment's index in the background and brute-forces the
+    # segment until then; a reload waits for it, so every query sees the same index.
     store.client.release_collection(name)
     store.client.load_collection(name)
 
@@ -49,8 +50,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    s = MilvusStore(str(tmp_path / "milvus.db"), index=IndexSpec("FLAT"))
+def store(milvus_uri: str):
+    s = MilvusStore(milvus_uri, index=IndexSpec("FLAT"))
     yield s
     s.close()
 
@@ -84,9 +85,8 @@ def test_flat_gives_full_recall(store: MilvusStore) -> None:
     assert rep.model_version == "v1"
 
 
-def test_ivf_recall_matches_a_direct_set_comparison(tmp_path: Path) -> None:
-    store = MilvusStore(str(tmp_path / "ivf.db"),
-                        index=IndexSpec("IVF_FLAT", {"nlist": 64}, {"nprobe": 1}))
+def test_ivf_recall_matches_a_direct_set_comparison(milvus_uri: str) -> None:
+    store = MilvusStore(milvus_uri, index=IndexSpec("IVF_FLAT", {"nlist": 64}, {"nprobe": 1}))
     try:
         vectors, centres = clustered_vectors(3000, 16, n_clusters=100, spread=1.2, seed=3)
         ids = list(range(3000))
@@ -192,12 +192,12 @@ def _draw(path: Path, seed: int) -> None:
     img.save(path)
 
 
-def test_evaluate_ann_cli(tmp_path: Path, compact_model: Path) -> None:
+def test_evaluate_ann_cli(tmp_path: Path, compact_model: Path, milvus_uri: str) -> None:
     from carsearch.ingest.pipeline import ingest_items, read_manifest
     from carsearch.platform import migrate
     from carsearch.platform.runtime import Platform
 
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", milvus_uri=milvus_uri)
     migrate.upgrade(settings.database_url)
     platform = Platform(settings)
     version = platform.registry.publish(compact_model, name="base")

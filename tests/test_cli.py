@@ -102,3 +102,54 @@ def test_unmigrated_database_is_one_line(env: dict[str, str]) -> None:
     one_line_error(run(["models", "list"], env, ok=False), "run `carsearch db upgrade`")
     env = dict(env, CARSEARCH_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none")
     one_line_error(run(["models", "list"], env, ok=False), "cannot reach the database")
+
+
+def test_model_lifecycle_moves_the_serving_alias(
+    env: dict[str, str], tmp_path: Path, compact_model: Path, milvus_uri: str
+) -> None:
+    """publish -> ingest -> promote (re-index) -> rollback -> retire --drop -> reconcile,
+    as separate processes, with the Milvus alias following the database's serving version."""
+    from carsearch.platform.vectorstore import MilvusStore
+
+    env = dict(env, CARSEARCH_MILVUS_URI=milvus_uri)
+    run(["db", "upgrade"], env)
+    run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png")
+        rows.append(json.dumps({"path": f"{i}.png", "class_name": "Ford F-150 Regular Cab 2012"}))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
+    run(["ingest", "manifest", str(tmp_path / "m.jsonl")], env)
+    run(["models", "publish", str(compact_model), "--name", "v2"], env)
+
+    def alias() -> str | None:
+        store = MilvusStore(milvus_uri)
+        try:
+            return store.alias_target()
+        finally:
+            store.close()
+
+    assert alias() == "carsearch_v1"
+    out = run(["models", "promote", "v2"], env).stdout
+    assert "v2 is serving (re-indexed 3 images" in out
+    assert alias() == "carsearch_v2"
+    res = json.loads(run(["search", "ford", "--no-parse", "--json"], env).stdout)
+    assert res["version"] == "v2" and len(res["hits"]) == 3
+    assert "v1 is serving" in run(["models", "rollback"], env).stdout
+    assert alias() == "carsearch_v1"
+    one_line_error(run(["models", "retire", "v1"], env, ok=False), "is serving")
+    out = run(["models", "retire", "v2", "--drop"], env).stdout
+    assert "v2 is retired" in out and "collection carsearch_v2" in out
+    store = MilvusStore(milvus_uri)
+    try:
+        assert not store.has_collection("carsearch_v2")
+        store.point_alias("carsearch_v1")  # pretend a crash left the alias elsewhere:
+        store.ensure_collection("stray", 192)
+        store.point_alias("stray")
+    finally:
+        store.close()
+    rep = json.loads(run(["reconcile", "--json"], env).stdout)  # ... reconcile repairs it
+    assert rep["alias"] == "carsearch_v1" and rep["missing"] == rep["orphans"] == 0
+    assert alias() == "carsearch_v1"

@@ -226,9 +226,10 @@ class World:
         return ids
 
 
-def _settings(tmp_path: Path, url: str | None = None, **drift: object) -> Settings:
+def _settings(tmp_path: Path, url: str | None = None, milvus_uri: str = "",
+              **drift: object) -> Settings:
     base = {"k": 10, "percentile": 5.0, "min_cluster_size": 5, "min_new": 20}
-    return Settings(data_dir=tmp_path / "data",
+    return Settings(data_dir=tmp_path / "data", milvus_uri=milvus_uri,
                     **({"database_url": url} if url else {}),
                     drift=DriftSettings(**{**base, **drift}))  # type: ignore[arg-type]
 
@@ -246,8 +247,9 @@ def _marker_command(marker: Path) -> str:
 
 
 @pytest.fixture
-def world(database: Database, tmp_path: Path, marker: Path) -> Iterator[World]:
-    w = World(_settings(tmp_path, database.url, retrain_command=_marker_command(marker)))
+def world(database: Database, tmp_path: Path, marker: Path, milvus_uri: str) -> Iterator[World]:
+    w = World(_settings(tmp_path, database.url, milvus_uri,
+                        retrain_command=_marker_command(marker)))
     yield w
     w.platform.close()
 
@@ -349,8 +351,8 @@ def test_no_reference_and_no_serving_version_are_reported(world: World) -> None:
         run_drift(world.platform, since=now - timedelta(days=1))
 
 
-def test_vectors_by_id(tmp_path: Path) -> None:
-    store = MilvusStore(str(tmp_path / "m.db"), index=IndexSpec("FLAT"))
+def test_vectors_by_id(milvus_uri: str) -> None:
+    store = MilvusStore(milvus_uri, index=IndexSpec("FLAT"))
     try:
         vectors = Catalogue(10).scattered(2500)
         ids = [(1 << 62) + 7 * i for i in range(2500)]

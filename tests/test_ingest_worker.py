@@ -1,4 +1,4 @@
-"""The ingest worker on real Milvus Lite and SQLite/PostgreSQL.
+"""The ingest worker on real Milvus Lite, a real Milvus server and SQLite/PostgreSQL.
 
 Every test ends by checking the invariant "nothing lost, nothing doubled": the Milvus
 primary-key set of the serving collection equals the database's set of indexed images.
@@ -48,9 +48,9 @@ def assert_invariant(p: Platform) -> set[int]:
     return in_db
 
 
-def world(tmp_path: Path, db_url: str, model: Path) -> Platform:
+def world(tmp_path: Path, db_url: str, model: Path, milvus_uri: str = "") -> Platform:
     migrate.upgrade(db_url)
-    s = Settings(data_dir=tmp_path / "data", database_url=db_url)
+    s = Settings(data_dir=tmp_path / "data", database_url=db_url, milvus_uri=milvus_uri)
     s.ensure_dirs()
     p = Platform(s)
     p.registry.publish(model, name="v1")
@@ -59,8 +59,8 @@ def world(tmp_path: Path, db_url: str, model: Path) -> Platform:
 
 
 @pytest.fixture
-def plat(tmp_path: Path, compact_model: Path):
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", compact_model)
+def plat(tmp_path: Path, compact_model: Path, milvus_uri: str):
+    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", compact_model, milvus_uri)
     yield p
     p.close()
 
@@ -100,35 +100,52 @@ def test_inbox_with_sidecars_duplicates_and_a_corrupt_file(plat: Platform, tmp_p
     assert assert_invariant(plat) == ids
 
 
-def test_milvus_unavailable_for_a_while(plat: Platform, tmp_path: Path):
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    for i in range(4):
-        make_image(inbox / f"c{i}.png", 10 + i)
-    uri = plat.settings.milvus_uri
-    plat.close()
-    p = Platform(plat.settings)
-    # Another process holds the Milvus Lite file: this worker cannot open it.
+def _hold_lite_file(uri: str) -> subprocess.Popen[str]:
+    """Another process opens the Milvus Lite file: this one cannot."""
     holder = subprocess.Popen(
         [sys.executable, "-c",
          f"from pymilvus import MilvusClient; import sys, time; MilvusClient({uri!r}); "
          "print('ready', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+def test_milvus_unavailable_for_a_while(plat: Platform, tmp_path: Path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(4):
+        make_image(inbox / f"c{i}.png", 10 + i)
+    settings = plat.settings
+    plat.close()
+    holder = None
+    if settings.milvus_is_lite:
+        down = Platform(settings)
+        holder = _hold_lite_file(settings.milvus_uri)
+        expected = ("another process has it open", "serve --ingest")
+    else:  # a server nobody answers on
+        from carsearch.platform.milvus_server import free_ports
+
+        dead = f"http://127.0.0.1:{free_ports(1)[0]}"
+        down = Platform(settings.model_copy(update={"milvus_uri": dead}))
+        expected = ("cannot open Milvus", dead)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        stats = IngestWorker(p, inbox=inbox).run_once()
+        stats = IngestWorker(down, inbox=inbox).run_once()
         assert stats.failed_batches == 1 and stats.summary.indexed == 0
-        with p.db.session() as s:
+        with down.db.session() as s:
             jobs = s.scalars(select(IngestJob)).all()
         assert {j.state for j in jobs} == {JobState.queued}
         assert all(j.attempts == 1 and j.last_error for j in jobs)
         # The error says why and what to do about it.
-        assert all("another process has it open" in (j.last_error or "") for j in jobs)
-        assert all("serve --ingest" in (j.last_error or "") for j in jobs)
+        for words in expected:
+            assert all(words in (j.last_error or "") for j in jobs), words
     finally:
-        holder.kill()
-        holder.wait()
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+        down.db.dispose()
+    p = Platform(settings)
     # Backoff: not claimable yet; once due, they go through.
     assert IngestWorker(p).run_once().summary.indexed == 0
     with p.db.session() as s:
@@ -160,6 +177,7 @@ def test_sigkill_and_restart(point: str, plat: Platform, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARSEARCH_")}
     env.update(CARSEARCH_DATA_DIR=str(plat.settings.data_dir),
                CARSEARCH_DATABASE_URL=plat.settings.database_url,
+               CARSEARCH_MILVUS_URI=plat.settings.milvus_uri,
                CARSEARCH_LOG_LEVEL="WARNING", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "carsearch.cli", "ingest", "once", "--batch-size", "4",
            "--visibility-timeout", "1"]
@@ -235,7 +253,8 @@ def test_promotion_during_ingest(plat: Platform, tmp_path: Path, compact_model: 
 
 
 @pytest.mark.postgres
-def test_two_workers_share_one_queue(tmp_path: Path, pg_database: str, compact_model: Path):
+def test_two_workers_share_one_queue(tmp_path: Path, pg_database: str, compact_model: Path,
+                                     milvus_uri: str):
     import sqlalchemy as sa
 
     engine = sa.create_engine(pg_database)
@@ -243,9 +262,10 @@ def test_two_workers_share_one_queue(tmp_path: Path, pg_database: str, compact_m
         conn.execute(sa.text("DROP SCHEMA public CASCADE"))
         conn.execute(sa.text("CREATE SCHEMA public"))
     engine.dispose()
-    p1 = world(tmp_path, pg_database, compact_model)
+    p1 = world(tmp_path, pg_database, compact_model, milvus_uri)
     p2 = Platform(p1.settings)
-    p2.__dict__["store"] = p1.store  # one Milvus Lite file per process: share the client
+    if p1.settings.milvus_is_lite:  # one Milvus Lite file per process: share the client
+        p2.__dict__["store"] = p1.store
     paths = [make_image(tmp_path / f"w{i}.png", 400 + i) for i in range(24)]
     queue.enqueue(p1.db, [{"path": str(x)} for x in paths])
     workers = [IngestWorker(p, batch_size=3, worker_id=f"w{n}") for n, p in enumerate((p1, p2))]
@@ -268,7 +288,10 @@ def test_two_workers_share_one_queue(tmp_path: Path, pg_database: str, compact_m
     assert sum(w.stats.summary.indexed for w in workers) == 24
     assert all(w.stats.batches > 0 for w in workers), "both workers should get work"
     assert len(assert_invariant(p1)) == 24
-    p2.db.dispose()
+    if p1.settings.milvus_is_lite:
+        p2.db.dispose()
+    else:
+        p2.close()
     p1.close()
 
 

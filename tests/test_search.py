@@ -1,4 +1,5 @@
-"""Search service end to end: real compact model, Milvus Lite, SQLite/PostgreSQL."""
+"""Search service end to end: real compact model, Milvus Lite (its own search and the
+mirror) and a Milvus server, SQLite/PostgreSQL."""
 
 from __future__ import annotations
 
@@ -40,11 +41,20 @@ def _draw(path: Path, seed: int) -> None:
     img.save(path)
 
 
-@pytest.fixture(params=["milvus", "mirror"])
+@pytest.fixture(params=["milvus", "mirror",
+                        pytest.param("server", marks=pytest.mark.milvus_server)])
 def service(request: pytest.FixtureRequest, database: Database, tmp_path: Path,
             compact_model: Path):
-    """The service over Milvus Lite's own search, and over the search mirror."""
-    settings = Settings(data_dir=tmp_path / "data", database_url=database.url)
+    """The service over Milvus Lite's own search, over the search mirror, and over a
+    Milvus server."""
+    uri = ""
+    if request.param == "server":
+        from conftest import empty_server
+
+        uri = request.getfixturevalue("milvus_server").uri
+        empty_server(uri)
+    settings = Settings(data_dir=tmp_path / "data", database_url=database.url,
+                        milvus_uri=uri)
     kind = MirroredStore if request.param == "mirror" else MilvusStore
     store = kind(settings.milvus_uri)
     svc = SearchService(settings, database, store)

@@ -140,10 +140,20 @@ def models_rollback(ctx: typer.Context) -> None:
 
 
 @models_app.command("retire")
-def models_retire(ctx: typer.Context, name: str) -> None:
+def models_retire(
+    ctx: typer.Context,
+    name: str,
+    drop: Annotated[bool, typer.Option(
+        "--drop", help="Also drop its Milvus collection and saved exact index.")] = False,
+) -> None:
     """Take a non-serving version out of service for good."""
-    v = _platform(ctx).registry.retire(name)
+    from carsearch.ingest.reindex import drop_version_data
+
+    p = _platform(ctx)
+    v = p.registry.retire(name)
     typer.echo(f"{v.name} is retired")
+    if drop:
+        typer.echo(f"dropped {', '.join(drop_version_data(p, v)) or 'nothing (none left)'}")
 
 
 @models_app.command("verify")

@@ -26,7 +26,7 @@ from carsearch.ingest.pipeline import (
     prepare,
     vector_rows,
 )
-from carsearch.platform.db import Image, ImageStatus, ModelVersion
+from carsearch.platform.db import Image, ImageStatus, ModelVersion, VersionStatus
 from carsearch.platform.errors import ImageRejectedError
 from carsearch.platform.runtime import Platform
 
@@ -132,7 +132,50 @@ def promote_with_backfill(
     catch_up = backfill(platform, promoted, progress=False)
     report.embedded += catch_up.embedded
     report.lost += catch_up.lost
+    sync_serving_alias(platform)
     return promoted, report
+
+
+def sync_serving_alias(platform: Platform) -> str | None:
+    """Point the Milvus alias ``carsearch_serving`` at the serving version's collection.
+
+    The database says which version serves; the alias is how other Milvus clients reach
+    it. It is switched (atomically, by Milvus) after a promotion or rollback has filled
+    the new collection, and re-checked by every reconcile, which repairs a crash between
+    the database switch and the alias switch. Returns the collection it points to.
+    """
+    version = platform.registry.serving()
+    if version is None or not platform.store.has_collection(version.collection):
+        return None
+    platform.store.point_alias(version.collection)
+    return version.collection
+
+
+def drop_version_data(platform: Platform, version: ModelVersion) -> list[str]:
+    """Drop a retired version's Milvus collection and its saved exact index; returns what
+    was dropped. A serving version, or one the serving alias names, is refused."""
+    import shutil
+
+    from carsearch.platform.ann_audit import exact_dir
+    from carsearch.platform.registry import RegistryError
+
+    current = platform.registry.get(version.name)
+    if current.status != VersionStatus.retired:
+        raise RegistryError(f"{version.name} is {current.status.value}: retire it first")
+    store = platform.store
+    if store.alias_target() == current.collection:
+        raise RegistryError(f"the serving alias still names {current.collection}: run "
+                            "`carsearch reconcile` to point it at the serving version")
+    dropped = []
+    if store.has_collection(current.collection):
+        store.drop(current.collection)
+        dropped.append(f"collection {current.collection}")
+    exact = exact_dir(platform.settings.data_dir, current.name)
+    if exact.exists():
+        shutil.rmtree(exact)
+        dropped.append(f"exact index {exact}")
+    log.info("dropped the data of retired version %s: %s", current.name, dropped)
+    return dropped
 
 
 @dataclass
@@ -145,6 +188,7 @@ class ReconcileReport:
     repaired_missing: int = 0
     removed_orphans: int = 0
     lost: int = 0
+    alias: str | None = None  # the collection the serving alias points to, after repair
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +207,10 @@ def reconcile(
     missing = in_db - in_milvus
     orphans = in_milvus - in_db
     rep = ReconcileReport(version.name, len(in_milvus), len(in_db), len(missing), len(orphans))
+    serving = platform.registry.serving()
+    rep.alias = platform.store.alias_target()
+    if repair and serving is not None and serving.name == version.name:
+        rep.alias = sync_serving_alias(platform)
     if repair:
         if orphans:
             store.delete(version.collection, sorted(orphans))

@@ -153,9 +153,9 @@ class IngestWorker:
             if not jobs:
                 break
             self.process(jobs)
-        if self.stats.summary.indexed > indexed_before:
+        if self.stats.summary.indexed > indexed_before and self.p.store.needs_flush:
             # Drained: seal the growing segment so searches stay fast (Milvus Lite
-            # searches unflushed rows by brute force, far slower).
+            # searches unflushed rows by brute force, far slower; a server seals itself).
             version = self.p.registry.serving()
             if version is not None and self.p.store.has_collection(version.collection):
                 self.p.store.flush(version.collection)

@@ -179,13 +179,17 @@ def ordered_ids(hits_per_query: Sequence[Sequence[Any]], k: int) -> tuple[np.nda
 
 
 def _collection_index(store: MilvusStore, collection: str) -> tuple[str, dict[str, Any]]:
-    """The index type and build parameters the collection really has."""
+    """The vector index type and build parameters the collection really has (a server's
+    collections also carry scalar indexes on the filter fields)."""
+    info: dict[str, Any] = {}
     try:
-        names = store.client.list_indexes(collection)
-        info = store.client.describe_index(collection, names[0]) if names else {}
+        for name in store.client.list_indexes(collection):
+            desc = store.client.describe_index(collection, name)
+            if desc.get("field_name") == "vector":
+                info = desc
+                break
     except Exception as exc:  # report what the adapter believes instead
         log.debug("describe_index failed: %s", exc)
-        info = {}
     if not info:
         return store.index.type, dict(store.index.params)
     skip = {"index_type", "metric_type", "field_name", "index_name", "total_rows",

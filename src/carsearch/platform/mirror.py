@@ -38,6 +38,7 @@ from tqdm import tqdm
 from carsearch.platform.errors import QueryError
 from carsearch.platform.vectorstore import (
     SCALAR_FIELDS,
+    Consistency,
     Hit,
     IndexSpec,
     MilvusStore,
@@ -208,8 +209,9 @@ class MirroredStore(MilvusStore):
     """
 
     def __init__(self, uri: str, *, token: str = "", index: IndexSpec | None = None,
-                 progress: bool = False, auto_build: bool = False) -> None:
-        super().__init__(uri, token=token, index=index)
+                 consistency: Consistency = "Session", progress: bool = False,
+                 auto_build: bool = False) -> None:
+        super().__init__(uri, token=token, index=index, consistency=consistency)
         self.progress = progress
         # A long-running process (the search page) sets this: a search that finds no
         # mirror starts building one. One-shot commands search Milvus and build nothing.
@@ -353,7 +355,8 @@ class MirroredStore(MilvusStore):
         return len(mirror) if mirror is not None else super().count(name)
 
     def vectors(
-        self, name: str, ids: Sequence[int], *, batch: int = 1000
+        self, name: str, ids: Sequence[int], *, batch: int = 1000,
+        consistency: Consistency | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Stored vectors by id: from the mirror when it is ready (the drift job reads
         thousands at a time), from Milvus otherwise."""
@@ -361,7 +364,7 @@ class MirroredStore(MilvusStore):
             mirror = self._mirrors.get(name)
             if mirror is not None:
                 return mirror.vectors(ids)
-        return super().vectors(name, ids, batch=batch)
+        return super().vectors(name, ids, batch=batch, consistency=consistency)
 
     def search(
         self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None

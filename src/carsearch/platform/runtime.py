@@ -36,9 +36,8 @@ class Platform:
     def store(self) -> MilvusStore:
         """Milvus; searches served from an exact in-memory mirror where that is safe."""
         s = self.settings
-        if s.mirror_enabled:
-            return MirroredStore(s.milvus_uri, token=s.milvus_token)
-        return MilvusStore(s.milvus_uri, token=s.milvus_token)
+        kind = MirroredStore if s.mirror_enabled else MilvusStore
+        return kind(s.milvus_uri, token=s.milvus_token, consistency=s.milvus_consistency)
 
     @cached_property
     def registry(self) -> Registry:

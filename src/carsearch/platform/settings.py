@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description="Milvus Lite file path or http://host:19530; empty means data_dir/milvus.db.",
     )
     milvus_token: str = Field(default="", description="Milvus server token (user:password).")
+    milvus_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
+        default="Session",
+        description="Consistency of searches on a Milvus server: Session sees this "
+        "process's own writes at once and other processes' within a time tick; reads "
+        "that decide repairs (reconcile, re-index, counts, scans) are always Strong.",
+    )
     model_dir: Path = Field(default=Path(""), description="Where model versions are stored.")
     base_model: str = Field(
         default="",

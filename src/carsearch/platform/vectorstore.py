@@ -13,7 +13,6 @@ import json
 import logging
 import re
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -302,6 +301,7 @@ class MilvusStore:
         self.index = index or IndexSpec.default_for(self.is_lite)
         self.consistency: Consistency = consistency
         self._loaded: set[str] = set()
+        self._deleted_from: set[str] = set()
         self._dims: dict[str, int] = {}
         self._lock = threading.Lock()
         self._create_lock = threading.Lock()
@@ -365,8 +365,12 @@ class MilvusStore:
 
     @_milvus_errors
     def _create_collection(self, name: str, dim: int) -> None:
+        """Create, index, then load, each step idempotent: on a server two processes may
+        create the same collection at once. (Handing the indexes to create_collection
+        lets the first finisher load the collection while the other still adds scalar
+        indexes, which Milvus then refuses: "can't change the index for loaded
+        collection".) Every creator adds every index before it loads."""
         from pymilvus import DataType, MilvusClient
-        from pymilvus.exceptions import MilvusException
 
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
@@ -374,6 +378,7 @@ class MilvusStore:
         for fname, max_len in SCALAR_FIELDS.items():
             schema.add_field(fname, DataType.VARCHAR, max_length=max_len)
         schema.add_field("year", DataType.INT64)
+        self.client.create_collection(name, schema=schema)  # same schema again: no-op
         params = self.client.prepare_index_params()
         params.add_index(
             field_name="vector",
@@ -383,14 +388,11 @@ class MilvusStore:
         )
         for fname, kind in self.scalar_index_types().items():
             params.add_index(field_name=fname, index_type=kind)
-        try:
-            self.client.create_collection(name, schema=schema, index_params=params)
-        except MilvusException:
-            for _ in range(20):  # another process won the race: wait until it is visible
-                if self.has_collection(name):
-                    return
-                time.sleep(0.1)
-            raise
+        # sync=False: pymilvus would sleep 0.5 s per index before asking about it (3 s a
+        # collection on a server); the load below waits for what it needs.
+        self.client.create_index(name, params, sync=False)
+        self.client.load_collection(name)
+        self._loaded.add(name)
         log.info("created collection %s (dim %d, IP, %s)", name, dim, self.index.type)
         self._dims[name] = dim
 
@@ -493,17 +495,33 @@ class MilvusStore:
 
     @_milvus_errors
     def flush(self, name: str) -> None:
-        """Seal growing segments after a bulk load. Milvus Lite brute-forces unflushed
-        rows (far slower searches); a server seals segments itself and rate-limits
-        flushes (0.5-3 s a call here), so there this is a no-op."""
-        if self.is_lite:
-            self.client.flush(name)
+        """Seal growing segments after a bulk load, so that their index is built. Milvus
+        Lite brute-forces unflushed rows (far slower searches); a server seals segments
+        itself as they fill and rate-limits flushes (0.5-3 s a call here), so the ingest
+        worker flushes only Lite (``needs_flush``)."""
+        self.client.flush(name)
+
+    @property
+    def needs_flush(self) -> bool:
+        """Whether small writes should be sealed at once (Milvus Lite) or left to Milvus."""
+        return self.is_lite
 
     @_milvus_errors
     def delete(self, name: str, ids: Sequence[int]) -> None:
         if not len(ids):
             return
         self._loaded_call(name, self.client.delete, name, ids=[int(i) for i in ids])
+        self._deleted_from.add(name)
+
+    def _read_consistency(self, name: str, asked: Consistency | None) -> Consistency:
+        """The level of a read: the one asked for, else ``self.consistency``; but the
+        first read after this process deleted from ``name`` is Strong. pymilvus's Session
+        level follows the timestamps of inserts and upserts only (a 2.3 server returns
+        none for a delete), so it would still show what we just deleted."""
+        if name in self._deleted_from:
+            self._deleted_from.discard(name)
+            return STRONG
+        return asked or self.consistency
 
     @_milvus_errors
     def count(self, name: str, *, consistency: Consistency = STRONG) -> int:
@@ -608,7 +626,7 @@ class MilvusStore:
             filter=build_filter_expression(filters),
             output_fields=[*SCALAR_FIELDS, "year"],
             search_params={"metric_type": "IP", "params": dict(self.index.search_params)},
-            consistency_level=consistency or self.consistency,
+            consistency_level=self._read_consistency(name, consistency),
         )
         fields = (*SCALAR_FIELDS, "year")
         return [
@@ -639,13 +657,14 @@ class MilvusStore:
         wanted = list(dict.fromkeys(int(i) for i in ids))
         found: dict[int, list[float]] = {}
         batch = max(1, batch)
+        level = self._read_consistency(name, consistency)
         for start in range(0, len(wanted), batch):
             chunk = wanted[start:start + batch]
             rows = self._loaded_call(
                 name, self.client.query,
                 name, filter=f"id in [{', '.join(str(i) for i in chunk)}]",
                 output_fields=["id", "vector"],
-                consistency_level=consistency or self.consistency,
+                consistency_level=level,
             )
             found.update((int(r["id"]), r["vector"]) for r in rows)
         order = [i for i in wanted if i in found]

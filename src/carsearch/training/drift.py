@@ -29,6 +29,7 @@ from carsearch.platform.db import Database, DriftReport, Image, ImageStatus, Mod
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.exact import set_threads
 from carsearch.platform.settings import DriftSettings
+from carsearch.platform.vectorstore import STRONG
 from carsearch.training.drift_detect import (
     DriftDetection,
     IsolatedCluster,
@@ -166,7 +167,7 @@ def read_vectors(
     with tqdm(total=len(ids), desc=desc, unit="vec", disable=not progress, leave=False) as bar:
         for start in range(0, len(ids), _READ_BATCH):
             chunk = ids[start:start + _READ_BATCH]
-            got, mat = store.vectors(collection, chunk)
+            got, mat = store.vectors(collection, chunk, consistency=STRONG)
             found.append(got)
             mats.append(mat)
             bar.update(len(chunk))
