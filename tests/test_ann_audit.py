@@ -24,11 +24,11 @@ from carsearch.platform.ann_audit import (
     latest_ann_report,
     logged_queries,
     record_report,
-    run_every,
     sync_exact_index,
 )
 from carsearch.platform.db import Database, ModelVersion, QueryLog
 from carsearch.platform.exact import ExactIndex
+from carsearch.platform.health import run_every
 from carsearch.platform.settings import Settings
 from carsearch.platform.vector_bench import clustered_vectors
 from carsearch.platform.vectorstore import IndexSpec, MilvusStore, VectorRow

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from carsearch.cli_context import once_or_every, settings_from
+from carsearch.cli_context import HealthPort, once_or_every, settings_from
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.settings import Settings
 
@@ -78,6 +78,7 @@ def ann_command(
     every: Annotated[float | None, typer.Option(
         help="Repeat every SECONDS until SIGINT/SIGTERM.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    health_port: Annotated[int, HealthPort] = 0,
 ) -> None:
     """Audit Milvus ANN results of the serving version against FAISS exact search; the
     report (recall@1/10/k, score agreement, latency) is printed and recorded."""
@@ -93,4 +94,4 @@ def ann_command(
                                n=n, k=k, seed=seed, progress=not as_json)
         typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
-    once_or_every(platform, once, every)
+    once_or_every(platform, once, every, name="ann-audit", health_port=health_port)

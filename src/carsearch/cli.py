@@ -75,7 +75,7 @@ def _evaluate_app() -> typer.Typer:
 def _register() -> None:
     # Sub-commands live beside the parts they drive; imported here so that
     # `carsearch --help` lists them all.
-    from carsearch import bench_cli, platform_cli, ui_cli
+    from carsearch import bench_cli, health_cli, platform_cli, ui_cli
     from carsearch.training import augment_cli, base_cli, data_cli, drift_cli, train_cli
 
     app.add_typer(platform_cli.db_app, name="db")
@@ -91,6 +91,7 @@ def _register() -> None:
     app.add_typer(bench_cli.app, name="bench")
     app.add_typer(drift_cli.app, name="drift")
     app.command("serve")(ui_cli.serve_command)
+    app.command("health")(health_cli.health_command)
 
 
 _register()

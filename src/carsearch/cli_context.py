@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import typer
@@ -10,6 +11,7 @@ import typer
 from carsearch.platform.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from carsearch.platform.health import Health
     from carsearch.platform.runtime import Platform
 
 
@@ -20,15 +22,39 @@ def settings_from(ctx: typer.Context) -> Settings:
     return obj if isinstance(obj, Settings) else load_settings()
 
 
-def once_or_every(platform: Platform, job: Callable[[], None], every: float | None) -> None:
-    """Run a job once, or every ``every`` seconds until SIGINT/SIGTERM; then close the
-    platform (the scheduled verbs: `evaluate ann`, `drift run`)."""
-    from carsearch.platform.ann_audit import run_every
+def once_or_every(platform: Platform, job: Callable[[], None], every: float | None, *,
+                  name: str, health_port: int | None = None) -> None:
+    """Run a job once, or every ``every`` seconds until SIGINT/SIGTERM as a supervised
+    loop (with /healthz and /metrics on ``health_port``); then close the platform (the
+    scheduled verbs: `evaluate ann`, `drift run`)."""
+    from carsearch.platform.health import Health, run_every
 
     try:
         if every is None:
             job()
-        else:
-            run_every(job, every)
+            return
+        health = Health(platform, role=name)
+        with serving_health(health, health_port, platform.settings.health_host):
+            run_every(job, every, state=health.loop(name, every))
     finally:
         platform.close()
+
+
+@contextmanager
+def serving_health(health: Health, port: int | None, host: str) -> Iterator[None]:
+    """Serve /healthz and /metrics on ``port`` (none when it is None or 0) meanwhile."""
+    from carsearch.platform.health import HealthServer
+
+    server = HealthServer(health, port, host).start() if port else None
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.stop()
+
+
+HealthPort = typer.Option(
+    "--health-port", min=0, max=65535,
+    help="Serve /healthz, /livez and /metrics on this port (CARSEARCH_HEALTH_HOST, "
+    "127.0.0.1 by default); 0: none.",
+)

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from carsearch.cli_context import settings_from
+from carsearch.cli_context import HealthPort, serving_health, settings_from
 from carsearch.platform import migrate
 from carsearch.platform.db import ModelVersion
 from carsearch.platform.errors import ConfigError, QueryError
@@ -209,9 +209,15 @@ def ingest_run(
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
     poll: Annotated[float, typer.Option(help="Seconds between polls when idle.")] = 1.0,
     visibility_timeout: Annotated[float, typer.Option(help="Reclaim silent jobs after.")] = 60.0,
+    health_port: Annotated[int, HealthPort] = 0,
 ) -> None:
     """Work continuously (inbox + queue) until SIGTERM or SIGINT."""
-    stats = _worker(ctx, inbox, batch_size, poll, visibility_timeout).run_forever()
+    from carsearch.platform.health import Health
+
+    worker = _worker(ctx, inbox, batch_size, poll, visibility_timeout)
+    health = Health(worker.p, role="ingest")
+    with serving_health(health, health_port, worker.p.settings.health_host):
+        stats = worker.run_forever(health.loop("ingest-worker", poll))
     typer.echo(json.dumps(stats.summary.to_dict()))
 
 

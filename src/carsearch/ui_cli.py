@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from carsearch.cli_context import settings_from
+from carsearch.cli_context import HealthPort, serving_health, settings_from
 
 if TYPE_CHECKING:
+    from carsearch.platform.health import Health, LoopState
     from carsearch.platform.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ def serve_command(
         float | None,
         typer.Option(help="Also run the drift job every SECONDS in this process.", min=1),
     ] = None,
+    health_port: Annotated[int, HealthPort] = 0,
 ) -> None:
     """Serve the search page (auth: set CARSEARCH_UI_AUTH=user:password)."""
+    from carsearch.platform.health import Health
     from carsearch.platform.runtime import Platform
     from carsearch.ui.app import LaunchOptions, launch, parse_auth
 
@@ -57,40 +60,56 @@ def serve_command(
     ctx.call_on_close(platform.close)
     login = " (login required)" if auth else ""
     typer.echo(f"carsearch search page: http://{host}:{port}{login}")
-    jobs = BackgroundJobs()
+    health = Health(platform, role="page")
+    jobs = BackgroundJobs(health)
     if ingest:
         _start_worker(jobs, platform, inbox)
     if drift_every is not None:
         _start_drift(jobs, platform, drift_every)
     try:
-        launch(platform, LaunchOptions(host=host, port=port, auth=auth,
-                                       max_file_size=max_file_size))
+        with serving_health(health, health_port, settings.health_host):
+            launch(platform, LaunchOptions(host=host, port=port, auth=auth,
+                                           max_file_size=max_file_size))
     finally:
         jobs.stop()
 
 
 class BackgroundJobs:
     """Jobs on threads of the page's process, sharing its Platform: one Milvus Lite
-    client, one encoder, and writes that reach the search mirror at once."""
+    client, one encoder, and writes that reach the search mirror at once. Each job is a
+    supervised loop with a state in the process's Health; a thread that ends without
+    being asked to is marked dead (the health check and the Status tab show it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, health: Health) -> None:
+        self.health = health
         self.threads: list[threading.Thread] = []
         self.stoppers: list[Callable[[], None]] = []
+        self.stopping = threading.Event()
 
-    def start(self, name: str, target: Callable[[], object], stop: Callable[[], None]) -> None:
+    def start(self, name: str, target: Callable[[LoopState], object],
+              stop: Callable[[], None], interval_s: float = 0.0) -> LoopState:
+        state = self.health.loop(name, interval_s)
+
         def run() -> None:
             try:
-                target()
-            except Exception:  # a job must not take the page down with it
+                target(state)
+            except BaseException as exc:  # a job must not take the page down with it
                 log.exception("background job %s stopped with an error", name)
+                state.dead(f"{type(exc).__name__}: {exc}")
+                return
+            if not self.stopping.is_set():
+                log.error("background job %s ended without being stopped", name)
+                state.dead("the loop ended without being stopped")
 
         thread = threading.Thread(target=run, name=name, daemon=True)
         self.threads.append(thread)
         self.stoppers.append(stop)
         thread.start()
+        return state
 
     def stop(self) -> None:
         """Ask every job to finish what it is doing, then wait for them."""
+        self.stopping.set()
         for stop in self.stoppers:
             stop()
         for thread in self.threads:
@@ -103,13 +122,14 @@ def _start_worker(jobs: BackgroundJobs, platform: Platform, inbox: Path | None) 
     if inbox is not None:
         inbox.mkdir(parents=True, exist_ok=True)
     worker = IngestWorker(platform, inbox=inbox)
-    jobs.start("ingest-worker", worker.run_forever, worker.stop_event.set)
+    jobs.start("ingest-worker", worker.run_forever, worker.stop_event.set,
+               worker.poll_interval)
     where = f", watching {inbox}" if inbox is not None else ""
     typer.echo(f"ingest worker running in this process{where}")
 
 
 def _start_drift(jobs: BackgroundJobs, platform: Platform, every_s: float) -> None:
-    from carsearch.platform.ann_audit import run_every
+    from carsearch.platform.health import run_every
     from carsearch.training.drift import run_drift
 
     stop = threading.Event()
@@ -118,6 +138,7 @@ def _start_drift(jobs: BackgroundJobs, platform: Platform, every_s: float) -> No
         log.info("drift job: %s", run_drift(platform).summary())
 
     # The first run waits one interval: the page should come up before the job reads.
-    jobs.start("drift-job", lambda: stop.wait(every_s) or run_every(once, every_s, stop=stop),
-               stop.set)
+    jobs.start("drift-job", lambda state: run_every(once, every_s, stop=stop, state=state,
+                                                    first_wait_s=every_s),
+               stop.set, every_s)
     typer.echo(f"drift job running in this process every {every_s:g} s")

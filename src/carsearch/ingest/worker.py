@@ -35,6 +35,7 @@ from carsearch.ingest.pipeline import (
     write_rows,
 )
 from carsearch.platform.errors import ImageRejectedError
+from carsearch.platform.health import METRICS, LoopState, install_stop_handlers, supervise
 from carsearch.platform.images import sha256_file
 from carsearch.platform.runtime import Platform
 
@@ -161,28 +162,19 @@ class IngestWorker:
                 self.p.store.flush(version.collection)
         return self.stats
 
-    def run_forever(self) -> WorkerStats:
-        """Work until SIGTERM or SIGINT, then finish the current batch and return."""
-        self._install_signal_handlers()
+    def run_forever(self, state: LoopState | None = None) -> WorkerStats:
+        """Work until SIGTERM or SIGINT (or ``stop_event``), then finish the current batch
+        and return. A supervised loop: a failing round (the database gone, say) is
+        logged and retried with backoff; ``state`` shows how it goes."""
+        restore = install_stop_handlers(self.stop_event)
         log.info("worker %s started", self.worker_id)
-        while not self.stop_event.is_set():
-            before = self.stats.batches
-            self.run_once()
-            if self.stats.batches == before:
-                self.stop_event.wait(self.poll_interval)
+        try:
+            supervise(state or LoopState("ingest-worker"), self.run_once,
+                      interval_s=self.poll_interval, stop=self.stop_event)
+        finally:
+            restore()
         log.info("worker %s stopped", self.worker_id)
         return self.stats
-
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def _stop(signum: int, _frame: object) -> None:
-            log.info("signal %d: stopping after the current batch", signum)
-            self.stop_event.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
 
     # -- one batch ---------------------------------------------------------------------
     def process(self, jobs: Sequence[queue.ClaimedJob]) -> None:
@@ -205,6 +197,7 @@ class IngestWorker:
                     continue
                 quarantine(db, item, exc.reason)
                 queue.complete(db, self.worker_id, [job.id], note=f"quarantined: {exc.reason}")
+                METRICS.ingested.labels("quarantined").inc()
                 s.quarantined += 1
                 s.reasons[exc.reason] = s.reasons.get(exc.reason, 0) + 1
         if not good:
@@ -253,6 +246,9 @@ class IngestWorker:
             log.exception("batch of %d failed; jobs go back with backoff", len(ids))
             queue.fail(db, self.worker_id, ids, f"{type(exc).__name__}: {exc}")
             self.stats.failed_batches += 1
+            METRICS.batches.labels("failed").inc()
             return
         queue.complete(db, self.worker_id, ids)
+        METRICS.batches.labels("ok").inc()
+        METRICS.ingested.labels("indexed").inc(len(batch))
         s.indexed += len(batch)

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal
 
 import numpy as np
@@ -50,7 +47,6 @@ __all__ = [
     "ordered_ids",
     "record_report",
     "run_ann_audit",
-    "run_every",
     "sync_exact_index",
 ]
 
@@ -386,38 +382,3 @@ def run_ann_audit(
         record_report(platform.db, report, version.id)
     log.info("ANN audit: %s", report.summary())
     return report
-
-
-def run_every(job: Callable[[], Any], every_s: float, *, max_runs: int | None = None,
-              stop: threading.Event | None = None) -> int:
-    """Run ``job`` now and then every ``every_s`` seconds until SIGINT/SIGTERM (or ``stop``
-    is set, or ``max_runs`` runs). A failing run is logged and the loop goes on. Returns the
-    number of runs."""
-    if every_s <= 0:
-        raise QueryError("the interval must be positive")
-    stop = stop or threading.Event()
-    previous: dict[int, Any] = {}
-
-    def _handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %d: stopping after this run", signum)
-        stop.set()
-
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, _handler)
-    runs = 0
-    try:
-        while not stop.is_set():
-            try:
-                job()
-            except CarsearchError as exc:
-                log.error("scheduled run failed: %s", exc)
-            runs += 1
-            if max_runs is not None and runs >= max_runs:
-                break
-            stop.wait(every_s)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    return runs

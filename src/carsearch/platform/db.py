@@ -240,6 +240,24 @@ class QueryFeedback(Base):
     query: Mapped[str | None] = mapped_column(Text)
 
 
+class LoopStatus(Base):
+    """The newest state of one background loop of one process (upserted as it changes),
+    so that the page's Status tab shows the loops of every process of a deployment."""
+
+    __tablename__ = "loop_status"
+    __table_args__ = (Index("uq_loop_status_process_loop", "process", "loop", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    process: Mapped[str] = mapped_column(String(128), nullable=False)
+    role: Mapped[str] = mapped_column(String(32), nullable=False)
+    loop: Mapped[str] = mapped_column(String(64), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow, index=True
+    )
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """An engine for SQLite or PostgreSQL with sensible per-dialect settings."""
     if url.startswith("sqlite"):

@@ -350,9 +350,11 @@ class MirroredStore(MilvusStore):
             self._mirrors.pop(name, None)
             self._builds.pop(name, None)
 
-    def count(self, name: str) -> int:
+    def count(self, name: str, *, consistency: Consistency = "Strong") -> int:
         mirror = self.mirror(name)
-        return len(mirror) if mirror is not None else super().count(name)
+        if mirror is not None:
+            return len(mirror)
+        return super().count(name, consistency=consistency)
 
     def vectors(
         self, name: str, ids: Sequence[int], *, batch: int = 1000,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,8 @@ from sqlalchemy import select
 
 from carsearch.platform.db import Database, Image, ModelVersion, QueryLog
 from carsearch.platform.encoder import Encoder
-from carsearch.platform.errors import QueryError
+from carsearch.platform.errors import ImageRejectedError, QueryError
+from carsearch.platform.health import METRICS
 from carsearch.platform.images import load_image
 from carsearch.platform.mirror import MirroredStore
 from carsearch.platform.registry import Registry
@@ -65,6 +68,29 @@ class SearchResult:
         d = asdict(self)
         d["hits"] = [h.to_dict() for h in self.hits]
         return d
+
+
+class _Empty(threading.local):
+    flag = False
+
+
+_EMPTY = _Empty()
+
+
+@contextmanager
+def _counted() -> Iterator[None]:
+    """Count a search by outcome: ok, empty (no hits), bad_input (an unusable query,
+    filter or image) or error (anything else: no model, Milvus down, a bug)."""
+    _EMPTY.flag = False
+    try:
+        yield
+    except (QueryError, ImageRejectedError):
+        METRICS.queries.labels("bad_input").inc()
+        raise
+    except Exception:
+        METRICS.queries.labels("error").inc()
+        raise
+    METRICS.queries.labels("empty" if _EMPTY.flag else "ok").inc()
 
 
 class SearchService:
@@ -147,24 +173,32 @@ class SearchService:
     def search_text(
         self, query: str, k: int = 10, filters: SearchFilters | None = None
     ) -> SearchResult:
-        text = self.clean_query(query)
-        k = self.check_k(k)
-        t0 = time.perf_counter()
-        version = self.serving()
-        vec = self.encoder_for(version).encode_text([text])
-        return self._finish(version, vec, "text", text, k, filters, t0)
+        with _counted():
+            text = self.clean_query(query)
+            k = self.check_k(k)
+            t0 = time.perf_counter()
+            version = self.serving()
+            vec = self.encoder_for(version).encode_text([text])
+            return self._finish(version, vec, "text", text, k, filters, t0)
 
     def search_image(
         self, image: PILImage.Image, k: int = 10, filters: SearchFilters | None = None
     ) -> SearchResult:
-        k = self.check_k(k)
-        t0 = time.perf_counter()
-        version = self.serving()
-        vec = self.encoder_for(version).encode_images([image.convert("RGB")])
-        return self._finish(version, vec, "image", None, k, filters, t0)
+        with _counted():
+            k = self.check_k(k)
+            t0 = time.perf_counter()
+            version = self.serving()
+            vec = self.encoder_for(version).encode_images([image.convert("RGB")])
+            return self._finish(version, vec, "image", None, k, filters, t0)
 
     def search_similar(
         self, image_id: int, k: int = 10, filters: SearchFilters | None = None
+    ) -> SearchResult:
+        with _counted():
+            return self._similar(image_id, k, filters)
+
+    def _similar(
+        self, image_id: int, k: int, filters: SearchFilters | None
     ) -> SearchResult:
         """"More like this": image search with an indexed image as the query.
 
@@ -218,9 +252,19 @@ class SearchService:
                 )
             )
         latency = (time.perf_counter() - t0) * 1000.0
+        METRICS.search_latency.labels(kind, self._path(version.collection)).observe(
+            latency / 1000.0)
+        if not out:
+            _EMPTY.flag = True
         fdict = filters.model_dump(exclude_defaults=True) if filters else {}
         qid = self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
         return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid)
+
+    def _path(self, collection: str) -> str:
+        """What answered a search, for the latency histogram."""
+        if isinstance(self.store, MirroredStore) and self.store.mirror(collection) is not None:
+            return "mirror"
+        return "milvus_lite" if self.store.is_lite else "milvus_server"
 
     def _metadata(self, ids: list[int]) -> dict[int, Image]:
         if not ids:

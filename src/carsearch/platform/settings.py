@@ -107,6 +107,10 @@ class Settings(BaseSettings):
         description="Serve searches from an exact in-memory mirror of the Milvus "
         "collection; auto means on for Milvus Lite, off for a server.",
     )
+    health_host: str = Field(
+        default="127.0.0.1",
+        description="Address of the /healthz and /metrics port of long-running processes.",
+    )
     log_level: str = Field(default="INFO")
 
     @field_validator("milvus_uri")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from carsearch.platform.db import (
     ImageStatus,
     IngestJob,
     JobState,
+    LoopStatus,
     ModelVersion,
     VersionStatus,
 )
@@ -97,8 +98,8 @@ def serving_info(db: Database, store: VectorStore | None) -> ServingInfo:
     backend: str | None = None
     if store is not None:
         backend = store.search_backend(version.collection)
-        try:
-            size = store.count(version.collection)
+        try:  # Bounded: a status line need not wait for a server's time tick
+            size = store.count(version.collection, consistency="Bounded")
         except Exception as exc:  # status must render even when Milvus is down
             log.warning("cannot count %s: %s", version.collection, exc)
     return ServingInfo(version.name, version.collection, size, indexed, backend)
@@ -171,6 +172,42 @@ def _row_dict(row: Any) -> dict[str, Any]:
         return {"value": repr(row)}
 
 
+# -- background loops --------------------------------------------------------------------
+LOOP_STALE_S = 600.0  # a loop not heard of for this long shows as "silent"
+
+
+def record_loop(db: Database, process: str, role: str, state: dict[str, Any]) -> None:
+    """Upsert one loop's newest state (platform.health calls it on every change)."""
+    with db.session() as s:
+        row = s.scalar(select(LoopStatus).where(LoopStatus.process == process,
+                                                LoopStatus.loop == state["name"]))
+        if row is None:
+            row = LoopStatus(process=process, loop=state["name"])
+            s.add(row)
+        row.role, row.state, row.detail = role, str(state["state"]), dict(state)
+        row.updated_at = datetime.now(UTC)
+
+
+def loop_statuses(db: Database, within_s: float = 86_400.0) -> list[dict[str, Any]]:
+    """The loops of every process heard from within ``within_s``, newest first; a loop
+    not updated for LOOP_STALE_S (its process gone, say) is marked silent."""
+    now = datetime.now(UTC)
+    since = now - timedelta(seconds=within_s)
+    with db.session() as s:
+        rows = list(s.scalars(select(LoopStatus).where(LoopStatus.updated_at >= since)
+                              .order_by(LoopStatus.updated_at.desc())))
+    out = []
+    for r in rows:
+        updated = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=UTC)
+        silent = (now - updated).total_seconds() > LOOP_STALE_S and r.state != "stopped"
+        detail = r.detail or {}
+        out.append({"process": r.process, "role": r.role, "loop": r.loop,
+                    "state": "silent" if silent else r.state, "updated_at": updated,
+                    "failures": detail.get("total_failures", 0),
+                    "last_error": detail.get("last_error")})
+    return out
+
+
 # -- metrics -----------------------------------------------------------------------------
 def latest_evaluation_file(settings: Settings) -> Path | None:
     """The newest DATA_DIR/runs/*/evaluation_results.json, if any."""
@@ -232,6 +269,8 @@ class SystemStatus:
     versions: list[VersionInfo]
     drift: dict[str, Any] | None
     ann: dict[str, Any] | None
+    loops: list[dict[str, Any]] = field(default_factory=list)
+    alias: str | None = None
 
 
 def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
@@ -243,4 +282,17 @@ def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
         versions=versions(db),
         drift=latest_drift(db),
         ann=latest_ann(db),
+        loops=loop_statuses(db),
+        alias=_alias(store),
     )
+
+
+def _alias(store: VectorStore | None) -> str | None:
+    target = getattr(store, "alias_target", None)
+    if target is None:
+        return None
+    try:
+        return str(target()) if target() else None
+    except Exception as exc:  # status must render even when Milvus is down
+        log.warning("cannot read the serving alias: %s", exc)
+        return None

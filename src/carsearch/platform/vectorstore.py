@@ -30,6 +30,9 @@ SCALAR_FIELDS: dict[str, int] = {"make": 64, "body": 32, "colour": 32, "source":
 _SAFE_VALUE = re.compile(r"^[\w][\w .\-/&']{0,63}$", re.UNICODE)
 
 
+Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
+
+
 class VectorStoreError(CarsearchError):
     """The vector database failed or is unreachable."""
 
@@ -205,7 +208,7 @@ class VectorStore(Protocol):
         self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None
     ) -> list[list[Hit]]: ...
 
-    def count(self, name: str) -> int: ...
+    def count(self, name: str, *, consistency: Consistency = "Strong") -> int: ...
 
     def ids(self, name: str) -> set[int]: ...
 
@@ -239,8 +242,7 @@ def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
 # skip sets, counts, full scans, the drift job's reads) use Strong: the server waits for
 # its time tick to pass the request's timestamp (200-400 ms a call on a 2.3 standalone
 # here). Searches use SEARCH_CONSISTENCY by default (Settings.milvus_consistency).
-STRONG = "Strong"
-Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
+STRONG: Consistency = "Strong"
 SERVING_ALIAS = "carsearch_serving"
 _MVCC_FALLBACK = "failed to get mvccTs"
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from carsearch.platform.db import Database, DriftReport, Image, ImageStatus, ModelVersion
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.exact import set_threads
+from carsearch.platform.health import METRICS
 from carsearch.platform.settings import DriftSettings
 from carsearch.platform.vectorstore import STRONG
 from carsearch.training.drift_detect import (
@@ -373,5 +374,6 @@ def run_drift(
                     "retraining triggered", run.n_isolated, run.n_new, near)
         run.retrain = {"triggered": True, **_retrain(platform, run, now, retrain_wait_s)}
         _update(platform.db, run)
+    METRICS.drift_runs.labels(run.status).inc()
     log.info("%s", run.message)
     return run

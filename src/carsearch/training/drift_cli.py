@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from carsearch.cli_context import once_or_every, settings_from
+from carsearch.cli_context import HealthPort, once_or_every, settings_from
 from carsearch.platform.errors import ConfigError
 
 __all__ = ["app", "parse_since"]
@@ -43,6 +43,7 @@ def run_command(
     every: Annotated[float | None, typer.Option(
         help="Repeat every SECONDS until SIGINT/SIGTERM.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    health_port: Annotated[int, HealthPort] = 0,
 ) -> None:
     """Compare the kNN density of newly indexed images with the collection's, record a
     drift report, and start the retrain command when isolated clusters are found."""
@@ -56,7 +57,7 @@ def run_command(
     platform = Platform(settings_from(ctx))
 
     def once() -> None:
-        run = run_drift(platform, since=start, progress=not as_json)
+        run = run_drift(platform, since=start, progress=not as_json and every is None)
         typer.echo(json.dumps(run.to_dict(), indent=2) if as_json else run.summary())
 
-    once_or_every(platform, once, every)
+    once_or_every(platform, once, every, name="drift-job", health_port=health_port)

@@ -63,6 +63,16 @@ def _ann_md(ann: dict[str, Any] | None) -> str:
     return _table(keys, [[ann.get(k) for k in keys]])
 
 
+def _loops_md(loops: list[dict[str, Any]]) -> str:
+    if not loops:
+        return "none reported (no ingest worker or scheduled job has run)"
+    return _table(
+        ["process", "role", "loop", "state", "updated", "failures", "last error"],
+        [[lp["process"], lp["role"], lp["loop"], f"**{lp['state']}**", lp["updated_at"],
+          lp["failures"], (lp["last_error"] or "")[:120]] for lp in loops],
+    )
+
+
 def status_markdown(platform: Platform) -> str:
     """The Status tab: serving version, index size, queue, drift, ANN audit, versions."""
     try:
@@ -75,7 +85,10 @@ def status_markdown(platform: Platform) -> str:
         "### Serving",
         f"version **{s.serving.version or 'none'}** · collection `{s.serving.collection or '–'}`"
         f" · index size {size} · images {', '.join(f'{k} {v}' for k, v in s.images.items())}"
-        f" · search: {s.serving.search_backend or 'unknown'}",
+        f" · search: {s.serving.search_backend or 'unknown'}"
+        + (f" · Milvus alias `carsearch_serving` → `{s.alias}`" if s.alias else ""),
+        "### Background loops",
+        _loops_md(s.loops),
         "### Ingest queue",
         _table(list(s.queue), [list(s.queue.values())]),
         "### Last drift report",
