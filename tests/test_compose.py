@@ -60,3 +60,14 @@ def test_the_platform_runs_against_the_production_parts(compose: dict) -> None:
         if svc.get("image", "").startswith("carsearch") and isinstance(cmd, list):
             assert cmd[0].startswith("--") or cmd[0] in verbs, (name, cmd)
     assert services["migrate"]["command"] == ["db", "upgrade"]
+
+
+def test_every_long_running_process_has_a_healthcheck_on_its_health_port(
+    compose: dict,
+) -> None:
+    services = compose["services"]
+    for name in ("ingest", "search", "ann-audit", "drift"):
+        cmd = services[name]["command"]
+        port = cmd[cmd.index("--health-port") + 1]
+        check = services[name]["healthcheck"]["test"]
+        assert check == ["CMD", "carsearch", "health", "--port", port], name

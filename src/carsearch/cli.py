@@ -44,9 +44,6 @@ def quiet_libraries(level: str) -> None:
     floor = max(logging.WARNING, logging.getLevelName(level))
     for name in ("faiss.loader", "alembic.runtime.migration", "httpx", "milvus_lite"):
         logging.getLogger(name).setLevel(floor)
-    # Milvus Lite cannot give query iterators a server timestamp; pymilvus warns and
-    # uses the client's, which is correct for a single-process Lite file.
-    logging.getLogger("pymilvus.client.iterator").setLevel(logging.ERROR)
     # pymilvus asks Milvus Lite for AllocTimestamp, which Lite does not implement; the
     # client falls back by itself, but grpc logs the refusal as an error with a trace.
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
