@@ -21,6 +21,7 @@ default on Milvus Lite) and with Milvus Lite's own search. Prints a markdown tab
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import statistics
@@ -37,11 +38,12 @@ from tqdm import tqdm
 
 from carsearch.platform import migrate
 from carsearch.platform.db import Image, ImageStatus
+from carsearch.platform.ids import collection_name
 from carsearch.platform.machine import cpu_name
 from carsearch.platform.mirror import MirroredStore
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectorstore import IndexSpec, VectorRow
+from carsearch.platform.vectorstore import IndexSpec, MilvusStore, VectorRow, VectorStoreError
 from carsearch.platform.vehicles import COLOURS, MAKE_ALIASES
 from carsearch.training.base_model import build_compact_base
 from carsearch.ui.page import PickedFilters, SearchPage
@@ -141,9 +143,16 @@ def time_paths(page: SearchPage, collection: str, args: argparse.Namespace,
     }
 
 
-def run_size(n: int, args: argparse.Namespace, model: Path, root: Path) -> list[dict[str, object]]:
+def run_size(n: int, args: argparse.Namespace, model: Path, root: Path, *,
+             milvus_uri: str = "",
+             after_fill: Callable[[MilvusStore, str, int], object] | None = None,
+             ) -> list[dict[str, object]]:
+    """Both backends at one size. ``milvus_uri``: a Milvus server instead of a Lite file
+    under ``root`` (its collection is dropped before and after); ``after_fill(store,
+    collection, n)`` runs once the vectors are in (a server: wait for its index, reload)."""
     data = root / f"n{n}"
-    settings = Settings(data_dir=data, threads={"torch": args.threads})  # type: ignore[arg-type]
+    settings = Settings(data_dir=data, milvus_uri=milvus_uri,
+                        threads={"torch": args.threads})  # type: ignore[arg-type]
     settings.ensure_dirs()
     migrate.upgrade(settings.database_url)
     photo = root / "car.png"
@@ -157,10 +166,14 @@ def run_size(n: int, args: argparse.Namespace, model: Path, root: Path) -> list[
                          {"nprobe": args.nprobe} if args.index == "IVF_FLAT" else {})
     store = MirroredStore(settings.milvus_uri, index=spec)
     plat.__dict__["store"] = store
+    if not store.is_lite:  # a server outlives this run
+        store.drop(collection_name("bench"))
     try:
         version = plat.registry.publish(model, name="bench")
         plat.registry.promote("bench")
         fill(plat, version.collection, version.dim, n, photo)
+        if after_fill is not None:
+            after_fill(store, version.collection, n)
         page = SearchPage(plat)
         page.warm_up()  # starts the mirror build in the background, as `serve` does
         store.warm(version.collection)  # wait for it
@@ -177,8 +190,12 @@ def run_size(n: int, args: argparse.Namespace, model: Path, root: Path) -> list[
         milvus = time_paths(page, version.collection, args, vecs)
         return [{"n": n, "backend": "mirror", "build_s": build_s, "build_mb": build_mb,
                  **mirrored},
-                {"n": n, "backend": "Milvus Lite", **milvus}]
+                {"n": n, "backend": "Milvus Lite" if store.is_lite else "Milvus server",
+                 **milvus}]
     finally:
+        if not store.is_lite:
+            with contextlib.suppress(VectorStoreError):
+                store.drop(collection_name("bench"))
         plat.close()
 
 

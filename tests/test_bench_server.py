@@ -52,8 +52,11 @@ def test_server_bench_at_tiny_size(milvus_server: LocalMilvusServer, tmp_path: P
     loads = {r.system: r for r in report.loads}
     assert set(loads) == {"FAISS exact", "search mirror", "Milvus server", "Milvus Lite"}
     assert all(r.vectors == 2000 and r.insert_s > 0 and r.per_s > 0 for r in loads.values())
-    assert loads["Milvus server"].batch == 500 and loads["Milvus server"].index_s > 0
-    assert loads["Milvus Lite"].index_s > 0
+    assert loads["FAISS exact"].settle is None and loads["search mirror"].settle is None
+    for name in ("Milvus server", "Milvus Lite"):
+        settle = loads[name].settle
+        assert loads[name].batch == 500 and settle is not None
+        assert min(settle.flush_s, settle.index_s, settle.load_s) >= 0 and settle.total_s > 0
 
     md = bs.to_markdown(report)
     assert "| Milvus server | HNSW (M=16, efConstruction=200, ef=64) | 12 |" in md
@@ -61,6 +64,7 @@ def test_server_bench_at_tiny_size(milvus_server: LocalMilvusServer, tmp_path: P
     assert "first 6 queries" in md
     raw = json.loads(json.dumps(report.to_dict()))
     assert raw["n"] == 2000 and len(raw["searches"]) == 5 and raw["loads"][2]["vectors_per_s"]
+    assert raw["loads"][2]["settle"]["total_s"] > 0 and raw["loads"][0]["settle"] is None
 
     store = MilvusStore(milvus_server.uri)  # the benchmark leaves no collection behind
     try:
