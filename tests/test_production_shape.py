@@ -101,7 +101,7 @@ class Deployment:
 
     def stop_all(self) -> dict[str, int]:
         codes = {}
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for name, proc in self.procs.items():
@@ -164,7 +164,7 @@ def test_separate_processes_on_postgresql_and_a_milvus_server(deployment: Deploy
     def search_meanwhile() -> None:
         while not stop.is_set():
             try:
-                gallery, status, *_ = client.predict("vehicle photo", 50, *NO_FILTERS,
+                _, status, *_ = client.predict("vehicle photo", 50, *NO_FILTERS,
                                                      api_name="/search")
                 searches["ok" if "Error" not in str(status) else "failed"] += 1
             except Exception:

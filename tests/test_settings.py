@@ -52,3 +52,28 @@ def test_invalid_values_name_the_variable(
         load_settings()
     assert var in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("RETRAIN_COMMAND", "touch pwned"), ("K", "3"), ("TORCH", "abc"), ("FAISS", "7"),
+     ("MIN_CLUSTER_SIZE", "2"), ("DRIFT__K", "4"), ("THREADS__TORCH", "9")],
+)
+def test_only_prefixed_variables_configure_the_platform(
+    var: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(var, value)
+    s = load_settings()
+    for group in (s.drift, s.threads):
+        defaults = {name: f.default for name, f in type(group).model_fields.items()}
+        assert group.model_dump() == defaults
+
+
+def test_nested_errors_name_the_prefixed_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARSEARCH_DRIFT__K", "abc")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "CARSEARCH_DRIFT__K" in str(err.value) and "CARSEARCH_K" not in str(err.value)
+    monkeypatch.delenv("CARSEARCH_DRIFT__K")
+    monkeypatch.setenv("CARSEARCH_DRIFT__RETRAIN_COMMAND", "carsearch train --promote")
+    assert load_settings().drift.retrain_command == "carsearch train --promote"

@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from carsearch.platform.errors import ConfigError
@@ -20,20 +20,23 @@ class SettingsError(ConfigError):
     """Settings that cannot be used; the message names the variable."""
 
 
-class ThreadSettings(BaseSettings):
+# The nested groups are plain models, not settings of their own: only Settings reads the
+# environment, and only CARSEARCH_* variables (a BaseSettings group would also read
+# TORCH, K or RETRAIN_COMMAND without any prefix).
+class ThreadSettings(BaseModel):
     """Thread pools: torch, FAISS and Milvus Lite each start one; on 2 cores they fight."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     torch: int = Field(default=2, ge=1, le=256)
     faiss: int = Field(default=1, ge=1, le=256)
     omp: int = Field(default=1, ge=1, le=256)
 
 
-class DriftSettings(BaseSettings):
+class DriftSettings(BaseModel):
     """The drift job: kNN density of new embeddings against the indexed collection."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     k: int = Field(default=10, ge=1, le=200, description="Neighbours in the kNN density.")
     percentile: float = Field(
