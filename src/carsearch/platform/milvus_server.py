@@ -11,7 +11,9 @@ until a client can list collections, and stops the whole group. (The launcher fi
 free metrics port itself, from 9091 up.) SIGTERM did not end the server
 within 45 s in a measurement here, so :meth:`LocalMilvusServer.stop` sends SIGTERM, waits
 briefly, then SIGKILLs the group: nothing is left running. A stopped server can be started
-again on the same data directory and ports (the chaos run restarts it).
+again on the same data directory and ports (the chaos run restarts it); the start then
+waits for the old connections' TIME_WAIT to pass (up to a minute), because the launcher
+would otherwise move to other ports without saying so.
 
 In production Milvus runs as its own service (docker-compose); nothing in the platform's
 request paths starts a server.
@@ -103,6 +105,7 @@ class LocalMilvusServer:
         """Start the server and wait until it answers; returns its URI."""
         if self.running:
             return self.uri
+        self._wait_ports_free()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "ETCD_CONFIG_PATH": str(self._write_etcd_config())}
@@ -119,6 +122,29 @@ class LocalMilvusServer:
         log.info("Milvus server %s ready (pid %d, data %s)", self.uri, self.proc.pid,
                  self.data_dir)
         return self.uri
+
+    def _wait_ports_free(self, timeout_s: float = 120.0) -> None:
+        """Wait until the launcher can bind every port again. After a stop the server's
+        side of each connection sits in TIME_WAIT for up to a minute, and the launcher
+        (which binds without SO_REUSEADDR to test a port) then silently moves to the next
+        port, so a restarted server would answer somewhere its clients do not look."""
+        deadline = time.monotonic() + timeout_s
+        busy = self._busy_ports()
+        while busy and time.monotonic() < deadline:
+            time.sleep(1.0)
+            busy = self._busy_ports()
+        if busy:
+            raise MilvusServerError(f"ports {busy} are still in use; cannot start on them")
+
+    def _busy_ports(self) -> list[int]:
+        busy = []
+        for port in [*self.ports.values(), self.etcd_peer_port]:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    busy.append(port)
+        return busy
 
     def _write_etcd_config(self) -> Path:
         """The embedded etcd's own config: loopback client and peer URLs on our ports."""
