@@ -26,11 +26,13 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from carsearch.ingest.pipeline import (
+    BatchWriter,
     IngestItem,
     embed,
     ingest_items,
     prepare,
     vector_rows,
+    write_pending,
     write_rows,
 )
 from carsearch.platform import migrate
@@ -84,6 +86,7 @@ def run_model(model: Path, paths: list[Path], work: Path, batch: int) -> dict[st
         t3 = time.perf_counter()
         store.upsert(v.collection, [p.id for p in prepared], vecs, vector_rows(prepared))
         t4 = time.perf_counter()
+        write_pending(db, prepared)  # the rows: pending before the vectors, then indexed
         write_rows(db, prepared)
         t5 = time.perf_counter()
         for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
@@ -97,7 +100,7 @@ def run_model(model: Path, paths: list[Path], work: Path, batch: int) -> dict[st
     migrate.upgrade(url)
     db = Database(url)
     t0 = time.perf_counter()
-    summary = ingest_items(items, db=db, store=store, encoder=enc, version=v,
+    summary = ingest_items(items, db=db, writer=BatchWriter.fixed(db, store, enc, v),
                            max_pixels=10**8, batch_size=batch, progress=False)
     t["end_to_end"] = time.perf_counter() - t0
     assert summary.indexed == len(items)

@@ -193,7 +193,7 @@ def _draw(path: Path, seed: int) -> None:
 
 
 def test_evaluate_ann_cli(tmp_path: Path, compact_model: Path, milvus_uri: str) -> None:
-    from carsearch.ingest.pipeline import ingest_items, read_manifest
+    from carsearch.ingest.pipeline import BatchWriter, ingest_items, read_manifest
     from carsearch.platform import migrate
     from carsearch.platform.runtime import Platform
 
@@ -207,9 +207,10 @@ def test_evaluate_ann_cli(tmp_path: Path, compact_model: Path, milvus_uri: str) 
         _draw(tmp_path / f"car{i}.png", i)
         lines.append(json.dumps({"path": f"car{i}.png", "class_name": LABELS[i % 4]}))
     (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    writer = BatchWriter.fixed(platform.db, platform.store,
+                               platform.search.encoder_for(version), version)
     ingest_items(list(read_manifest(tmp_path / "manifest.jsonl")), db=platform.db,
-                 store=platform.store, encoder=platform.search.encoder_for(version),
-                 version=version, max_pixels=10**7, batch_size=4, progress=False)
+                 writer=writer, max_pixels=10**7, batch_size=4, progress=False)
     platform.store.flush(version.collection)
 
     app = typer.Typer()

@@ -303,6 +303,55 @@ def test_isolated_cluster_triggers_retraining_once_per_cooldown(world: World,
     assert marker.read_text().split() == [str(run.report_id), str(third.report_id)]
 
 
+def test_two_drift_runs_at_once_start_one_retrain(world: World, marker: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run A finds the planted vehicle and has checked the cooldown (nothing started yet)
+    when run B starts: B must not start a second retrain for the same drift event."""
+    import threading
+
+    from carsearch.training import drift as drift_module
+
+    cat = Catalogue(11)
+    now = datetime.now(UTC)
+    ref, labels = cat.known(300)
+    world.add(ref, now - timedelta(days=3), labels)
+    same, same_labels = cat.known(40)
+    world.add(same, now - timedelta(hours=2), same_labels)
+    world.add(cat.new_vehicle(12), now - timedelta(hours=1))
+    checked, go_on = threading.Event(), threading.Event()
+    real = drift_module.last_retrain_start
+
+    def pause_in_a(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        if threading.current_thread().name == "drift-a":
+            checked.set()
+            assert go_on.wait(60)
+        return out
+
+    monkeypatch.setattr(drift_module, "last_retrain_start", pause_in_a)
+    runs: dict[str, object] = {}
+
+    def run_a() -> None:
+        try:
+            runs["a"] = run_drift(world.platform, since=now - timedelta(days=1),
+                                  retrain_wait_s=60)
+        finally:
+            checked.set()  # never leave the test waiting
+
+    a = threading.Thread(target=run_a, name="drift-a")
+    a.start()
+    assert checked.wait(60) and "a" not in runs  # A is paused after its cooldown check
+    runs["b"] = run_drift(world.platform, since=now - timedelta(days=1), retrain_wait_s=60)
+    go_on.set()
+    a.join(60)
+    ra, rb = runs["a"], runs["b"]
+    assert ra.retrain["started"]  # type: ignore[attr-defined]
+    assert rb.status == "skipped" and not rb.retrain  # type: ignore[attr-defined]
+    assert marker.read_text().split() == [str(ra.report_id)]  # type: ignore[attr-defined]
+    with world.db.session() as s:
+        assert s.query(DriftReport).count() == 1
+
+
 def test_default_window_follows_the_reports(world: World, marker: Path) -> None:
     cat = Catalogue(8)
     ref, labels = cat.known(300)

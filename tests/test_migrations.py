@@ -12,7 +12,7 @@ from carsearch.platform.db import Base, Database, ModelVersion, VersionStatus
 
 TABLES = {
     "images", "model_versions", "ingest_jobs", "training_runs", "drift_reports", "query_log",
-    "ann_reports", "query_feedback", "loop_status",
+    "ann_reports", "query_feedback", "loop_status", "leases",
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 from sqlalchemy import func, select
 
-from carsearch.ingest.pipeline import IngestItem, ingest_items, read_manifest
+from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items, read_manifest
 from carsearch.platform.db import Database, ImageStatus, QueryLog
 from carsearch.platform.db import Image as ImageRow
 from carsearch.platform.errors import ModelNotFoundError, QueryError
@@ -74,11 +74,9 @@ def indexed(service: SearchService, compact_model: Path, tmp_path: Path):
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     lines.append(json.dumps({"path": "broken.jpg"}))
     manifest.write_text("\n".join(lines) + "\n")
-    summary = ingest_items(
-        list(read_manifest(manifest)), db=service.db, store=service.store,
-        encoder=service.encoder_for(service.registry.serving()),  # type: ignore[arg-type]
-        version=v, max_pixels=10**7, batch_size=4, progress=False,
-    )
+    writer = BatchWriter.fixed(service.db, service.store, service.encoder_for(v), v)
+    summary = ingest_items(list(read_manifest(manifest)), db=service.db, writer=writer,
+                           max_pixels=10**7, batch_size=4, progress=False)
     assert (summary.indexed, summary.quarantined) == (len(LABELS), 1)
     service.warm(wait=True)  # with the mirror: built now, kept in step from here on
     if isinstance(service.store, MirroredStore):
@@ -154,9 +152,8 @@ def test_replaying_an_ingest_doubles_nothing(service: SearchService, indexed,
     (tmp_path / "copy.png").write_bytes((tmp_path / "car0.png").read_bytes())
     items = [IngestItem(tmp_path / f"car{i}.png") for i in range(3)]
     items.append(IngestItem(tmp_path / "copy.png"))
-    ingest_items(items, db=service.db, store=service.store,
-                 encoder=service.encoder_for(indexed), version=indexed,
-                 max_pixels=10**7, progress=False)
+    writer = BatchWriter.fixed(service.db, service.store, service.encoder_for(indexed), indexed)
+    ingest_items(items, db=service.db, writer=writer, max_pixels=10**7, progress=False)
     with service.db.session() as s:
         n = s.scalar(select(func.count()).select_from(ImageRow))
     assert n == len(LABELS) + 1
@@ -189,9 +186,9 @@ def test_real_photos_end_to_end(service: SearchService, compact_model: Path,
                     "source": "stanford_cars"}) + "\n" for i in items))
     v = service.registry.publish(compact_model, name="real")
     service.registry.promote("real")
-    summary = ingest_items(list(read_manifest(manifest)), db=service.db, store=service.store,
-                           encoder=service.encoder_for(v), version=v, max_pixels=10**8,
-                           progress=False)
+    writer = BatchWriter.fixed(service.db, service.store, service.encoder_for(v), v)
+    summary = ingest_items(list(read_manifest(manifest)), db=service.db, writer=writer,
+                           max_pixels=10**8, progress=False)
     assert summary.indexed == len({i.path.read_bytes() for i in items})
     res = service.search_text("silver sedan", k=5)
     assert len(res.hits) == 5 and all(h.source == "stanford_cars" for h in res.hits)
@@ -221,9 +218,10 @@ def test_a_promotion_moves_the_mirror_to_the_new_version(
         versions = {}
         for name in ("one", "two"):
             versions[name] = service.registry.publish(compact_model, name=name)
-            ingest_items(items, db=database, store=store,
-                         encoder=service.encoder_for(versions[name]), version=versions[name],
-                         max_pixels=10**7, batch_size=8, progress=False)
+            writer = BatchWriter.fixed(database, store, service.encoder_for(versions[name]),
+                                       versions[name])
+            ingest_items(items, db=database, writer=writer, max_pixels=10**7, batch_size=8,
+                         progress=False)
         service.registry.promote("one")
         service.warm(wait=True)
         first = service.search_text("red pickup", k=3)

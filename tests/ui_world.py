@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from carsearch.ingest.pipeline import IngestItem, ingest_items
+from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items
 from carsearch.platform import migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
@@ -94,8 +94,9 @@ def build_world(root: Path, compact_model: Path) -> World:
             photos.append(p)
             items.append(IngestItem(p, source=source, meta={"class_name": cls, "colour": colour}))
         summary = ingest_items(
-            items, db=platform.db, store=platform.store,
-            encoder=platform.search.encoder_for(version), version=version,
+            items, db=platform.db,
+            writer=BatchWriter.fixed(platform.db, platform.store,
+                                     platform.search.encoder_for(version), version),
             max_pixels=settings.max_image_pixels, batch_size=8, progress=False,
         )
         assert summary.indexed == len(CARS), summary

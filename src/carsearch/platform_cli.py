@@ -98,6 +98,12 @@ def models_publish(
         typer.echo(f"{v.name} is serving (re-indexed {report.embedded} images)")
 
 
+GiveUp = typer.Option(
+    "--give-up-unreadable",
+    help="Quarantine indexed images whose files cannot be read (instead of refusing).",
+)
+
+
 @models_app.command("list")
 def models_list(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
@@ -114,20 +120,26 @@ def models_list(
 
 
 @models_app.command("promote")
-def models_promote(ctx: typer.Context, name: str) -> None:
+def models_promote(
+    ctx: typer.Context, name: str, give_up_unreadable: Annotated[bool, GiveUp] = False
+) -> None:
     """Re-index every image into NAME's collection, then make NAME serve.
 
-    The current version keeps serving until the new collection is complete.
+    The current version keeps serving until the new collection is complete; images whose
+    files cannot be read refuse the switch (nothing is left behind) unless given up.
     """
     from carsearch.ingest.reindex import promote_with_backfill
 
-    v, report = promote_with_backfill(_platform(ctx), name)
+    v, report = promote_with_backfill(_platform(ctx), name,
+                                      give_up_unreadable=give_up_unreadable)
     typer.echo(f"{v.name} is serving (re-indexed {report.embedded} images, "
-               f"{report.already} already there, {report.lost} lost)")
+               f"{report.already} already there, {report.unreadable} unreadable)")
 
 
 @models_app.command("rollback")
-def models_rollback(ctx: typer.Context) -> None:
+def models_rollback(
+    ctx: typer.Context, give_up_unreadable: Annotated[bool, GiveUp] = False
+) -> None:
     """Serve again the version that served before the current one.
 
     Images indexed since it last served are embedded into its collection first.
@@ -135,7 +147,8 @@ def models_rollback(ctx: typer.Context) -> None:
     from carsearch.ingest.reindex import promote_with_backfill
 
     p = _platform(ctx)
-    v, report = promote_with_backfill(p, p.registry.previous().name)
+    v, report = promote_with_backfill(p, p.registry.previous().name,
+                                      give_up_unreadable=give_up_unreadable)
     typer.echo(f"rolled back: {v.name} is serving (caught up {report.embedded} images)")
 
 
@@ -178,7 +191,7 @@ def ingest_manifest(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Embed the images a manifest lists with the serving version and index them."""
-    from carsearch.ingest.pipeline import ingest_items, read_manifest
+    from carsearch.ingest.pipeline import ingest_items, platform_writer, read_manifest
 
     p = _platform(ctx)
     version = p.registry.require_serving()
@@ -186,9 +199,7 @@ def ingest_manifest(
     summary = ingest_items(
         items,
         db=p.db,
-        store=p.store,
-        encoder=p.search.encoder_for(version),
-        version=version,
+        writer=platform_writer(p),
         max_pixels=p.settings.max_image_pixels,
         batch_size=batch_size,
         total=len(items),
@@ -282,6 +293,9 @@ def reconcile_command(
     ctx: typer.Context,
     version: Annotated[str | None, typer.Option(help="Version (default: serving).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Report only, repair nothing.")] = False,
+    stale_after: Annotated[float, typer.Option(
+        min=0, help="Seconds after which a pending row's batch counts as dead.")] = 3600.0,
+    give_up_unreadable: Annotated[bool, GiveUp] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Compare Milvus ids with the database and repair either side."""
@@ -289,14 +303,16 @@ def reconcile_command(
 
     p = _platform(ctx)
     v = p.registry.get(version) if version else None
-    rep = reconcile(p, v, repair=not dry_run)
+    rep = reconcile(p, v, repair=not dry_run, stale_pending_s=stale_after,
+                    give_up_unreadable=give_up_unreadable)
     if as_json:
         _echo_json(rep.to_dict())
     else:
         typer.echo(
             f"{rep.version}: milvus {rep.milvus}, database {rep.database}, missing "
-            f"{rep.missing} (re-embedded {rep.repaired_missing}), orphans {rep.orphans} "
-            f"(removed {rep.removed_orphans})"
+            f"{rep.missing} (re-embedded {rep.repaired_missing}, unreadable "
+            f"{rep.unreadable}), orphans {rep.orphans} (removed {rep.removed_orphans}), "
+            f"in flight {rep.pending - rep.stale_pending}, abandoned {rep.stale_pending}"
         )
 
 

@@ -83,6 +83,13 @@ def claim(
         out = []
         for j in jobs:
             if j.state == JobState.running:
+                if j.attempts >= j.max_attempts:  # a poison job: its workers keep dying
+                    j.last_error = (f"its worker stopped without finishing it {j.attempts} "
+                                    f"times (last {j.locked_by or 'unknown'}; visibility "
+                                    f"timeout {visibility_timeout:g} s)")
+                    j.state, j.locked_by = JobState.dead, None
+                    log.error("job %d is dead: %s", j.id, j.last_error)
+                    continue
                 log.warning("reclaiming job %d from silent worker %s", j.id, j.locked_by)
             j.state = JobState.running
             j.locked_by = worker

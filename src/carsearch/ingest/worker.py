@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +28,11 @@ from carsearch.ingest.pipeline import (
     IngestItem,
     IngestSummary,
     Prepared,
-    embed,
+    platform_writer,
     prepare,
     quarantine,
-    vector_rows,
-    write_rows,
+    storable_problem,
+    store_path,
 )
 from carsearch.platform.errors import ImageRejectedError
 from carsearch.platform.health import METRICS, LoopState, install_stop_handlers, supervise
@@ -41,7 +41,7 @@ from carsearch.platform.runtime import Platform
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_SIDECAR_BYTES = 65_536
 CRASH_ENV = "CARSEARCH_CRASH_AT"
 
 
@@ -64,9 +64,14 @@ def _read_sidecar(path: Path) -> tuple[dict[str, Any], Path | None]:
     for side in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
         if side.is_file() and side != path:
             try:
+                if side.stat().st_size > MAX_SIDECAR_BYTES:
+                    raise ValueError(f"larger than {MAX_SIDECAR_BYTES} bytes")
                 meta = json.loads(side.read_text())
                 if not isinstance(meta, dict):
                     raise ValueError("not a JSON object")
+                problem = storable_problem(meta, MAX_SIDECAR_BYTES)
+                if problem is not None:
+                    raise ValueError(problem)
                 return meta, side
             except (ValueError, OSError) as exc:
                 log.warning("ignoring unreadable sidecar %s: %s", side, exc)
@@ -93,8 +98,7 @@ def scan_inbox(platform: Platform, inbox: Path) -> int:
         except OSError as exc:  # vanished or unreadable: leave it for the next scan
             log.warning("cannot read %s: %s", path, exc)
             continue
-        suffix = path.suffix.lower() if path.suffix.lower() in IMAGE_SUFFIXES else ".bin"
-        dest = store_dir / digest[:2] / f"{digest}{suffix}"
+        dest = store_path(store_dir, digest, path.suffix)
         source = str(meta.pop("source", "inbox"))
         queue.enqueue(platform.db, [{"path": str(dest), "source": source, "meta": meta,
                                      "original_name": path.name}])
@@ -141,12 +145,20 @@ class IngestWorker:
         self.poll_interval = poll_interval
         self.stats = WorkerStats()
         self.stop_event = threading.Event()
+        # Test hook: called at the named points of a batch ("after_upsert", "after_rows"),
+        # where the race tests run a promotion or a reconcile.
+        self.on_point: Callable[[str], None] | None = None
 
     # -- loop ------------------------------------------------------------------------
     def run_once(self) -> WorkerStats:
-        """Scan the inbox, then drain every ready job, then return."""
+        """Scan the inbox, then drain every ready job, then return.
+
+        Milvus is asked first: while it is down the round fails (and the loop backs off)
+        before any job is claimed, so an outage does not use up the jobs' attempts.
+        """
         if self.inbox is not None:
             scan_inbox(self.p, self.inbox)
+        self.p.store.list_collections()
         indexed_before = self.stats.summary.indexed
         while not self.stop_event.is_set():
             jobs = queue.claim(self.p.db, self.worker_id, self.batch_size,
@@ -192,8 +204,9 @@ class IngestWorker:
             try:
                 good.append((job, prepare(item, self.p.settings.max_image_pixels)))
             except ImageRejectedError as exc:
-                if exc.reason == "file not found":
-                    queue.fail(db, self.worker_id, [job.id], f"{item.path}: file not found")
+                if exc.reason == "file not found" or exc.reason.startswith("unreadable"):
+                    # not arrived yet, or a share briefly gone: retried, then dead
+                    queue.fail(db, self.worker_id, [job.id], f"{item.path}: {exc.reason}")
                     continue
                 quarantine(db, item, exc.reason)
                 queue.complete(db, self.worker_id, [job.id], note=f"quarantined: {exc.reason}")
@@ -230,18 +243,18 @@ class IngestWorker:
             done.set()
             t.join()
 
+    def _hook(self, point: str) -> None:
+        crash_point(point)
+        if self.on_point is not None:
+            self.on_point(point)
+
     def _store_batch(self, good: list[tuple[queue.ClaimedJob, Prepared]], ids: list[int]) -> None:
         db, s = self.p.db, self.stats.summary
+        batch = [p for _, p in good]
+        s.fields_rejected += sum(len(p.meta.rejected) for p in batch)
         try:
-            store = self.p.store  # opened here, so an unreachable Milvus fails the batch
-            version = self.p.registry.require_serving()
-            batch = list({p.id: p for _, p in good}.values())
-            vectors = embed(self.p.search.encoder_for(version), batch)
-            store.ensure_collection(version.collection, version.dim)
-            store.upsert(version.collection, [p.id for p in batch], vectors, vector_rows(batch))
-            crash_point("after_upsert")
-            write_rows(db, batch)
-            crash_point("after_rows")
+            # The store opens here: an unreachable Milvus fails the batch, not the worker.
+            n = platform_writer(self.p, self._hook).write(batch)
         except Exception as exc:  # the worker must outlive any one batch
             log.exception("batch of %d failed; jobs go back with backoff", len(ids))
             queue.fail(db, self.worker_id, ids, f"{type(exc).__name__}: {exc}")
@@ -250,5 +263,5 @@ class IngestWorker:
             return
         queue.complete(db, self.worker_id, ids)
         METRICS.batches.labels("ok").inc()
-        METRICS.ingested.labels("indexed").inc(len(batch))
-        s.indexed += len(batch)
+        METRICS.ingested.labels("indexed").inc(n)
+        s.indexed += n

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     text,
@@ -120,6 +121,8 @@ class ModelVersion(Base):
             sqlite_where=text("status = 'serving'"),
             postgresql_where=text("status = 'serving'"),
         ),
+        # Two versions in one collection would serve each other's vectors.
+        UniqueConstraint("collection", name="uq_model_versions_collection"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -256,6 +259,18 @@ class LoopStatus(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow, index=True
     )
+
+
+class Lease(Base):
+    """A named lease one process holds until it releases it or it expires: the drift job
+    takes one per run, so two runs at once never both act on one drift event."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), nullable=False)
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:

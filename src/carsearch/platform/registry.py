@@ -121,9 +121,17 @@ class Registry:
         if not _NAME.match(name):
             raise RegistryError(f"unusable version name {name!r}: letters, digits, _ . - only")
         dest = self.model_dir / name
+        collection = collection_name(name)
         with self.db.session() as s:
             if s.scalar(select(ModelVersion).where(ModelVersion.name == name)) is not None:
                 raise RegistryError(f"a model version named {name!r} already exists")
+            clash = s.scalar(select(ModelVersion).where(ModelVersion.collection == collection))
+            if clash is not None:
+                raise RegistryError(
+                    f"version name {name!r} maps to the Milvus collection {collection}, which "
+                    f"version {clash.name!r} already uses (names differing only in . - _ "
+                    "collide): choose another name"
+                )
             if dest.exists():
                 raise RegistryError(f"{dest} already exists; remove it or choose another name")
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +149,7 @@ class Registry:
                 artifact_sha256=digest,
                 dim=dim,
                 metric="IP",
-                collection=collection_name(name),
+                collection=collection,
                 metrics=metrics or {},
                 params=params or {},
                 status=VersionStatus.candidate,

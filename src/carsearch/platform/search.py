@@ -8,6 +8,7 @@ database. Every query is written to `query_log`.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from carsearch.platform.vectorstore import SearchFilters, VectorStore
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+MAX_IMAGE_ID = (1 << 63) - 1
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,12 @@ class SearchService:
 
     # -- queries ---------------------------------------------------------------------
     def clean_query(self, query: str | None) -> str:
-        text = " ".join((query or "").split())
+        if query is not None and not isinstance(query, str):
+            raise QueryError(f"a query is text, not {type(query).__name__}")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in query or ""):
+            raise QueryError("the query holds characters that are not text (unpaired "
+                             "surrogates): type it again")
+        text = " ".join(_CONTROL.sub(" ", query or "").split())
         if not text:
             raise QueryError("empty query: describe a vehicle, e.g. 'red 2012 chevy pickup'")
         if len(text) > self.settings.max_query_chars:
@@ -165,10 +173,27 @@ class SearchService:
         return text
 
     @staticmethod
-    def check_k(k: int) -> int:
-        if not 1 <= int(k) <= MAX_K:
-            raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
-        return int(k)
+    def check_k(k: Any) -> int:
+        try:
+            n = int(k)
+            exact = n == k or isinstance(k, str)
+        except (TypeError, ValueError, OverflowError):
+            n, exact = 0, False
+        if isinstance(k, bool) or not exact or not 1 <= n <= MAX_K:
+            raise QueryError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}"[:200])
+        return n
+
+    @staticmethod
+    def check_image_id(image_id: Any) -> int:
+        """An image id as the platform makes them (0 <= id < 2**63), or a QueryError."""
+        try:
+            iid = int(image_id)
+        except (TypeError, ValueError, OverflowError):
+            raise QueryError(f"not an image id: {image_id!r}"[:200]) from None
+        if isinstance(image_id, bool) or not 0 <= iid <= MAX_IMAGE_ID or (
+                isinstance(image_id, float) and iid != image_id):
+            raise QueryError(f"not an image id: {image_id!r}"[:200])
+        return iid
 
     def search_text(
         self, query: str, k: int = 10, filters: SearchFilters | None = None
@@ -195,7 +220,7 @@ class SearchService:
         self, image_id: int, k: int = 10, filters: SearchFilters | None = None
     ) -> SearchResult:
         with _counted():
-            return self._similar(image_id, k, filters)
+            return self._similar(self.check_image_id(image_id), k, filters)
 
     def _similar(
         self, image_id: int, k: int, filters: SearchFilters | None

@@ -315,8 +315,14 @@ class MilvusStore:
             lg = logging.getLogger(name)
             if _iterator_note not in lg.filters:
                 lg.addFilter(_iterator_note)
+        # pymilvus 3 pings every 10 s, idle or not; a Milvus 2.3 server allows a ping per
+        # 5 minutes (gRPC's default policy) and answers more with GOAWAY "too_many_pings",
+        # which tore the connection down during long index builds here. Ping no more often
+        # than the server allows.
+        options = {} if self.is_lite else {"grpc_options": {
+            "grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": 0}}
         try:
-            self.client = MilvusClient(uri=uri, token=token)
+            self.client = MilvusClient(uri=uri, token=token, **options)
         except MilvusException as exc:
             if self.is_lite and lite_file_in_use(uri):
                 raise VectorStoreError(

@@ -25,10 +25,11 @@ import numpy as np
 from sqlalchemy import func, select
 from tqdm.auto import tqdm
 
+from carsearch.platform import leases
 from carsearch.platform.db import Database, DriftReport, Image, ImageStatus, ModelVersion
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.exact import set_threads
-from carsearch.platform.health import METRICS
+from carsearch.platform.health import METRICS, process_name
 from carsearch.platform.settings import DriftSettings
 from carsearch.platform.vectorstore import STRONG
 from carsearch.training.drift_detect import (
@@ -338,8 +339,34 @@ def run_drift(
     ``platform`` is a ``carsearch.platform.runtime.Platform``. By default the window runs
     from the end of the last report's window to now; the very first run, with no report to
     follow and no ``since``, records a baseline (nothing is checked). A run given ``since``
-    does not move the default window.
+    does not move the default window. One run at a time across processes (a lease in the
+    database): a run that finds another in progress is skipped, so one drift event starts
+    at most one retrain.
     """
+    holder = f"{process_name()}:{threading.get_ident()}"
+    with leases.held(platform.db, DRIFT_LEASE, holder, DRIFT_LEASE_TTL_S) as other:
+        if other is not None:
+            return _skipped(platform, other)
+        return _run(platform, since=since, until=until, seed=seed, progress=progress,
+                    retrain_wait_s=retrain_wait_s)
+
+
+DRIFT_LEASE = "drift-run"
+DRIFT_LEASE_TTL_S = 900.0  # the longest a crashed run blocks the next one
+
+
+def _skipped(platform: Any, other: str) -> DriftRun:
+    """Another drift run holds the lease: this one does nothing (no report, no retrain)."""
+    version = platform.registry.require_serving()
+    log.info("drift run skipped: another run (%s) is in progress", other)
+    METRICS.drift_runs.labels("skipped").inc()
+    return DriftRun(status="skipped", message=f"skipped: another drift run ({other}) is in "
+                    "progress", model_version=version.name, collection=version.collection,
+                    since=None, until=datetime.now(UTC).isoformat(), advances=False, params={})
+
+
+def _run(platform: Any, *, since: datetime | None, until: datetime | None, seed: int,
+         progress: bool, retrain_wait_s: float) -> DriftRun:
     cfg: DriftSettings = platform.settings.drift
     set_threads(platform.settings.threads.faiss)
     version = platform.registry.require_serving()

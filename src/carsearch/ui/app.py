@@ -61,7 +61,9 @@ def _picked(make: Any, body: Any, colour: Any, source: Any, y0: Any, y1: Any) ->
     def tup(v: Any) -> tuple[str, ...]:
         if v is None or v == "":
             return ()
-        return (str(v),) if isinstance(v, str) else tuple(str(x) for x in v)
+        if isinstance(v, list | tuple | set):
+            return tuple(str(x) for x in v)
+        return (str(v),)  # one value, whatever a client sent
 
     return PickedFilters(tup(make), tup(body), tup(colour), tup(source), y0, y1)
 

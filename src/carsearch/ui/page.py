@@ -204,15 +204,20 @@ class SearchPage:
         if keep_chips is not None:
             parsed = parsed.keep(keep_chips)
         filters = merge_filters(parsed.filters, self.picked_filters(picked))
-        result = self._guard(lambda: self.service.search_text(parsed.text, int(k), filters))
+        k = self.service.check_k(k)
+        result = self._guard(lambda: self.service.search_text(parsed.text, k, filters))
         notes = [f"not filtered on {n}" for n in parsed.ignored]
         return self._shape(result, filters, parsed=parsed, notes=notes)
 
     def search_upload(self, upload: str | Path | None, k: int, picked: PickedFilters) -> PageResult:
-        if upload is None:
+        if upload is None or not isinstance(upload, str | Path):
             raise PageError("choose an image file to search with")
+        k = self.service.check_k(k)
         path = Path(upload)
-        size = path.stat().st_size if path.is_file() else 0
+        try:
+            size = path.stat().st_size if path.is_file() else 0
+        except (OSError, ValueError):  # a name the file system refuses
+            raise PageError("upload rejected: not a readable file") from None
         if size > self.max_upload_bytes:
             raise PageError(
                 f"upload rejected: {size} bytes is over the limit of {self.max_upload_bytes}"
@@ -224,8 +229,10 @@ class SearchPage:
             )
         except ImageRejectedError as exc:
             raise PageError(f"upload rejected: {exc.reason}") from None
+        except (OSError, ValueError):
+            raise PageError("upload rejected: not a readable file") from None
         filters = self.picked_filters(picked)
-        result = self._guard(lambda: self.service.search_image(img, int(k), filters))
+        result = self._guard(lambda: self.service.search_image(img, k, filters))
         return self._shape(result, filters)
 
     def more_like_this(
@@ -233,12 +240,10 @@ class SearchPage:
     ) -> PageResult:
         if image_id in (None, "", 0):
             raise PageError("select a result first, then ask for more like it")
-        try:
-            iid = int(image_id)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise PageError(f"not an image id: {image_id!r}") from None
+        iid = self.service.check_image_id(image_id)
+        k = self.service.check_k(k)
         filters = self.picked_filters(picked)
-        result = self._guard(lambda: self.service.search_similar(iid, int(k), filters))
+        result = self._guard(lambda: self.service.search_similar(iid, k, filters))
         return self._shape(result, filters)
 
     def _guard(self, call: Any) -> SearchResult:
@@ -278,20 +283,27 @@ class SearchPage:
         query: str | None = None,
     ) -> int:
         """Store a thumbs-up (+1) / thumbs-down (-1) on a result; returns the row id."""
-        if vote not in (1, -1):
+        if vote not in (1, -1) or isinstance(vote, bool):
             raise PageError("a vote is +1 or -1")
         if image_id in (None, "", 0):
             raise PageError("select a result first, then vote on it")
+        iid = self.service.check_image_id(image_id)
+        qid: int | None = None
+        if query_log_id is not None:
+            try:
+                qid = self.service.check_image_id(query_log_id)  # the same id range
+            except QueryError:
+                qid = None  # a stale or odd page state: the vote is kept without it
+        if query is not None and not isinstance(query, str):
+            query = None
+        elif query is not None:
+            query = query.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:2000]
         with self.platform.db.session() as s:
-            logged = s.get(QueryLog, int(query_log_id)) if query_log_id is not None else None
-            if logged is None:
-                query_log_id = None
-            elif logged.query:
+            logged = s.get(QueryLog, qid) if qid is not None else None
+            if logged is not None and logged.query:
                 query = logged.query  # the text that produced the result, not the box now
-            row = QueryFeedback(
-                query_log_id=query_log_id, image_id=int(image_id),  # type: ignore[arg-type]
-                vote=vote, query=query,
-            )
+            row = QueryFeedback(query_log_id=qid if logged is not None else None,
+                                image_id=iid, vote=vote, query=query)
             s.add(row)
             s.flush()
             return int(row.id)

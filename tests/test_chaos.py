@@ -1,0 +1,60 @@
+"""The chaos run in a bounded form (bench/chaos.py has the full one): both shapes, real
+processes killed with SIGKILL and at crash points, a Milvus server restarted, reconcile,
+promotions, rollbacks and drift beside the worker; then nothing lost, doubled or stranded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def load_chaos() -> ModuleType:
+    """bench/ is scripts, not a package: load chaos.py as a module."""
+    if "chaos" in sys.modules:
+        return sys.modules["chaos"]
+    spec = importlib.util.spec_from_file_location("chaos", REPO / "bench" / "chaos.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["chaos"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_clean(res: object) -> None:
+    r = res  # a chaos.ChaosResult
+    assert (r.lost, r.doubled, r.stranded) == (0, 0, 0), r.problems  # type: ignore[attr-defined]
+    assert r.milvus_equals_db and r.indexed > 0  # type: ignore[attr-defined]
+    assert r.queries_ok > 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
+@pytest.mark.milvus_server
+def test_chaos_on_postgresql_and_a_milvus_server(tmp_path: Path, pg_database: str,
+                                                 compact_model: Path) -> None:
+    from carsearch.platform.milvus_server import LocalMilvusServer
+    from conftest import _reset_pg
+
+    chaos = load_chaos()
+    _reset_pg(pg_database)
+    with LocalMilvusServer(tmp_path / "milvus") as server:  # its own: it gets restarted
+        res = chaos.run_server_shape(tmp_path / "run", compact_model, pg_database, server,
+                                     rounds=6, per_round=4, milvus_restarts=1, seed=3)
+    _assert_clean(res)
+    assert res.faults.get("Milvus server killed and restarted") == 1
+    assert res.total_faults >= 6
+
+
+def test_chaos_on_sqlite_and_milvus_lite(tmp_path: Path, compact_model: Path) -> None:
+    chaos = load_chaos()
+    res = chaos.run_lite_shape(tmp_path / "run", compact_model, rounds=3, per_round=4, seed=3)
+    _assert_clean(res)
+    assert res.total_faults >= 6

@@ -1,0 +1,125 @@
+"""Fuzzed input through the search service, the page's functions and handlers, and the
+CLI: random Unicode (unpaired surrogates and NUL included), injection-like strings, odd
+k, odd years and filter values, odd image ids. Only the platform's own errors (one-line
+messages) may come out; the page handlers must answer every call with a message.
+
+Seeded (derandomised) hypothesis runs, so a failure reproduces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from carsearch.platform.errors import CarsearchError
+from carsearch.platform.runtime import Platform
+from carsearch.platform_cli import search_command
+from carsearch.ui.app import PageHandlers
+from carsearch.ui.page import PickedFilters, SearchPage
+from ui_world import World, build_world
+
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+
+INJECTIONS = ['" or id > 0 or make == "', "make in ['x'] or 1==1", "'; DROP TABLE images; --",
+              "\\\\", "%s%s%n", "${jndi:ldap://x}", "../../etc/passwd", "\x00", "\udcff",
+              "\ud800abc", "red 2012 chevy pickup", " " * 600, "年式 レッド", "🚗" * 20]
+any_text = st.one_of(st.text(st.characters(blacklist_categories=()), max_size=80),
+                     st.sampled_from(INJECTIONS))
+odd_number = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                       st.booleans(), st.none())
+odd_value = st.one_of(any_text, odd_number)
+odd_list = st.one_of(odd_value, st.lists(odd_value, max_size=4))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, compact_model: Path) -> World:
+    return build_world(tmp_path_factory.mktemp("fuzz"), compact_model)
+
+
+@pytest.fixture(scope="module")
+def page(world: World) -> Any:
+    platform = Platform(world.settings)
+    p = SearchPage(platform)
+    p.warm_up()
+    yield p
+    platform.close()
+
+
+def _only_platform_errors(call: Any) -> None:
+    try:
+        call()
+    except CarsearchError as exc:
+        assert "\n" not in str(exc) and str(exc)
+
+
+@FUZZ
+@given(query=any_text, k=st.one_of(odd_number, st.integers(0, 50)), iid=odd_value)
+def test_the_search_service(page: SearchPage, query: Any, k: Any, iid: Any) -> None:
+    svc = page.service
+    _only_platform_errors(lambda: svc.search_text(query, k))
+    _only_platform_errors(lambda: svc.search_similar(iid, 5))
+    _only_platform_errors(lambda: svc.search_similar(iid, k))
+
+
+@FUZZ
+@given(query=any_text, k=odd_number, make=odd_list, body=odd_list, colour=odd_list,
+       y0=odd_value, y1=odd_value, iid=odd_value, qid=odd_value, vote=odd_number)
+def test_the_page_functions(page: SearchPage, query: Any, k: Any, make: Any, body: Any,
+                            colour: Any, y0: Any, y1: Any, iid: Any, qid: Any,
+                            vote: Any) -> None:
+    def tup(v: Any) -> tuple[Any, ...]:
+        return tuple(v) if isinstance(v, list) else (() if v is None else (v,))
+
+    picked = PickedFilters(tup(make), tup(body), tup(colour), (), y0, y1)
+    _only_platform_errors(lambda: page.search_text(query, k, picked))
+    _only_platform_errors(lambda: page.search_text(query, 5, picked, keep_chips=tup(make)))
+    _only_platform_errors(lambda: page.more_like_this(iid, k, picked))
+    _only_platform_errors(lambda: page.search_upload(query or None, 5, picked))
+    _only_platform_errors(lambda: page.feedback(qid, iid, vote, query))
+
+
+@FUZZ
+@given(query=any_text, k=odd_number, make=odd_list, y0=odd_value, iid=odd_value)
+def test_the_page_handlers_always_answer(page: SearchPage, query: Any, k: Any, make: Any,
+                                         y0: Any, iid: Any) -> None:
+    h = PageHandlers(page)
+    filters = (make, [], [], [], y0, "any")
+    out = h.search(query, k, *filters)
+    assert isinstance(out[1], str)  # the status line: results or a message
+    assert isinstance(h.more_like_this(iid, k, *filters)[1], str)
+    assert isinstance(h.refine(query, [str(make)], k, *filters)[1], str)
+    assert isinstance(h.vote(1)(iid, iid, query), str)
+
+
+@pytest.fixture(scope="module")
+def cli_world(tmp_path_factory: pytest.TempPathFactory, compact_model: Path) -> World:
+    """Its own data: each CLI call opens and closes the Lite file, which one process may
+    hold once (the page fixture holds the other world's)."""
+    return build_world(tmp_path_factory.mktemp("fuzz-cli"), compact_model)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(query=any_text, k=st.integers(-5, 2000), make=any_text, year=st.integers(-5, 10**6))
+def test_the_cli(cli_world: World, query: str, k: int, make: str, year: int) -> None:
+    app = typer.Typer()
+
+    @app.callback()
+    def root(ctx: typer.Context) -> None:
+        ctx.obj = cli_world.settings
+
+    app.command("search")(search_command)
+    args = ["search", query, "--k", str(k), "--make", make, "--year-min", str(year), "--json"]
+    res = CliRunner().invoke(app, args)
+    if res.exit_code != 0:
+        exc = res.exception
+        assert isinstance(exc, CarsearchError | SystemExit), repr(exc)
+        if isinstance(exc, CarsearchError):
+            assert "\n" not in str(exc)
