@@ -1,18 +1,18 @@
 # carsearch: one image for every platform process (migrations, ingest worker, search page,
-# ANN audit). Build: docker build -t carsearch .
+# ANN audit, drift). Build: docker build -t carsearch .
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false \
-    CARSEARCH_DATA_DIR=/data CARSEARCH_MIGRATIONS_DIR=/app/migrations
+    CARSEARCH_DATA_DIR=/data
 
 WORKDIR /app
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md ./
 COPY src ./src
-COPY migrations ./migrations
 # torch==2.13.0 is pinned in pyproject.toml. For a smaller CPU-only image, install
-# torch from PyTorch's CPU wheel index in a layer before this one.
-RUN pip install -e .
+# torch from PyTorch's CPU wheel index in a layer before this one. A regular (not
+# editable) install: the Alembic migrations ship inside the package.
+RUN pip install .
 
 VOLUME ["/data"]
 EXPOSE 7860

@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from carsearch.platform.machine import cpu_name
-from carsearch.platform.vehicles import VehicleLabel
-from carsearch.training.augment import OfflineGenerator, RuleJudge, augment
-from carsearch.training.stanford import load_stanford
+from carsearch.data.augment import OfflineGenerator, RuleJudge, augment
+from carsearch.data.stanford import load_stanford
+from carsearch.platform.search.vocabulary import VehicleLabel
+from machine import cpu_name
 
 
 def _root() -> Path:

@@ -23,10 +23,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from carsearch.platform.machine import cpu_name
-from carsearch.platform.mirror import MirroredStore
-from carsearch.platform.vectorstore import MilvusStore, VectorRow
-from carsearch.training.drift import detect_drift
+from carsearch.monitoring.drift import detect_drift
+from carsearch.platform.vectors.mirror import MirroredStore
+from carsearch.platform.vectors.store import MilvusStore, VectorRow
+from machine import cpu_name
 
 DIM = 192
 

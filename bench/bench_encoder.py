@@ -24,9 +24,9 @@ import torch
 import transformers
 from PIL import Image
 
-from carsearch.platform.encoder import Encoder
-from carsearch.platform.machine import cpu_name
+from carsearch.platform.models.encoder import Encoder
 from carsearch.training.base_model import BUILD_INFO, CompactSpec, TowerSize, build_compact_base
+from machine import cpu_name
 
 BASE_SIZED = CompactSpec(
     image_size=224,

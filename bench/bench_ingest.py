@@ -35,13 +35,12 @@ from carsearch.ingest.pipeline import (
     write_pending,
     write_rows,
 )
-from carsearch.platform import migrate
-from carsearch.platform.db import Database
-from carsearch.platform.encoder import Encoder
-from carsearch.platform.machine import cpu_name
-from carsearch.platform.registry import Registry
-from carsearch.platform.vectorstore import MilvusStore, VectorRow
+from carsearch.platform.db import Database, migrate
+from carsearch.platform.models.encoder import Encoder
+from carsearch.platform.models.registry import Registry
+from carsearch.platform.vectors.store import MilvusStore, VectorRow
 from carsearch.training.base_model import CompactSpec, TowerSize, build_compact_base
+from machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 STANFORD = Path(os.environ.get("CARSEARCH_STANFORD_ROOT", REPO.parent / "shared" / "stanford_cars"))

@@ -36,17 +36,16 @@ from PIL import Image as PILImage
 from sqlalchemy import insert
 from tqdm import tqdm
 
-from carsearch.platform import migrate
-from carsearch.platform.db import Image, ImageStatus
+from carsearch.platform.db import Image, ImageStatus, migrate
 from carsearch.platform.ids import collection_name
-from carsearch.platform.machine import cpu_name
-from carsearch.platform.mirror import MirroredStore
 from carsearch.platform.runtime import Platform
+from carsearch.platform.search.vocabulary import COLOURS, MAKE_ALIASES
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectorstore import IndexSpec, MilvusStore, VectorRow, VectorStoreError
-from carsearch.platform.vehicles import COLOURS, MAKE_ALIASES
+from carsearch.platform.vectors.mirror import MirroredStore
+from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow, VectorStoreError
 from carsearch.training.base_model import build_compact_base
 from carsearch.ui.page import PickedFilters, SearchPage
+from machine import cpu_name
 
 BODIES = {"Sedan": "sedan", "Coupe": "coupe", "SUV": "suv", "Crew Cab": "pickup",
           "Hatchback": "hatchback", "Convertible": "convertible", "Minivan": "minivan"}

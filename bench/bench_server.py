@@ -46,18 +46,18 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from carsearch.platform.ann_audit import ordered_ids
-from carsearch.platform.exact import ExactIndex, set_threads
+from carsearch.monitoring.ann_audit import ordered_ids
 from carsearch.platform.metrics import recall_at_k_vs_exact
-from carsearch.platform.milvus_server import LocalMilvusServer
-from carsearch.platform.mirror import VectorMirror
-from carsearch.platform.vector_bench import (
+from carsearch.platform.vectors.exact import ExactIndex, set_threads
+from carsearch.platform.vectors.mirror import VectorMirror
+from carsearch.platform.vectors.server import LocalMilvusServer
+from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow, VectorStoreError
+from vector_bench import (
     clustered_vectors,
     label_of,
     machine_info,
     percentiles_ms,
 )
-from carsearch.platform.vectorstore import IndexSpec, MilvusStore, VectorRow, VectorStoreError
 
 log = logging.getLogger("bench_server")
 

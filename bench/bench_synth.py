@@ -18,9 +18,9 @@ from pathlib import Path
 
 import PIL
 
-from carsearch.platform.machine import machine_line
-from carsearch.training.stanford import load_stanford
-from carsearch.training.synth import DEFAULT_SIZE, write_catalogue
+from carsearch.data.catalogue import DEFAULT_SIZE, write_catalogue
+from carsearch.data.stanford import load_stanford
+from machine import machine_line
 
 
 def _machine() -> str:

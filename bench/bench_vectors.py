@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from carsearch.platform import vector_bench as vb
+import vector_bench as vb
 
 
 def main() -> None:

@@ -122,7 +122,7 @@ def deliver(inbox: Path, ledger: Ledger, rng: random.Random, n: int, seq: list[i
 
 
 def free_port() -> int:
-    from carsearch.platform.milvus_server import free_ports
+    from carsearch.platform.vectors.server import free_ports
 
     return free_ports(1)[0]
 
@@ -217,6 +217,7 @@ class ChaosResult:
     queries: int = 0
     queries_ok: int = 0
     queries_during_outage: int = 0
+    query_errors: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -238,6 +239,7 @@ class Searcher:
         self.query = query
         self.down = down
         self.ok = self.failed = self.during_outage = 0
+        self.errors: dict[str, int] = {}  # the failures outside outages, by kind
         self.outage = threading.Event()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="chaos-searcher", daemon=True)
@@ -247,11 +249,13 @@ class Searcher:
             try:
                 self.query()
                 self.ok += 1
-            except Exception:
+            except Exception as exc:
                 if self.outage.is_set() or self.down():
                     self.during_outage += 1
                 else:
                     self.failed += 1
+                    kind = f"{type(exc).__name__}: {str(exc)[:80]}"
+                    self.errors[kind] = self.errors.get(kind, 0) + 1
             self.stop.wait(0.25)
 
 
@@ -352,10 +356,7 @@ def run_server_shape(work: Path, model: Path, db_url: str, server: Any, *, round
         searcher.stop.set()
         searcher.thread.join(30)
         worker.stop()
-    res.seconds = time.monotonic() - t0
-    res.queries, res.queries_ok = searcher.ok + searcher.failed, searcher.ok
-    res.queries_during_outage = searcher.during_outage
-    _finish(env, log, ledger, res)
+    _finish(env, log, ledger, res, searcher, t0)
     return res
 
 
@@ -385,8 +386,7 @@ def _service_query(env: dict[str, str]) -> Callable[[], None]:
 
 def _drain(env: dict[str, str], worker: Proc, inbox: Path, timeout_s: float = 600.0) -> None:
     """Keep the worker running until the inbox is empty and no job is queued or running."""
-    from carsearch.ingest import queue
-    from carsearch.platform.db import Database
+    from carsearch.platform.db import Database, queue
 
     db = Database(env["CARSEARCH_DATABASE_URL"])
     deadline = time.monotonic() + timeout_s
@@ -404,8 +404,12 @@ def _drain(env: dict[str, str], worker: Proc, inbox: Path, timeout_s: float = 60
         db.dispose()
 
 
-def _finish(env: dict[str, str], log: Path, ledger: Ledger, res: ChaosResult) -> None:
-    """One normal reconcile, then the checks."""
+def _finish(env: dict[str, str], log: Path, ledger: Ledger, res: ChaosResult,
+            searcher: Searcher, t0: float) -> None:
+    """The run's figures, one normal reconcile, then the checks."""
+    res.seconds = time.monotonic() - t0
+    res.queries, res.queries_ok = searcher.ok + searcher.failed, searcher.ok
+    res.queries_during_outage, res.query_errors = searcher.during_outage, dict(searcher.errors)
     code, out = cli(env, "reconcile", "--json", "--stale-after", "0", log=log)
     res.final_reconcile = json.loads(out) if code == 0 else {"error": code}
     check(env, ledger, res)
@@ -519,10 +523,7 @@ def run_lite_shape(work: Path, model: Path, *, rounds: int, per_round: int,
         if searcher.thread.is_alive():
             searcher.thread.join(30)
         page.stop()
-    res.seconds = time.monotonic() - t0
-    res.queries, res.queries_ok = searcher.ok + searcher.failed, searcher.ok
-    res.queries_during_outage = searcher.during_outage
-    _finish(env, log, ledger, res)
+    _finish(env, log, ledger, res, searcher, t0)
     return res
 
 
@@ -576,9 +577,12 @@ def markdown(results: list[ChaosResult], machine: str) -> str:
     for r in results:
         lines += ["", f"## {r.shape}", "", "| fault | count |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(r.faults.items())]
-        lines += ["", f"Queries while Milvus was down (not counted above): "
-                  f"{r.queries_during_outage}. The final reconcile: "
-                  f"`{json.dumps(r.final_reconcile)}`."]
+        lines += ["", f"Queries while a fault had taken down what answers them (the page, "
+                  f"or the Milvus server; not counted above): {r.queries_during_outage}. "
+                  f"The final reconcile: `{json.dumps(r.final_reconcile)}`."]
+        if r.query_errors:
+            lines += ["", "Failed queries outside those outages, by kind:",
+                      *[f"- {k}: {n}" for k, n in sorted(r.query_errors.items())]]
         if r.problems:
             lines += ["", "Problems:", *[f"- {p}" for p in r.problems[:20]]]
     return "\n".join(lines) + "\n"
@@ -596,8 +600,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the markdown here (docs/RELIABILITY.md)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    from carsearch.platform.milvus_server import LocalMilvusServer
-    from carsearch.platform.vector_bench import machine_info
+    from machine import cpu_name
+
+    from carsearch.platform.vectors.server import LocalMilvusServer
 
     results: list[ChaosResult] = []
     with tempfile.TemporaryDirectory(prefix="carsearch-chaos-") as tmp:
@@ -613,7 +618,7 @@ def main() -> None:
                     work / "server", model, url, server, rounds=args.rounds,
                     per_round=args.per_round, milvus_restarts=args.milvus_restarts,
                     seed=args.seed))
-    text = markdown(results, machine_info().get("cpu", "unknown"))
+    text = markdown(results, f"{cpu_name()}, {os.cpu_count()} logical CPUs")
     print(text)
     if args.out:
         args.out.write_text(text, encoding="utf-8")

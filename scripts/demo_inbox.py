@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from carsearch.training.stanford import load_stanford
+from carsearch.data.stanford import load_stanford
 
 
 def main() -> None:

@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from carsearch.platform import migrate
-from carsearch.platform.db import Database
-from carsearch.platform.milvus_server import LocalMilvusServer, MilvusServerError
+from carsearch.platform.db import Database, migrate
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.server import LocalMilvusServer, MilvusServerError
 
 REPO = Path(__file__).resolve().parents[1]
 PG_SERVER = os.environ.get(
@@ -119,7 +118,7 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMil
 
 def empty_server(uri: str) -> None:
     """Drop every collection (and so its aliases) on a server between tests."""
-    from carsearch.platform.vectorstore import MilvusStore
+    from carsearch.platform.vectors.store import MilvusStore
 
     store = MilvusStore(uri)
     try:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from carsearch.ingest.reindex import indexed_ids
-from carsearch.platform import migrate
+from carsearch.platform.db import migrate
+from carsearch.platform.db.images import indexed_ids
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
 
@@ -28,7 +28,7 @@ def make_image(path: Path, seed: int, size: tuple[int, int] = (64, 48)) -> Path:
 def assert_invariant(p: Platform) -> set[int]:
     v = p.registry.require_serving()
     in_milvus = p.store.ids(v.collection)
-    in_db = indexed_ids(p)
+    in_db = indexed_ids(p.db)
     assert in_milvus == in_db
     assert p.store.count(v.collection) == len(in_db)
     return in_db

@@ -14,24 +14,24 @@ import typer
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
-from carsearch.bench_cli import ann_command
-from carsearch.platform.ann_audit import (
+from carsearch.cli.monitor import ann_command
+from carsearch.monitoring.ann_audit import (
     audit,
     class_queries,
     exact_dir,
     exact_from_arrays,
     exact_from_milvus,
-    latest_ann_report,
     logged_queries,
     record_report,
     sync_exact_index,
 )
+from carsearch.monitoring.scheduler import run_every
 from carsearch.platform.db import Database, ModelVersion, QueryLog
-from carsearch.platform.exact import ExactIndex
-from carsearch.platform.health import run_every
+from carsearch.platform.db.reports import latest_ann_report
 from carsearch.platform.settings import Settings
-from carsearch.platform.vector_bench import clustered_vectors
-from carsearch.platform.vectorstore import IndexSpec, MilvusStore, VectorRow
+from carsearch.platform.vectors.exact import ExactIndex
+from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow
+from vector_bench import clustered_vectors
 
 
 def _fill(store: MilvusStore, name: str, ids: list[int], vectors: np.ndarray) -> None:
@@ -194,7 +194,7 @@ def _draw(path: Path, seed: int) -> None:
 
 def test_evaluate_ann_cli(tmp_path: Path, compact_model: Path, milvus_uri: str) -> None:
     from carsearch.ingest.pipeline import BatchWriter, ingest_items, read_manifest
-    from carsearch.platform import migrate
+    from carsearch.platform.db import migrate
     from carsearch.platform.runtime import Platform
 
     settings = Settings(data_dir=tmp_path / "data", milvus_uri=milvus_uri)

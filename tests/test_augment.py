@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 import typer
 
-from carsearch.platform.vehicles import VehicleLabel, parse_class_name
-from carsearch.training.augment import (
+from carsearch.data.augment import (
     JudgedQuery,
     LLMVerdict,
     OfflineGenerator,
@@ -26,7 +25,8 @@ from carsearch.training.augment import (
     judge_query,
     load_queries,
 )
-from carsearch.training.augment_rules import MAX_QUERY_CHARS
+from carsearch.data.augment.rules import MAX_QUERY_CHARS
+from carsearch.platform.search.vocabulary import VehicleLabel, parse_class_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -337,8 +337,8 @@ def test_resume_after_interruption_has_no_duplicates(
 
 
 def _cli() -> Any:
+    from carsearch.cli.augment import augment_command
     from carsearch.platform.settings import Settings
-    from carsearch.training.augment_cli import augment_command
 
     app = typer.Typer()
 

@@ -24,9 +24,7 @@ from typing import Any
 import pytest
 import typer
 
-from carsearch.platform.errors import CarsearchError
-from carsearch.platform.vehicles import parse_class_name
-from carsearch.training.augment import (
+from carsearch.data.augment import (
     GenerationError,
     OllamaGenerator,
     OllamaJudge,
@@ -35,7 +33,9 @@ from carsearch.training.augment import (
     RuleJudge,
     augment,
 )
-from carsearch.training.augment_ollama import GeneratedQueries
+from carsearch.data.augment.ollama import GeneratedQueries
+from carsearch.platform.errors import CarsearchError
+from carsearch.platform.search.vocabulary import parse_class_name
 
 SILVERADO = parse_class_name("Chevrolet Silverado 1500 Extended Cab 2012", colour="red")
 ACCORD = parse_class_name("Honda Accord Sedan 2012")
@@ -274,8 +274,8 @@ def test_cli_with_ollama_down_is_one_clear_error(tmp_path: Path) -> None:
     """`carsearch augment --generator ollama` with nothing listening: a CarsearchError."""
     from typer.testing import CliRunner
 
+    from carsearch.cli.augment import augment_command
     from carsearch.platform.settings import Settings
-    from carsearch.training.augment_cli import augment_command
 
     root = Path(__file__).resolve().parents[1].parent / "shared" / "stanford_cars"
     if not (root / "cars_meta.mat").exists():

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModel, AutoProcessor, SiglipModel, SiglipProcessor
 from typer.testing import CliRunner
 
+from carsearch.cli.base import app
 from carsearch.platform.errors import CarsearchError
-from carsearch.training.base_cli import app
 from carsearch.training.base_model import (
     BUILD_INFO,
     EOS_TOKEN,

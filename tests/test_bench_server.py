@@ -10,8 +10,8 @@ from types import ModuleType
 
 import pytest
 
-from carsearch.platform.milvus_server import LocalMilvusServer
-from carsearch.platform.vectorstore import MilvusStore
+from carsearch.platform.vectors.server import LocalMilvusServer
+from carsearch.platform.vectors.store import MilvusStore
 from conftest import REPO, empty_server
 
 

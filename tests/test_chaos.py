@@ -40,7 +40,7 @@ def _assert_clean(res: object) -> None:
 @pytest.mark.milvus_server
 def test_chaos_on_postgresql_and_a_milvus_server(tmp_path: Path, pg_database: str,
                                                  compact_model: Path) -> None:
-    from carsearch.platform.milvus_server import LocalMilvusServer
+    from carsearch.platform.vectors.server import LocalMilvusServer
     from conftest import _reset_pg
 
     chaos = load_chaos()

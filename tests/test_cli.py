@@ -41,8 +41,9 @@ def env(tmp_path: Path) -> dict[str, str]:
 def test_help_lists_every_verb(env: dict[str, str]) -> None:
     out = run(["--help"], env).stdout
     for verb in ("db", "base", "data", "models", "ingest", "search", "augment", "train",
-                 "evaluate", "bench", "serve", "reconcile"):
+                 "evaluate", "serve", "reconcile", "drift", "health"):
         assert f" {verb} " in out
+    assert " bench " not in out  # benchmark code lives under bench/ only
 
 
 def test_round_trip(env: dict[str, str], tmp_path: Path, compact_model: Path) -> None:
@@ -109,7 +110,7 @@ def test_model_lifecycle_moves_the_serving_alias(
 ) -> None:
     """publish -> ingest -> promote (re-index) -> rollback -> retire --drop -> reconcile,
     as separate processes, with the Milvus alias following the database's serving version."""
-    from carsearch.platform.vectorstore import MilvusStore
+    from carsearch.platform.vectors.store import MilvusStore
 
     env = dict(env, CARSEARCH_MILVUS_URI=milvus_uri)
     run(["db", "upgrade"], env)

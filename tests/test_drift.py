@@ -17,16 +17,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carsearch.platform import migrate
-from carsearch.platform.db import Database, DriftReport, ImageStatus, ModelVersion, VersionStatus
+from carsearch.monitoring.drift import detect_drift, knn_density, run_drift
+from carsearch.platform.db import (
+    Database,
+    DriftReport,
+    ImageStatus,
+    ModelVersion,
+    VersionStatus,
+    migrate,
+)
 from carsearch.platform.db import Image as ImageRow
+from carsearch.platform.db.reports import latest_drift
 from carsearch.platform.errors import ModelNotFoundError
 from carsearch.platform.ids import image_id
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import DriftSettings, Settings, SettingsError, load_settings
-from carsearch.platform.status import latest_drift
-from carsearch.platform.vectorstore import IndexSpec, MilvusStore, VectorRow
-from carsearch.training.drift import detect_drift, knn_density, run_drift
+from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow
 
 DIM = 32
 SPREAD = 0.5
@@ -127,7 +133,7 @@ def test_thinly_sampled_known_classes_are_not_isolated() -> None:
     """200 classes, 25 references each on average: fringe images of a known class can be
     each other's neighbours, but each is nearer to a reference of its class than to the
     others, so they stay noise. (Linking on the threshold alone made 4 clusters here.)"""
-    from carsearch.platform.vector_bench import clustered_vectors
+    from vector_bench import clustered_vectors
 
     ref, centres = clustered_vectors(5000, 192, n_clusters=200, spread=1.0, seed=1)
     new, _ = clustered_vectors(10000, 192, centres=centres, spread=1.0, seed=2)
@@ -309,7 +315,7 @@ def test_two_drift_runs_at_once_start_one_retrain(world: World, marker: Path,
     when run B starts: B must not start a second retrain for the same drift event."""
     import threading
 
-    from carsearch.training import drift as drift_module
+    from carsearch.platform.db import reports
 
     cat = Catalogue(11)
     now = datetime.now(UTC)
@@ -319,7 +325,7 @@ def test_two_drift_runs_at_once_start_one_retrain(world: World, marker: Path,
     world.add(same, now - timedelta(hours=2), same_labels)
     world.add(cat.new_vehicle(12), now - timedelta(hours=1))
     checked, go_on = threading.Event(), threading.Event()
-    real = drift_module.last_retrain_start
+    real = reports.last_retrain_start
 
     def pause_in_a(*args: object, **kwargs: object) -> object:
         out = real(*args, **kwargs)  # type: ignore[arg-type]
@@ -328,7 +334,7 @@ def test_two_drift_runs_at_once_start_one_retrain(world: World, marker: Path,
             assert go_on.wait(60)
         return out
 
-    monkeypatch.setattr(drift_module, "last_retrain_start", pause_in_a)
+    monkeypatch.setattr(reports, "last_retrain_start", pause_in_a)
     runs: dict[str, object] = {}
 
     def run_a() -> None:
@@ -462,9 +468,8 @@ def test_cli_json_and_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_drift_is_a_registered_verb() -> None:
-    from carsearch.cli import app
-    from carsearch.training import drift_cli
+    from carsearch.cli import app, monitor
 
-    assert any(g.name == "drift" and g.typer_instance is drift_cli.app
+    assert any(g.name == "drift" and g.typer_instance is monitor.drift_app
                for g in app.registered_groups)
-    assert [c.name for c in drift_cli.app.registered_commands] == ["run"]
+    assert [c.name for c in monitor.drift_app.registered_commands] == ["run"]

@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 from transformers import AutoModel
 
-from carsearch.platform.encoder import Encoder
 from carsearch.platform.errors import ModelNotFoundError
+from carsearch.platform.models.encoder import Encoder
 from carsearch.training.base_model import INIT_LOGIT_BIAS, build_compact_base
 
 CLASS_NAMES = ["Chevrolet Silverado 1500 Extended Cab 2012", "BMW M3 Coupe 2012"]
@@ -131,7 +131,7 @@ def test_loads_lazily_and_once_across_threads(
     assert not enc.loaded
     assert enc.model_id == str(model_dir)
     with (
-        caplog.at_level(logging.INFO, logger="carsearch.platform.encoder"),
+        caplog.at_level(logging.INFO, logger="carsearch.platform.models.encoder"),
         ThreadPoolExecutor(max_workers=4) as pool,
     ):
         dims = list(pool.map(lambda _: enc.dim, range(8)))

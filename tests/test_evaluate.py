@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carsearch.platform.encoder import Encoder
+from carsearch.data.stanford import load_stanford
 from carsearch.platform.errors import ConfigError
+from carsearch.platform.models.encoder import Encoder
 from carsearch.training.evaluate import (
     class_name_queries,
     evaluate_models,
     load_eval_queries,
 )
-from carsearch.training.stanford import load_stanford
 from carsearch.training.train_data import TrainSet
 from train_helpers import tiny_catalogue
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from carsearch.platform.errors import ArtifactTamperedError, ModelNotFoundError
-from carsearch.platform.exact import INDEX_FILE, META_FILE, ExactIndex, set_threads
+from carsearch.platform.vectors.exact import INDEX_FILE, META_FILE, ExactIndex, set_threads
 
 
 def unit(rng, n, dim):

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from carsearch.cli.search import search_command
 from carsearch.platform.errors import CarsearchError
 from carsearch.platform.runtime import Platform
-from carsearch.platform_cli import search_command
 from carsearch.ui.app import PageHandlers
 from carsearch.ui.page import PickedFilters, SearchPage
 from ui_world import World, build_world

@@ -18,19 +18,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from carsearch.health_cli import health_command
-from carsearch.platform import migrate
-from carsearch.platform.health import (
-    METRICS,
-    Health,
-    HealthServer,
-    LoopState,
-    run_every,
-    supervise,
-)
+from carsearch.cli.monitor import health_command
+from carsearch.monitoring.health import Health, HealthServer
+from carsearch.monitoring.scheduler import LoopState, run_every, supervise
+from carsearch.platform.db import migrate
+from carsearch.platform.db.reports import loop_statuses
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
-from carsearch.platform.status import loop_statuses
+from carsearch.platform.telemetry import METRICS
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -52,7 +47,7 @@ def platform(tmp_path: Path, database: Any, milvus_uri: str, compact_model: Path
 
 
 def _serve_a_version(p: Platform, compact_model: Path) -> None:
-    from carsearch.ingest.reindex import promote_with_backfill
+    from carsearch.lifecycle.reindex import promote_with_backfill
 
     p.registry.publish(compact_model, name="v1")
     promote_with_backfill(p, "v1", progress=False)
@@ -190,7 +185,7 @@ def test_health_cli_asks_a_process_port(platform: Platform, compact_model: Path)
         assert res.exit_code == 1 and "loop ingest-worker: dead (crashed)" in res.stdout
     finally:
         server.stop()
-    from carsearch.platform.milvus_server import free_ports
+    from carsearch.platform.vectors.server import free_ports
 
     res = runner.invoke(app, ["health", "--port", str(free_ports(1)[0]), "--timeout", "1"])
     assert res.exit_code == 1 and "no answer from" in res.stdout
@@ -210,7 +205,7 @@ def test_run_every_goes_on_after_an_unexpected_error() -> None:
 
 
 def test_background_job_that_ends_on_its_own_is_dead(tmp_path: Path) -> None:
-    from carsearch.ui_cli import BackgroundJobs
+    from carsearch.cli.serve import BackgroundJobs
 
     settings = Settings(data_dir=tmp_path / "d")
     migrate.upgrade(settings.database_url)

@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select, update
 
-from carsearch.ingest import queue
-from carsearch.ingest.reindex import indexed_ids, promote_with_backfill, reconcile
 from carsearch.ingest.worker import IngestWorker, scan_inbox
-from carsearch.platform.db import Image, ImageStatus, IngestJob, JobState
+from carsearch.lifecycle.reconcile import reconcile
+from carsearch.lifecycle.reindex import promote_with_backfill
+from carsearch.platform.db import Image, ImageStatus, IngestJob, JobState, queue
+from carsearch.platform.db.images import indexed_ids
 from carsearch.platform.runtime import Platform
-from carsearch.platform.vectorstore import VectorRow, VectorStoreError
+from carsearch.platform.vectors.store import VectorRow, VectorStoreError
 from ingest_world import assert_invariant, make_image, world
 
 
@@ -94,7 +95,7 @@ def test_milvus_unavailable_for_a_while(plat: Platform, tmp_path: Path):
         holder = _hold_lite_file(settings.milvus_uri)
         expected = ("another process has it open", "serve --ingest")
     else:  # a server nobody answers on
-        from carsearch.platform.milvus_server import free_ports
+        from carsearch.platform.vectors.server import free_ports
 
         dead = f"http://127.0.0.1:{free_ports(1)[0]}"
         down = Platform(settings.model_copy(update={"milvus_uri": dead}))
@@ -154,7 +155,7 @@ def test_sigkill_and_restart(point: str, plat: Platform, tmp_path: Path):
     assert queue.counts(p.db)["running"] == 4  # the killed batch holds its jobs
     if point == "after_upsert":  # vectors written, rows not: the state reconcile sees
         v = p.registry.require_serving()
-        assert len(p.store.ids(v.collection)) == 4 and indexed_ids(p) == set()
+        assert len(p.store.ids(v.collection)) == 4 and indexed_ids(p.db) == set()
     p.close()
     time.sleep(1.2)  # past the visibility timeout
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -7,8 +7,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from carsearch.platform import migrate
-from carsearch.platform.db import Base, Database, ModelVersion, VersionStatus
+from carsearch.platform.db import Base, Database, ModelVersion, VersionStatus, migrate
 
 TABLES = {
     "images", "model_versions", "ingest_jobs", "training_runs", "drift_reports", "query_log",

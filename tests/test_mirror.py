@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from carsearch.platform.mirror import MirroredStore, VectorMirror
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectorstore import MilvusStore, SearchFilters, VectorRow
+from carsearch.platform.vectors.mirror import MirroredStore, VectorMirror
+from carsearch.platform.vectors.store import MilvusStore, SearchFilters, VectorRow
 
 DIM = 16
 MAKES = ["Chevrolet", "Ford", "BMW", "Mercedes-Benz"]

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from carsearch.platform import migrate
-from carsearch.platform.db import Database, Image, ImageStatus
+from carsearch.platform.db import Database, Image, ImageStatus, migrate
 from carsearch.platform.errors import QueryError
-from carsearch.platform.nlfilters import (
+from carsearch.platform.search.nlfilters import (
     FilterVocabulary,
     VocabularyCache,
     filters_from_chips,
@@ -18,7 +17,7 @@ from carsearch.platform.nlfilters import (
     parse_query,
     validate_filters,
 )
-from carsearch.platform.vectorstore import SearchFilters
+from carsearch.platform.vectors.store import SearchFilters
 
 VOCAB = FilterVocabulary(
     makes=frozenset({"Chevrolet", "Ford", "BMW", "Mercedes-Benz", "MINI", "Aston Martin",
@@ -178,7 +177,7 @@ def test_vocabulary_comes_from_indexed_rows_and_is_cached(tmp_path: Path) -> Non
 
 
 def test_body_category_is_case_blind_and_keeps_unknown_types() -> None:
-    from carsearch.platform.vehicles import body_category
+    from carsearch.platform.search.vocabulary import body_category
 
     assert body_category("Regular Cab") == body_category("regular cab") == "pickup"
     assert body_category("Sedan") == body_category(" sedan ") == "sedan"

@@ -28,7 +28,7 @@ import pytest
 import sqlalchemy as sa
 
 from carsearch.platform.db import Database, DriftReport
-from carsearch.platform.milvus_server import free_ports
+from carsearch.platform.vectors.server import free_ports
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 
 from carsearch.platform.db import Database, VersionStatus
 from carsearch.platform.errors import ArtifactTamperedError, ModelNotFoundError
-from carsearch.platform.registry import Registry, RegistryError, artifact_sha256
+from carsearch.platform.models.registry import Registry, RegistryError, artifact_sha256
 
 
 @pytest.fixture

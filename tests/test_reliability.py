@@ -17,18 +17,22 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import select, update
 
-from carsearch.ingest import queue
-from carsearch.ingest.reindex import (
-    PromotionBlockedError,
-    indexed_ids,
-    promote_with_backfill,
-    reconcile,
-)
 from carsearch.ingest.worker import IngestWorker
-from carsearch.platform.db import Database, Image, ImageStatus, IngestJob, JobState, ModelVersion
-from carsearch.platform.registry import RegistryError
+from carsearch.lifecycle.reconcile import reconcile
+from carsearch.lifecycle.reindex import PromotionBlockedError, promote_with_backfill
+from carsearch.platform.db import (
+    Database,
+    Image,
+    ImageStatus,
+    IngestJob,
+    JobState,
+    ModelVersion,
+    queue,
+)
+from carsearch.platform.db.images import indexed_ids
+from carsearch.platform.models.registry import RegistryError
 from carsearch.platform.runtime import Platform
-from carsearch.platform.vectorstore import SearchFilters
+from carsearch.platform.vectors.store import SearchFilters
 from ingest_world import assert_invariant, make_image, world
 
 
@@ -119,7 +123,7 @@ def test_an_orphan_a_batch_claims_while_reconcile_deletes_it_is_restored(
     delete removes the new vector; reconcile sees the row claimed and re-embeds it."""
     inbox = _inbox(tmp_path, 2)
     IngestWorker(plat, inbox=inbox).run_once()
-    victim = sorted(indexed_ids(plat))[0]
+    victim = sorted(indexed_ids(plat.db))[0]
     with plat.db.session() as s:
         row = s.get(Image, victim)
         assert row is not None
@@ -295,7 +299,7 @@ def test_a_redelivery_updates_milvus_and_the_database_alike(
     (inbox / "c0.png.json").write_text(json.dumps({"make": "Ford", "colour": "blue"}))
     w = IngestWorker(plat, inbox=inbox)
     w.run_once()
-    (iid,) = indexed_ids(plat)
+    (iid,) = indexed_ids(plat.db)
     stored = Path(_rows(plat)[iid].path)
     again = tmp_path / "again.png"
     again.write_bytes(stored.read_bytes())
@@ -345,7 +349,7 @@ def test_version_names_that_map_to_one_collection_are_refused(
 def test_the_worker_loop_survives_an_unexpected_error(
     plat: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from carsearch.platform.health import LoopState
+    from carsearch.monitoring.scheduler import LoopState
 
     class Stop(threading.Event):
         def wait(self, timeout: float | None = None) -> bool:

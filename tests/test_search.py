@@ -15,10 +15,10 @@ from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items, rea
 from carsearch.platform.db import Database, ImageStatus, QueryLog
 from carsearch.platform.db import Image as ImageRow
 from carsearch.platform.errors import ModelNotFoundError, QueryError
-from carsearch.platform.mirror import MirroredStore
-from carsearch.platform.search import SearchService
+from carsearch.platform.search.service import SearchService
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectorstore import MilvusStore, SearchFilters
+from carsearch.platform.vectors.mirror import MirroredStore
+from carsearch.platform.vectors.store import MilvusStore, SearchFilters
 
 LABELS = [
     ("Chevrolet Silverado 1500 Regular Cab 2012", "red"),
@@ -177,7 +177,7 @@ def test_bad_k_and_no_serving_version(service: SearchService) -> None:
 def test_real_photos_end_to_end(service: SearchService, compact_model: Path,
                                 stanford_root: Path, tmp_path: Path) -> None:
     """A few real Stanford Cars photos through ingest and search (skips without them)."""
-    from carsearch.training.stanford import load_stanford
+    from carsearch.data.stanford import load_stanford
 
     items = load_stanford(stanford_root).split("test")[:12]
     manifest = tmp_path / "real.jsonl"

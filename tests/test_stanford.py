@@ -14,12 +14,9 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from carsearch.platform.errors import ConfigError
-from carsearch.platform.images import rejection_kind
-from carsearch.platform.settings import Settings
-from carsearch.platform.vehicles import BODY_CATEGORY, MAKE_ALIASES, parse_class_name
-from carsearch.training import data_cli
-from carsearch.training.stanford import (
+from carsearch.cli import data as data_cli
+from carsearch.data.catalogue import annotations_mat_bytes, write_catalogue
+from carsearch.data.stanford import (
     BENCHMARK_SPLIT,
     DatasetError,
     benchmark_split,
@@ -28,7 +25,10 @@ from carsearch.training.stanford import (
     read_class_names,
     read_devkit,
 )
-from carsearch.training.synth import annotations_mat_bytes, write_catalogue
+from carsearch.platform.errors import ConfigError
+from carsearch.platform.images import rejection_kind
+from carsearch.platform.search.vocabulary import BODY_CATEGORY, MAKE_ALIASES, parse_class_name
+from carsearch.platform.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,17 +14,22 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from carsearch.platform.errors import ConfigError
-from carsearch.platform.vehicles import BODY_CATEGORIES, COLOURS, MAKE_ALIASES, parse_class_name
-from carsearch.training import data_cli
-from carsearch.training.stanford import load_stanford
-from carsearch.training.synth import (
+from carsearch.cli import data as data_cli
+from carsearch.data.catalogue import (
     CATALOGUE,
     DEFAULT_SIZE,
     PAINT,
     class_sequence,
     render_vehicle,
     write_catalogue,
+)
+from carsearch.data.stanford import load_stanford
+from carsearch.platform.errors import ConfigError
+from carsearch.platform.search.vocabulary import (
+    BODY_CATEGORIES,
+    COLOURS,
+    MAKE_ALIASES,
+    parse_class_name,
 )
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from sqlalchemy import select
 
+from carsearch.data.stanford import load_stanford
+from carsearch.lifecycle.publish import promotion_decision, run_job
 from carsearch.platform.db import Database, RunStatus, TrainingRun, VersionStatus
-from carsearch.platform.encoder import Encoder
 from carsearch.platform.errors import ConfigError
-from carsearch.platform.registry import Registry
+from carsearch.platform.models.encoder import Encoder
+from carsearch.platform.models.registry import Registry
 from carsearch.training.loss import siglip_loss
-from carsearch.training.publish import promotion_decision, run_job
-from carsearch.training.stanford import load_stanford
 from carsearch.training.train_data import Collate, SampleStream, TrainSet, data_fingerprint
 from carsearch.training.trainer import (
     FULL_EPOCHS,

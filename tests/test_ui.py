@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from carsearch.platform import migrate
-from carsearch.platform.db import AnnReport, Database, DriftReport, QueryFeedback, QueryLog
+from carsearch.platform.db import AnnReport, Database, DriftReport, QueryFeedback, QueryLog, migrate
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.runtime import Platform
-from carsearch.platform.search import SearchHit
+from carsearch.platform.search.service import SearchHit
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectorstore import SearchFilters
+from carsearch.platform.vectors.store import SearchFilters
 from carsearch.ui.app import parse_auth
 from carsearch.ui.page import caption, describe_filters
 from carsearch.ui.render import evaluation_table, page_header, status_markdown

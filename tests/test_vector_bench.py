@@ -7,12 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from carsearch.bench_cli import app as bench_app
-from carsearch.platform import vector_bench as vb
-from carsearch.platform.settings import Settings
+import vector_bench as vb
 
 
 def test_clustered_vectors_are_unit_and_clustered() -> None:
@@ -68,18 +64,11 @@ def test_thread_bench_structure() -> None:
     assert md.count("\n| FAISS |") == 2 and "speed-up 2 vs 1" in md
 
 
-def test_bench_vectors_cli_json(tmp_path: Path) -> None:
-    root = typer.Typer()
-
-    @root.callback()
-    def _root(ctx: typer.Context) -> None:
-        ctx.obj = Settings(data_dir=tmp_path / "data")
-
-    root.add_typer(bench_app, name="bench")
-    res = CliRunner().invoke(root, ["bench", "vectors", "--n", "300", "--dim", "8",
-                                    "--queries", "10", "--clusters", "5", "--json"])
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout[res.stdout.index("{"):])
+def test_vector_bench_report_is_json(tmp_path: Path) -> None:
+    """What bench/bench_vectors.py writes with --json (the `carsearch bench` verb is gone:
+    benchmark code lives under bench/ only)."""
+    report = vb.run_vector_bench(300, 8, n_queries=10, n_clusters=5, workdir=str(tmp_path))
+    out = json.loads(json.dumps(report.to_dict()))
     assert out["n"] == 300 and out["dim"] == 8
     assert out["results"][0]["system"] == "FAISS"
     assert {r["config"].split()[0] for r in out["results"][1:]} == {"FLAT", "IVF_FLAT", "HNSW"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from carsearch.platform.vectorstore import (
+from carsearch.platform.vectors.store import (
     SERVING_ALIAS,
     IndexSpec,
     MilvusStore,

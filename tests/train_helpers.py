@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from carsearch.training.synth import write_catalogue
+from carsearch.data.catalogue import write_catalogue
 from carsearch.training.trainer import TrainConfig
 
 

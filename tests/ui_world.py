@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items
-from carsearch.platform import migrate
+from carsearch.platform.db import migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
 

@@ -27,13 +27,13 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from tqdm import tqdm
 
 from carsearch.platform.db import Database, Image, ImageStatus, ModelVersion, utcnow
-from carsearch.platform.encoder import Encoder
 from carsearch.platform.errors import CarsearchError, ImageRejectedError
 from carsearch.platform.ids import image_id
 from carsearch.platform.images import load_image, sha256_file
+from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.runtime import Platform
-from carsearch.platform.vectorstore import VectorRow, VectorStore
-from carsearch.platform.vehicles import body_category, parse_class_name
+from carsearch.platform.search.vocabulary import body_category, parse_class_name
+from carsearch.platform.vectors.store import VectorRow, VectorStore
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carsearch.ingest import queue
 from carsearch.ingest.pipeline import (
     IngestItem,
     IngestSummary,
@@ -34,10 +33,12 @@ from carsearch.ingest.pipeline import (
     storable_problem,
     store_path,
 )
+from carsearch.monitoring.scheduler import LoopState, install_stop_handlers, supervise
+from carsearch.platform.db import queue
 from carsearch.platform.errors import ImageRejectedError
-from carsearch.platform.health import METRICS, LoopState, install_stop_handlers, supervise
 from carsearch.platform.images import sha256_file
 from carsearch.platform.runtime import Platform
+from carsearch.platform.telemetry import METRICS
 
 log = logging.getLogger(__name__)
 

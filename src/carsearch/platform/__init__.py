@@ -1,1 +1,11 @@
-"""carsearch.platform."""
+"""The shared core every carsearch process uses.
+
+Owns: settings, errors, ids and safe image decoding; the metadata database (`db`: tables,
+sessions, migrations, the queries of each table); vectors (`vectors`: the store Protocol,
+the Milvus adapter, the exact in-memory mirror, the FAISS exact index, a local Milvus
+server); models (`models`: the SigLIP encoder and the registry of versions); search
+(`search`: the service, natural-language filters, the label vocabulary); retrieval metrics;
+telemetry (Prometheus counters); and `runtime`, which wires them for one process.
+May import: third-party libraries only. Nothing in the platform imports data, training,
+lifecycle, monitoring, ingest, ui or cli.
+"""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-_INT63 = (1 << 63) - 1
+MAX_ID = (1 << 63) - 1  # ids are positive int64: the first 63 bits of a sha256
 
 
 def image_id(sha256_hex: str) -> int:
@@ -15,7 +15,7 @@ def image_id(sha256_hex: str) -> int:
     """
     if not re.fullmatch(r"[0-9a-f]{64}", sha256_hex):
         raise ValueError(f"not a sha256 hex digest: {sha256_hex!r}")
-    return int(sha256_hex[:16], 16) & _INT63
+    return int(sha256_hex[:16], 16) & MAX_ID
 
 
 def collection_name(version_name: str) -> str:

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from carsearch.platform import migrate
-from carsearch.platform.db import Database
+from carsearch.platform.db import Database, migrate
 from carsearch.platform.errors import ConfigError
-from carsearch.platform.mirror import MirroredStore
-from carsearch.platform.registry import Registry
-from carsearch.platform.search import SearchService
+from carsearch.platform.models.registry import Registry
+from carsearch.platform.search.service import SearchService
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectorstore import MilvusStore
+from carsearch.platform.vectors.mirror import MirroredStore
+from carsearch.platform.vectors.store import MilvusStore, VectorStore
 
 
 class Platform:
-    """Database, vector store, registry and search service for one process."""
+    """Database, vector store, registry and search service for one process.
 
-    def __init__(self, settings: Settings) -> None:
+    ``store`` gives the vector store to use instead of the one the settings name (the
+    tests run the platform on the in-memory `ExactStore` this way).
+    """
+
+    def __init__(self, settings: Settings, *, store: VectorStore | None = None) -> None:
         self.settings = settings
+        if store is not None:
+            self.__dict__["store"] = store
 
     @cached_property
     def db(self) -> Database:
@@ -33,7 +38,7 @@ class Platform:
         return Database(url)
 
     @cached_property
-    def store(self) -> MilvusStore:
+    def store(self) -> VectorStore:
         """Milvus; searches served from an exact in-memory mirror where that is safe."""
         s = self.settings
         kind = MirroredStore if s.mirror_enabled else MilvusStore

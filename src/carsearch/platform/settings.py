@@ -190,8 +190,15 @@ def apply_thread_settings(settings: Settings) -> None:
 
     torch's intra-op pool is set by the encoder and the trainer (Settings.threads.torch),
     FAISS's by the exact index (Settings.threads.faiss); Milvus Lite's server process
-    inherits these variables.
+    inherits these variables. CARSEARCH_THREADS__OMP, when set, wins over an
+    OMP_NUM_THREADS already in the environment; otherwise that one is kept. The CLI calls
+    this before it imports NumPy, torch or FAISS, whose OpenMP pools size themselves once,
+    when they start.
     """
-    os.environ.setdefault("OMP_NUM_THREADS", str(settings.threads.omp))
-    os.environ.setdefault("MKL_NUM_THREADS", str(settings.threads.omp))
+    explicit = "omp" in settings.threads.model_fields_set
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        if explicit:
+            os.environ[var] = str(settings.threads.omp)
+        else:
+            os.environ.setdefault(var, str(settings.threads.omp))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -39,8 +39,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from carsearch.platform.encoder import quiet_config_check
-from carsearch.platform.vehicles import (
+from carsearch.platform.models.encoder import quiet_config_check
+from carsearch.platform.search.vocabulary import (
     BODY_ALIASES,
     BODY_TYPES,
     COLOUR_ALIASES,

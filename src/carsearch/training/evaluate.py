@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from carsearch.platform.encoder import Encoder
+from carsearch.data.stanford import LabelledImage, StanfordDataset, load_stanford
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.metrics import retrieval_metrics_from_embeddings
-from carsearch.training.stanford import LabelledImage, StanfordDataset, load_stanford
+from carsearch.platform.models.encoder import Encoder
 
 log = logging.getLogger(__name__)
 

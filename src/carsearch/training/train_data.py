@@ -29,11 +29,11 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from tqdm import tqdm
 
+from carsearch.data.augment import OfflineGenerator, RuleJudge, load_queries
+from carsearch.data.stanford import LabelledImage, StanfordDataset
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.images import sha256_file
-from carsearch.platform.vehicles import VehicleLabel
-from carsearch.training.augment import OfflineGenerator, RuleJudge, load_queries
-from carsearch.training.stanford import LabelledImage, StanfordDataset
+from carsearch.platform.search.vocabulary import VehicleLabel
 
 log = logging.getLogger(__name__)
 

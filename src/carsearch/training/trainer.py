@@ -41,10 +41,10 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from tqdm import tqdm
 
-from carsearch.platform.encoder import pooled_features, quiet_config_check
+from carsearch.data.stanford import load_stanford
 from carsearch.platform.errors import ConfigError, ModelNotFoundError
+from carsearch.platform.models.encoder import pooled_features, quiet_config_check
 from carsearch.training.loss import siglip_loss
-from carsearch.training.stanford import load_stanford
 from carsearch.training.train_data import Collate, SampleStream, TrainSet
 
 log = logging.getLogger(__name__)

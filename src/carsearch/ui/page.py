@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from carsearch.platform.db import QueryFeedback, QueryLog
 from carsearch.platform.errors import CarsearchError, ImageRejectedError, QueryError
 from carsearch.platform.images import load_image, load_image_bytes
-from carsearch.platform.nlfilters import (
+from carsearch.platform.runtime import Platform
+from carsearch.platform.search.nlfilters import (
     FilterVocabulary,
     ParsedQuery,
     VocabularyCache,
@@ -31,9 +32,8 @@ from carsearch.platform.nlfilters import (
     parse_query,
     validate_filters,
 )
-from carsearch.platform.runtime import Platform
-from carsearch.platform.search import SearchHit, SearchResult
-from carsearch.platform.vectorstore import SearchFilters
+from carsearch.platform.search.service import SearchHit, SearchResult
+from carsearch.platform.vectors.store import SearchFilters
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from carsearch.platform import status as st
 from carsearch.platform.runtime import Platform
+from carsearch.ui import status as st
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,151 @@
+"""`carsearch ingest` (run, once, manifest, enqueue, status) and `carsearch reconcile`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from carsearch.cli.context import HealthPort, echo_json, platform_from, serving_health
+from carsearch.cli.models import GiveUp
+
+ingest_app = typer.Typer(help="Ingest images into Milvus and the database.",
+                         no_args_is_help=True)
+
+
+@ingest_app.command("manifest")
+def ingest_manifest(
+    ctx: typer.Context,
+    manifest: Annotated[Path, typer.Argument(help="JSONL or CSV with a path column.")],
+    source: Annotated[str, typer.Option(help="Source name recorded per image.")] = "manifest",
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Embed the images a manifest lists with the serving version and index them."""
+    from carsearch.ingest.pipeline import ingest_items, platform_writer, read_manifest
+
+    p = platform_from(ctx)
+    version = p.registry.require_serving()
+    items = list(read_manifest(manifest, source))
+    summary = ingest_items(
+        items,
+        db=p.db,
+        writer=platform_writer(p),
+        max_pixels=p.settings.max_image_pixels,
+        batch_size=batch_size,
+        total=len(items),
+    )
+    if as_json:
+        echo_json(summary.to_dict())
+    else:
+        typer.echo(
+            f"indexed {summary.indexed}, quarantined {summary.quarantined} "
+            f"of {summary.seen} into {version.collection}"
+        )
+
+
+@ingest_app.command("run")
+def ingest_run(
+    ctx: typer.Context,
+    inbox: Annotated[Path | None, typer.Option(help="Watched folder of new images.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
+    poll: Annotated[float, typer.Option(help="Seconds between polls when idle.")] = 1.0,
+    visibility_timeout: Annotated[float, typer.Option(help="Reclaim silent jobs after.")] = 60.0,
+    health_port: Annotated[int, HealthPort] = 0,
+) -> None:
+    """Work continuously (inbox + queue) until SIGTERM or SIGINT."""
+    from carsearch.monitoring.health import Health
+
+    worker = _worker(ctx, inbox, batch_size, poll, visibility_timeout)
+    health = Health(worker.p, role="ingest")
+    with serving_health(health, health_port, worker.p.settings.health_host):
+        stats = worker.run_forever(health.loop("ingest-worker", poll))
+    typer.echo(json.dumps(stats.summary.to_dict()))
+
+
+@ingest_app.command("once")
+def ingest_once(
+    ctx: typer.Context,
+    inbox: Annotated[Path | None, typer.Option(help="Watched folder of new images.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
+    visibility_timeout: Annotated[float, typer.Option(help="Reclaim silent jobs after.")] = 60.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Scan the inbox, drain the queue, and exit."""
+    stats = _worker(ctx, inbox, batch_size, 1.0, visibility_timeout).run_once()
+    if as_json:
+        echo_json({"batches": stats.batches, "failed_batches": stats.failed_batches,
+                    **stats.summary.to_dict()})
+    else:
+        s = stats.summary
+        typer.echo(f"indexed {s.indexed}, quarantined {s.quarantined}, "
+                   f"failed batches {stats.failed_batches}")
+
+
+def _worker(ctx: typer.Context, inbox: Path | None, batch_size: int, poll: float,
+            visibility_timeout: float) -> Any:
+    from carsearch.ingest.worker import IngestWorker
+
+    return IngestWorker(platform_from(ctx), inbox=inbox, batch_size=batch_size,
+                        poll_interval=poll, visibility_timeout=visibility_timeout)
+
+
+@ingest_app.command("enqueue")
+def ingest_enqueue(
+    ctx: typer.Context,
+    paths: Annotated[list[Path], typer.Argument(help="Image files to queue.")],
+    source: Annotated[str, typer.Option()] = "queue",
+) -> None:
+    """Queue image files as ingest jobs (what other systems do by inserting rows)."""
+    from carsearch.platform.db import queue
+
+    ids = queue.enqueue(platform_from(ctx).db, [
+        {"path": str(p.resolve()), "source": source, "meta": {}} for p in paths
+    ])
+    typer.echo(f"queued {len(ids)} jobs")
+
+
+@ingest_app.command("status")
+def ingest_status(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """Queue counts, lag and throughput."""
+    from carsearch.platform.db import queue
+
+    st = queue.status(platform_from(ctx).db)
+    if as_json:
+        echo_json(st)
+        return
+    typer.echo(" ".join(f"{k}={st[k]}" for k in ("queued", "running", "done", "failed", "dead")))
+    typer.echo(f"lag {st['lag_s']} s, throughput {st['throughput_per_s']}/s")
+
+
+def reconcile_command(
+    ctx: typer.Context,
+    version: Annotated[str | None, typer.Option(help="Version (default: serving).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Report only, repair nothing.")] = False,
+    stale_after: Annotated[float, typer.Option(
+        min=0, help="Seconds after which a pending row's batch counts as dead.")] = 3600.0,
+    give_up_unreadable: Annotated[bool, GiveUp] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Compare Milvus ids with the database and repair either side."""
+    from carsearch.lifecycle.reconcile import reconcile
+
+    p = platform_from(ctx)
+    v = p.registry.get(version) if version else None
+    rep = reconcile(p, v, repair=not dry_run, stale_pending_s=stale_after,
+                    give_up_unreadable=give_up_unreadable)
+    if as_json:
+        echo_json(rep.to_dict())
+    else:
+        typer.echo(
+            f"{rep.version}: milvus {rep.milvus}, database {rep.database}, missing "
+            f"{rep.missing} (re-embedded {rep.repaired_missing}, unreadable "
+            f"{rep.unreadable}), orphans {rep.orphans} (removed {rep.removed_orphans}), "
+            f"in flight {rep.pending - rep.stale_pending}, abandoned {rep.stale_pending}"
+        )
+
+

@@ -1,0 +1,131 @@
+"""`carsearch models`: the registry (publish, list, promote, roll back, retire, verify)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from carsearch.cli.context import echo_json, platform_from
+
+if TYPE_CHECKING:
+    from carsearch.platform.db import ModelVersion
+
+models_app = typer.Typer(help="Model registry: publish, list, promote, roll back.",
+                         no_args_is_help=True)
+
+
+def _version_dict(v: ModelVersion) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "status": v.status.value,
+        "dim": v.dim,
+        "collection": v.collection,
+        "base_model": v.base_model,
+        "artifact_path": v.artifact_path,
+        "artifact_sha256": v.artifact_sha256,
+        "created_at": v.created_at,
+        "promoted_at": v.promoted_at,
+        "metrics": v.metrics,
+    }
+
+
+@models_app.command("publish")
+def models_publish(
+    ctx: typer.Context,
+    artifact: Annotated[Path, typer.Argument(help="Model directory (save_pretrained layout).")],
+    name: Annotated[str | None, typer.Option(help="Version name (default: dated).")] = None,
+    base: Annotated[str, typer.Option(help="Base model it came from.")] = "",
+    promote: Annotated[bool, typer.Option(help="Promote it to serving at once.")] = False,
+) -> None:
+    """Copy a model directory into the registry as a candidate version."""
+    p = platform_from(ctx)
+    v = p.registry.publish(artifact, name=name, base_model=base)
+    typer.echo(f"published {v.name} (sha256 {v.artifact_sha256[:12]}, dim {v.dim})")
+    if promote:
+        from carsearch.lifecycle.reindex import promote_with_backfill
+
+        _, report = promote_with_backfill(p, v.name)
+        typer.echo(f"{v.name} is serving (re-indexed {report.embedded} images)")
+
+
+GiveUp = typer.Option(
+    "--give-up-unreadable",
+    help="Quarantine indexed images whose files cannot be read (instead of refusing).",
+)
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """List model versions."""
+    versions = platform_from(ctx).registry.list()
+    if as_json:
+        echo_json([_version_dict(v) for v in versions])
+        return
+    if not versions:
+        typer.echo("no model versions")
+    for v in versions:
+        typer.echo(f"{v.name:40s} {v.status.value:9s} dim={v.dim} {v.artifact_sha256[:12]}")
+
+
+@models_app.command("promote")
+def models_promote(
+    ctx: typer.Context, name: str, give_up_unreadable: Annotated[bool, GiveUp] = False
+) -> None:
+    """Re-index every image into NAME's collection, then make NAME serve.
+
+    The current version keeps serving until the new collection is complete; images whose
+    files cannot be read refuse the switch (nothing is left behind) unless given up.
+    """
+    from carsearch.lifecycle.reindex import promote_with_backfill
+
+    v, report = promote_with_backfill(platform_from(ctx), name,
+                                      give_up_unreadable=give_up_unreadable)
+    typer.echo(f"{v.name} is serving (re-indexed {report.embedded} images, "
+               f"{report.already} already there, {report.unreadable} unreadable)")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    ctx: typer.Context, give_up_unreadable: Annotated[bool, GiveUp] = False
+) -> None:
+    """Serve again the version that served before the current one.
+
+    Images indexed since it last served are embedded into its collection first.
+    """
+    from carsearch.lifecycle.reindex import promote_with_backfill
+
+    p = platform_from(ctx)
+    v, report = promote_with_backfill(p, p.registry.previous().name,
+                                      give_up_unreadable=give_up_unreadable)
+    typer.echo(f"rolled back: {v.name} is serving (caught up {report.embedded} images)")
+
+
+@models_app.command("retire")
+def models_retire(
+    ctx: typer.Context,
+    name: str,
+    drop: Annotated[bool, typer.Option(
+        "--drop", help="Also drop its Milvus collection and saved exact index.")] = False,
+) -> None:
+    """Take a non-serving version out of service for good."""
+    from carsearch.lifecycle.reindex import drop_version_data
+
+    p = platform_from(ctx)
+    v = p.registry.retire(name)
+    typer.echo(f"{v.name} is retired")
+    if drop:
+        typer.echo(f"dropped {', '.join(drop_version_data(p, v)) or 'nothing (none left)'}")
+
+
+@models_app.command("verify")
+def models_verify(ctx: typer.Context, name: str) -> None:
+    """Check a version's artifact against the hash recorded when it was published."""
+    reg = platform_from(ctx).registry
+    path = reg.verify(reg.get(name))
+    typer.echo(f"{name}: artifact at {path} matches its recorded sha256")
+
+

@@ -1,0 +1,156 @@
+"""`carsearch serve`: start the Gradio search page, optionally with the platform's
+background jobs (ingest worker, drift job) on threads of the same process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from carsearch.cli.context import HealthPort, serving_health, settings_from
+
+if TYPE_CHECKING:
+    from carsearch.monitoring.health import Health
+    from carsearch.monitoring.scheduler import LoopState
+    from carsearch.platform.runtime import Platform
+
+log = logging.getLogger(__name__)
+
+
+def serve_command(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.", min=1, max=65535)] = 7860,
+    max_file_size: Annotated[
+        str, typer.Option(help="Largest upload Gradio accepts, e.g. 20mb.")
+    ] = "20mb",
+    ingest: Annotated[
+        bool,
+        typer.Option(
+            "--ingest/--no-ingest",
+            help="Also run the ingest worker in this process: the way to ingest while "
+            "the page serves a Milvus Lite file, which one process opens at a time.",
+        ),
+    ] = False,
+    inbox: Annotated[
+        Path | None, typer.Option(help="Inbox folder for the worker (with --ingest).")
+    ] = None,
+    drift_every: Annotated[
+        float | None,
+        typer.Option(help="Also run the drift job every SECONDS in this process.", min=1),
+    ] = None,
+    health_port: Annotated[int, HealthPort] = 0,
+) -> None:
+    """Serve the search page (auth: set CARSEARCH_UI_AUTH=user:password)."""
+    from carsearch.monitoring.health import Health
+    from carsearch.platform.errors import CarsearchError
+    from carsearch.platform.runtime import Platform
+    from carsearch.ui.app import LaunchOptions, launch, parse_auth
+
+    if inbox is not None and not ingest:
+        raise typer.BadParameter("--inbox needs --ingest")
+    settings = settings_from(ctx)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    auth = parse_auth(settings.ui_auth)
+    settings.ensure_dirs()
+    platform = Platform(settings)
+    ctx.call_on_close(platform.close)
+    login = " (login required)" if auth else ""
+    typer.echo(f"carsearch search page: http://{host}:{port}{login}")
+    health = Health(platform, role="page")
+    jobs = BackgroundJobs(health)
+    if ingest:
+        _start_worker(jobs, platform, inbox)
+    if drift_every is not None:
+        _start_drift(jobs, platform, drift_every)
+    page_up = threading.Event()
+
+    def page() -> str:
+        if not page_up.is_set():
+            raise CarsearchError("the page is starting")
+        return f"http://{host}:{port}"
+
+    health.add_check("page", page)  # ready only once the page itself answers
+    try:
+        with serving_health(health, health_port, settings.health_host):
+            demo = launch(platform, LaunchOptions(host=host, port=port, auth=auth,
+                                                  max_file_size=max_file_size), block=False)
+            page_up.set()
+            demo.block_thread()
+    finally:
+        jobs.stop()
+
+
+class BackgroundJobs:
+    """Jobs on threads of the page's process, sharing its Platform: one Milvus Lite
+    client, one encoder, and writes that reach the search mirror at once. Each job is a
+    supervised loop with a state in the process's Health; a thread that ends without
+    being asked to is marked dead (the health check and the Status tab show it)."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+        self.threads: list[threading.Thread] = []
+        self.stoppers: list[Callable[[], None]] = []
+        self.stopping = threading.Event()
+
+    def start(self, name: str, target: Callable[[LoopState], object],
+              stop: Callable[[], None], interval_s: float = 0.0) -> LoopState:
+        state = self.health.loop(name, interval_s)
+
+        def run() -> None:
+            try:
+                target(state)
+            except BaseException as exc:  # a job must not take the page down with it
+                log.exception("background job %s stopped with an error", name)
+                state.dead(f"{type(exc).__name__}: {exc}")
+                return
+            if not self.stopping.is_set():
+                log.error("background job %s ended without being stopped", name)
+                state.dead("the loop ended without being stopped")
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        self.threads.append(thread)
+        self.stoppers.append(stop)
+        thread.start()
+        return state
+
+    def stop(self) -> None:
+        """Ask every job to finish what it is doing, then wait for them."""
+        self.stopping.set()
+        for stop in self.stoppers:
+            stop()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+def _start_worker(jobs: BackgroundJobs, platform: Platform, inbox: Path | None) -> None:
+    from carsearch.ingest.worker import IngestWorker
+
+    if inbox is not None:
+        inbox.mkdir(parents=True, exist_ok=True)
+    worker = IngestWorker(platform, inbox=inbox)
+    jobs.start("ingest-worker", worker.run_forever, worker.stop_event.set,
+               worker.poll_interval)
+    where = f", watching {inbox}" if inbox is not None else ""
+    typer.echo(f"ingest worker running in this process{where}")
+
+
+def _start_drift(jobs: BackgroundJobs, platform: Platform, every_s: float) -> None:
+    from carsearch.monitoring.drift import run_drift
+    from carsearch.monitoring.scheduler import run_every
+
+    stop = threading.Event()
+
+    def once() -> None:
+        log.info("drift job: %s", run_drift(platform).summary())
+
+    # The first run waits one interval: the page should come up before the job reads.
+    jobs.start("drift-job", lambda state: run_every(once, every_s, stop=stop, state=state,
+                                                    first_wait_s=every_s),
+               stop.set, every_s)
+    typer.echo(f"drift job running in this process every {every_s:g} s")

@@ -1,0 +1,188 @@
+"""`carsearch train` and `carsearch evaluate`.
+
+The lead registers them with `app.command("train")(train_command)` and
+`app.command("evaluate")(evaluate_command)`. Data-parallel on several processes:
+
+    accelerate launch --multi_gpu --num_processes 2 -m carsearch.cli train ...
+
+works on CPU too (gloo; `--multi_gpu` selects Accelerate's torchrun launcher, which
+`--cpu` does not use for several processes on one machine). Only the main process
+evaluates, publishes and writes to the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from carsearch.cli.context import settings_from
+from carsearch.platform.errors import ConfigError
+from carsearch.platform.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _default_data(settings: Settings, data: Path | None) -> Path:
+    root = data or settings.data_dir / "catalogue"
+    if not (root / "cars_meta.mat").is_file() and not (root / "devkit" / "cars_meta.mat").is_file():
+        raise ConfigError(
+            f"no data set at {root}: pass --data (Stanford Cars layout) or render the "
+            f"catalogue with `carsearch data synth --out {root}`"
+        )
+    return root
+
+
+def _base(settings: Settings, base: str) -> str:
+    chosen = base or settings.base_model
+    path = Path(chosen).expanduser()
+    if (chosen.startswith((".", "/", "~")) or path.exists()) and not path.is_dir():
+        raise ConfigError(f"no base model at {chosen}: build one with `carsearch base build`")
+    return chosen
+
+
+def _echo_table(models: dict[str, dict[str, Any]]) -> None:
+    from carsearch.training.evaluate import KS
+
+    keys = [f"recall@{k}" for k in KS] + ["mAP", "MRR"]
+    typer.echo(f"{'model':<12}" + "".join(f"{k:>11}" for k in keys))
+    for name, m in models.items():
+        typer.echo(f"{name:<12}" + "".join(f"{float(m[k]):>11.4f}" for k in keys))
+
+
+def train_command(
+    ctx: typer.Context,
+    data: Annotated[Path | None, typer.Option(help="Stanford Cars layout (default: "
+                                              "DATA_DIR/catalogue).")] = None,
+    queries: Annotated[Path | None, typer.Option(help="Augmented queries (JSONL from "
+                                                 "`carsearch augment`); default: generated "
+                                                 "offline.")] = None,
+    base: Annotated[str, typer.Option(help="Base model dir or hub id (default: "
+                                      "CARSEARCH_BASE_MODEL).")] = "",
+    epochs: Annotated[float, typer.Option(min=0.0, help="Epochs (unless --steps; 0: 40 for "
+                                          "full training, 1 for LoRA).")] = 0.0,
+    steps: Annotated[int, typer.Option(min=0, help="Optimizer steps (0: from --epochs).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size.")] = 64,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (0: 3e-4 full, "
+                                      "2e-4 LoRA).")] = 0.0,
+    warmup: Annotated[int, typer.Option(min=-1, help="Warmup steps (-1: 5 %).")] = -1,
+    lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    full: Annotated[bool | None, typer.Option("--full/--lora", help="Train every weight, or "
+                                              "LoRA (default: full for a base with no "
+                                              "pre-training).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on a bf16 GPU, else fp32), "
+                                                 "no, bf16.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: "
+                                             "DATA_DIR/runs/<time>).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps.")] = 0,
+    stop_after: Annotated[int, typer.Option(min=0, help="Stop (with a checkpoint) after N "
+                                            "steps.")] = 0,
+    limit: Annotated[int, typer.Option(min=0, help="Only the first N train images.")] = 0,
+    eval_limit: Annotated[int, typer.Option(min=0, help="Only the first N test images.")] = 0,
+    eval_queries: Annotated[Path | None, typer.Option(help="Evaluation queries JSONL.")] = None,
+    promote: Annotated[bool, typer.Option(help="Promote if it beats the serving version.")] = (
+        False
+    ),
+    metric: Annotated[str, typer.Option(help="Metric for --promote.")] = "mAP",
+    name: Annotated[str | None, typer.Option(help="Version name (default: time+hash).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Fine-tune the base on the train split, evaluate, and publish a candidate version."""
+    import torch
+
+    from carsearch.lifecycle.publish import METRICS, run_job
+    from carsearch.training.trainer import MIXED_PRECISION, TrainConfig
+
+    settings = settings_from(ctx)
+    if mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}")
+    if resume and out is None:
+        raise ConfigError("--resume needs --out (the run directory to continue)")
+    torch.set_num_threads(settings.threads.torch)
+    settings.ensure_dirs()
+    config = TrainConfig(
+        data=_default_data(settings, data), queries=queries, base=_base(settings, base),
+        out=out or settings.data_dir / "runs" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}",
+        epochs=epochs, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        warmup=warmup, lora_rank=lora_rank, full=full, seed=seed,
+        mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
+        stop_after=stop_after, resume=resume, limit=limit, progress=not as_json,
+    )
+    from carsearch.lifecycle.reindex import promote_with_backfill
+    from carsearch.platform.runtime import Platform
+
+    platform = Platform(settings)  # checks the schema is migrated
+    try:
+        report = run_job(
+            config, db=platform.db, registry=platform.registry, promote=promote,
+            metric=metric, eval_queries=eval_queries, eval_limit=eval_limit, version_name=name,
+            promoter=lambda version: promote_with_backfill(platform, version),
+        )
+    finally:
+        platform.close()
+    if not report.is_main_process:
+        return
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    t = report.training
+    typer.echo(f"run {report.run_id}: {t['steps']}/{t['total_steps']} steps, "
+               f"{t['samples_per_s']} samples/s, final loss {t['final_loss']}")
+    if report.evaluation is None:
+        typer.echo(f"stopped early; continue with --resume --out {report.out}")
+        return
+    _echo_table(report.evaluation["models"])
+    typer.echo(f"published {report.version}" + (f"; promoted: {report.promotion_reason}"
+               if report.promoted else f"; {report.promotion_reason}".rstrip("; ")))
+
+
+def evaluate_command(
+    ctx: typer.Context,
+    model: Annotated[list[str] | None, typer.Option(help="Model dir or hub id to evaluate "
+                                                    "(repeatable; default: the base, then "
+                                                    "the serving version).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Stanford Cars layout (default: "
+                                              "DATA_DIR/catalogue).")] = None,
+    queries: Annotated[Path | None, typer.Option(help="JSONL lines {query, relevant: "
+                                                 "[class names]}.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Only the first N test images.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Text→image Recall@K, mAP and MRR on the test split (zero-shot base vs serving)."""
+    import torch
+
+    from carsearch.training.evaluate import evaluate_models
+
+    settings = settings_from(ctx)
+    torch.set_num_threads(settings.threads.torch)
+    models: dict[str, str | Path] = {}
+    if model:
+        models = {f"model{i}" if len(model) > 1 else "model": m for i, m in enumerate(model)}
+    else:
+        models["zero_shot"] = _base(settings, "")
+        from carsearch.platform.runtime import Platform
+
+        platform = Platform(settings)
+        try:
+            serving = platform.registry.serving()
+            if serving is not None:
+                models["serving"] = platform.registry.verify(serving)
+        finally:
+            platform.close()
+    results = evaluate_models(models, _default_data(settings, data), queries_file=queries,
+                              limit=limit, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    typer.echo(f"test split: {results['n_images']} images, {results['n_classes']} classes, "
+               f"{results['n_queries']} queries ({results['query_source']})")
+    _echo_table(results["models"])

@@ -1,0 +1,204 @@
+"""A whole training job: record the run, train, evaluate, publish, maybe promote.
+
+    report = run_job(config, db=db, registry=registry, promote=True, metric="mAP")
+
+The main process records a `TrainingRun` row (running → finished / failed), evaluates
+the zero-shot base and the trained model on the test split (and the serving version,
+when promotion is asked for, so that both are measured on the same images), writes
+`evaluation_results.json` into the run directory, publishes the merged model to the
+registry as a candidate (metrics, base id, data fingerprint, hyperparameters), and with
+`promote=True` promotes it when it beats the serving version on `metric`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from carsearch.platform.db import Database, RunStatus, TrainingRun
+from carsearch.platform.errors import ConfigError
+from carsearch.platform.models.registry import Registry
+from carsearch.training.evaluate import evaluate_models, write_results
+from carsearch.training.trainer import TrainConfig, TrainResult, train, use_cpu
+
+log = logging.getLogger(__name__)
+
+METRICS = ("mAP", "MRR", "recall@1", "recall@5", "recall@10")
+
+
+@dataclass
+class JobReport:
+    """What a job did (JSON-ready through `to_dict`)."""
+
+    run_id: int | None
+    out: Path
+    training: dict[str, Any]
+    evaluation: dict[str, Any] | None = None
+    version: str | None = None
+    promoted: bool = False
+    promotion_reason: str = ""
+    is_main_process: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "out": str(self.out),
+            "training": self.training,
+            "evaluation": self.evaluation,
+            "version": self.version,
+            "promoted": self.promoted,
+            "promotion_reason": self.promotion_reason,
+        }
+
+
+def start_run(db: Database, config: TrainConfig) -> int:
+    with db.session() as s:
+        row = TrainingRun(base_model=config.base, config=config.to_dict(),
+                          status=RunStatus.running)
+        s.add(row)
+        s.flush()
+        return int(row.id)
+
+
+def finish_run(db: Database, run_id: int, **fields: Any) -> None:
+    with db.session() as s:
+        row = s.get(TrainingRun, run_id)
+        if row is None:  # pragma: no cover - the row was written by start_run
+            raise ConfigError(f"training run {run_id} vanished")
+        for key, value in fields.items():
+            setattr(row, key, value)
+        row.finished_at = datetime.now(UTC)
+
+
+def promotion_decision(
+    evaluation: dict[str, Any], metric: str, serving_name: str | None
+) -> tuple[bool, str]:
+    """Promote when there is no serving version or the new model beats it on `metric`."""
+    models = evaluation["models"]
+    new = float(models["fine_tuned"][metric])
+    if serving_name is None:
+        return True, f"no serving version; {metric} {new:.4f}"
+    old = float(models["serving"][metric])
+    if new > old:
+        return True, f"{metric} {new:.4f} beats serving {serving_name} ({old:.4f})"
+    return False, f"{metric} {new:.4f} does not beat serving {serving_name} ({old:.4f})"
+
+
+def version_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
+    tuned = {k: v for k, v in evaluation["models"]["fine_tuned"].items() if k != "model"}
+    zero = {k: v for k, v in evaluation["models"]["zero_shot"].items() if k != "model"}
+    keep = ("split", "n_images", "n_classes", "n_queries", "query_source")
+    return {**tuned, "zero_shot": zero, "evaluation": {k: evaluation[k] for k in keep}}
+
+
+def evaluate_run(
+    result: TrainResult,
+    config: TrainConfig,
+    *,
+    registry: Registry | None,
+    with_serving: bool,
+    eval_queries: Path | None,
+    eval_limit: int,
+) -> tuple[dict[str, Any], str | None]:
+    """Zero-shot base, fine-tuned model (and the serving version) on the test split."""
+    if result.model_dir is None:
+        raise ConfigError("the run has not finished; nothing to evaluate")
+    models: dict[str, str | Path] = {"zero_shot": config.base, "fine_tuned": result.model_dir}
+    serving = registry.serving() if registry is not None and with_serving else None
+    if serving is not None and registry is not None:
+        models["serving"] = registry.verify(serving)
+    evaluation = evaluate_models(
+        models, config.data, queries_file=eval_queries, limit=eval_limit,
+        progress=config.progress,
+    )
+    evaluation["training"] = result.summary()
+    write_results(result.out, evaluation)
+    return evaluation, serving.name if serving is not None else None
+
+
+def run_job(
+    config: TrainConfig,
+    *,
+    db: Database | None,
+    registry: Registry | None,
+    promote: bool = False,
+    metric: str = "mAP",
+    eval_queries: Path | None = None,
+    eval_limit: int = 0,
+    version_name: str | None = None,
+    promoter: Callable[[str], object] | None = None,
+) -> JobReport:
+    """Train, evaluate, publish (see the module docstring). Other processes only train.
+
+    `promoter(name)` makes a version serve (default: `registry.promote`); the CLI passes
+    the ingest side's promote-with-backfill, so the new collection is filled first.
+    """
+    if metric not in METRICS:
+        raise ConfigError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
+    main = PartialState(cpu=use_cpu()).is_main_process
+    run_id = start_run(db, config) if db is not None and main else None
+    try:
+        result = train(config)
+        report = JobReport(run_id, config.out, result.summary(), is_main_process=main)
+        if not main or result.model_dir is None:
+            if db is not None and run_id is not None:
+                finish_run(db, run_id, status=RunStatus.failed,
+                           data_fingerprint=result.fingerprint, metrics=result.summary(),
+                           error=f"stopped at step {result.counters.step}; resume to finish")
+            return report
+        evaluation, serving = evaluate_run(
+            result, config, registry=registry, with_serving=promote,
+            eval_queries=eval_queries, eval_limit=eval_limit,
+        )
+        report.evaluation = evaluation
+        version_id = _publish(report, result, config, registry, evaluation, serving,
+                              promote=promote, metric=metric, name=version_name,
+                              promoter=promoter)
+        if db is not None and run_id is not None:
+            finish_run(db, run_id, status=RunStatus.finished,
+                       data_fingerprint=result.fingerprint,
+                       metrics={"training": result.summary(), **version_metrics(evaluation)},
+                       model_version_id=version_id)
+        return report
+    except BaseException as exc:
+        if db is not None and run_id is not None:
+            finish_run(db, run_id, status=RunStatus.failed, error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _publish(
+    report: JobReport,
+    result: TrainResult,
+    config: TrainConfig,
+    registry: Registry | None,
+    evaluation: dict[str, Any],
+    serving: str | None,
+    *,
+    promote: bool,
+    metric: str,
+    name: str | None,
+    promoter: Callable[[str], object] | None = None,
+) -> int | None:
+    if registry is None or result.model_dir is None:
+        return None
+    params = {**result.config, "data_fingerprint": result.fingerprint,
+              "training": result.summary()}
+    version = registry.publish(
+        result.model_dir, name=name, base_model=config.base,
+        metrics=version_metrics(evaluation), params=params,
+    )
+    report.version = version.name
+    if promote:
+        ok, reason = promotion_decision(evaluation, metric, serving)
+        report.promotion_reason = reason
+        if ok:
+            (promoter or registry.promote)(version.name)
+            report.promoted = True
+        log.info("promotion of %s: %s", version.name, reason)
+    return int(version.id)

@@ -1,0 +1,215 @@
+"""Re-indexing and reconcile: make a version's collection match the database.
+
+`backfill` embeds every indexed image that a version's collection lacks (resumable: it
+skips ids already there). `promote_with_backfill` fills the new version's collection
+while the old one keeps serving, switches only when it is complete, then runs a catch-up
+pass for images the worker indexed with the old version during the switch (a batch that
+commits after the catch-up writes itself into the new collection: `BatchWriter`).
+`carsearch.lifecycle.reconcile` compares Milvus ids with the database and repairs either
+side.
+
+What is never lost. A file that cannot be read while re-indexing (a share unmounted for a
+moment, a permission error) is reported and left as it is: its row stays indexed and its
+vector in the serving collection stays; a promotion that would leave it behind is refused
+unless the operator gives such images up explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from carsearch.ingest.pipeline import (
+    LABEL_FIELDS,
+    IngestItem,
+    Prepared,
+    embed,
+    prepare,
+    vector_rows,
+)
+from carsearch.platform.db import Image, ImageStatus, ModelVersion, VersionStatus, images
+from carsearch.platform.errors import CarsearchError, ImageRejectedError
+from carsearch.platform.runtime import Platform
+
+log = logging.getLogger(__name__)
+
+WANTED = (ImageStatus.indexed, ImageStatus.pending)
+STALE_PENDING_S = 3600.0  # a pending row this old belongs to a batch that died
+
+
+class PromotionBlockedError(CarsearchError):
+    """A promotion that would leave indexed images behind; nothing was switched."""
+
+
+@dataclass
+class BackfillReport:
+    version: str
+    wanted: int = 0
+    already: int = 0
+    embedded: int = 0
+    unreadable: int = 0
+    unreadable_examples: list[str] = field(default_factory=list)
+    unreadable_ids: list[int] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("unreadable_ids")
+        return d
+
+    def note_unreadable(self, row: Image, reason: str) -> None:
+        self.unreadable += 1
+        self.unreadable_ids.append(row.id)
+        if len(self.unreadable_examples) < 5:
+            self.unreadable_examples.append(f"{row.path}: {reason}")
+        log.warning("image %d cannot be re-embedded now (%s): %s; left as it is",
+                    row.id, row.path, reason)
+
+
+def _item(row: Image) -> IngestItem:
+    meta = {k: getattr(row, k) for k in LABEL_FIELDS if getattr(row, k) is not None}
+    return IngestItem(Path(row.path), row.source, meta)
+
+
+def backfill(
+    platform: Platform, version: ModelVersion, *, batch_size: int = 64, progress: bool = True,
+    ids: Collection[int] | None = None, statuses: tuple[ImageStatus, ...] = (ImageStatus.indexed,),
+    skip_present: bool = True,
+) -> BackfillReport:
+    """Embed the images (indexed ones, or ``ids``) that ``version``'s collection lacks.
+
+    A file that cannot be read now, or whose bytes no longer match its id, is reported
+    (``unreadable``) and left alone: its row keeps its status, nothing is deleted.
+    """
+    store = platform.store
+    store.ensure_collection(version.collection, version.dim)
+    have = store.ids(version.collection) if skip_present else set()
+    report = BackfillReport(version.name)
+    encoder = platform.search.encoder_for(version)
+    total = len(ids) if ids is not None else len(images.indexed_ids(platform.db))
+    bar = tqdm(total=total, desc=f"re-index {version.name}", unit="img", disable=not progress)
+    for rows in images.pages(platform.db, ids, statuses):
+        report.wanted += len(rows)
+        batch: list[Prepared] = []
+        for row in rows:
+            if row.id in have:
+                report.already += 1
+                continue
+            try:
+                p = prepare(_item(row), platform.settings.max_image_pixels)
+            except ImageRejectedError as exc:
+                report.note_unreadable(row, exc.reason)
+                continue
+            if p.id != row.id:
+                report.note_unreadable(row, "file changed since it was indexed")
+                continue
+            batch.append(p)
+        for i in range(0, len(batch), batch_size):
+            chunk = batch[i : i + batch_size]
+            store.upsert(version.collection, [p.id for p in chunk], embed(encoder, chunk),
+                         vector_rows(chunk))
+            report.embedded += len(chunk)
+        bar.update(len(rows))
+    bar.close()
+    if report.embedded:
+        store.flush(version.collection)
+    log.info("backfill %s: %s", version.name, report.to_dict())
+    return report
+
+
+def promote_with_backfill(
+    platform: Platform, name: str, *, progress: bool = True, give_up_unreadable: bool = False,
+    retry_after_s: float = 2.0,
+) -> tuple[ModelVersion, BackfillReport]:
+    """Fill `name`'s collection, switch serving to it, then catch up.
+
+    Images that cannot be read are tried once more after ``retry_after_s``; if some still
+    cannot, the switch is refused (they would be indexed but missing from the new
+    collection), unless ``give_up_unreadable``: then they are quarantined with the reason
+    and their vectors removed from the current collection first.
+    """
+    version = platform.registry.get(name)
+    platform.registry.verify(version)
+    report = backfill(platform, version, progress=progress)
+    if report.unreadable:
+        time.sleep(retry_after_s)
+        again = backfill(platform, version, progress=False, ids=report.unreadable_ids)
+        report.embedded += again.embedded
+        report.unreadable, report.unreadable_ids = again.unreadable, again.unreadable_ids
+        report.unreadable_examples = again.unreadable_examples
+    if report.unreadable:
+        if not give_up_unreadable:
+            raise PromotionBlockedError(
+                f"{report.unreadable} indexed image(s) could not be read for re-indexing "
+                f"(e.g. {report.unreadable_examples[0]}); nothing was switched. Restore the "
+                "files and promote again, or give them up with --give-up-unreadable"
+            )
+        give_up(platform, report.unreadable_ids, "file unreadable when re-indexing for "
+                f"{version.name}")
+    promoted = platform.registry.promote(name)
+    catch_up = backfill(platform, promoted, progress=False)
+    report.embedded += catch_up.embedded
+    report.unreadable += catch_up.unreadable
+    sync_serving_alias(platform)
+    return promoted, report
+
+
+def give_up(platform: Platform, ids: Collection[int], reason: str) -> int:
+    """Quarantine indexed images on the operator's word, and remove their vectors from the
+    serving collection. Returns how many rows changed."""
+    if not ids:
+        return 0
+    n = images.set_status(platform.db, ids, ImageStatus.quarantined,
+                          where=ImageStatus.indexed, error=reason[:2000])
+    serving = platform.registry.serving()
+    if serving is not None and platform.store.has_collection(serving.collection):
+        platform.store.delete(serving.collection, sorted(ids))
+    log.warning("gave up %d image(s): %s", n, reason)
+    return n
+
+
+def sync_serving_alias(platform: Platform) -> str | None:
+    """Point the Milvus alias ``carsearch_serving`` at the serving version's collection.
+
+    The database says which version serves; the alias is how other Milvus clients reach
+    it. It is switched (atomically, by Milvus) after a promotion or rollback has filled
+    the new collection, and re-checked by every reconcile, which repairs a crash between
+    the database switch and the alias switch. Returns the collection it points to.
+    """
+    version = platform.registry.serving()
+    if version is None or not platform.store.has_collection(version.collection):
+        return None
+    platform.store.point_alias(version.collection)
+    return version.collection
+
+
+def drop_version_data(platform: Platform, version: ModelVersion) -> list[str]:
+    """Drop a retired version's Milvus collection and its saved exact index; returns what
+    was dropped. A serving version, or one the serving alias names, is refused."""
+    import shutil
+
+    from carsearch.platform.models.registry import RegistryError
+    from carsearch.platform.vectors.exact import exact_dir
+
+    current = platform.registry.get(version.name)
+    if current.status != VersionStatus.retired:
+        raise RegistryError(f"{version.name} is {current.status.value}: retire it first")
+    store = platform.store
+    if store.alias_target() == current.collection:
+        raise RegistryError(f"the serving alias still names {current.collection}: run "
+                            "`carsearch reconcile` to point it at the serving version")
+    dropped = []
+    if store.has_collection(current.collection):
+        store.drop(current.collection)
+        dropped.append(f"collection {current.collection}")
+    exact = exact_dir(platform.settings.data_dir, current.name)
+    if exact.exists():
+        shutil.rmtree(exact)
+        dropped.append(f"exact index {exact}")
+    log.info("dropped the data of retired version %s: %s", current.name, dropped)
+    return dropped

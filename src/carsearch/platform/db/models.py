@@ -1,0 +1,266 @@
+"""The tables, as SQLAlchemy 2 models.
+
+The schema is made and changed only by the Alembic migrations (carsearch/migrations);
+these models describe it for the code. SQLite (embedded default) and PostgreSQL
+(production) run the same models.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from carsearch.platform.db.engine import utcnow
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageStatus(enum.StrEnum):
+    pending = "pending"
+    indexed = "indexed"
+    quarantined = "quarantined"
+
+
+class VersionStatus(enum.StrEnum):
+    candidate = "candidate"
+    serving = "serving"
+    retired = "retired"
+
+
+class JobState(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    dead = "dead"
+
+
+class RunStatus(enum.StrEnum):
+    running = "running"
+    finished = "finished"
+    failed = "failed"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Stored as plain strings with a CHECK constraint: portable and easy to migrate.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class Image(Base):
+    """One vehicle image. `id` is derived from the content hash (see ids.image_id)."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(64), nullable=False, default="unknown")
+    make: Mapped[str | None] = mapped_column(String(64), index=True)
+    model: Mapped[str | None] = mapped_column(String(128))
+    year: Mapped[int | None] = mapped_column(Integer, index=True)
+    body_type: Mapped[str | None] = mapped_column(String(32))
+    colour: Mapped[str | None] = mapped_column(String(32))
+    class_name: Mapped[str | None] = mapped_column(String(256), index=True)
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    status: Mapped[ImageStatus] = mapped_column(
+        _enum(ImageStatus, "image_status"), nullable=False, default=ImageStatus.pending
+    )
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class ModelVersion(Base):
+    """A published model: artifact on disk, its hash, metrics and lifecycle state."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        # At most one serving version, enforced by the database itself.
+        Index(
+            "uq_model_versions_one_serving",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'serving'"),
+            postgresql_where=text("status = 'serving'"),
+        ),
+        # Two versions in one collection would serve each other's vectors.
+        UniqueConstraint("collection", name="uq_model_versions_collection"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    base_model: Mapped[str] = mapped_column(Text, nullable=False)
+    artifact_path: Mapped[str] = mapped_column(Text, nullable=False)
+    artifact_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    metric: Mapped[str] = mapped_column(String(16), nullable=False, default="IP")
+    collection: Mapped[str] = mapped_column(String(128), nullable=False)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[VersionStatus] = mapped_column(
+        _enum(VersionStatus, "version_status"), nullable=False, default=VersionStatus.candidate
+    )
+
+
+class IngestJob(Base):
+    """A queue row: one unit of ingest work, claimed by a worker."""
+
+    __tablename__ = "ingest_jobs"
+    __table_args__ = (Index("ix_ingest_jobs_claim", "state", "available_at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False, default="image")
+    state: Mapped[JobState] = mapped_column(
+        _enum(JobState, "job_state"), nullable=False, default=JobState.queued
+    )
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=5)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    locked_by: Mapped[str | None] = mapped_column(String(128))
+    locked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    available_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[RunStatus] = mapped_column(
+        _enum(RunStatus, "run_status"), nullable=False, default=RunStatus.running
+    )
+    base_model: Mapped[str] = mapped_column(Text, nullable=False)
+    data_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class DriftReport(Base):
+    __tablename__ = "drift_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    n_images: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    n_isolated: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    retrain_triggered: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class QueryLog(Base):
+    __tablename__ = "query_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="text")
+    query: Mapped[str | None] = mapped_column(Text)
+    filters: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    k: Mapped[int] = mapped_column(Integer, nullable=False)
+    latency_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    result_ids: Mapped[list[int] | None] = mapped_column(JSONType)
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+
+
+class AnnReport(Base):
+    """One ANN audit: Milvus top-k against FAISS exact top-k for a model version."""
+
+    __tablename__ = "ann_reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    index_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    n_queries: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_vectors: Mapped[int] = mapped_column(Integer, nullable=False)
+    recall_at_10: Mapped[float | None] = mapped_column(Float)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class QueryFeedback(Base):
+    """A thumbs-up (+1) or thumbs-down (-1) on one result of a logged query."""
+
+    __tablename__ = "query_feedback"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    query_log_id: Mapped[int | None] = mapped_column(ForeignKey("query_log.id"))
+    image_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    vote: Mapped[int] = mapped_column(Integer, nullable=False)
+    query: Mapped[str | None] = mapped_column(Text)
+
+
+class LoopStatus(Base):
+    """The newest state of one background loop of one process (upserted as it changes),
+    so that the page's Status tab shows the loops of every process of a deployment."""
+
+    __tablename__ = "loop_status"
+    __table_args__ = (Index("uq_loop_status_process_loop", "process", "loop", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    process: Mapped[str] = mapped_column(String(128), nullable=False)
+    role: Mapped[str] = mapped_column(String(32), nullable=False)
+    loop: Mapped[str] = mapped_column(String(64), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow, index=True
+    )
+
+
+class Lease(Base):
+    """A named lease one process holds until it releases it or it expires: the drift job
+    takes one per run, so two runs at once never both act on one drift event."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), nullable=False)
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

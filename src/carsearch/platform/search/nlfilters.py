@@ -1,0 +1,466 @@
+"""Structured filters from a natural-language query ("red 2012 chevy pickup").
+
+The query is split into words (lower-cased, hyphens read as spaces) and scanned left
+to right for the longest known phrase at each position, so "mini van" is a body type
+before "mini" could be a make, and "dark blue" is one colour. Phrases come from the
+shared alias tables in `vehicles`; years come from a small grammar (below).
+
+Every candidate is then checked by a Pydantic model against the values that exist in
+the database (`FilterVocabulary`, read from the images table and cached with a TTL): a
+make, colour or body type nobody has indexed, or a year range with no indexed vehicle
+in it, is dropped with a note instead of turning the search into an empty one. A query
+that names nothing known gives empty filters: a pure vector search. The full text is
+never shortened: it still ranks by vector similarity; the filters only narrow.
+
+Year forms (conservative on purpose; anything else is left to the vector ranking):
+
+    2012, '12                     that year
+    2010s, '90s, 90s              the decade (2010-2019, 1990-1999)
+    early / mid / late 2000s      2000-2003 / 2004-2006 / 2007-2009 of that decade
+    2008-2012, 2008 to 2012,      the range, ends included
+    between 2008 and 2012
+    before 2005, pre 2005         up to 2004
+    after 2010, post 2010         from 2011
+    since 2010, 2010 or newer     from 2010
+    2010 or older                 up to 2010
+
+Several year mentions give the range spanning them. Relative words ("older model",
+"new", "recent") give no filter: they would need a reference year the page cannot know.
+
+Ambiguous single words that are also plain English ("mini", "smart", "ram", "eagle",
+"caddy", "estate", "hatch", "tan", ...) count only when the same query names something
+unambiguous too ("red mini" filters on MINI; "mini" alone stays a vector search). "am"
+(Aston Martin) is never used: "I am looking for ..." is far more common.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+
+from carsearch.platform.db import Database, Image, images
+from carsearch.platform.errors import QueryError
+from carsearch.platform.search.vocabulary import (
+    BODY_ALIASES,
+    BODY_CATEGORY,
+    COLOUR_ALIASES,
+    MAKE_ALIASES,
+    SHORT_YEAR,
+    YEAR,
+    body_category,
+)
+from carsearch.platform.vectors.store import SearchFilters
+
+FieldName = Literal["make", "colour", "body", "year"]
+
+# Aliases that are ordinary English words: used only beside an unambiguous mention.
+AMBIGUOUS: frozenset[str] = frozenset(
+    {"mini", "smart", "ram", "eagle", "roller", "rolls", "caddy", "caddie", "estate",
+     "hatch", "tan", "cream", "jag", "merc", "mb", "geo"}
+)
+# Aliases never used as filters at all.
+NEVER: frozenset[str] = frozenset({"am"})
+
+_TOKEN = re.compile(r"[^\W_][\w']*(?:-\d+)?|'\d{2}s?")
+_FULL_YEAR = re.compile(rf"^({YEAR})$")
+_SHORT_YEAR = re.compile(rf"^{SHORT_YEAR}$")
+_DECADE = re.compile(r"^'?(1[89]\d0|20\d0|\d0)'?s$")
+_RANGE = re.compile(rf"^({YEAR})-({YEAR})$")
+_PART = {"early": (0, 3), "mid": (4, 6), "late": (7, 9)}
+
+
+# -- vocabulary --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FilterVocabulary:
+    """The filter values that exist among the indexed images."""
+
+    makes: frozenset[str] = frozenset()
+    colours: frozenset[str] = frozenset()
+    bodies: frozenset[str] = frozenset()
+    sources: frozenset[str] = frozenset()
+    years: tuple[int, ...] = ()
+
+    def has_year_in(self, lo: int | None, hi: int | None) -> bool:
+        low = lo if lo is not None else -(10**9)
+        high = hi if hi is not None else 10**9
+        return any(low <= y <= high for y in self.years)
+
+    def values(self, name: str) -> frozenset[str]:
+        return {"make": self.makes, "colour": self.colours, "body": self.bodies,
+                "source": self.sources}[name]
+
+
+def load_vocabulary(db: Database) -> FilterVocabulary:
+    """Distinct makes, colours, body categories, sources and years of indexed images."""
+
+    def distinct_of(col: Any) -> list[Any]:
+        return images.distinct_values(db, col)
+
+    bodies = {body_category(b) for b in distinct_of(Image.body_type)}
+    return FilterVocabulary(
+        makes=frozenset(distinct_of(Image.make)),
+        colours=frozenset(c.lower() for c in distinct_of(Image.colour)),
+        bodies=frozenset(bodies),
+        sources=frozenset(distinct_of(Image.source)),
+        years=tuple(sorted(int(y) for y in distinct_of(Image.year) if int(y) > 0)),
+    )
+
+
+class VocabularyCache:
+    """`load_vocabulary` re-read at most every `ttl_s` seconds (thread-safe)."""
+
+    def __init__(
+        self,
+        db: Database,
+        ttl_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db = db
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._value: FilterVocabulary | None = None
+        self._at = 0.0
+
+    def get(self) -> FilterVocabulary:
+        with self._lock:
+            now = self._clock()
+            if self._value is None or now - self._at >= self.ttl_s:
+                self._value = load_vocabulary(self.db)
+                self._at = now
+            return self._value
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._value = None
+
+
+# -- validated filters -------------------------------------------------------------------
+class KnownFilters(BaseModel):
+    """Filters whose every value exists in the database (context key "vocab").
+
+    Used for the parsed chips and for the values a person picks on the page alike;
+    a value outside the vocabulary is a validation error naming the known values.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    make: tuple[str, ...] = ()
+    body: tuple[str, ...] = ()
+    colour: tuple[str, ...] = ()
+    source: tuple[str, ...] = ()
+    year_min: int | None = None
+    year_max: int | None = None
+
+    @field_validator("make", "body", "colour", "source", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        if v is None:
+            return ()
+        return (v,) if isinstance(v, str) else tuple(v)
+
+    @field_validator("make", "body", "colour", "source")
+    @classmethod
+    def _known(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        vocab = _vocab_of(info)
+        known = vocab.values(str(info.field_name))
+        for item in v:
+            if item not in known:
+                shown = ", ".join(sorted(known)[:12]) or "none indexed"
+                raise ValueError(f"unknown {info.field_name} {item!r} (known: {shown})")
+        return tuple(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _years(self, info: ValidationInfo) -> KnownFilters:
+        lo, hi = self.year_min, self.year_max
+        if lo is None and hi is None:
+            return self
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"year range {lo}-{hi} is backwards")
+        if not _vocab_of(info).has_year_in(lo, hi):
+            raise ValueError(f"no indexed vehicle from {_year_label(lo, hi)}")
+        return self
+
+    def to_search_filters(self) -> SearchFilters:
+        return SearchFilters(**self.model_dump())
+
+
+def _vocab_of(info: ValidationInfo) -> FilterVocabulary:
+    vocab = (info.context or {}).get("vocab")
+    if not isinstance(vocab, FilterVocabulary):
+        raise ValueError("validation needs the vocabulary in the context")
+    return vocab
+
+
+def validate_filters(data: dict[str, Any], vocab: FilterVocabulary) -> SearchFilters:
+    """Filters a person picked, checked against the vocabulary; QueryError if unknown."""
+    from pydantic import ValidationError
+
+    try:
+        known = KnownFilters.model_validate(data, context={"vocab": vocab})
+        return known.to_search_filters()
+    except ValidationError as exc:
+        msgs = [str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()]
+        raise QueryError("; ".join(msgs)) from None
+
+
+# -- parsing -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FilterChip:
+    """One filter read from the query, shown to the person as a removable chip."""
+
+    field: FieldName
+    value: str  # "Chevrolet", "red", "pickup", "2012", "2007-2009", "2005-", "-2004"
+    phrase: str  # the words of the query it came from
+
+    @property
+    def key(self) -> str:
+        return f"{self.field}={self.value}"
+
+    @property
+    def label(self) -> str:
+        name = "body" if self.field == "body" else self.field
+        return f"{name}: {self.value}"
+
+    def year_bounds(self) -> tuple[int | None, int | None]:
+        return _parse_year_value(self.value)
+
+
+@dataclass(frozen=True)
+class ParsedQuery:
+    """The query text, the filters read from it, and what was read but not used."""
+
+    text: str
+    chips: tuple[FilterChip, ...] = ()
+    ignored: tuple[str, ...] = ()
+    filters: SearchFilters = field(default_factory=SearchFilters)
+
+    def keys(self) -> list[str]:
+        return [c.key for c in self.chips]
+
+    def keep(self, keys: Iterable[str]) -> ParsedQuery:
+        """The same parse with only the chips whose key is in `keys` (the rest removed)."""
+        wanted = set(keys)
+        chips = tuple(c for c in self.chips if c.key in wanted)
+        return ParsedQuery(self.text, chips, self.ignored, filters_from_chips(chips))
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    field: FieldName
+    value: str
+    phrase: str
+    ambiguous: bool = False
+
+
+def _normalise(text: str) -> list[str]:
+    low = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    # keep "2008-2012" together; read every other hyphen as a space
+    low = re.sub(r"(?<!\d)-|-(?!\d)", " ", low)
+    words = []
+    for tok in _TOKEN.findall(low):
+        if not re.fullmatch(r"'\d{2}s?", tok):
+            tok = tok.removesuffix("'s").strip("'")
+        if tok:
+            words.append(tok)
+    return words
+
+
+def _phrase_table() -> dict[tuple[str, ...], tuple[FieldName, str]]:
+    table: dict[tuple[str, ...], tuple[FieldName, str]] = {}
+
+    def add(phrase: str, entry: tuple[FieldName, str]) -> None:
+        words = tuple(_normalise(phrase))
+        if words and phrase not in NEVER:
+            table.setdefault(words, entry)
+
+    for make, aliases in MAKE_ALIASES.items():
+        add(make, ("make", make))
+        for a in aliases:
+            add(a, ("make", make))
+    for colour, aliases in COLOUR_ALIASES.items():
+        for a in aliases:
+            add(a, ("colour", colour))
+    for alias, body in BODY_ALIASES.items():
+        add(alias, ("body", body))
+    for body_type, category in BODY_CATEGORY.items():
+        add(body_type, ("body", category))
+    return table
+
+
+_PHRASES = _phrase_table()
+_MAX_WORDS = max(len(k) for k in _PHRASES)
+
+
+def _year_from_word(word: str) -> int | None:
+    if _FULL_YEAR.match(word):
+        return int(word)
+    m = _SHORT_YEAR.match(word)
+    if m:
+        return _expand_two_digits(int(m.group(1)))
+    return None
+
+
+def _expand_two_digits(yy: int) -> int:
+    """'12 -> 2012, '95 -> 1995: the 2000s up to next year, else the 1900s."""
+    pivot = (date.today().year + 1) % 100
+    return 2000 + yy if yy <= pivot else 1900 + yy
+
+
+def _decade(word: str) -> int | None:
+    m = _DECADE.match(word)
+    if not m:
+        return None
+    d = m.group(1)
+    return int(d) if len(d) == 4 else _expand_two_digits(int(d))
+
+
+def _year_candidate(words: Sequence[str], i: int) -> tuple[int, int | None, int | None]:
+    """(words used, lo, hi) for a year expression at position i, or (0, None, None)."""
+    w = words[i]
+    nxt = words[i + 1] if i + 1 < len(words) else ""
+    after = words[i + 2] if i + 2 < len(words) else ""
+    if w in _PART and _decade(nxt) is not None:
+        start = _decade(nxt) or 0
+        a, b = _PART[w]
+        return 2, start + a, start + b
+    if w == "between" and _year_from_word(nxt) and after == "and" and i + 3 < len(words):
+        hi = _year_from_word(words[i + 3])
+        if hi is not None:
+            lo = _year_from_word(nxt) or 0
+            return 4, min(lo, hi), max(lo, hi)
+    if w in ("before", "pre") and _year_from_word(nxt):
+        return 2, None, (_year_from_word(nxt) or 0) - 1
+    if w in ("after", "post") and _year_from_word(nxt):
+        return 2, (_year_from_word(nxt) or 0) + 1, None
+    if w == "since" and _year_from_word(nxt):
+        return 2, _year_from_word(nxt), None
+    m = _RANGE.match(w)
+    if m:
+        lo, hi = int(m.group(1)), int(m.group(2))
+        return 1, min(lo, hi), max(lo, hi)
+    year = _year_from_word(w)
+    if year is not None:
+        if nxt == "to" and _year_from_word(after):
+            hi = _year_from_word(after) or 0
+            return 3, min(year, hi), max(year, hi)
+        if nxt == "or" and after in ("newer", "later", "above"):
+            return 3, year, None
+        if nxt == "or" and after in ("older", "earlier", "below"):
+            return 3, None, year
+        return 1, year, year
+    decade = _decade(w)
+    if decade is not None:
+        return 1, decade, decade + 9
+    return 0, None, None
+
+
+def _year_label(lo: int | None, hi: int | None) -> str:
+    if lo is not None and lo == hi:
+        return str(lo)
+    return f"{lo if lo is not None else ''}-{hi if hi is not None else ''}"
+
+
+def _parse_year_value(value: str) -> tuple[int | None, int | None]:
+    if "-" not in value:
+        return int(value), int(value)
+    lo, hi = value.split("-", 1)
+    return (int(lo) if lo else None), (int(hi) if hi else None)
+
+
+def _candidates(words: list[str]) -> tuple[list[_Candidate], list[tuple[int | None, int | None]]]:
+    found: list[_Candidate] = []
+    years: list[tuple[int | None, int | None]] = []
+    i = 0
+    while i < len(words):
+        used, lo, hi = _year_candidate(words, i)
+        if used:
+            years.append((lo, hi))
+            i += used
+            continue
+        for n in range(min(_MAX_WORDS, len(words) - i), 0, -1):
+            phrase = tuple(words[i : i + n])
+            entry = _PHRASES.get(phrase)
+            if entry is not None:
+                text = " ".join(phrase)
+                found.append(_Candidate(entry[0], entry[1], text, text in AMBIGUOUS))
+                i += n
+                break
+        else:
+            i += 1
+    return found, years
+
+
+def _merge_years(years: list[tuple[int | None, int | None]]) -> tuple[int | None, int | None]:
+    los = [lo for lo, _ in years]
+    his = [hi for _, hi in years]
+    lo = None if any(v is None for v in los) else min(v for v in los if v is not None)
+    hi = None if any(v is None for v in his) else max(v for v in his if v is not None)
+    return lo, hi
+
+
+def parse_query(text: str, vocab: FilterVocabulary) -> ParsedQuery:
+    """Read filters from a query; only values that exist in `vocab` become chips."""
+    words = _normalise(text)
+    found, years = _candidates(words)
+    if not any(not c.ambiguous for c in found) and not years:
+        found = []  # only ambiguous words: read the query as plain text
+    else:
+        found = [c for c in found if not c.ambiguous or _has_firm(found, years)]
+    chips: list[FilterChip] = []
+    ignored: list[str] = []
+    for c in found:
+        if c.value in vocab.values(c.field):
+            chip = FilterChip(c.field, c.value, c.phrase)
+            if chip not in chips:
+                chips.append(chip)
+        else:
+            ignored.append(f"'{c.phrase}' ({c.field} {c.value}): none indexed")
+    if years:
+        lo, hi = _merge_years(years)
+        label = _year_label(lo, hi)
+        if vocab.has_year_in(lo, hi):
+            chips.append(FilterChip("year", label, label))
+        else:
+            ignored.append(f"year {label}: no indexed vehicle from then")
+    chips_t = tuple(chips)
+    return ParsedQuery(text, chips_t, tuple(ignored), filters_from_chips(chips_t))
+
+
+def _has_firm(found: list[_Candidate], years: list[Any]) -> bool:
+    return bool(years) or any(not c.ambiguous for c in found)
+
+
+def filters_from_chips(chips: Iterable[FilterChip]) -> SearchFilters:
+    """The search filters a set of chips stands for (same-field values mean "any of")."""
+    data: dict[str, list[str]] = {"make": [], "colour": [], "body": []}
+    year_min: int | None = None
+    year_max: int | None = None
+    for chip in chips:
+        if chip.field == "year":
+            year_min, year_max = chip.year_bounds()
+        else:
+            data[chip.field].append(chip.value)
+    return SearchFilters(
+        make=tuple(data["make"]), colour=tuple(data["colour"]), body=tuple(data["body"]),
+        year_min=year_min, year_max=year_max,
+    )
+
+
+def merge_filters(parsed: SearchFilters, picked: SearchFilters) -> SearchFilters:
+    """Filters picked on the page override parsed ones, field by field."""
+    out = parsed.model_dump()
+    chosen = picked.model_dump()
+    for name in ("make", "body", "colour", "source"):
+        if chosen[name]:
+            out[name] = chosen[name]
+    if chosen["year_min"] is not None or chosen["year_max"] is not None:
+        out["year_min"], out["year_max"] = chosen["year_min"], chosen["year_max"]
+    return SearchFilters(**out)

@@ -1,0 +1,319 @@
+"""The search service: text or image in, ranked hits with metadata out.
+
+Uses the serving model version: its encoder (loaded once per version, after the
+artifact's hash is checked), its Milvus collection, and metadata joined from the
+database. Every query is written to `query_log`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+from carsearch.platform.db import Database, Image, ModelVersion, QueryLog, images
+from carsearch.platform.errors import ImageRejectedError, QueryError
+from carsearch.platform.ids import MAX_ID
+from carsearch.platform.images import load_image
+from carsearch.platform.models.encoder import Encoder
+from carsearch.platform.models.registry import Registry
+from carsearch.platform.settings import Settings
+from carsearch.platform.telemetry import METRICS
+from carsearch.platform.vectors.mirror import MirroredStore
+from carsearch.platform.vectors.store import SearchFilters, VectorStore
+
+log = logging.getLogger(__name__)
+
+MAX_K = 1000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int
+    score: float
+    image_id: int
+    path: str
+    make: str | None = None
+    model: str | None = None
+    year: int | None = None
+    body_type: str | None = None
+    colour: str | None = None
+    class_name: str | None = None
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    query: str | None
+    kind: str
+    version: str
+    k: int
+    filters: dict[str, Any]
+    latency_ms: float
+    hits: list[SearchHit] = field(default_factory=list)
+    query_log_id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hits"] = [h.to_dict() for h in self.hits]
+        return d
+
+
+class _Empty(threading.local):
+    flag = False
+
+
+_EMPTY = _Empty()
+
+
+@contextmanager
+def _counted() -> Iterator[None]:
+    """Count a search by outcome: ok, empty (no hits), bad_input (an unusable query,
+    filter or image) or error (anything else: no model, Milvus down, a bug)."""
+    _EMPTY.flag = False
+    try:
+        yield
+    except (QueryError, ImageRejectedError):
+        METRICS.queries.labels("bad_input").inc()
+        raise
+    except Exception:
+        METRICS.queries.labels("error").inc()
+        raise
+    METRICS.queries.labels("empty" if _EMPTY.flag else "ok").inc()
+
+
+class SearchService:
+    """Text and image search over the serving model version."""
+
+    def __init__(self, settings: Settings, db: Database, store: VectorStore) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.registry = Registry(db, settings.model_dir)
+        self._encoders: dict[str, Encoder] = {}
+        self._lock = threading.Lock()
+        self._serving: tuple[float, ModelVersion] | None = None
+        self.serving_ttl_s = 2.0
+
+    def serving(self) -> ModelVersion:
+        """The serving version, re-read from the database at most every `serving_ttl_s`.
+
+        A promotion reaches a running search process within that time; each query does
+        not pay a database round trip for it.
+        """
+        now = time.monotonic()
+        cached = self._serving
+        if cached is not None and now - cached[0] < self.serving_ttl_s:
+            return cached[1]
+        version = self.registry.require_serving()
+        if cached is not None and cached[1].name != version.name:
+            log.info("serving version is now %s (was %s)", version.name, cached[1].name)
+            if isinstance(self.store, MirroredStore):
+                self.store.keep_only(version.collection)
+        self._serving = (now, version)
+        return version
+
+    # -- model -----------------------------------------------------------------------
+    def encoder_for(self, version: ModelVersion) -> Encoder:
+        """The encoder of a version, created once after checking the artifact's hash."""
+        with self._lock:
+            enc = self._encoders.get(version.name)
+            if enc is None:
+                path = self.registry.verify(version)
+                enc = Encoder(
+                    path,
+                    device=self.settings.device,
+                    batch_size=self.settings.encode_batch_size,
+                    torch_threads=self.settings.threads.torch,
+                )
+                self._encoders[version.name] = enc
+            return enc
+
+    def warm(self, *, wait: bool = False) -> ModelVersion:
+        """Ready the serving version: load its encoder and, where searches are served from
+        the in-memory mirror, build the collection's mirror (in the background unless
+        ``wait``) and let later versions' mirrors build on their first search."""
+        version = self.registry.require_serving()
+        self.encoder_for(version).encode_text(["warm up"])
+        if isinstance(self.store, MirroredStore):
+            self.store.auto_build = True
+            if self.store.has_collection(version.collection):
+                self.store.warm(version.collection, wait=wait)
+        return version
+
+    # -- queries ---------------------------------------------------------------------
+    def clean_query(self, query: str | None) -> str:
+        if query is not None and not isinstance(query, str):
+            raise QueryError(f"a query is text, not {type(query).__name__}")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in query or ""):
+            raise QueryError("the query holds characters that are not text (unpaired "
+                             "surrogates): type it again")
+        text = " ".join(_CONTROL.sub(" ", query or "").split())
+        if not text:
+            raise QueryError("empty query: describe a vehicle, e.g. 'red 2012 chevy pickup'")
+        if len(text) > self.settings.max_query_chars:
+            raise QueryError(
+                f"query too long ({len(text)} characters; at most "
+                f"{self.settings.max_query_chars}): describe the vehicle in a few words"
+            )
+        return text
+
+    @staticmethod
+    def check_k(k: Any) -> int:
+        try:
+            n = int(k)
+            exact = n == k or isinstance(k, str)
+        except (TypeError, ValueError, OverflowError):
+            n, exact = 0, False
+        if isinstance(k, bool) or not exact or not 1 <= n <= MAX_K:
+            raise QueryError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}"[:200])
+        return n
+
+    @staticmethod
+    def check_image_id(image_id: Any) -> int:
+        """An image id as the platform makes them (0 <= id < 2**63), or a QueryError."""
+        try:
+            iid = int(image_id)
+        except (TypeError, ValueError, OverflowError):
+            raise QueryError(f"not an image id: {image_id!r}"[:200]) from None
+        if isinstance(image_id, bool) or not 0 <= iid <= MAX_ID or (
+                isinstance(image_id, float) and iid != image_id):
+            raise QueryError(f"not an image id: {image_id!r}"[:200])
+        return iid
+
+    def search_text(
+        self, query: str, k: int = 10, filters: SearchFilters | None = None
+    ) -> SearchResult:
+        with _counted():
+            text = self.clean_query(query)
+            k = self.check_k(k)
+            t0 = time.perf_counter()
+            version = self.serving()
+            vec = self.encoder_for(version).encode_text([text])
+            return self._finish(version, vec, "text", text, k, filters, t0)
+
+    def search_image(
+        self, image: PILImage.Image, k: int = 10, filters: SearchFilters | None = None
+    ) -> SearchResult:
+        with _counted():
+            k = self.check_k(k)
+            t0 = time.perf_counter()
+            version = self.serving()
+            vec = self.encoder_for(version).encode_images([image.convert("RGB")])
+            return self._finish(version, vec, "image", None, k, filters, t0)
+
+    def search_similar(
+        self, image_id: int, k: int = 10, filters: SearchFilters | None = None
+    ) -> SearchResult:
+        with _counted():
+            return self._similar(self.check_image_id(image_id), k, filters)
+
+    def _similar(
+        self, image_id: int, k: int, filters: SearchFilters | None
+    ) -> SearchResult:
+        """"More like this": image search with an indexed image as the query.
+
+        The query is the image's stored vector in the serving collection (no decode, no
+        encode); an image the collection does not hold yet is decoded and encoded.
+        """
+        k = self.check_k(k)
+        t0 = time.perf_counter()
+        version = self.serving()
+        found, vec = self.store.vectors(version.collection, [int(image_id)])
+        if len(found):
+            return self._finish(version, vec, "image", None, k, filters, t0)
+        with self.db.session() as s:
+            row = s.get(Image, int(image_id))
+        if row is None:
+            raise QueryError(f"no image with id {image_id}")
+        img = load_image(Path(row.path), max_pixels=self.settings.max_image_pixels)
+        return self.search_image(img, k, filters)
+
+    def _finish(
+        self,
+        version: ModelVersion,
+        vec: np.ndarray,
+        kind: str,
+        text: str | None,
+        k: int,
+        filters: SearchFilters | None,
+        t0: float,
+    ) -> SearchResult:
+        hits = self.store.search(version.collection, vec, k, filters)[0]
+        rows = self._metadata([h.id for h in hits])
+        out: list[SearchHit] = []
+        for h in hits:
+            row = rows.get(h.id)
+            if row is None:  # a vector whose row is gone: reconcile repairs it
+                log.warning("vector %d in %s has no database row", h.id, version.collection)
+                continue
+            out.append(
+                SearchHit(
+                    rank=len(out) + 1,
+                    score=round(h.score, 6),
+                    image_id=h.id,
+                    path=row.path,
+                    make=row.make,
+                    model=row.model,
+                    year=row.year,
+                    body_type=row.body_type,
+                    colour=row.colour,
+                    class_name=row.class_name,
+                    source=row.source,
+                )
+            )
+        latency = (time.perf_counter() - t0) * 1000.0
+        METRICS.search_latency.labels(kind, self._path(version.collection)).observe(
+            latency / 1000.0)
+        if not out:
+            _EMPTY.flag = True
+        fdict = filters.model_dump(exclude_defaults=True) if filters else {}
+        qid = self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
+        return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid)
+
+    def _path(self, collection: str) -> str:
+        """What answered a search, for the latency histogram."""
+        if isinstance(self.store, MirroredStore) and self.store.mirror(collection) is not None:
+            return "mirror"
+        return "milvus_lite" if self.store.is_lite else "milvus_server"
+
+    def _metadata(self, ids: list[int]) -> dict[int, Image]:
+        return images.by_ids(self.db, ids)
+
+    def _log(
+        self,
+        version: ModelVersion,
+        kind: str,
+        text: str | None,
+        filters: dict[str, Any],
+        k: int,
+        latency: float,
+        ids: list[int],
+    ) -> int:
+        """Write the query_log row; its id is what feedback on a result refers to."""
+        row = QueryLog(
+            kind=kind,
+            query=text,
+            filters={key: list(v) if isinstance(v, tuple) else v for key, v in filters.items()},
+            k=k,
+            latency_ms=latency,
+            result_ids=ids,
+            model_version_id=version.id,
+        )
+        with self.db.session() as s:
+            s.add(row)
+            s.flush()
+            return int(row.id)

@@ -1,0 +1,214 @@
+"""Exact inner-product search with FAISS: the ground truth for measuring Milvus ANN recall.
+
+``ExactIndex`` wraps ``faiss.IndexIDMap2(faiss.IndexFlatIP(dim))`` over L2-normalised float32
+vectors keyed by int64 image ids, so inner product = cosine similarity.
+
+Normalisation policy: vectors are checked, not silently fixed. ``add``/``search`` raise
+``ValueError`` when a vector's L2 norm differs from 1 by more than ``NORM_TOLERANCE`` — a
+non-unit vector almost always means the embedder skipped its normalisation, and then scores
+are not comparable with Milvus's. Pass ``normalize=True`` to normalise instead (zero vectors
+still raise).
+
+Saved form (a directory): ``index.faiss`` (``faiss.write_index``) and ``index.json`` with the
+dimension, model version name, vector count and the sha256 of ``index.faiss``; ``load``
+verifies all of them and raises ``ArtifactTamperedError`` on a mismatch.
+
+Ties: FAISS does not order results of exactly equal score by id; do not rely on their order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from carsearch.platform.errors import ArtifactTamperedError, ModelNotFoundError
+from carsearch.platform.images import sha256_file
+
+__all__ = ["INDEX_FILE", "META_FILE", "NORM_TOLERANCE", "ExactIndex", "set_threads"]
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+META_FILE = "index.json"
+NORM_TOLERANCE = 1e-3
+_FORMAT = 1
+
+
+
+def exact_dir(data_dir: Path, version: str) -> Path:
+    """Where a version's exact index is saved: ``data_dir/exact/<version>/``."""
+    return Path(data_dir) / "exact" / version
+
+class ExactIndex:
+    """Brute-force inner-product index over unit vectors with int64 ids (-1 is reserved)."""
+
+    def __init__(
+        self, dim: int, *, model_version: str | None = None, threads: int | None = None
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be positive, got {dim}")
+        if threads is not None:
+            set_threads(threads)
+        self.dim = dim
+        self.model_version = model_version
+        self._index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+    @classmethod
+    def from_arrays(
+        cls,
+        ids: np.ndarray,
+        vectors: np.ndarray,
+        *,
+        model_version: str | None = None,
+        normalize: bool = False,
+        threads: int | None = None,
+    ) -> ExactIndex:
+        """A new index holding ``vectors`` under ``ids`` (dimension taken from the vectors)."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2:
+            raise ValueError(f"vectors must be 2-D (n, dim), got shape {vectors.shape}")
+        index = cls(vectors.shape[1], model_version=model_version, threads=threads)
+        index.add(ids, vectors, normalize=normalize)
+        return index
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal)
+
+    def ids(self) -> np.ndarray:
+        """The stored ids, in storage order."""
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, *, normalize: bool = False) -> None:
+        """Add vectors under new ids; an id already present (or repeated) raises ValueError."""
+        id_arr = _check_ids(ids)
+        mat = self._prepare(vectors, normalize=normalize)
+        if mat.shape[0] != id_arr.shape[0]:
+            raise ValueError(f"{id_arr.shape[0]} ids for {mat.shape[0]} vectors")
+        clash = np.intersect1d(id_arr, self.ids())
+        if clash.size:
+            raise ValueError(f"{clash.size} ids already in the index, e.g. {int(clash[0])}")
+        if id_arr.size:
+            self._index.add_with_ids(mat, id_arr)
+
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray, *, normalize: bool = False) -> None:
+        """Add vectors, replacing any stored under the same ids."""
+        id_arr = _check_ids(ids)
+        mat = self._prepare(vectors, normalize=normalize)  # validate before removing anything
+        self.remove(id_arr)
+        self.add(id_arr, mat)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove the given ids (unknown ids are ignored); returns how many were removed."""
+        id_arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if not id_arr.size:
+            return 0
+        return int(self._index.remove_ids(faiss.IDSelectorBatch(id_arr)))
+
+    def search(
+        self, queries: np.ndarray, k: int, *, normalize: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: ``(scores float32 (nq, k), ids int64 (nq, k))``, best first.
+
+        Where the index holds fewer than k vectors the rest of each row is padded with id -1
+        and score -inf.
+        """
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        mat = self._prepare(queries, normalize=normalize)
+        if not mat.shape[0]:
+            return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
+        scores, ids = self._index.search(mat, k)
+        scores[ids == -1] = -np.inf
+        return scores, ids.astype(np.int64, copy=False)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``index.faiss`` and ``index.json`` into ``directory`` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        index_path = directory / INDEX_FILE
+        tmp = directory / (INDEX_FILE + ".tmp")
+        faiss.write_index(self._index, str(tmp))
+        os.replace(tmp, index_path)
+        meta = {
+            "format": _FORMAT,
+            "metric": "inner_product",
+            "dim": self.dim,
+            "model_version": self.model_version,
+            "count": len(self),
+            "sha256": sha256_file(index_path),
+        }
+        tmp_meta = directory / (META_FILE + ".tmp")
+        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_meta, directory / META_FILE)
+        log.info("saved exact index (%d vectors, dim %d) to %s", len(self), self.dim, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, threads: int | None = None) -> ExactIndex:
+        """Read an index saved by ``save``, verifying its checksum, dimension and count."""
+        directory = Path(directory)
+        index_path, meta_path = directory / INDEX_FILE, directory / META_FILE
+        if not index_path.is_file() or not meta_path.is_file():
+            raise ModelNotFoundError(f"no exact index at {directory} (needs {INDEX_FILE}, "
+                                     f"{META_FILE})")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            dim, count, digest = int(meta["dim"]), int(meta["count"]), str(meta["sha256"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtifactTamperedError(f"{meta_path}: unreadable metadata ({exc})") from exc
+        if sha256_file(index_path) != digest:
+            raise ArtifactTamperedError(f"{index_path}: sha256 does not match {META_FILE}")
+        raw = faiss.read_index(str(index_path))
+        if not isinstance(raw, faiss.IndexIDMap2) or raw.d != dim or raw.ntotal != count:
+            raise ArtifactTamperedError(f"{index_path}: index type, dim or count differ from "
+                                        f"{META_FILE}")
+        index = cls(dim, model_version=meta.get("model_version"), threads=threads)
+        index._index = raw
+        return index
+
+    def _prepare(self, vectors: np.ndarray, *, normalize: bool) -> np.ndarray:
+        """Validate a (n, dim) float matrix; return it as contiguous float32 unit rows."""
+        arr = np.asarray(vectors)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise ValueError(f"expected shape (n, {self.dim}), got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"vectors must be floating point, got {arr.dtype}")
+        mat = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(mat).all():
+            raise ValueError("vectors contain NaN or infinite values")
+        norms = np.linalg.norm(mat, axis=1)
+        if normalize:
+            if (norms == 0).any():
+                raise ValueError("cannot normalise a zero vector")
+            return mat / norms[:, None]
+        bad = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} vectors are not L2-normalised "
+                             f"(e.g. norm {float(norms[bad][0]):.4f}); pass normalize=True")
+        return mat
+
+
+def set_threads(n: int) -> None:
+    """Set FAISS's OpenMP thread count (process-wide)."""
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    faiss.omp_set_num_threads(n)
+
+
+def _check_ids(ids: np.ndarray) -> np.ndarray:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise ValueError(f"ids must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if (arr < 0).any():
+        raise ValueError("ids must be non-negative (-1 marks a missing result)")
+    if np.unique(arr).size != arr.size:
+        raise ValueError("ids repeat within one call")
+    return arr
+

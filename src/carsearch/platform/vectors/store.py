@@ -1,0 +1,712 @@
+"""Vector store: a small Protocol and its Milvus adapter (Milvus Lite file or server).
+
+One collection per model version. Vectors are L2-normalised float32 and compared by
+inner product, so scores are cosine similarities. Each row carries the scalar fields
+that filters use (make, body, year, colour, source); filter values are validated and
+quoted here, never pasted into an expression as typed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from carsearch.platform.errors import CarsearchError, QueryError
+
+log = logging.getLogger(__name__)
+
+SCALAR_FIELDS: dict[str, int] = {"make": 64, "body": 32, "colour": 32, "source": 64}
+# Letters (any script), digits, space and a few joiners: everything a make, body type,
+# colour or source name needs, and nothing an expression could be built from.
+_SAFE_VALUE = re.compile(r"^[\w][\w .\-/&']{0,63}$", re.UNICODE)
+
+
+Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
+
+
+class VectorStoreError(CarsearchError):
+    """The vector database failed or is unreachable."""
+
+
+class SearchFilters(BaseModel):
+    """Typed metadata filters. Lists mean "any of"; an empty list means no filter."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    make: tuple[str, ...] = ()
+    body: tuple[str, ...] = ()
+    colour: tuple[str, ...] = ()
+    source: tuple[str, ...] = ()
+    year_min: int | None = Field(default=None, ge=1886, le=2100)
+    year_max: int | None = Field(default=None, ge=1886, le=2100)
+
+    @field_validator("make", "body", "colour", "source", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        if v is None:
+            return ()
+        if isinstance(v, str):
+            return (v,)
+        return v
+
+    @field_validator("make", "body", "colour", "source")
+    @classmethod
+    def _safe_values(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) > 32:
+            raise ValueError("at most 32 values per filter")
+        out = []
+        for item in v:
+            item = item.strip()
+            if not _SAFE_VALUE.fullmatch(item):
+                raise ValueError(f"unusable filter value {item!r}")
+            out.append(item)
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _year_order(self) -> SearchFilters:
+        lo, hi = self.year_min, self.year_max
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError("year_min is after year_max")
+        return self
+
+    def is_empty(self) -> bool:
+        return not (self.make or self.body or self.colour or self.source) and (
+            self.year_min is None and self.year_max is None
+        )
+
+
+def _quote(value: str) -> str:
+    # A JSON string literal is a valid Milvus string literal: quotes and backslashes
+    # are escaped. Values were already checked against _SAFE_VALUE.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def build_filter_expression(filters: SearchFilters | None) -> str:
+    """The Milvus boolean expression for typed filters ("" for none)."""
+    if filters is None or filters.is_empty():
+        return ""
+    clauses: list[str] = []
+    for name in ("make", "body", "colour", "source"):
+        values: tuple[str, ...] = getattr(filters, name)
+        if values:
+            clauses.append(f"{name} in [{', '.join(_quote(v) for v in values)}]")
+    if filters.year_min is not None:
+        clauses.append(f"year >= {int(filters.year_min)}")
+    if filters.year_max is not None:
+        clauses.append(f"year <= {int(filters.year_max)}")
+    return " and ".join(clauses)
+
+
+@dataclass(frozen=True)
+class VectorRow:
+    """The scalar fields stored beside a vector ("" / 0 where unknown)."""
+
+    make: str = ""
+    body: str = ""
+    colour: str = ""
+    source: str = ""
+    year: int = 0
+
+    def as_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"year": int(self.year or 0)}
+        for name, max_len in SCALAR_FIELDS.items():
+            out[name] = str(getattr(self, name) or "")[:max_len]
+        return out
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    score: float
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+IndexType = Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"]
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How a collection's vector field is indexed and searched."""
+
+    type: IndexType = "FLAT"
+    params: dict[str, int] = field(default_factory=dict)
+    search_params: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def default_for(cls, lite: bool) -> IndexSpec:
+        """HNSW (M 16, efConstruction 200, ef 64) on Lite and server alike.
+
+        Measured on Milvus Lite 3.2.2 (docs/BENCHMARKS.md): recall@10 >= 0.996 at 10k and
+        100k rows, with single-query latency no worse than IVF_FLAT; FLAT copies every
+        vector per query and is the slowest beyond a few thousand rows.
+        """
+        del lite  # same choice for both today; kept so callers state where they run
+        return cls("HNSW", {"M": 16, "efConstruction": 200}, {"ef": 64})
+
+
+def lite_index_params(params: dict[str, int]) -> dict[str, Any]:
+    """Index build parameters in a form both Milvus Lite and a server read.
+
+    pymilvus 3.0 flattens ``params`` into top-level pairs (``nlist=1024``), which a server
+    reads but Milvus Lite 3.2.2 ignores (it reads only a JSON ``params`` key, and silently
+    falls back to its defaults). Sending both forms works on both.
+    """
+    return {**params, "params": dict(params)} if params else {}
+
+
+def lite_file_in_use(uri: str) -> bool:
+    """Whether another process holds the lock of a Milvus Lite file (a directory with a
+    LOCK file that Milvus Lite holds with flock while it has the file open)."""
+    import fcntl
+    import os
+
+    lock = os.path.join(uri, "LOCK")
+    if not os.path.isfile(lock):
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+class VectorStore(Protocol):
+    """What the platform needs from a vector database. The Milvus adapter (a Lite file or
+    a server; `MirroredStore` on top of it for Lite) is the one in production; the
+    in-memory `ExactStore` (vectors.memory) is the second, which the tests run the
+    platform on to show nothing reaches past this Protocol."""
+
+    uri: str
+    is_lite: bool  # one process holds it: it sees every write (the mirror is safe)
+
+    @property
+    def needs_flush(self) -> bool: ...
+
+    def has_collection(self, name: str) -> bool: ...
+
+    def list_collections(self) -> list[str]: ...
+
+    def ensure_collection(self, name: str, dim: int) -> None: ...
+
+    def dimension(self, name: str) -> int: ...
+
+    def upsert(
+        self, name: str, ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]
+    ) -> int: ...
+
+    def delete(self, name: str, ids: Sequence[int]) -> None: ...
+
+    def flush(self, name: str) -> None: ...
+
+    def search(
+        self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None
+    ) -> list[list[Hit]]: ...
+
+    def count(self, name: str, *, consistency: Consistency = "Strong") -> int: ...
+
+    def ids(self, name: str, batch: int = 10_000) -> set[int]: ...
+
+    def scan(
+        self, name: str, fields: Sequence[str], *, batch: int = 10_000,
+        stop: threading.Event | None = None,
+    ) -> Iterator[list[dict[str, Any]]]: ...
+
+    def vectors(
+        self, name: str, ids: Sequence[int], *, batch: int = 1000,
+        consistency: Consistency | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def drop(self, name: str) -> None: ...
+
+    def search_backend(self, name: str) -> str: ...
+
+    def index_info(self, name: str) -> dict[str, Any]: ...
+
+    def alias_target(self, alias: str = ...) -> str | None: ...
+
+    def point_alias(self, collection: str, alias: str = ...) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
+    arr = np.ascontiguousarray(vectors, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"vectors must be 2-D, got shape {arr.shape}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"vectors have dimension {arr.shape[1]}, collection has {dim}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("vectors contain NaN or infinity")
+    norms = np.linalg.norm(arr, axis=1)
+    if arr.shape[0] and not np.allclose(norms, 1.0, atol=1e-3):
+        raise ValueError("vectors must be L2-normalised")
+    return arr
+
+
+# Consistency (a Milvus server; Milvus Lite, one process, always reads its own writes).
+# Reads that must see every write finished before them (reconcile's id sets, re-index
+# skip sets, counts, full scans, the drift job's reads) use Strong: the server waits for
+# its time tick to pass the request's timestamp (200-400 ms a call on a 2.3 standalone
+# here). Searches use SEARCH_CONSISTENCY by default (Settings.milvus_consistency).
+STRONG: Consistency = "Strong"
+SERVING_ALIAS = "carsearch_serving"
+_MVCC_FALLBACK = "failed to get mvccTs"
+
+
+class _IteratorTimestampNote(logging.Filter):
+    """pymilvus 3 asks the server for an MVCC timestamp to pin an iterator's snapshot;
+    Milvus 2.3 and Milvus Lite return none, and pymilvus warns and falls back to the
+    client's clock, which a Bounded read then ignores. Our scans ask for Strong
+    consistency on every page instead, so the fallback changes nothing: the warning is
+    replaced by one INFO line per process saying so."""
+
+    noted = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _MVCC_FALLBACK not in record.getMessage():
+            return True
+        if not _IteratorTimestampNote.noted:
+            _IteratorTimestampNote.noted = True
+            log.info("this Milvus gives iterators no MVCC timestamp; full scans read each "
+                     "page at Strong consistency instead of one snapshot")
+        return False
+
+
+_iterator_note = _IteratorTimestampNote()
+
+
+def _milvus_errors(fn: Any) -> Any:
+    """Turn pymilvus and gRPC failures into VectorStoreError (a one-line message)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self: MilvusStore, *args: Any, **kwargs: Any) -> Any:
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            return fn(self, *args, **kwargs)
+        except MilvusException as exc:
+            raise VectorStoreError(
+                f"Milvus at {self.uri}: {fn.__name__} failed: {exc.message}"
+            ) from exc
+    return wrapper
+
+
+def _not_loaded(exc: Exception) -> bool:
+    return "not loaded" in str(exc).lower()
+
+
+class MilvusStore:
+    """The Milvus adapter: a Milvus Lite file path or an http(s):// server URI."""
+
+    def __init__(self, uri: str, *, token: str = "", index: IndexSpec | None = None,
+                 consistency: Consistency = "Session") -> None:
+        from pymilvus import MilvusClient
+        from pymilvus.exceptions import MilvusException
+
+        self.uri = uri
+        self.is_lite = not uri.startswith(("http://", "https://", "tcp://", "unix://"))
+        self.index = index or IndexSpec.default_for(self.is_lite)
+        self.consistency: Consistency = consistency
+        self._loaded: set[str] = set()
+        self._deleted_from: set[str] = set()
+        self._dims: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._create_lock = threading.Lock()
+        if self.is_lite:
+            from pathlib import Path
+
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        for name in ("pymilvus.client.iterator.query_iterator", "pymilvus.client.iterator"):
+            lg = logging.getLogger(name)
+            if _iterator_note not in lg.filters:
+                lg.addFilter(_iterator_note)
+        # pymilvus 3 pings every 10 s, idle or not; a Milvus 2.3 server allows a ping per
+        # 5 minutes (gRPC's default policy) and answers more with GOAWAY "too_many_pings",
+        # which tore the connection down during long index builds here. Ping no more often
+        # than the server allows.
+        options = {} if self.is_lite else {"grpc_options": {
+            "grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": 0}}
+        try:
+            self.client = MilvusClient(uri=uri, token=token, **options)
+        except MilvusException as exc:
+            if self.is_lite and lite_file_in_use(uri):
+                raise VectorStoreError(
+                    f"cannot open the Milvus Lite file {uri}: another process has it open "
+                    "(one process may open a Lite file at a time; stop that process, or run "
+                    "the ingest worker inside the page with `carsearch serve --ingest`)"
+                ) from None
+            raise VectorStoreError(f"cannot open Milvus at {uri}: {exc.message}") from None
+
+    # -- collections -------------------------------------------------------------
+    @_milvus_errors
+    def has_collection(self, name: str) -> bool:
+        return bool(self.client.has_collection(name))
+
+    @_milvus_errors
+    def list_collections(self) -> list[str]:
+        return list(self.client.list_collections())
+
+    def ensure_collection(self, name: str, dim: int) -> None:
+        """Create the collection if it does not exist; check its dimension if it does.
+
+        Threads of one process take turns (the lock); a worker in another process that
+        creates it at the same moment makes our create fail, after which it exists.
+        """
+        with self._create_lock:
+            if self.has_collection(name):
+                have = self.dimension(name)
+                if have != dim:
+                    raise VectorStoreError(
+                        f"collection {name} has dimension {have}, model gives {dim}"
+                    )
+                return
+            self._create_collection(name, dim)
+
+    def scalar_index_types(self) -> dict[str, str]:
+        """Scalar indexes on the filter fields, by what this Milvus supports.
+
+        A 2.3 server has Trie (strings) and STL_SORT (numbers), 2.4 and later INVERTED.
+        Milvus Lite, which filters in its own process, gets none (as before).
+        """
+        if self.is_lite:
+            return {}
+        version = str(self.client.get_server_version()).lstrip("v")
+        major_minor = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) or (2, 3)
+        if major_minor >= (2, 4):
+            return {**{f: "INVERTED" for f in SCALAR_FIELDS}, "year": "INVERTED"}
+        return {**{f: "Trie" for f in SCALAR_FIELDS}, "year": "STL_SORT"}
+
+    @_milvus_errors
+    def _create_collection(self, name: str, dim: int) -> None:
+        """Create, index, then load, each step idempotent: on a server two processes may
+        create the same collection at once. (Handing the indexes to create_collection
+        lets the first finisher load the collection while the other still adds scalar
+        indexes, which Milvus then refuses: "can't change the index for loaded
+        collection".) Every creator adds every index before it loads."""
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        for fname, max_len in SCALAR_FIELDS.items():
+            schema.add_field(fname, DataType.VARCHAR, max_length=max_len)
+        schema.add_field("year", DataType.INT64)
+        self.client.create_collection(name, schema=schema)  # same schema again: no-op
+        params = self.client.prepare_index_params()
+        params.add_index(
+            field_name="vector",
+            index_type=self.index.type,
+            metric_type="IP",
+            params=lite_index_params(self.index.params),
+        )
+        for fname, kind in self.scalar_index_types().items():
+            params.add_index(field_name=fname, index_type=kind)
+        # sync=False: pymilvus would sleep 0.5 s per index before asking about it (3 s a
+        # collection on a server); the load below waits for what it needs.
+        self.client.create_index(name, params, sync=False)
+        self.client.load_collection(name)
+        self._loaded.add(name)
+        log.info("created collection %s (dim %d, IP, %s)", name, dim, self.index.type)
+        self._dims[name] = dim
+
+    @_milvus_errors
+    def dimension(self, name: str) -> int:
+        if name not in self._dims:
+            desc = self.client.describe_collection(name)
+            for f in desc["fields"]:
+                if f["name"] == "vector":
+                    self._dims[name] = int(f["params"]["dim"])
+        return self._dims[name]
+
+    def _ensure_loaded(self, name: str, *, again: bool = False) -> None:
+        if name in self._loaded and not again:
+            return
+        with self._lock:
+            if again or name not in self._loaded:
+                if not self.has_collection(name):
+                    raise VectorStoreError(f"no collection {name} in Milvus at {self.uri}")
+                self.client.load_collection(name)
+                self._loaded.add(name)
+
+    def _loaded_call(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call ``fn`` on a loaded collection; a server that restarted may have released
+        it (our cache says loaded), so "not loaded" loads it again and retries once."""
+        from pymilvus.exceptions import MilvusException
+
+        self._ensure_loaded(name)
+        try:
+            return fn(*args, **kwargs)
+        except MilvusException as exc:
+            if not _not_loaded(exc):
+                raise
+            log.info("collection %s was released (a server restart?); loading it again", name)
+            self._ensure_loaded(name, again=True)
+            return fn(*args, **kwargs)
+
+    @_milvus_errors
+    def drop(self, name: str) -> None:
+        """Drop a collection, its aliases first: Milvus 2.3 keeps a dropped collection's
+        alias half alive (not listed, not describable, but "already exists" to create)."""
+        if self.has_collection(name):
+            for alias in self.client.list_aliases(name).get("aliases") or []:
+                self.client.drop_alias(alias)
+            self.client.drop_collection(name)
+        self._loaded.discard(name)
+        self._dims.pop(name, None)
+
+    # -- the serving alias ---------------------------------------------------------
+    @_milvus_errors
+    def alias_target(self, alias: str = SERVING_ALIAS) -> str | None:
+        """The collection an alias points to, or None when there is no such alias."""
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            aliases = self.client.list_aliases()
+        except MilvusException:
+            return None
+        if alias not in (aliases.get("aliases") or []):
+            return None
+        return str(self.client.describe_alias(alias)["collection_name"])
+
+    @_milvus_errors
+    def point_alias(self, collection: str, alias: str = SERVING_ALIAS) -> None:
+        """Make ``alias`` name ``collection``: one atomic switch on the server."""
+        from pymilvus.exceptions import MilvusException
+
+        current = self.alias_target(alias)
+        if current == collection:
+            return
+        if current is not None:
+            self.client.alter_alias(collection, alias)
+        else:
+            try:
+                self.client.create_alias(collection, alias)
+            except MilvusException as exc:
+                if "exist" not in exc.message:
+                    raise
+                # The remains of an alias whose collection was dropped: clear, then create.
+                self.client.drop_alias(alias)
+                self.client.create_alias(collection, alias)
+        log.info("alias %s -> %s (was %s)", alias, collection, current or "unset")
+
+    # -- rows ----------------------------------------------------------------------
+    @_milvus_errors
+    def upsert(
+        self, name: str, ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]
+    ) -> int:
+        if not (len(ids) == len(rows) == len(vectors)):
+            raise ValueError("ids, vectors and rows differ in length")
+        if not len(ids):
+            return 0
+        arr = check_vectors(vectors, self.dimension(name))
+        data = [
+            {"id": int(i), "vector": arr[j].tolist(), **rows[j].as_fields()}
+            for j, i in enumerate(ids)
+        ]
+        res = self._loaded_call(name, self.client.upsert, name, data)
+        return int(res.get("upsert_count", len(data)))
+
+    @_milvus_errors
+    def flush(self, name: str) -> None:
+        """Seal growing segments after a bulk load, so that their index is built. Milvus
+        Lite brute-forces unflushed rows (far slower searches); a server seals segments
+        itself as they fill and rate-limits flushes (0.5-3 s a call here), so the ingest
+        worker flushes only Lite (``needs_flush``)."""
+        self.client.flush(name)
+
+    @property
+    def needs_flush(self) -> bool:
+        """Whether small writes should be sealed at once (Milvus Lite) or left to Milvus."""
+        return self.is_lite
+
+    @_milvus_errors
+    def delete(self, name: str, ids: Sequence[int]) -> None:
+        if not len(ids):
+            return
+        self._loaded_call(name, self.client.delete, name, ids=[int(i) for i in ids])
+        self._deleted_from.add(name)
+
+    def _read_consistency(self, name: str, asked: Consistency | None) -> Consistency:
+        """The level of a read: the one asked for, else ``self.consistency``; but the
+        first read after this process deleted from ``name`` is Strong. pymilvus's Session
+        level follows the timestamps of inserts and upserts only (a 2.3 server returns
+        none for a delete), so it would still show what we just deleted."""
+        if name in self._deleted_from:
+            self._deleted_from.discard(name)
+            return STRONG
+        return asked or self.consistency
+
+    @_milvus_errors
+    def count(self, name: str, *, consistency: Consistency = STRONG) -> int:
+        if not self.has_collection(name):
+            return 0
+        res = self._loaded_call(name, self.client.query, name, filter="",
+                                output_fields=["count(*)"], consistency_level=consistency)
+        return int(res[0]["count(*)"])
+
+    def scan(
+        self, name: str, fields: Sequence[str], *, batch: int = 10_000,
+        stop: threading.Event | None = None,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Every row of a collection, a page at a time: the one whole-collection read
+        (reconcile's id set, re-index skip sets, the exact index, the search mirror).
+
+        On a server, pages are read by primary key (``id > last``, at most ``batch``,
+        ascending) at Strong consistency, so a scan sees every write finished before it
+        started. pymilvus's query iterator cannot promise that against Milvus 2.3: it
+        asks for an MVCC timestamp the server does not give, falls back to the client's
+        clock, and its pages are then read at the collection's default (Bounded)
+        consistency, which missed rows written a moment before in a test here. Milvus
+        Lite (one process, every write visible at once) keeps the iterator, since its
+        limited queries do not come back in key order.
+        """
+        self._ensure_loaded(name)
+        pages = (self._lite_pages(name, fields, batch) if self.is_lite
+                 else self._key_pages(name, fields, batch))
+        for page in pages:
+            if stop is not None and stop.is_set():
+                return
+            yield page
+
+    @_milvus_errors
+    def _key_pages(
+        self, name: str, fields: Sequence[str], batch: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        wanted = list(dict.fromkeys(["id", *fields]))
+        expr = f"id >= {-(1 << 63) + 1}"  # Milvus cannot parse -2**63 itself
+        while True:
+            page = self._loaded_call(name, self.client.query, name, filter=expr,
+                                     output_fields=wanted, limit=int(batch),
+                                     consistency_level=STRONG)
+            if not page:
+                return
+            keys = [int(r["id"]) for r in page]
+            if any(b <= a for a, b in itertools.pairwise(keys)):
+                raise VectorStoreError(f"Milvus at {self.uri} returned a page of {name} "
+                                       "out of key order: cannot scan it by primary key")
+            yield list(page)
+            if len(page) < batch:
+                return
+            expr = f"id > {keys[-1]}"
+
+    @_milvus_errors
+    def _lite_pages(
+        self, name: str, fields: Sequence[str], batch: int
+    ) -> Iterator[list[dict[str, Any]]]:
+        it = self.client.query_iterator(name, batch_size=batch, filter="",
+                                        output_fields=list(fields))
+        try:
+            while True:
+                page = it.next()
+                if not page:
+                    return
+                yield list(page)
+        finally:
+            it.close()
+
+    def ids(self, name: str, batch: int = 10_000) -> set[int]:
+        """Every primary key in a collection (reconcile, re-index, the exact index)."""
+        out: set[int] = set()
+        for page in self.scan(name, ["id"], batch=batch):
+            out.update(int(r["id"]) for r in page)
+        return out
+
+    def search(
+        self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None
+    ) -> list[list[Hit]]:
+        """Top-k hits per query vector, best first (Milvus's ANN search here)."""
+        return self.search_ann(name, vectors, k, filters)
+
+    def search_backend(self, name: str) -> str:
+        """What answers searches on ``name``, for the status page."""
+        del name
+        return f"Milvus {'Lite' if self.is_lite else 'server'}, {self.index.type}"
+
+    @_milvus_errors
+    def index_info(self, name: str) -> dict[str, Any]:
+        """The vector field's index as the collection really has it: ``index_type`` and its
+        build parameters (a server's collections also carry scalar indexes)."""
+        skip = {"metric_type", "field_name", "index_name", "total_rows", "indexed_rows",
+                "pending_index_rows", "state", "params"}
+        for index_name in self.client.list_indexes(name):
+            desc = self.client.describe_index(name, index_name)
+            if desc.get("field_name") == "vector":
+                return {k: v for k, v in desc.items() if k not in skip}
+        return {}
+
+    @_milvus_errors
+    def search_ann(
+        self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None,
+        *, consistency: Consistency | None = None,
+    ) -> list[list[Hit]]:
+        """Milvus's own search, whatever serves `search` (the ANN audit measures this)."""
+        if k < 1:
+            raise QueryError("k must be at least 1")
+        arr = check_vectors(vectors, self.dimension(name))
+        res = self._loaded_call(
+            name, self.client.search,
+            name,
+            data=[v.tolist() for v in arr],
+            limit=int(k),
+            filter=build_filter_expression(filters),
+            output_fields=[*SCALAR_FIELDS, "year"],
+            search_params={"metric_type": "IP", "params": dict(self.index.search_params)},
+            consistency_level=self._read_consistency(name, consistency),
+        )
+        fields = (*SCALAR_FIELDS, "year")
+        return [
+            [Hit(id=int(h["id"]), score=float(h["distance"]),
+                 fields={f: h["entity"].get(f) for f in fields}) for h in q]
+            for q in res
+        ]
+
+    def close(self) -> None:
+        """Close the client; for Milvus Lite also stop its in-process server, which
+        releases the file lock so that another process (a restarted worker) can open it."""
+        self.client.close()
+        if self.is_lite:
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.uri)
+        self._loaded.clear()
+
+    @_milvus_errors
+    def vectors(
+        self, name: str, ids: Sequence[int], *, batch: int = 1000,
+        consistency: Consistency | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The stored vectors of ``ids``: ``(ids found (int64), float32 (n, dim))``, in the
+        order asked (repeats once); ids the collection does not hold are left out. Ids are
+        cast to int, so the ``id in [...]`` expression is built from numbers only."""
+        dim = self.dimension(name)
+        wanted = list(dict.fromkeys(int(i) for i in ids))
+        found: dict[int, list[float]] = {}
+        batch = max(1, batch)
+        level = self._read_consistency(name, consistency)
+        for start in range(0, len(wanted), batch):
+            chunk = wanted[start:start + batch]
+            rows = self._loaded_call(
+                name, self.client.query,
+                name, filter=f"id in [{', '.join(str(i) for i in chunk)}]",
+                output_fields=["id", "vector"],
+                consistency_level=level,
+            )
+            found.update((int(r["id"]), r["vector"]) for r in rows)
+        order = [i for i in wanted if i in found]
+        matrix = np.asarray([found[i] for i in order], dtype=np.float32).reshape(-1, dim)
+        return np.asarray(order, dtype=np.int64), matrix
