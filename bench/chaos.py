@@ -600,9 +600,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the markdown here (docs/RELIABILITY.md)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    from machine import cpu_name
-
     from carsearch.platform.vectors.server import LocalMilvusServer
+    from machine import cpu_name
 
     results: list[ChaosResult] = []
     with tempfile.TemporaryDirectory(prefix="carsearch-chaos-") as tmp:
