@@ -28,7 +28,6 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from carsearch.platform.search.vocabulary import VehicleLabel
 from carsearch.data.augment.judge import (
     Judge,
     JudgedQuery,
@@ -45,6 +44,7 @@ from carsearch.data.augment.ollama import (
     OllamaJudge,
     OllamaUnavailableError,
 )
+from carsearch.platform.search.vocabulary import VehicleLabel
 
 __all__ = [
     "AugmentSummary",

@@ -26,8 +26,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from carsearch.platform.search.vocabulary import VehicleLabel
 from carsearch.data.augment import rules
+from carsearch.platform.search.vocabulary import VehicleLabel
 
 
 class RejectReason(StrEnum):

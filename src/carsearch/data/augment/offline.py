@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import random
 
-from carsearch.platform.search.vocabulary import BODY_ALIASES, COLOUR_ALIASES, MAKE_ALIASES, VehicleLabel
 from carsearch.data.augment.rules import AMBIGUOUS_MAKE_ALIASES, year_phrases
+from carsearch.platform.search.vocabulary import (
+    BODY_ALIASES,
+    COLOUR_ALIASES,
+    MAKE_ALIASES,
+    VehicleLabel,
+)
 
 PREFIXES: tuple[str, ...] = ("", "", "", "", "a ", "looking for ", "show me ", "pics of ",
                              "any ", "photo of a ")

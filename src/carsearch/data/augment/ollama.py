@@ -19,9 +19,9 @@ import httpx
 import ollama
 from pydantic import BaseModel, Field, ValidationError
 
+from carsearch.data.augment.judge import LLMVerdict, RuleJudge, Verdict, judge_query
 from carsearch.platform.errors import CarsearchError
 from carsearch.platform.search.vocabulary import VehicleLabel
-from carsearch.data.augment.judge import LLMVerdict, RuleJudge, Verdict, judge_query
 
 log = logging.getLogger(__name__)
 
