@@ -218,6 +218,7 @@ class ChaosResult:
     queries_ok: int = 0
     queries_during_outage: int = 0
     query_errors: dict[str, int] = field(default_factory=dict)
+    dead_reasons: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -444,6 +445,9 @@ def check(env: dict[str, str], ledger: Ledger, res: ChaosResult) -> None:
         res.indexed = len(indexed)
         res.quarantined = sum(r.status == ImageStatus.quarantined for r in rows.values())
         res.dead_jobs = len(dead)
+        for j in dead:
+            reason = " ".join(str(j.last_error or "no reason").split())[:100]
+            res.dead_reasons[reason] = res.dead_reasons.get(reason, 0) + 1
         res.milvus_equals_db = in_milvus == indexed
         for digest, name in ledger.good.items():
             row = rows.get(digest)
@@ -580,6 +584,9 @@ def markdown(results: list[ChaosResult], machine: str) -> str:
         lines += ["", f"Queries while a fault had taken down what answers them (the page, "
                   f"or the Milvus server; not counted above): {r.queries_during_outage}. "
                   f"The final reconcile: `{json.dumps(r.final_reconcile)}`."]
+        if r.dead_reasons:
+            lines += ["", "Dead jobs, by reason (each file's outcome is still checked above):",
+                      *[f"- {k}: {n}" for k, n in sorted(r.dead_reasons.items())]]
         if r.query_errors:
             lines += ["", "Failed queries outside those outages, by kind:",
                       *[f"- {k}: {n}" for k, n in sorted(r.query_errors.items())]]
