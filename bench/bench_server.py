@@ -243,29 +243,13 @@ def upsert_all(store: MilvusStore, work: Workload, batch: int, progress: bool) -
     return time.perf_counter() - t0
 
 
-def indexed_rows(store: MilvusStore, name: str) -> tuple[int | None, int]:
-    """(rows the vector index covers, rows waiting for it); None where Milvus does not say."""
-    desc = store.client.describe_index(name, "vector")
-    indexed = desc.get("indexed_rows")
-    return (None if indexed is None else int(indexed)), int(desc.get("pending_index_rows", 0))
-
-
 def wait_for_index(store: MilvusStore, name: str, n: int, *, timeout_s: float = 7200.0,
                    progress: bool = False) -> None:
-    """Until the vector index covers ``n`` rows (a server builds it after the flush;
-    Milvus Lite builds it in the flush and says so at once)."""
-    deadline = time.monotonic() + timeout_s
+    """The store's wait for the index over ``n`` rows, with a progress bar."""
     with tqdm(total=n, desc=f"index {name}", unit="row", disable=not progress,
               leave=False) as bar:
-        while True:
-            indexed, pending = indexed_rows(store, name)
-            if indexed is None or (indexed >= n and not pending):
-                return
-            bar.update(indexed - bar.n)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"index of {name}: {indexed} of {n} rows after "
-                                   f"{timeout_s:g} s")
-            time.sleep(0.5)
+        store.wait_for_index(name, n, timeout_s=timeout_s,
+                             on_progress=lambda done: bar.update(done - bar.n))
 
 
 def settle_index(store: MilvusStore, name: str, n: int, progress: bool = False) -> Settle:

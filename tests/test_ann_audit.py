@@ -38,8 +38,10 @@ def _fill(store: MilvusStore, name: str, ids: list[int], vectors: np.ndarray) ->
     store.ensure_collection(name, vectors.shape[1])
     store.upsert(name, ids, vectors, [VectorRow(source="test")] * len(ids))
     store.flush(name)
-    # Milvus builds a flushed segment's index in the background and brute-forces the
-    # segment until then; a reload waits for it, so every query sees the same index.
+    # A server builds a flushed segment's index in the background and answers from an
+    # interim IVF index until then (recall below the real index's): wait for the real
+    # one, then reload, so every query sees the index the test configured.
+    store.wait_for_index(name, len(ids))
     store.client.release_collection(name)
     store.client.load_collection(name)
 
