@@ -72,7 +72,16 @@ def test_round_trip(env: dict[str, str], tmp_path: Path, compact_model: Path) ->
     assert {h["make"] for h in res["hits"]} == {"Ford", "BMW"}
     out = run(["search", "ford pickup", "--k", "5"], env).stdout  # filters read from text
     assert "filters read from the query: make: Ford, body: pickup" in out
-    assert "BMW" not in out and "Ford F-150" in out
+    # Filters read from the text are a preference: the Ford first, then the page filled.
+    assert "relaxed: only 1 Ford pickup; showing the nearest vehicles" in out
+    lines = [line for line in out.splitlines() if line[:4].strip().rstrip(".").isdigit()]
+    assert "Ford F-150" in lines[0] and "(not" not in lines[0]
+    assert "BMW M3" in lines[1] and lines[1].endswith("(not make: Ford, body: pickup)")
+    res = json.loads(run(["search", "ford pickup", "--k", "5", "--json"], env).stdout)
+    assert res["relaxed"] == "only 1 Ford pickup; showing the nearest vehicles"
+    assert [(h["make"], h["unmet"]) for h in res["hits"]] == [
+        ("Ford", []), ("BMW", ["make: Ford", "body: pickup"])]
+    assert [t["hits"] for t in res["tiers"]] == [1, 0, 0, 1]
     res = json.loads(run(["search", "truck", "--body", "pickup", "--json"], env).stdout)
     assert [h["make"] for h in res["hits"]] == ["Ford"]
     res = json.loads(run(["search", "--image", str(tmp_path / "1.png"), "--json"], env).stdout)

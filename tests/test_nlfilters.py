@@ -9,12 +9,17 @@ import pytest
 from carsearch.platform.db import Database, Image, ImageStatus, migrate
 from carsearch.platform.errors import QueryError
 from carsearch.platform.search.nlfilters import (
+    CERTAINTY,
+    FilterChip,
     FilterVocabulary,
     VocabularyCache,
+    describe_chips,
     filters_from_chips,
     load_vocabulary,
     merge_filters,
     parse_query,
+    relaxation_tiers,
+    vague_years,
     validate_filters,
 )
 from carsearch.platform.vectors.store import SearchFilters
@@ -183,3 +188,81 @@ def test_body_category_is_case_blind_and_keeps_unknown_types() -> None:
     assert body_category("Sedan") == body_category(" sedan ") == "sedan"
     assert body_category("Limousine") == "limousine"  # no category: still filterable
     assert body_category(None) == body_category("") == ""
+
+
+# -- vague time words and relaxation ----------------------------------------------------
+# VOCAB's 8 distinct years: a third is 3 of them, a tenth 1.
+@pytest.mark.parametrize(("query", "value"), [
+    ("older model mercedes coupe", "1991-2007"),
+    ("old ford", "1991-2007"),
+    ("an older bmw", "1991-2007"),
+    ("classic chevy", "1991"),
+    ("vintage vw", "1991"),
+    ("newer model pickup", "2010-2012"),
+    ("recent bmw", "2010-2012"),
+    ("late-model ford", "2010-2012"),
+    ("latest mercedes", "2012"),
+])
+def test_vague_time_words_are_year_ranges_of_the_collection(query: str, value: str) -> None:
+    chips = [c for c in parse_query(query, VOCAB).chips if c.field == "year"]
+    assert [(c.value, c.vague) for c in chips] == [(value, True)]
+    assert chips[0].label.startswith(f"year: {value} (")  # the chip names its words
+
+
+def test_vague_years_follow_the_years_indexed() -> None:
+    assert vague_years("old", 3, [2005, 2001, 2001, 2009, 2003]) == (2001, 2003)
+    assert vague_years("new", 3, [2005, 2001, 2009, 2003]) == (2005, 2009)
+    assert vague_years("old", 10, list(range(1990, 2012))) == (1990, 1992)
+    assert vague_years("new", 3, []) is None
+    other = FilterVocabulary(makes=frozenset({"Ford"}), years=(2015, 2016, 2017))
+    assert fields("older ford") == {"make": "Ford", "year": "1991-2007"}
+    assert {c.field: c.value for c in parse_query("older ford", other).chips} == {
+        "make": "Ford", "year": "2015"}
+
+
+def test_a_stated_year_wins_over_a_vague_word_and_late_2000s_is_still_a_decade_part() -> None:
+    parsed = parse_query("older 2008 ford", VOCAB)
+    assert [(c.value, c.vague) for c in parsed.chips if c.field == "year"] == [("2008", False)]
+    assert any("'older'" in n for n in parsed.ignored)
+    assert fields("late 2000s ford")["year"] == "2007-2009"
+    assert fields("2010 or older ford")["year"] == "-2010"
+    assert "year" not in fields("a new ford")  # "new" alone reads nothing
+    empty = FilterVocabulary(makes=frozenset({"Ford"}))
+    assert "year" not in {c.field for c in parse_query("old ford", empty).chips}
+
+
+def _chip(field: str, value: str, vague: bool = False) -> FilterChip:
+    return FilterChip(field, value, value, vague)  # type: ignore[arg-type]
+
+
+def test_relaxation_drops_the_least_certain_first() -> None:
+    make, body = _chip("make", "Mercedes-Benz"), _chip("body", "coupe")
+    old = _chip("year", "1991-2007", vague=True)
+    assert relaxation_tiers([make, body]) == [(make, body), (make,), (body,), ()]
+    tiers = relaxation_tiers([old, make, body])
+    assert tiers[:4] == [(old, make, body), (make, body), (old, make), (make,)]
+    assert tiers[-1] == () and len(tiers) == 8
+    red, blue, year = _chip("colour", "red"), _chip("colour", "blue"), _chip("year", "2012")
+    tiers = relaxation_tiers([red, blue, year])
+    assert tiers == [(red, blue, year), (year,), (red, blue), ()]  # colours go together
+    assert CERTAINTY == ("make", "body", "year", "colour", "vague year")
+
+
+def test_relaxed_tiers_are_described_in_words() -> None:
+    make, body = _chip("make", "Mercedes-Benz"), _chip("body", "coupe")
+    assert describe_chips([make, body]) == "Mercedes-Benz coupe"
+    assert describe_chips([make], [body]) == "Mercedes-Benz of any body"
+    assert describe_chips([body], [make]) == "coupe of any make"
+    assert describe_chips([], [make, body]) == "the nearest vehicles"
+    assert describe_chips([_chip("colour", "red"), _chip("year", "2005-")]) == (
+        "red vehicles from 2005 on")
+    assert describe_chips([_chip("year", "-2004")], [_chip("colour", "red")]) == (
+        "vehicles up to 2004 of any colour")
+
+
+def test_a_chip_matches_the_metadata_of_a_vehicle() -> None:
+    assert _chip("body", "pickup").matches("Ford", "Regular Cab", None, 2007)
+    assert not _chip("body", "pickup").matches("Ford", "Sedan", None, 2007)
+    assert _chip("colour", "red").matches(None, None, "Red", None)
+    assert _chip("year", "1991-2007").matches(None, None, None, 1998)
+    assert not _chip("year", "2005-").matches(None, None, None, None)

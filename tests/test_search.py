@@ -108,6 +108,46 @@ def test_filters_apply(service: SearchService, indexed) -> None:
     assert res.hits == []
 
 
+def test_filters_read_from_text_are_relaxed_to_fill_the_page(
+        service: SearchService, indexed) -> None:
+    from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
+
+    vocab = load_vocabulary(service.db)
+    # No Mercedes-Benz coupe is indexed: the Mercedes first, then the coupe, then the
+    # oldest vehicle ("older model": the oldest third of the 3 years indexed), then the rest.
+    parsed = parse_query("older model mercedes coupe", vocab)
+    assert {c.key for c in parsed.chips} == {"make=Mercedes-Benz", "body=coupe",
+                                             "year=1991"}
+    res = service.search_text(parsed.text, k=5, preferred=parsed.chips)
+    assert len(res.hits) == 5 and [h.rank for h in res.hits] == [1, 2, 3, 4, 5]
+    assert res.hits[0].class_name == "Mercedes-Benz C-Class Sedan 2012"
+    assert res.hits[1].class_name == "BMW M3 Coupe 2012"
+    assert res.hits[2].class_name == "Volkswagen Golf Hatchback 1991"
+    assert res.relaxed == (
+        "no Mercedes-Benz coupe from 1991; showing Mercedes-Benz of any body or year, then "
+        "coupe of any make or year, then vehicles from 1991 of any make or body, then the "
+        "nearest vehicles")
+    assert res.hits[0].unmet == ("body: coupe", "year: 1991 (older model)")
+    assert res.hits[2].unmet == ("make: Mercedes-Benz", "body: coupe")
+    assert res.tiers[0]["hits"] == 0 and sum(t["hits"] for t in res.tiers) == 5
+    assert res.filters == {"make": ("Mercedes-Benz",), "body": ("coupe",),
+                           "year_min": 1991, "year_max": 1991}
+    # Enough matches: nothing relaxed, every hit meets the filters.
+    parsed = parse_query("a 2012 car", vocab)
+    res = service.search_text(parsed.text, k=3, preferred=parsed.chips)
+    assert res.relaxed is None and all(h.year == 2012 and not h.unmet for h in res.hits)
+    # The person's own filters stay hard: relaxation never crosses them.
+    parsed = parse_query("red chevy", vocab)
+    res = service.search_text(parsed.text, k=5, filters=SearchFilters(year_max=2010),
+                              preferred=parsed.chips)
+    assert {h.class_name for h in res.hits} == {"Ford F-150 Regular Cab 2007",
+                                                "Volkswagen Golf Hatchback 1991"}
+    assert res.relaxed is not None and res.relaxed.startswith("no red Chevrolet")
+    res = service.search_text(parsed.text, k=5, filters=SearchFilters(make="BMW", year_max=2000),
+                              preferred=parsed.chips)
+    assert res.hits == [] and res.relaxed is not None
+
+
 def test_image_search_finds_the_same_image_first(service: SearchService, indexed,
                                                  tmp_path: Path) -> None:
     res = service.search_image(Image.open(tmp_path / "car2.png"), k=3)

@@ -71,7 +71,15 @@ def test_text_search_reads_filters_from_the_query(client: Client) -> None:
     gallery, status, _sel, _detail, chips = search(client, "red 2012 chevy pickup")
     assert set(chips["value"]) == {"colour=red", "year=2012", "make=Chevrolet", "body=pickup"}
     assert "make Chevrolet" in status and "year 2012" in status
-    assert len(gallery) == 1 and "Chevrolet Silverado 1500 2012" in captions(gallery)[0]
+    # One vehicle meets all four: it comes first, and the page is filled with the
+    # nearest others, each saying what it does not meet, and the status says so.
+    assert "only 1 red Chevrolet pickup from 2012; showing " in status
+    assert len(gallery) == 8 and "Chevrolet Silverado 1500 2012" in captions(gallery)[0]
+    assert " · not " not in captions(gallery)[0]
+    assert all(" · not " in c for c in captions(gallery)[1:])
+    # The next is the other pickup (body is kept longer than year and colour).
+    assert "Ford F-150 2007" in captions(gallery)[1]
+    assert "not colour: red, make: Chevrolet, year: 2012" in captions(gallery)[1]
     assert Path(gallery[0]["image"]).is_file()  # the thumbnail came back over HTTP
 
 
@@ -90,7 +98,10 @@ def test_removing_a_chip_widens_the_search(client: Client) -> None:
         "red 2012 chevy pickup", ["year=2012"], 8, *NO_FILTERS, api_name="/refine"
     )
     n_2012 = sum(1 for _c, _col, _s in CARS if _c.endswith("2012"))
-    assert len(gallery) == n_2012 and all("2012" in c for c in captions(gallery))
+    # Every 2012 vehicle first, met exactly; then the rest to fill the page.
+    assert all("2012" in c and " · not " not in c for c in captions(gallery)[:n_2012])
+    assert all(c.endswith("not year: 2012") for c in captions(gallery)[n_2012:])
+    assert len(gallery) == 8
     assert "make" not in status.split("filters:")[1].split("·")[0]
 
 

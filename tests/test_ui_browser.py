@@ -1,5 +1,6 @@
-"""End to end in headless Chromium: type a query, press Enter, see results, click a
-result, ask for more like it, and keep a screenshot.
+"""End to end in headless Chromium: type a query, press Enter, see results (filters read
+from the text relaxed to fill the page, a vague year as a chip), click a result, ask for
+more like it, and keep a screenshot.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and Playwright for Python (its own
 browser download is not used). Skips, saying which is missing, except under CI=true,
@@ -65,9 +66,23 @@ def test_search_select_and_more_like_this_in_chromium(
             status = page.locator("#status")
             expect(status).to_contain_text("results for 'red 2012 chevy pickup'")
             expect(page.locator("#chips")).to_contain_text("make: Chevrolet")
+            # One vehicle meets all four filters: the page is filled with the nearest
+            # others and says what it relaxed.
+            expect(status).to_contain_text("only 1 red Chevrolet pickup from 2012; showing")
             thumbs = page.locator("#results img")
             expect(thumbs.first).to_be_visible()
-            assert thumbs.count() == 1
+            expect(thumbs).to_have_count(8)
+
+            # The design's other example: a vague year and a make + body nobody indexed
+            # together ("older model": the oldest third of the world's 4 model years).
+            box.fill("older model mercedes coupe")
+            box.press("Enter")
+            expect(status).to_contain_text("results for 'older model mercedes coupe'")
+            expect(page.locator("#chips")).to_contain_text("year: 1991-1997 (older model)")
+            expect(status).to_contain_text(
+                "no Mercedes-Benz coupe from 1991-1997; showing Mercedes-Benz of any body")
+            expect(thumbs).to_have_count(8)
+            page.screenshot(path=str(tmp_path / "relaxed.png"), full_page=True)
 
             box.fill("a car")
             box.press("Enter")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from carsearch.cli.context import echo_json, platform_from
 from carsearch.platform.errors import ConfigError, QueryError
+
+if TYPE_CHECKING:
+    from carsearch.platform.search.nlfilters import FilterChip
 
 
 def search_command(
@@ -31,6 +34,8 @@ def search_command(
 
     "red 2012 chevy pickup" also filters on colour, year, make and body where those values
     exist in the index (--no-parse: vector similarity alone); options override them.
+    Filters read from the text are relaxed, the least certain first, when fewer than
+    --k vehicles meet them (the output says what was relaxed); options are never relaxed.
     """
     from pydantic import ValidationError
 
@@ -54,23 +59,25 @@ def search_command(
         raise ConfigError("give a query, or --image PATH")
     else:
         chips = ""
+        preferred: tuple[FilterChip, ...] = ()
         if parse:
-            from carsearch.platform.search.nlfilters import (
-                load_vocabulary,
-                merge_filters,
-                parse_query,
-            )
+            from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
 
             parsed = parse_query(p.search.clean_query(query), load_vocabulary(p.db))
-            filters = merge_filters(parsed.filters, filters)
+            preferred = parsed.chips
             chips = ", ".join(c.label for c in parsed.chips)
-        result = p.search.search_text(query, k, filters)
+        result = p.search.search_text(query, k, filters, preferred=preferred)
         if chips and not as_json:
             typer.echo(f"filters read from the query: {chips}")
+        if result.relaxed and not as_json:
+            typer.echo(f"relaxed: {result.relaxed}")
     if as_json:
         echo_json(result.to_dict())
         return
     typer.echo(f"{len(result.hits)} hits in {result.latency_ms:.1f} ms ({result.version})")
+    if not result.hits and filters != SearchFilters():
+        typer.echo("nothing matched the filters you gave: widen them")
     for h in result.hits:
         label = h.class_name or " ".join(str(x) for x in (h.make, h.model, h.year) if x)
-        typer.echo(f"{h.rank:3d}. {h.score:+.3f}  {label or '-'}  {h.path}")
+        unmet = f"  (not {', '.join(h.unmet)})" if h.unmet else ""
+        typer.echo(f"{h.rank:3d}. {h.score:+.3f}  {label or '-'}  {h.path}{unmet}")

@@ -25,6 +25,10 @@ class Metrics:
         self.queries = Counter(
             "carsearch_queries_total", "Searches by outcome (ok, empty, bad_input, error)",
             ["outcome"], registry=self.registry)
+        self.queries_relaxed = Counter(
+            "carsearch_queries_relaxed_total",
+            "Text searches whose filters read from the text were relaxed to fill the page",
+            registry=self.registry)
         self.ingested = Counter(
             "carsearch_ingest_images_total", "Images this process ingested, by outcome",
             ["outcome"], registry=self.registry)

@@ -127,7 +127,8 @@ class PageResult:
 
 
 def caption(hit: SearchHit) -> str:
-    """"#1 · 0.812 · Chevrolet Silverado 1500 2012 · red · stanford"."""
+    """"#1 · 0.812 · Chevrolet Silverado 1500 2012 · red · stanford", and for a hit of a
+    relaxed search what it does not meet ("· not body: coupe")."""
     name = " ".join(str(p) for p in (hit.make, hit.model, hit.year) if p) or "unlabelled"
     parts = [f"#{hit.rank}", f"{hit.score:.3f}", name]
     if hit.body_type:
@@ -135,6 +136,8 @@ def caption(hit: SearchHit) -> str:
     parts.append(hit.colour or "colour ?")
     if hit.source:
         parts.append(hit.source)
+    if hit.unmet:
+        parts.append("not " + ", ".join(hit.unmet))
     return " · ".join(parts)
 
 
@@ -203,9 +206,11 @@ class SearchPage:
         parsed = self.parse(query)
         if keep_chips is not None:
             parsed = parsed.keep(keep_chips)
-        filters = merge_filters(parsed.filters, self.picked_filters(picked))
+        hard = self.picked_filters(picked)
         k = self.service.check_k(k)
-        result = self._guard(lambda: self.service.search_text(parsed.text, k, filters))
+        result = self._guard(lambda: self.service.search_text(
+            parsed.text, k, hard, preferred=parsed.chips))
+        filters = merge_filters(parsed.filters, hard)
         notes = [f"not filtered on {n}" for n in parsed.ignored]
         return self._shape(result, filters, parsed=parsed, notes=notes)
 
@@ -271,7 +276,9 @@ class SearchPage:
             f"filters: {describe_filters(filters)} · model {result.version}"
         )
         if not result.hits:
-            status += " · nothing matched: remove a filter chip or widen the filters"
+            status += " · nothing matched the filters you picked: widen them"
+        if result.relaxed:
+            status += f" · {result.relaxed}"
         if notes:
             status += " · " + "; ".join(notes)
         hits = [h.to_dict() for h in result.hits]

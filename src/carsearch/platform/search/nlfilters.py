@@ -24,8 +24,28 @@ Year forms (conservative on purpose; anything else is left to the vector ranking
     since 2010, 2010 or newer     from 2010
     2010 or older                 up to 2010
 
-Several year mentions give the range spanning them. Relative words ("older model",
-"new", "recent") give no filter: they would need a reference year the page cannot know.
+Several year mentions give the range spanning them.
+
+Vague time words are read against the model years the collection holds (its distinct
+years, oldest first; n of them; a third is ceil(n / 3) years, a tenth ceil(n / 10)):
+
+    older model, old model, older, old      the oldest third of those years
+    classic, vintage                        the oldest tenth
+    newer model, new model, newer, recent,  the newest third
+    late model
+    latest, newest                          the newest tenth
+
+so "older model" in a collection of 1991-2012 vehicles (16 distinct years) is 1991-1999
+(the first 6 of them). A vague word becomes a year chip like any other (removable on the
+page), marked vague: it is the first filter relaxed when too few vehicles match. A query
+that names a year explicitly ignores its vague words. "new" alone gives nothing (the
+"New Beetle", "brand new").
+
+Filters read from text are preferences (see `relaxation_tiers`): when they leave fewer
+than k results the search relaxes them, the least certain first, in the order
+vague year, colour, year, body, make (colours are the sparsest and least reliable
+labels, a stated year is often off by one, a body type is visible in the photo, and a
+make is named on purpose).
 
 Ambiguous single words that are also plain English ("mini", "smart", "ram", "eagle",
 "caddy", "estate", "hatch", "tan", ...) count only when the same query names something
@@ -219,6 +239,7 @@ class FilterChip:
     field: FieldName
     value: str  # "Chevrolet", "red", "pickup", "2012", "2007-2009", "2005-", "-2004"
     phrase: str  # the words of the query it came from
+    vague: bool = False  # a year range from a vague word ("older model")
 
     @property
     def key(self) -> str:
@@ -226,8 +247,26 @@ class FilterChip:
 
     @property
     def label(self) -> str:
-        name = "body" if self.field == "body" else self.field
-        return f"{name}: {self.value}"
+        if self.vague:
+            return f"{self.field}: {self.value} ({self.phrase})"
+        return f"{self.field}: {self.value}"
+
+    @property
+    def unit(self) -> str:
+        """What relaxation drops together: a field, or "vague year"."""
+        return "vague year" if self.vague else self.field
+
+    def matches(self, make: str | None, body_type: str | None, colour: str | None,
+                year: int | None) -> bool:
+        """Whether a vehicle with this metadata passes this chip's filter."""
+        if self.field == "make":
+            return make == self.value
+        if self.field == "body":
+            return body_category(body_type) == self.value
+        if self.field == "colour":
+            return (colour or "").lower() == self.value
+        lo, hi = self.year_bounds()
+        return year is not None and (lo is None or year >= lo) and (hi is None or year <= hi)
 
     def year_bounds(self) -> tuple[int | None, int | None]:
         return _parse_year_value(self.value)
@@ -362,6 +401,39 @@ def _year_candidate(words: Sequence[str], i: int) -> tuple[int, int | None, int 
     return 0, None, None
 
 
+# Vague time words: phrase -> (which end of the collection's years, fraction of them).
+_VAGUE: dict[tuple[str, ...], tuple[Literal["old", "new"], int]] = {
+    ("older", "model"): ("old", 3), ("old", "model"): ("old", 3),
+    ("older",): ("old", 3), ("old",): ("old", 3),
+    ("classic",): ("old", 10), ("vintage",): ("old", 10),
+    ("newer", "model"): ("new", 3), ("new", "model"): ("new", 3), ("newer",): ("new", 3),
+    ("recent",): ("new", 3), ("late", "model"): ("new", 3),
+    ("latest",): ("new", 10), ("newest",): ("new", 10),
+}
+
+
+def _vague_at(words: Sequence[str], i: int) -> tuple[int, str, Literal["old", "new"], int]:
+    """(words used, phrase, end, fraction) for a vague time word at position i."""
+    for n in (2, 1):
+        phrase = tuple(words[i : i + n])
+        if len(phrase) == n and phrase in _VAGUE:
+            end, part = _VAGUE[phrase]
+            return n, " ".join(phrase), end, part
+    return 0, "", "old", 0
+
+
+def vague_years(end: Literal["old", "new"], part: int, years: Sequence[int]
+                ) -> tuple[int, int] | None:
+    """The year range a vague word means among ``years`` (the collection's model years):
+    the oldest or newest ceil(n / part) distinct years; None when no year is known."""
+    distinct = sorted(set(years))
+    if not distinct:
+        return None
+    n = -(-len(distinct) // part)
+    chosen = distinct[:n] if end == "old" else distinct[-n:]
+    return chosen[0], chosen[-1]
+
+
 def _year_label(lo: int | None, hi: int | None) -> str:
     if lo is not None and lo == hi:
         return str(lo)
@@ -375,14 +447,29 @@ def _parse_year_value(value: str) -> tuple[int | None, int | None]:
     return (int(lo) if lo else None), (int(hi) if hi else None)
 
 
-def _candidates(words: list[str]) -> tuple[list[_Candidate], list[tuple[int | None, int | None]]]:
+@dataclass(frozen=True)
+class _Vague:
+    phrase: str
+    end: Literal["old", "new"]
+    part: int
+
+
+def _candidates(
+    words: list[str],
+) -> tuple[list[_Candidate], list[tuple[int | None, int | None]], list[_Vague]]:
     found: list[_Candidate] = []
     years: list[tuple[int | None, int | None]] = []
+    vague: list[_Vague] = []
     i = 0
     while i < len(words):
         used, lo, hi = _year_candidate(words, i)
         if used:
             years.append((lo, hi))
+            i += used
+            continue
+        used, phrase, end, part = _vague_at(words, i)
+        if used:
+            vague.append(_Vague(phrase, end, part))
             i += used
             continue
         for n in range(min(_MAX_WORDS, len(words) - i), 0, -1):
@@ -395,7 +482,7 @@ def _candidates(words: list[str]) -> tuple[list[_Candidate], list[tuple[int | No
                 break
         else:
             i += 1
-    return found, years
+    return found, years, vague
 
 
 def _merge_years(years: list[tuple[int | None, int | None]]) -> tuple[int | None, int | None]:
@@ -409,11 +496,11 @@ def _merge_years(years: list[tuple[int | None, int | None]]) -> tuple[int | None
 def parse_query(text: str, vocab: FilterVocabulary) -> ParsedQuery:
     """Read filters from a query; only values that exist in `vocab` become chips."""
     words = _normalise(text)
-    found, years = _candidates(words)
-    if not any(not c.ambiguous for c in found) and not years:
+    found, years, vague = _candidates(words)
+    if not any(not c.ambiguous for c in found) and not years and not vague:
         found = []  # only ambiguous words: read the query as plain text
     else:
-        found = [c for c in found if not c.ambiguous or _has_firm(found, years)]
+        found = [c for c in found if not c.ambiguous or _has_firm(found, years or vague)]
     chips: list[FilterChip] = []
     ignored: list[str] = []
     for c in found:
@@ -430,6 +517,16 @@ def parse_query(text: str, vocab: FilterVocabulary) -> ParsedQuery:
             chips.append(FilterChip("year", label, label))
         else:
             ignored.append(f"year {label}: no indexed vehicle from then")
+        ignored.extend(f"'{v.phrase}': the query names a year" for v in vague)
+    elif vague:
+        spans = [vague_years(v.end, v.part, vocab.years) for v in vague]
+        if any(span is None for span in spans):
+            ignored.append(f"'{vague[0].phrase}': no indexed vehicle has a year")
+        else:
+            lo = min(span[0] for span in spans if span is not None)
+            hi = max(span[1] for span in spans if span is not None)
+            phrase = " ".join(dict.fromkeys(v.phrase for v in vague))
+            chips.append(FilterChip("year", _year_label(lo, hi), phrase, vague=True))
     chips_t = tuple(chips)
     return ParsedQuery(text, chips_t, tuple(ignored), filters_from_chips(chips_t))
 
@@ -464,3 +561,50 @@ def merge_filters(parsed: SearchFilters, picked: SearchFilters) -> SearchFilters
     if chosen["year_min"] is not None or chosen["year_max"] is not None:
         out["year_min"], out["year_max"] = chosen["year_min"], chosen["year_max"]
     return SearchFilters(**out)
+
+
+# -- relaxation --------------------------------------------------------------------------
+# Most certain first; relaxation drops from the end (see the module docstring).
+CERTAINTY: tuple[str, ...] = ("make", "body", "year", "colour", "vague year")
+
+
+def relaxation_tiers(chips: Sequence[FilterChip]) -> list[tuple[FilterChip, ...]]:
+    """Every subset of the chips' units (a field, or the vague year), as the chips to
+    keep, in the order a search tries them: all of them first, none last, and in between
+    a subset before another when it keeps a more certain unit (so "Mercedes-Benz coupe"
+    gives Mercedes-Benz coupes, then Mercedes-Benz of any body, then coupes, then the
+    nearest vehicles). Same-field chips ("red or blue") go together."""
+    units = [u for u in CERTAINTY if any(c.unit == u for c in chips)]
+    weight = {u: 2 ** (len(CERTAINTY) - i) for i, u in enumerate(CERTAINTY)}
+    subsets = [
+        {u for j, u in enumerate(units) if mask >> j & 1} for mask in range(2 ** len(units))
+    ]
+    subsets.sort(key=lambda kept: -sum(weight[u] for u in kept))
+    return [tuple(c for c in chips if c.unit in kept) for kept in subsets]
+
+
+_ANY = {"make": "make", "body": "body", "colour": "colour", "year": "year",
+        "vague year": "year"}
+
+
+def describe_chips(chips: Sequence[FilterChip], dropped: Sequence[FilterChip] = ()) -> str:
+    """Chips as a phrase: "red Chevrolet pickup from 2012", "Mercedes-Benz of any body",
+    "the nearest vehicles" (none kept)."""
+    def values(name: str) -> str:
+        return " or ".join(c.value for c in chips if c.field == name)
+
+    year = next((c for c in chips if c.field == "year"), None)
+    if not chips:
+        return "the nearest vehicles"
+    what = " ".join(v for v in (values("make"), values("body")) if v) or "vehicles"
+    noun = " ".join(v for v in (values("colour"), what) if v)
+    if year is not None:
+        lo, hi = year.year_bounds()
+        when = (f"from {lo}" if lo == hi else f"from {lo}-{hi}" if lo and hi
+                else f"from {lo} on" if lo else f"up to {hi}")
+        noun = f"{noun} {when}"
+    gone = [_ANY[u] for u in dict.fromkeys(c.unit for c in dropped)
+            if not any(k.field == _ANY[u] for k in chips)]
+    if gone:
+        noun += " of any " + " or ".join(dict.fromkeys(gone))
+    return noun

@@ -11,7 +11,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +26,13 @@ from carsearch.platform.ids import MAX_ID
 from carsearch.platform.images import load_image
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.models.registry import Registry
+from carsearch.platform.search.nlfilters import (
+    FilterChip,
+    describe_chips,
+    filters_from_chips,
+    merge_filters,
+    relaxation_tiers,
+)
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.mirror import MirroredStore
@@ -50,9 +57,14 @@ class SearchHit:
     colour: str | None = None
     class_name: str | None = None
     source: str | None = None
+    # The filters read from the query text that this hit does not meet (it came from a
+    # relaxed search); empty for an exact match.
+    unmet: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["unmet"] = list(self.unmet)
+        return d
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,11 @@ class SearchResult:
     latency_ms: float
     hits: list[SearchHit] = field(default_factory=list)
     query_log_id: int | None = None
+    # What the search relaxed to fill the page ("no Mercedes-Benz coupe; showing ..."),
+    # None when the filters read from the text were met by k vehicles (or there were none).
+    relaxed: str | None = None
+    # One entry per search run: the chips it kept and dropped, and the hits it added.
+    tiers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -77,6 +94,31 @@ class _Empty(threading.local):
 
 
 _EMPTY = _Empty()
+
+
+def _overridden(chip: FilterChip, hard: SearchFilters) -> bool:
+    """Whether the person's own filters set the field a chip read from the text is on."""
+    if chip.field == "year":
+        return hard.year_min is not None or hard.year_max is not None
+    return bool(getattr(hard, chip.field))
+
+
+def _relaxation_note(
+    soft: Sequence[FilterChip], tiers: list[tuple[FilterChip, ...]],
+    ran: list[dict[str, Any]], k: int,
+) -> str | None:
+    """"no Mercedes-Benz coupe; showing Mercedes-Benz of any body, then coupe of any
+    make", or None when the first search (every chip kept) filled the page."""
+    if not ran or ran[0]["hits"] >= k or len(ran) == 1:
+        return None
+    exact = ran[0]["hits"]
+    head = describe_chips(soft)
+    lead = f"no {head}" if exact == 0 else f"only {exact} {head}"
+    shown = [describe_chips(kept, [c for c in soft if c not in kept])
+             for kept, r in zip(tiers[1:], ran[1:], strict=False) if r["hits"]]
+    if not shown:
+        return lead
+    return f"{lead}; showing {', then '.join(shown)}"
 
 
 @contextmanager
@@ -195,15 +237,27 @@ class SearchService:
         return iid
 
     def search_text(
-        self, query: str, k: int = 10, filters: SearchFilters | None = None
+        self,
+        query: str,
+        k: int = 10,
+        filters: SearchFilters | None = None,
+        *,
+        preferred: Sequence[FilterChip] = (),
     ) -> SearchResult:
+        """Text search. ``filters`` are hard (picked by the person: never relaxed);
+        ``preferred`` are the chips read from the text: met where k vehicles meet them,
+        otherwise relaxed in `relaxation_tiers` order until the page is full, exact
+        matches first, and the result says what was relaxed. A chip whose field the
+        hard filters set is overridden by them."""
         with _counted():
             text = self.clean_query(query)
             k = self.check_k(k)
             t0 = time.perf_counter()
             version = self.serving()
             vec = self.encoder_for(version).encode_text([text])
-            return self._finish(version, vec, "text", text, k, filters, t0)
+            hard = filters or SearchFilters()
+            soft = [c for c in preferred if not _overridden(c, hard)]
+            return self._finish(version, vec, "text", text, k, hard, t0, soft)
 
     def search_image(
         self, image: PILImage.Image, k: int = 10, filters: SearchFilters | None = None
@@ -251,38 +305,58 @@ class SearchService:
         k: int,
         filters: SearchFilters | None,
         t0: float,
+        soft: Sequence[FilterChip] = (),
     ) -> SearchResult:
-        hits = self.store.search(version.collection, vec, k, filters)[0]
-        rows = self._metadata([h.id for h in hits])
+        hard = filters or SearchFilters()
+        tiers = relaxation_tiers(soft) if soft else [()]
         out: list[SearchHit] = []
-        for h in hits:
-            row = rows.get(h.id)
-            if row is None:  # a vector whose row is gone: reconcile repairs it
-                log.warning("vector %d in %s has no database row", h.id, version.collection)
-                continue
-            out.append(
-                SearchHit(
-                    rank=len(out) + 1,
-                    score=round(h.score, 6),
-                    image_id=h.id,
-                    path=row.path,
-                    make=row.make,
-                    model=row.model,
-                    year=row.year,
-                    body_type=row.body_type,
-                    colour=row.colour,
-                    class_name=row.class_name,
-                    source=row.source,
-                )
-            )
+        seen: set[int] = set()
+        ran: list[dict[str, Any]] = []
+        for kept in tiers:
+            if len(out) >= k:
+                break
+            tier_filters = merge_filters(filters_from_chips(kept), hard)
+            # Earlier tiers' hits come back too (a tier's vehicles include the ones that
+            # also meet what it dropped): ask for enough to still find k new ones.
+            limit = min(k + len(seen), MAX_K + k)
+            hits = self.store.search(version.collection, vec, limit, tier_filters)[0]
+            fresh = [h for h in hits if h.id not in seen]
+            rows = self._metadata([h.id for h in fresh])
+            dropped = [c for c in soft if c not in kept]
+            added = 0
+            for h in fresh:
+                row = rows.get(h.id)
+                if row is None:  # a vector whose row is gone: reconcile repairs it
+                    log.warning("vector %d in %s has no database row", h.id,
+                                version.collection)
+                    continue
+                if len(out) >= k:
+                    break
+                seen.add(h.id)
+                added += 1
+                unmet = tuple(c.label for c in dropped
+                              if not c.matches(row.make, row.body_type, row.colour, row.year))
+                out.append(SearchHit(
+                    rank=len(out) + 1, score=round(h.score, 6), image_id=h.id,
+                    path=row.path, make=row.make, model=row.model, year=row.year,
+                    body_type=row.body_type, colour=row.colour, class_name=row.class_name,
+                    source=row.source, unmet=unmet,
+                ))
+            ran.append({"kept": [c.key for c in kept], "dropped": [c.key for c in dropped],
+                        "hits": added})
         latency = (time.perf_counter() - t0) * 1000.0
         METRICS.search_latency.labels(kind, self._path(version.collection)).observe(
             latency / 1000.0)
         if not out:
             _EMPTY.flag = True
-        fdict = filters.model_dump(exclude_defaults=True) if filters else {}
+        first = merge_filters(filters_from_chips(soft), hard)
+        fdict = first.model_dump(exclude_defaults=True)
+        note = _relaxation_note(soft, tiers, ran, k) if soft else None
+        if note:
+            METRICS.queries_relaxed.inc()
         qid = self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
-        return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid)
+        return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid,
+                            note, ran if soft else [])
 
     def _path(self, collection: str) -> str:
         """What answered a search, for the latency histogram."""
