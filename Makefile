@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo serve test lint install clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The pipeline on demo-data/, then the search page until Ctrl-C; DEMO_ARGS=--no-serve
+# stops after the pipeline. `make serve` reopens the page on the demo data.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_ARGS)
+
+serve: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh --serve-only
 
 # The browser test drives Debian's Chromium (Playwright's own browser download cannot
 # run here). Installed once when missing; without root it is left to the person.

@@ -1,18 +1,57 @@
 #!/usr/bin/env bash
 # The whole pipeline on one machine with no set-up: every part embedded (SQLite file,
-# Milvus Lite file) under demo-data/, which each run starts afresh. About 5 minutes on
-# 2 cores, most of it training.
+# Milvus Lite file) under demo-data/, which each run starts afresh, ending on the search
+# page (with the ingest worker and an hourly drift job in the same process) until Ctrl-C.
+#   scripts/demo.sh              the pipeline, then the page
+#   scripts/demo.sh --no-serve   the pipeline only (CI, benchmarks)
+#   scripts/demo.sh --serve-only the page on the demo data of an earlier run (`make serve`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT="$PWD"
+SERVE=1 PIPELINE=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-serve) SERVE=0 ;;
+    --serve-only) PIPELINE=0 ;;
+    *) echo "usage: scripts/demo.sh [--no-serve | --serve-only]" >&2; exit 2 ;;
+  esac
+done
+# The commands this script prints must work pasted into a new shell: name the project's
+# own carsearch by its path, not by a PATH this script was given.
+CARSEARCH_BIN="$(command -v carsearch || true)"
+if [ -z "$CARSEARCH_BIN" ]; then
+  echo "carsearch is not installed: run \`make demo\` (it creates .venv first)" >&2; exit 1
+fi
+CARSEARCH_BIN="$(cd "$(dirname "$CARSEARCH_BIN")" && pwd)/carsearch"
 
 export CARSEARCH_DATA_DIR="${CARSEARCH_DATA_DIR:-$PWD/demo-data}"
 export CARSEARCH_LOG_LEVEL="${CARSEARCH_LOG_LEVEL:-WARNING}"
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 D="$CARSEARCH_DATA_DIR"
 N_IMAGES="${DEMO_IMAGES:-1200}"
-rm -rf "$D" && mkdir -p "$D"
+HOST="${DEMO_HOST:-127.0.0.1}" PORT="${DEMO_PORT:-7860}"
 
 step() { printf '\n== %s\n' "$*"; }
+
+serve() {
+  if [ ! -f "$D/carsearch.db" ] && [ -z "${CARSEARCH_DATABASE_URL:-}" ]; then
+    echo "no demo data in $D: run \`make demo\` first" >&2; exit 1
+  fi
+  printf '\n== the search page on the demo data: open http://%s:%s (Ctrl-C stops it)\n' \
+    "$HOST" "$PORT"
+  printf '   drop images, with optional NAME.json labels, into %s/inbox: they are ingested\n' "$D"
+  printf '   again later: make serve   (or: CARSEARCH_DATA_DIR=%s %s serve --host %s --port %s --ingest --inbox %s/inbox --drift-every 3600)\n' \
+    "$D" "$CARSEARCH_BIN" "$HOST" "$PORT" "$D"
+  export CARSEARCH_LOG_LEVEL=INFO
+  exec "$CARSEARCH_BIN" serve --host "$HOST" --port "$PORT" --ingest --inbox "$D/inbox" \
+    --drift-every 3600
+}
+
+if [ "$PIPELINE" = 0 ]; then
+  serve
+fi
+rm -rf "$D" && mkdir -p "$D"
+START=$SECONDS
 
 step "1. database schema (Alembic migrations)"
 carsearch db upgrade
@@ -42,13 +81,17 @@ carsearch models list
 
 step "8. search again with the fine-tuned version (natural-language filters work on the page)"
 carsearch search "red 2012 chevy pickup" --k 5
-carsearch search "older model mercedes convertible" --k 5
+carsearch search "older model mercedes coupe" --k 5
 carsearch search "jeep" --k 5 --body suv --year-max 2000
 
 step "9. audit Milvus against FAISS exact search, and reconcile the index with the database"
 carsearch evaluate ann --n 36
 carsearch reconcile
 
-printf '\nThe search page, with the ingest worker and an hourly drift job in the same process:\n'
-printf '  CARSEARCH_DATA_DIR=%s carsearch serve --ingest --inbox %s/inbox --drift-every 3600\n' "$D" "$D"
-printf '  (http://127.0.0.1:7860; drop images, with optional NAME.json labels, into the inbox)\n'
+printf '\nThe pipeline took %d s.\n' "$((SECONDS - START))"
+printf 'Try it on the command line in any shell:\n'
+printf '  CARSEARCH_DATA_DIR=%s %s search "older model mercedes coupe"\n' "$D" "$CARSEARCH_BIN"
+if [ "$SERVE" = 1 ]; then
+  serve
+fi
+printf 'The search page on this data: make serve   (from %s)\n' "$ROOT"
