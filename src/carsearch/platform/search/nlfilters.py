@@ -35,11 +35,11 @@ years, oldest first; n of them; a third is ceil(n / 3) years, a tenth ceil(n / 1
     late model
     latest, newest                          the newest tenth
 
-so "older model" in a collection of 1991-2012 vehicles (16 distinct years) is 1991-1999
-(the first 6 of them). A vague word becomes a year chip like any other (removable on the
-page), marked vague: it is the first filter relaxed when too few vehicles match. A query
-that names a year explicitly ignores its vague words. "new" alone gives nothing (the
-"New Beetle", "brand new").
+so on Stanford Cars (16 distinct years, 1991-2012) "older model" is 1991-1999 (the first
+6 of them), "classic" 1991-1993 and "newer" 2007-2012. A vague word becomes a year chip
+like any other (removable on the page), marked vague: it is the first filter relaxed when
+too few vehicles match. A query that names a year explicitly ignores its vague words.
+"new" alone gives nothing (the "New Beetle", "brand new").
 
 Filters read from text are preferences (see `relaxation_tiers`): when they leave fewer
 than k results the search relaxes them, the least certain first, in the order
