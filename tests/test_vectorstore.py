@@ -94,7 +94,8 @@ def test_a_filtered_search_finds_every_match_exactly(milvus_uri: str) -> None:
     # 10,000 clustered rows in 192-d (the search benchmark's shape), 2 % of them Porsches.
     # On Milvus Lite 3.2.2, after the search mirror had been rebuilt from it (full scans on
     # the mirror's thread), its HNSW search with this filter returned 7-9 of the 12 hits
-    # asked for although about 200 rows match; the store answers such a search exactly.
+    # asked for although about 200 rows match; the store answers a short search again
+    # exactly.
     from carsearch.platform.vectors.mirror import MirroredStore
 
     store = MirroredStore(milvus_uri)
@@ -126,8 +127,20 @@ def test_a_filtered_search_finds_every_match_exactly(milvus_uri: str) -> None:
             scores = vecs[order] @ row
             want = [order[j] for j in np.argsort(-scores)[:12]]
             assert len(hits) == 12 and all(h.fields["make"] == "Porsche" for h in hits)
-            # the exact top-12 (a server's HNSW, approximate, may swap a near tie)
-            assert len({h.id for h in hits} & set(want)) >= (12 if store.is_lite else 10)
+            if not store.is_lite:  # a server's filtered HNSW: near the exact top 12
+                assert len({h.id for h in hits} & set(want)) >= 10
+        if store.is_lite:
+            # Force the short answer Lite gave (it comes and goes with thread timing): the
+            # store answers again, exactly.
+            real = store.search_ann
+            store.search_ann = lambda *a, **kw: [h[:8] for h in real(*a, **kw)]  # type: ignore[method-assign]
+            got = store.search("sel", q, 12, SearchFilters(make="Porsche"))
+            store.search_ann = real  # type: ignore[method-assign]
+            for row, hits in zip(q, got, strict=True):
+                scores = vecs[order] @ row
+                assert [h.id for h in hits] == [order[j] for j in np.argsort(-scores)[:12]]
+                assert [h.score for h in hits] == pytest.approx(
+                    sorted(scores, reverse=True)[:12], abs=1e-4)
         # Fewer matches than k: all of them, none invented; no match: nothing.
         assert [len(h) for h in store.search("sel", q[:2], 300,
                                              SearchFilters(make="Porsche"))] == [200, 200]
