@@ -19,14 +19,28 @@ import torch
 import torch.nn.functional as F
 
 
-def pair_labels(classes: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
-    """The (n, n) matrix of +1 (same class, or the diagonal) and -1 (otherwise)."""
+def pair_labels(
+    classes: torch.Tensor | None,
+    n: int,
+    device: torch.device,
+    text_classes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The matrix of +1 (same class, or the diagonal) and -1 (otherwise).
+
+    (n, n) for paired images and texts; (n, m) when `text_classes` (m,) gives the classes
+    of the text columns separately (texts that pair with no image of the batch).
+    """
     if classes is None:
+        if text_classes is not None:
+            raise ValueError("text classes need image classes")
         same = torch.eye(n, dtype=torch.bool, device=device)
     else:
         if classes.shape != (n,):
             raise ValueError(f"classes must have shape ({n},), got {tuple(classes.shape)}")
-        same = classes.view(-1, 1) == classes.view(1, -1)
+        columns = classes if text_classes is None else text_classes
+        if columns.ndim != 1:
+            raise ValueError(f"text classes must be 1-d, got {tuple(columns.shape)}")
+        same = classes.view(-1, 1) == columns.view(1, -1)
     return same.to(torch.float32) * 2.0 - 1.0
 
 
@@ -46,14 +60,24 @@ def siglip_loss(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
     classes: torch.Tensor | None = None,
+    text_classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pairwise sigmoid loss of a batch (see the module docstring).
 
     `image_emb` and `text_emb` are (n, d) and should be L2-normalised; `classes` is an
     (n,) integer tensor of class ids shared by image i and text i, or None for
-    diagonal-only positives. Computed in float32 whatever the input precision.
+    diagonal-only positives. With `text_classes` (m,), `text_emb` is (m, d): texts with
+    their own classes (e.g. the batch's texts followed by every class name), each pair
+    labelled by class. Computed in float32 whatever the input precision.
     """
-    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+    rectangular = text_classes is not None
+    if (
+        image_emb.ndim != 2
+        or text_emb.ndim != 2
+        or image_emb.shape[1] != text_emb.shape[1]
+        or (not rectangular and image_emb.shape != text_emb.shape)
+        or (rectangular and text_classes is not None and text_classes.shape != text_emb.shape[:1])
+    ):
         raise ValueError(
             f"embeddings must both be (n, d), got {tuple(image_emb.shape)} "
             f"and {tuple(text_emb.shape)}"
@@ -62,5 +86,5 @@ def siglip_loss(
     logits = siglip_logits(
         image_emb.float(), text_emb.float(), logit_scale.float(), logit_bias.float()
     )
-    labels = pair_labels(classes, n, logits.device)
+    labels = pair_labels(classes, n, logits.device, text_classes)
     return -F.logsigmoid(labels * logits).sum() / n

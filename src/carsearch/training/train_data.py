@@ -142,14 +142,14 @@ class TrainSet:
         )
 
 
-def augment_image(img: Image.Image, rng: random.Random) -> Image.Image:
-    """Light augmentation: random resized crop (75-100 % of the area), flip, jitter.
+def augment_image(img: Image.Image, rng: random.Random, min_area: float = 0.75) -> Image.Image:
+    """Light augmentation: random resized crop (`min_area`-100 % of the area), flip, jitter.
 
     Brightness, contrast and saturation move by at most 15 %; hue never changes, since
     colour is part of what a query asks for.
     """
     w, h = img.size
-    area = rng.uniform(0.75, 1.0) * w * h
+    area = rng.uniform(min_area, 1.0) * w * h
     ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     cw = max(1, min(w, round(math.sqrt(area * ratio))))
     ch = max(1, min(h, round(math.sqrt(area / ratio))))
@@ -165,11 +165,20 @@ def augment_image(img: Image.Image, rng: random.Random) -> Image.Image:
 class SampleStream(torch.utils.data.Dataset[dict[str, Any]]):
     """`total` samples drawn from a TrainSet, epoch after epoch (see the module docstring)."""
 
-    def __init__(self, data: TrainSet, total: int, seed: int, *, augment: bool = True) -> None:
+    def __init__(
+        self,
+        data: TrainSet,
+        total: int,
+        seed: int,
+        *,
+        augment: bool = True,
+        min_crop_area: float = 0.75,
+    ) -> None:
         self.data = data
         self.total = total
         self.seed = seed
         self.augment = augment
+        self.min_crop_area = min_crop_area
 
     def __len__(self) -> int:
         return self.total
@@ -190,7 +199,7 @@ class SampleStream(torch.utils.data.Dataset[dict[str, Any]]):
         i = self.item_at(position)
         rng = random.Random(f"{self.seed}:{position}")
         image = self.data.images[i]
-        image = augment_image(image, rng) if self.augment else image
+        image = augment_image(image, rng, self.min_crop_area) if self.augment else image
         queries = self.data.queries[i]
         if not queries or rng.random() < self.data.caption_prob:
             text = self.data.captions[i]

@@ -91,6 +91,9 @@ class TrainConfig:
     resume: bool = False
     limit: int = 0  # use only the first N train images; 0: all
     caption_prob: float = 0.75
+    class_texts: bool = False  # every step, also every class name as a text column
+    scalar_lr_mult: float = 1.0  # the two scalars' lr as a multiple of the peak lr
+    min_crop_area: float = 0.75  # random resized crops keep at least this share of the area
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -285,15 +288,26 @@ def text_length_of(net: Any, processor: Any) -> int:
 # -- optimisation -----------------------------------------------------------------------
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; no weight decay on 1-d tensors (biases, norms, the scalars)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, *, scalar_lr_mult: float = 1.0
+) -> torch.optim.AdamW:
+    """AdamW; no weight decay on 1-d tensors (biases, norms, the scalars).
+
+    The two scalars (temperature and bias) get `scalar_lr_mult` times the lr: Adam moves
+    a parameter by about lr per step, too little for them in a few hundred steps.
+    """
+    decay, no_decay, scalars = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.rsplit(".", 1)[-1] in SCALARS:
+            scalars.append(param)
+        else:
             (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        {"params": scalars, "weight_decay": 0.0, "lr": lr * scalar_lr_mult},
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98))
 
@@ -385,7 +399,8 @@ class _Run:
     def prepare(self) -> None:
         config, acc = self.config, self.accelerator
         stream = SampleStream(
-            self.data, self.total_steps * config.grad_accum * config.batch_size, config.seed
+            self.data, self.total_steps * config.grad_accum * config.batch_size, config.seed,
+            min_crop_area=config.min_crop_area,
         )
         max_length = text_length_of(self.model.siglip, self.processor)
         loader = torch.utils.data.DataLoader(
@@ -396,7 +411,15 @@ class _Run:
             collate_fn=Collate(self.processor, max_length),
         )
         lr = config.lr or (FULL_LR if self.full else LORA_LR)
-        optimizer = make_optimizer(self.model, lr, config.weight_decay)
+        optimizer = make_optimizer(
+            self.model, lr, config.weight_decay, scalar_lr_mult=config.scalar_lr_mult
+        )
+        self.class_tokens: torch.Tensor | None = None
+        if config.class_texts:
+            self.class_tokens = self.processor.tokenizer(
+                self.data.class_names, padding="max_length", truncation=True,
+                max_length=max_length, return_tensors="pt",
+            )["input_ids"].to(acc.device)
         from transformers import get_cosine_schedule_with_warmup
 
         warmup = config.warmup if config.warmup >= 0 else round(0.05 * self.total_steps)
@@ -429,12 +452,26 @@ class _Run:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         acc = self.accelerator
         with acc.accumulate(self.model):
-            image, text, scale, bias = self.model(batch["pixel_values"], batch["input_ids"])
+            input_ids = batch["input_ids"]
+            n = input_ids.shape[0]
+            if self.class_tokens is not None:
+                input_ids = torch.cat([input_ids, self.class_tokens])
+            image, text, scale, bias = self.model(batch["pixel_values"], input_ids)
+            text, class_text = text[:n], text[n:]
             classes = batch["classes"]
             if acc.num_processes > 1:
                 image, text = _gather_with_grad(image), _gather_with_grad(text)
                 classes = acc.gather(classes)
-            loss = siglip_loss(image, text, scale, bias, classes)
+            if self.class_tokens is None:
+                loss = siglip_loss(image, text, scale, bias, classes)
+            else:
+                # The class-name columns are computed (identically) in every process, so
+                # every process still computes the loss of the whole global batch.
+                class_ids = torch.arange(len(class_text), device=classes.device)
+                loss = siglip_loss(
+                    image, torch.cat([text, class_text]), scale, bias, classes,
+                    text_classes=torch.cat([classes, class_ids]),
+                )
             acc.backward(loss)
             if acc.sync_gradients and self.config.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
