@@ -247,6 +247,8 @@ class VectorStore(Protocol):
 # The most rows a filtered search on Milvus Lite ranks exactly; a broader filter goes to
 # the index (most of its candidates pass such a filter).
 EXACT_FILTER_LIMIT = 4096
+# ... and only in collections this small, where evaluating the filter is cheap.
+EXACT_FALLBACK_MAX_ROWS = 20_000
 
 
 def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -330,6 +332,7 @@ class MilvusStore:
         self.consistency: Consistency = consistency
         self._loaded: set[str] = set()
         self._deleted_from: set[str] = set()
+        self._row_counts: dict[str, tuple[float, int]] = {}
         self._dims: dict[str, int] = {}
         self._lock = threading.Lock()
         self._create_lock = threading.Lock()
@@ -643,16 +646,29 @@ class MilvusStore:
         relaxation would then read a short answer as "too few match". So on Lite a
         filtered search that comes back short is answered again exactly, when its filter
         selects at most `EXACT_FILTER_LIMIT` rows: those rows are read and ranked by inner
-        product here. Only short answers pay for it: Lite counts a filter's rows at about
-        5 µs a row (0.5 s at 100k), so a full answer is kept as Milvus gave it, although
-        it was also seen holding only 7 of the true top 12; the search mirror (the page's
-        default on Lite) is exact. A server's HNSW filters inside its graph search."""
+        product here. Lite evaluates a filter at about 5 µs a row (0.5 s at 100k), so only
+        short answers in collections of at most `EXACT_FALLBACK_MAX_ROWS` rows pay for it;
+        a full answer is kept as Milvus gave it, although one was also seen holding only 7
+        of the true top 12. The search mirror (the page's default on Lite) is exact. A
+        server's HNSW filters inside its graph search."""
         hits = self.search_ann(name, vectors, k, filters)
         expr = build_filter_expression(filters)
-        if not expr or not self.is_lite or all(len(h) >= k for h in hits):
+        if (not expr or not self.is_lite or all(len(h) >= k for h in hits)
+                or self._rows_about(name) > EXACT_FALLBACK_MAX_ROWS):
             return hits
         exact = self._exact_where(name, vectors, k, expr)
         return hits if exact is None else exact
+
+    def _rows_about(self, name: str, ttl_s: float = 60.0) -> int:
+        """A collection's row count from Milvus's statistics, re-read at most every
+        ``ttl_s`` (Lite takes ~75 ms for it at 100k rows)."""
+        now = time.monotonic()
+        cached = self._row_counts.get(name)
+        if cached is None or now - cached[0] > ttl_s:
+            stats = self.client.get_collection_stats(name)
+            cached = (now, int(stats.get("row_count", 0)))
+            self._row_counts[name] = cached
+        return cached[1]
 
     @_milvus_errors
     def _exact_where(
