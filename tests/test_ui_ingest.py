@@ -70,7 +70,10 @@ def test_an_image_dropped_in_the_inbox_becomes_searchable(server: Server, inbox:
     # The sidecar's "Red" / "Sedan" are filterable as the page's colour=red, body=sedan.
     gallery, *_rest, chips = client.predict("red sedan", 20, *NO_FILTERS, api_name="/search")
     assert set(chips["value"]) == {"colour=red", "body=sedan"}
-    assert [g["caption"].split(" · ")[2] for g in gallery] == ["Tesla Model S 2012"]
+    caps = [g["caption"] for g in gallery]
+    assert caps[0].split(" · ")[2] == "Tesla Model S 2012" and " · not " not in caps[0]
+    assert len(caps) == len(before) + 1  # the page filled with the nearest others
+    assert all(" · not " in c for c in caps[1:])  # none of them a red sedan
     log = server.log.read_text()
     assert "ingest worker running in this process" in log
     assert "search mirror of" in log and "ready" in log
