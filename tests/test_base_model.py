@@ -49,7 +49,7 @@ def test_auto_classes_load_a_siglip_model_and_processor(base_dir: Path) -> None:
     assert list(processor.image_processor.image_std) == [0.5, 0.5, 0.5]
     vision = model.config.vision_config
     text = model.config.text_config
-    assert (vision.image_size, vision.patch_size) == (64, 8)
+    assert (vision.image_size, vision.patch_size) == (64, 16)
     # Both towers project into the same space.
     assert text.projection_size == vision.hidden_size
     assert text.vocab_size == len(processor.tokenizer)

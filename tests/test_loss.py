@@ -72,3 +72,23 @@ def test_shape_errors() -> None:
     with pytest.raises(ValueError, match="classes"):
         siglip_loss(torch.zeros(3, 2), torch.zeros(3, 2), torch.tensor(0.0), torch.tensor(0.0),
                     torch.tensor([1, 2]))
+
+
+def test_rectangular_loss_with_text_classes_matches_brute_force() -> None:
+    # Images against their paired texts followed by one text per class (class names):
+    # every pair is labelled by class, the loss normalised by the number of images.
+    img, txt = _unit(4, 5, 7), _unit(7, 5, 8)
+    classes, text_classes = [0, 1, 1, 2], [0, 1, 1, 2, 0, 1, 2]
+    t, b = 1.5, -2.0
+    expected = 0.0
+    for i in range(4):
+        for j in range(7):
+            z = math.exp(t) * float(img[i] @ txt[j]) + b
+            label = 1.0 if classes[i] == text_classes[j] else -1.0
+            expected += -math.log(1.0 / (1.0 + math.exp(-label * z)))
+    got = siglip_loss(img, txt, torch.tensor(t), torch.tensor(b), torch.tensor(classes),
+                      text_classes=torch.tensor(text_classes))
+    assert float(got) == pytest.approx(expected / 4, rel=1e-5)
+    with pytest.raises(ValueError, match="embeddings"):
+        siglip_loss(img, txt, torch.tensor(t), torch.tensor(b), torch.tensor(classes),
+                    text_classes=torch.tensor([0, 1]))

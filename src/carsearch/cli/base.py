@@ -25,6 +25,9 @@ def build(
     image_size: Annotated[
         int, typer.Option("--image-size", min=8, help="Input image side in pixels.")
     ] = 64,
+    patch_size: Annotated[
+        int, typer.Option("--patch-size", min=1, help="Vision patch side in pixels.")
+    ] = 16,
     force: Annotated[
         bool, typer.Option("--force", help="Write into a non-empty directory.")
     ] = False,
@@ -40,7 +43,7 @@ def build(
     from carsearch.training.base_model import BUILD_INFO, build_compact_base
 
     try:
-        build_compact_base(out, seed=seed, image_size=image_size)
+        build_compact_base(out, seed=seed, image_size=image_size, patch_size=patch_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     info = json.loads((out / BUILD_INFO).read_text())

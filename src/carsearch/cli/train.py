@@ -75,6 +75,9 @@ def train_command(
     full: Annotated[bool | None, typer.Option("--full/--lora", help="Train every weight, or "
                                               "LoRA (default: full for a base with no "
                                               "pre-training).")] = None,
+    class_texts: Annotated[bool, typer.Option("--class-texts/--no-class-texts", help="Every "
+                                              "step, also score the images against every "
+                                              "class name.")] = True,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on a bf16 GPU, else fp32), "
                                                  "no, bf16.")] = "auto",
@@ -115,7 +118,8 @@ def train_command(
         epochs=epochs, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         warmup=warmup, lora_rank=lora_rank, full=full, seed=seed,
         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
-        stop_after=stop_after, resume=resume, limit=limit, progress=not as_json,
+        stop_after=stop_after, resume=resume, limit=limit, class_texts=class_texts,
+        progress=not as_json,
     )
     from carsearch.lifecycle.reindex import promote_with_backfill
     from carsearch.platform.runtime import Platform

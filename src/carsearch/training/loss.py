@@ -70,13 +70,12 @@ def siglip_loss(
     their own classes (e.g. the batch's texts followed by every class name), each pair
     labelled by class. Computed in float32 whatever the input precision.
     """
-    rectangular = text_classes is not None
     if (
         image_emb.ndim != 2
         or text_emb.ndim != 2
         or image_emb.shape[1] != text_emb.shape[1]
-        or (not rectangular and image_emb.shape != text_emb.shape)
-        or (rectangular and text_classes is not None and text_classes.shape != text_emb.shape[:1])
+        or (text_classes is None and image_emb.shape != text_emb.shape)
+        or (text_classes is not None and text_classes.shape != text_emb.shape[:1])
     ):
         raise ValueError(
             f"embeddings must both be (n, d), got {tuple(image_emb.shape)} "

@@ -14,6 +14,11 @@
   processes the embeddings are all-gathered with their gradients, so each process
   computes the loss of the whole global batch: the same loss, and after DDP's gradient
   averaging the same update, as one process with that batch.
+- Batch composition: each step scores the batch's images against the batch's texts
+  (class-name captions and augmented queries) AND against every class name of the train
+  set (`class_texts`), all in one sigmoid loss with class-level labels: every image sees
+  its class name as a positive and every other class name as a negative in every step,
+  which is what the class-name queries of the evaluation ask for.
 - Precision: bf16 autocast where the accelerator supports it (CUDA with bf16), fp32
   otherwise; on CPU bf16 autocast is usually slower than fp32 and is only used when
   asked for (`mixed_precision="bf16"`).
@@ -91,9 +96,9 @@ class TrainConfig:
     resume: bool = False
     limit: int = 0  # use only the first N train images; 0: all
     caption_prob: float = 0.75
-    class_texts: bool = False  # every step, also every class name as a text column
-    scalar_lr_mult: float = 1.0  # the two scalars' lr as a multiple of the peak lr
-    min_crop_area: float = 0.75  # random resized crops keep at least this share of the area
+    class_texts: bool = True  # every step, also every class name as a text column
+    scalar_lr_mult: float = 10.0  # the two scalars' lr as a multiple of the peak lr
+    min_crop_area: float = 0.95  # random resized crops keep at least this share of the area
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
