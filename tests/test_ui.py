@@ -319,3 +319,17 @@ def test_login_is_required_when_auth_is_set(
         assert gallery and "Error" not in status
     finally:
         servers.close()
+
+
+def test_the_classify_tab(client: Client, world: World) -> None:
+    out, note = client.predict(handle_file(str(world.photos[0])), "pickup, sedan, convertible",
+                               "a photo of a {}.", api_name="/classify")
+    probs = {c["label"]: c["confidence"] for c in out["confidences"]}
+    assert set(probs) == {"pickup", "sedan", "convertible"}
+    assert all(0.0 < p < 1.0 for p in probs.values())
+    assert "need not sum to one" in note and f"most likely: {out['label']}" in note
+    _out, note = client.predict(handle_file(str(world.photos[0])), " , ", "a photo of a {}.",
+                                api_name="/classify")
+    assert note.startswith("**Error:**") and "labels" in note
+    _out, note = client.predict(None, "car", "a photo of a {}.", api_name="/classify")
+    assert "choose an image file" in note

@@ -81,6 +81,7 @@ def _register() -> None:
     app.add_typer(models.models_app, name="models")
     app.add_typer(ingest.ingest_app, name="ingest")
     app.command("search")(search.search_command)
+    app.command("classify")(search.classify_command)
     app.command("reconcile")(ingest.reconcile_command)
     app.command("augment")(augment.augment_command)
     app.command("train")(train.train_command)

@@ -28,6 +28,9 @@ def search_command(
         "--parse/--no-parse",
         help="Read filters from the query text (colour, make, body, year), as the page does.",
     )] = True,
+    min_prob: Annotated[float | None, typer.Option(
+        "--min-prob", help="Drop text hits whose calibrated probability is lower (0-1).",
+    )] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Search the serving version by text (or --image) and print the hits.
@@ -66,7 +69,8 @@ def search_command(
             parsed = parse_query(p.search.clean_query(query), load_vocabulary(p.db))
             preferred = parsed.chips
             chips = ", ".join(c.label for c in parsed.chips)
-        result = p.search.search_text(query, k, filters, preferred=preferred)
+        result = p.search.search_text(query, k, filters, preferred=preferred,
+                                      min_prob=min_prob)
         if chips and not as_json:
             typer.echo(f"filters read from the query: {chips}")
         if result.relaxed and not as_json:
@@ -80,4 +84,46 @@ def search_command(
     for h in result.hits:
         label = h.class_name or " ".join(str(x) for x in (h.make, h.model, h.year) if x)
         unmet = f"  (not {', '.join(h.unmet)})" if h.unmet else ""
-        typer.echo(f"{h.rank:3d}. {h.score:+.3f}  {label or '-'}  {h.path}{unmet}")
+        prob = f"  p={h.probability:.3f}" if h.probability is not None else ""
+        typer.echo(f"{h.rank:3d}. {h.score:+.3f}{prob}  {label or '-'}  {h.path}{unmet}")
+
+
+def classify_command(
+    ctx: typer.Context,
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
+    labels: Annotated[str, typer.Option(help='Comma-separated labels: "sedan,pickup,suv".')],
+    template: Annotated[str, typer.Option(
+        help="Prompt for each label; {} is the label.")] = "a photo of a {}.",
+    top: Annotated[int, typer.Option(min=1, help="Labels shown per image.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Zero-shot classification with the serving version: each label's own probability,
+    sigmoid(exp(logit_scale) * cos + logit_bias), independent of the other labels (they
+    need not sum to one). An unreadable image is reported and the others go on (exit 1)."""
+    from carsearch.platform.errors import ImageRejectedError
+    from carsearch.platform.images import load_image
+    from carsearch.platform.search.classify import check_template, parse_labels
+
+    names = parse_labels(labels)
+    check_template(template)
+    p = platform_from(ctx)
+    loaded, failed = [], []
+    for path in images:
+        try:
+            loaded.append((path, load_image(path, max_pixels=p.settings.max_image_pixels)))
+        except ImageRejectedError as exc:
+            failed.append({"image": str(path), "error": exc.reason})
+    scores = p.search.classify([im for _, im in loaded], names, template) if loaded else []
+    results = [{"image": str(path), "labels": [s.to_dict() for s in row]}
+               for (path, _), row in zip(loaded, scores, strict=True)]
+    if as_json:
+        echo_json({"template": template, "results": results, "rejected": failed})
+    else:
+        for r in results:
+            typer.echo(r["image"])
+            for s in r["labels"][:top]:
+                typer.echo(f"  {s['probability']:.3f}  {s['label']}")
+        for f in failed:
+            typer.echo(f"{f['image']}: rejected: {f['error']}", err=True)
+    if failed:
+        raise typer.Exit(1)

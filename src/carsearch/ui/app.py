@@ -1,13 +1,14 @@
 """The Gradio search page: layout and event wiring over `SearchPage`.
 
 Tabs: Search (query box, chips read from the query, filters, results gallery, image
-upload, "more like this", thumbs up/down), Status (serving version, index size, ingest
-queue, last drift report, ANN audit, versions) and Evaluation (the latest metrics).
+upload, "more like this", thumbs up/down), Classify (zero-shot labels for an upload),
+Status (serving version, index size, ingest queue, last drift report, ANN audit,
+versions) and Evaluation (the latest metrics).
 Every handler turns a `CarsearchError` into a message on the page (a toast and the
 status line) and leaves the server running.
 
 API names (for `gradio_client`): /search, /refine, /image_search, /more_like_this,
-/select_result, /vote_up, /vote_down, /page_info, /status, /evaluation.
+/select_result, /classify, /vote_up, /vote_down, /page_info, /status, /evaluation.
 """
 
 from __future__ import annotations
@@ -113,6 +114,14 @@ class PageHandlers:
             return (*self._failed(exc), gr.update(choices=[], value=[]))
         return (*self._outputs(res), gr.update(choices=[], value=[]))
 
+    def classify(self, upload: str | None, labels: str | None,
+                 template: str | None) -> tuple[Any, str]:
+        try:
+            probs, note = self.page.classify_upload(upload, labels, template)
+        except CarsearchError as exc:
+            return None, _error(exc)
+        return probs, note
+
     def select(self, hits: list[dict[str, Any]], evt: gr.SelectData) -> tuple[str, str]:
         idx = evt.index if isinstance(evt.index, int) else int(evt.index[0])
         if not hits or not 0 <= idx < len(hits):
@@ -207,6 +216,19 @@ def build_app(page: SearchPage) -> gr.Blocks:
                         more = gr.Button("More like this", elem_id="more-like-this", scale=1)
                         up = gr.Button("Thumbs up", elem_id="thumbs-up", scale=1)
                         down = gr.Button("Thumbs down", elem_id="thumbs-down", scale=1)
+        with gr.Tab("Classify"), gr.Row():
+            with gr.Column(scale=1):
+                cls_upload = gr.File(label="Image", type="filepath", elem_id="cls-upload")
+                cls_labels = gr.Textbox(label="Labels (comma-separated)",
+                                        placeholder="sedan, pickup, suv, convertible",
+                                        elem_id="cls-labels")
+                cls_template = gr.Textbox(label="Prompt template ({} is the label)",
+                                          value="a photo of a {}.", elem_id="cls-template")
+                cls_btn = gr.Button("Classify", variant="primary", elem_id="cls-btn")
+            with gr.Column(scale=2):
+                cls_out = gr.Label(label="Probability of each label (independent)",
+                                   num_top_classes=10, elem_id="cls-out")
+                cls_note = gr.Markdown("", elem_id="cls-note")
         with gr.Tab("Status"):
             status_md = gr.Markdown("", elem_id="system-status")
             refresh = gr.Button("Refresh", elem_id="status-refresh")
@@ -229,6 +251,8 @@ def build_app(page: SearchPage) -> gr.Blocks:
         more.click(h.more_like_this, [selected, k, *filters], [*results, chips],
                    api_name="more_like_this")
         gallery.select(h.select, [hits], [selected, detail], api_name="select_result")
+        cls_btn.click(h.classify, [cls_upload, cls_labels, cls_template], [cls_out, cls_note],
+                      api_name="classify")
         up.click(h.vote(1), [selected, qlog, query], status, api_name="vote_up")
         down.click(h.vote(-1), [selected, qlog, query], status, api_name="vote_down")
         demo.load(h.page_info, None, [header, make, body, colour, source, year_from, year_to],

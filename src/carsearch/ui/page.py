@@ -218,6 +218,30 @@ class SearchPage:
         if upload is None or not isinstance(upload, str | Path):
             raise PageError("choose an image file to search with")
         k = self.service.check_k(k)
+        img = self._read_upload(upload)
+        filters = self.picked_filters(picked)
+        result = self._guard(lambda: self.service.search_image(img, k, filters))
+        return self._shape(result, filters)
+
+    def classify_upload(
+        self, upload: str | Path | None, labels: str | None, template: str | None = None,
+    ) -> tuple[dict[str, float], str]:
+        """Zero-shot: ({label: probability}, a one-line summary) for an uploaded image."""
+        from carsearch.platform.search.classify import DEFAULT_TEMPLATE
+
+        if upload is None or not isinstance(upload, str | Path):
+            raise PageError("choose an image file to classify")
+        if not isinstance(labels, str) or not labels.strip():
+            raise PageError('give the labels, comma-separated: "sedan, pickup, suv"')
+        img = self._read_upload(upload)
+        scores = self.service.classify([img], labels, template or DEFAULT_TEMPLATE)[0]
+        best = scores[0]
+        note = (f"{len(scores)} labels, each its own probability (they need not sum to "
+                f"one); most likely: {best.label} ({best.probability:.3f})")
+        return {sc.label: sc.probability for sc in scores}, note
+
+    def _read_upload(self, upload: str | Path) -> PILImage.Image:
+        """An uploaded file as an image, through the size cap and the safe decoder."""
         path = Path(upload)
         try:
             size = path.stat().st_size if path.is_file() else 0
@@ -236,9 +260,7 @@ class SearchPage:
             raise PageError(f"upload rejected: {exc.reason}") from None
         except (OSError, ValueError):
             raise PageError("upload rejected: not a readable file") from None
-        filters = self.picked_filters(picked)
-        result = self._guard(lambda: self.service.search_image(img, k, filters))
-        return self._shape(result, filters)
+        return img
 
     def more_like_this(
         self, image_id: int | str | None, k: int, picked: PickedFilters

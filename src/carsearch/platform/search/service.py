@@ -26,6 +26,14 @@ from carsearch.platform.ids import MAX_ID
 from carsearch.platform.images import load_image
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.models.registry import Registry
+from carsearch.platform.search.classify import (
+    DEFAULT_TEMPLATE,
+    LabelScore,
+    check_template,
+    classify_vectors,
+    parse_labels,
+    probability,
+)
 from carsearch.platform.search.nlfilters import (
     FilterChip,
     describe_chips,
@@ -60,6 +68,9 @@ class SearchHit:
     # The filters read from the query text that this hit does not meet (it came from a
     # relaxed search); empty for an exact match.
     unmet: tuple[str, ...] = ()
+    # For a text query: SigLIP's calibrated probability that the text matches the image,
+    # sigmoid(exp(logit_scale) * score + logit_bias) (platform/search/classify.py).
+    probability: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -243,21 +254,48 @@ class SearchService:
         filters: SearchFilters | None = None,
         *,
         preferred: Sequence[FilterChip] = (),
+        min_prob: float | None = None,
     ) -> SearchResult:
         """Text search. ``filters`` are hard (picked by the person: never relaxed);
         ``preferred`` are the chips read from the text: met where k vehicles meet them,
         otherwise relaxed in `relaxation_tiers` order until the page is full, exact
         matches first, and the result says what was relaxed. A chip whose field the
-        hard filters set is overridden by them."""
+        hard filters set is overridden by them. ``min_prob`` drops the hits whose
+        calibrated text-image probability is lower (a relevance cut-off)."""
         with _counted():
             text = self.clean_query(query)
             k = self.check_k(k)
+            cut = self.check_min_prob(min_prob)
             t0 = time.perf_counter()
             version = self.serving()
             vec = self.encoder_for(version).encode_text([text])
             hard = filters or SearchFilters()
             soft = [c for c in preferred if not _overridden(c, hard)]
-            return self._finish(version, vec, "text", text, k, hard, t0, soft)
+            return self._finish(version, vec, "text", text, k, hard, t0, soft, cut)
+
+    @staticmethod
+    def check_min_prob(value: Any) -> float | None:
+        if value is None:
+            return None
+        try:
+            p = float(value)
+        except (TypeError, ValueError, OverflowError):
+            p = float("nan")
+        if isinstance(value, bool) or not 0.0 <= p <= 1.0:
+            raise QueryError(f"min-prob is a probability from 0 to 1, got {value!r}"[:200])
+        return p
+
+    def classify(
+        self, images: Sequence[PILImage.Image], labels: str | Sequence[str],
+        template: str = DEFAULT_TEMPLATE,
+    ) -> list[list[LabelScore]]:
+        """Zero-shot: each label's independent probability for each image, with the
+        serving version's model (platform/search/classify.py)."""
+        encoder = self.encoder_for(self.serving())
+        parse_labels(labels)  # a bad label list fails before any image is encoded
+        check_template(template)
+        vectors = encoder.encode_images([im.convert("RGB") for im in images])
+        return classify_vectors(encoder, vectors, labels, template)
 
     def search_image(
         self, image: PILImage.Image, k: int = 10, filters: SearchFilters | None = None
@@ -306,8 +344,13 @@ class SearchService:
         filters: SearchFilters | None,
         t0: float,
         soft: Sequence[FilterChip] = (),
+        min_prob: float | None = None,
     ) -> SearchResult:
         hard = filters or SearchFilters()
+        scale = bias = 0.0
+        if kind == "text":
+            encoder = self.encoder_for(version)
+            scale, bias = encoder.logit_scale, encoder.logit_bias
         tiers = relaxation_tiers(soft) if soft else [()]
         out: list[SearchHit] = []
         seen: set[int] = set()
@@ -333,6 +376,9 @@ class SearchService:
                 if len(out) >= k:
                     break
                 seen.add(h.id)
+                prob = float(probability(h.score, scale, bias)) if kind == "text" else None
+                if min_prob is not None and prob is not None and prob < min_prob:
+                    break  # hits come best first: the rest of this search is lower still
                 added += 1
                 unmet = tuple(c.label for c in dropped
                               if not c.matches(row.make, row.body_type, row.colour, row.year))
@@ -341,6 +387,7 @@ class SearchService:
                     path=row.path, make=row.make, model=row.model, year=row.year,
                     body_type=row.body_type, colour=row.colour, class_name=row.class_name,
                     source=row.source, unmet=unmet,
+                    probability=None if prob is None else round(prob, 6),
                 ))
             ran.append({"kept": [c.key for c in kept], "dropped": [c.key for c in dropped],
                         "hits": added})
@@ -351,6 +398,8 @@ class SearchService:
             _EMPTY.flag = True
         first = merge_filters(filters_from_chips(soft), hard)
         fdict = first.model_dump(exclude_defaults=True)
+        if min_prob is not None:
+            fdict["min_prob"] = min_prob
         note = _relaxation_note(soft, tiers, ran, k) if soft else None
         if note:
             METRICS.queries_relaxed.inc()
