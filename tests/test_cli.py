@@ -87,6 +87,22 @@ def test_round_trip(env: dict[str, str], tmp_path: Path, compact_model: Path) ->
     res = json.loads(run(["search", "--image", str(tmp_path / "1.png"), "--json"], env).stdout)
     assert res["hits"][0]["make"] == "BMW"
 
+    # Interactive: one loaded model answers every line until end of input; a refused
+    # query gets its message and the next line is answered.
+    typed = "ford pickup\n\n" + "x" * 5000 + "\nbmw coupe\n"
+    p = subprocess.run([*CLI, "search", "--interactive", "--k", "2"], env=env, input=typed,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count(" hits in ") == 2
+    assert "filters read from the query: make: Ford, body: pickup" in p.stdout
+    assert "filters read from the query: make: BMW, body: coupe" in p.stdout
+    assert "error: query too long" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([*CLI, "search", "-i", "--json", "--k", "1"], env=env,
+                       input="ford\nbmw\n", capture_output=True, text=True, timeout=300)
+    answers = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [a["query"] for a in answers] == ["ford", "bmw"]
+    assert [a["hits"][0]["make"] for a in answers] == ["Ford", "BMW"]
+
     one_line_error(run(["search", "   "], env, ok=False), "empty query")
     one_line_error(run(["search", "car", "--make", 'x" or 1'], env, ok=False), "bad filter")
     one_line_error(run(["models", "promote", "nope"], env, ok=False), "no model version")

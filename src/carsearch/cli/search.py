@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,7 +13,10 @@ from carsearch.cli.context import echo_json, platform_from
 from carsearch.platform.errors import ConfigError, QueryError
 
 if TYPE_CHECKING:
-    from carsearch.platform.search.nlfilters import FilterChip
+    from carsearch.platform.runtime import Platform
+    from carsearch.platform.search.nlfilters import FilterChip, VocabularyCache
+    from carsearch.platform.search.service import SearchResult
+    from carsearch.platform.vectors.store import SearchFilters
 
 
 def search_command(
@@ -31,6 +36,10 @@ def search_command(
     min_prob: Annotated[float | None, typer.Option(
         "--min-prob", help="Drop text hits whose calibrated probability is lower (0-1).",
     )] = None,
+    interactive: Annotated[bool, typer.Option(
+        "--interactive", "-i",
+        help="Keep the model loaded and answer queries typed at a prompt until Ctrl-D.",
+    )] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Search the serving version by text (or --image) and print the hits.
@@ -58,26 +67,44 @@ def search_command(
         result = p.search.search_image(
             load_image(image, max_pixels=p.settings.max_image_pixels), k, filters
         )
+    elif interactive:
+        _interactive(p, k, filters, parse, min_prob, as_json)
+        return
     elif query is None:
-        raise ConfigError("give a query, or --image PATH")
+        raise ConfigError("give a query, --interactive, or --image PATH")
     else:
-        chips = ""
-        preferred: tuple[FilterChip, ...] = ()
-        if parse:
-            from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
-
-            parsed = parse_query(p.search.clean_query(query), load_vocabulary(p.db))
-            preferred = parsed.chips
-            chips = ", ".join(c.label for c in parsed.chips)
-        result = p.search.search_text(query, k, filters, preferred=preferred,
-                                      min_prob=min_prob)
-        if chips and not as_json:
-            typer.echo(f"filters read from the query: {chips}")
-        if result.relaxed and not as_json:
-            typer.echo(f"relaxed: {result.relaxed}")
+        result = _text(p, query, k, filters, parse, min_prob, as_json)
     if as_json:
         echo_json(result.to_dict())
         return
+    _print_hits(result, filters)
+
+
+def _text(p: Platform, query: str, k: int, filters: SearchFilters, parse: bool,
+          min_prob: float | None, as_json: bool,
+          vocab: VocabularyCache | None = None) -> SearchResult:
+    """One text query: filters read from it (unless --no-parse), searched, the chips and
+    what was relaxed printed (unless --json)."""
+    chips = ""
+    preferred: tuple[FilterChip, ...] = ()
+    if parse:
+        from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
+
+        known = vocab.get() if vocab is not None else load_vocabulary(p.db)
+        parsed = parse_query(p.search.clean_query(query), known)
+        preferred = parsed.chips
+        chips = ", ".join(c.label for c in parsed.chips)
+    result = p.search.search_text(query, k, filters, preferred=preferred, min_prob=min_prob)
+    if chips and not as_json:
+        typer.echo(f"filters read from the query: {chips}")
+    if result.relaxed and not as_json:
+        typer.echo(f"relaxed: {result.relaxed}")
+    return result
+
+
+def _print_hits(result: SearchResult, filters: SearchFilters) -> None:
+    from carsearch.platform.vectors.store import SearchFilters
+
     typer.echo(f"{len(result.hits)} hits in {result.latency_ms:.1f} ms ({result.version})")
     if not result.hits and filters != SearchFilters():
         typer.echo("nothing matched the filters you gave: widen them")
@@ -86,6 +113,40 @@ def search_command(
         unmet = f"  (not {', '.join(h.unmet)})" if h.unmet else ""
         prob = f"  p={h.probability:.3f}" if h.probability is not None else ""
         typer.echo(f"{h.rank:3d}. {h.score:+.3f}{prob}  {label or '-'}  {h.path}{unmet}")
+
+
+def _interactive(p: Platform, k: int, filters: SearchFilters, parse: bool,
+                 min_prob: float | None, as_json: bool) -> None:
+    """Queries from a prompt (or piped lines) until end of input: the encoder and the
+    vocabulary stay loaded, so each answer costs only the search. A query the service
+    refuses gets its message and the prompt comes back."""
+    from carsearch.platform.errors import CarsearchError
+    from carsearch.platform.search.nlfilters import VocabularyCache
+
+    p.search.warm()
+    vocab = VocabularyCache(p.db)  # re-read at most once a minute
+    prompt = "search> " if sys.stdin.isatty() else ""
+    typer.echo(f"model {p.search.serving().name}; type a query, Ctrl-D to stop", err=True)
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            typer.echo("", err=True)
+            return
+        except KeyboardInterrupt:  # Ctrl-C drops the line, as a shell does
+            typer.echo("", err=True)
+            continue
+        if not line.strip():
+            continue
+        try:
+            result = _text(p, line, k, filters, parse, min_prob, as_json, vocab)
+        except CarsearchError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            continue
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), default=str))  # one line per answer
+        else:
+            _print_hits(result, filters)
 
 
 def classify_command(
