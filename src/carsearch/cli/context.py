@@ -29,6 +29,24 @@ def echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+def encoder_option() -> Any:
+    """`--encoder torch|onnx`: what runs the model for this command (CARSEARCH_ENCODER)."""
+    return typer.Option("--encoder", metavar="torch|onnx",
+                        help="PyTorch, or ONNX Runtime over an export of the version "
+                             "(made on first use); default CARSEARCH_ENCODER.")
+
+
+def use_encoder(ctx: typer.Context, encoder: str | None) -> None:
+    """Make the command's Settings use ``encoder`` (None: keep CARSEARCH_ENCODER)."""
+    if encoder is None:
+        return
+    from carsearch.platform.errors import ConfigError
+
+    if encoder not in ("torch", "onnx"):
+        raise ConfigError(f"--encoder is torch or onnx, not {encoder!r}")
+    ctx.find_root().obj = settings_from(ctx).model_copy(update={"encoder": encoder})
+
+
 def settings_from(ctx: typer.Context) -> Settings:
     """The Settings the `carsearch` root callback built, or fresh ones from the
     environment when a verb runs under another root (a test's own Typer app)."""

@@ -8,7 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
-from carsearch.cli.context import HealthPort, echo_json, platform_from, serving_health
+from carsearch.cli.context import (
+    HealthPort,
+    echo_json,
+    encoder_option,
+    platform_from,
+    serving_health,
+    use_encoder,
+)
 from carsearch.cli.models import GiveUp
 
 ingest_app = typer.Typer(help="Ingest images into Milvus and the database.",
@@ -21,11 +28,13 @@ def ingest_manifest(
     manifest: Annotated[Path, typer.Argument(help="JSONL or CSV with a path column.")],
     source: Annotated[str, typer.Option(help="Source name recorded per image.")] = "manifest",
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+    encoder: Annotated[str | None, encoder_option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Embed the images a manifest lists with the serving version and index them."""
     from carsearch.ingest.pipeline import ingest_items, platform_writer, read_manifest
 
+    use_encoder(ctx, encoder)
     p = platform_from(ctx)
     version = p.registry.require_serving()
     items = list(read_manifest(manifest, source))
@@ -54,10 +63,12 @@ def ingest_run(
     poll: Annotated[float, typer.Option(help="Seconds between polls when idle.")] = 1.0,
     visibility_timeout: Annotated[float, typer.Option(help="Reclaim silent jobs after.")] = 60.0,
     health_port: Annotated[int, HealthPort] = 0,
+    encoder: Annotated[str | None, encoder_option()] = None,
 ) -> None:
     """Work continuously (inbox + queue) until SIGTERM or SIGINT."""
     from carsearch.monitoring.health import Health
 
+    use_encoder(ctx, encoder)
     worker = _worker(ctx, inbox, batch_size, poll, visibility_timeout)
     health = Health(worker.p, role="ingest")
     with serving_health(health, health_port, worker.p.settings.health_host):
@@ -71,9 +82,11 @@ def ingest_once(
     inbox: Annotated[Path | None, typer.Option(help="Watched folder of new images.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
     visibility_timeout: Annotated[float, typer.Option(help="Reclaim silent jobs after.")] = 60.0,
+    encoder: Annotated[str | None, encoder_option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Scan the inbox, drain the queue, and exit."""
+    use_encoder(ctx, encoder)
     stats = _worker(ctx, inbox, batch_size, 1.0, visibility_timeout).run_once()
     if as_json:
         echo_json({"batches": stats.batches, "failed_batches": stats.failed_batches,

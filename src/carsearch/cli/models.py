@@ -1,4 +1,5 @@
-"""`carsearch models`: the registry (publish, list, promote, roll back, retire, verify)."""
+"""`carsearch models`: the registry (publish, list, promote, roll back, retire, verify,
+export to ONNX)."""
 
 from __future__ import annotations
 
@@ -129,3 +130,32 @@ def models_verify(ctx: typer.Context, name: str) -> None:
     typer.echo(f"{name}: artifact at {path} matches its recorded sha256")
 
 
+
+
+@models_app.command("export")
+def models_export(
+    ctx: typer.Context,
+    name: str,
+    onnx: Annotated[Path, typer.Option("--onnx", help="Directory for the ONNX graphs.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Export a version's vision and text towers to ONNX (with the preprocessing config)
+    and check them against PyTorch: max abs difference <= 1e-3, cosine >= 0.9999."""
+    from carsearch.platform.errors import CarsearchError
+    from carsearch.platform.models.onnx import MAX_ABS_DIFF, MIN_COSINE, Parity, export_onnx
+
+    reg = platform_from(ctx).registry
+    path = reg.verify(reg.get(name))
+    manifest = export_onnx(path, onnx)
+    parity = Parity(**manifest["parity"])
+    if as_json:
+        echo_json(manifest)
+    else:
+        typer.echo(f"{name}: vision.onnx and text.onnx in {onnx} (opset {manifest['opset']}, "
+                   f"{manifest['dim']}-d)")
+        typer.echo(f"parity with PyTorch: vision max |diff| {parity.vision_max_abs:.2e}, "
+                   f"min cos {parity.vision_min_cos:.6f}; text max |diff| "
+                   f"{parity.text_max_abs:.2e}, min cos {parity.text_min_cos:.6f}")
+    if not parity.ok:
+        raise CarsearchError(f"the export differs from PyTorch beyond max |diff| "
+                             f"{MAX_ABS_DIFF} / cosine {MIN_COSINE}: do not deploy it")

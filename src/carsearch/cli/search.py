@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from carsearch.cli.context import echo_json, platform_from
+from carsearch.cli.context import echo_json, encoder_option, platform_from, use_encoder
 from carsearch.platform.errors import ConfigError, QueryError
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ def search_command(
         "--interactive", "-i",
         help="Keep the model loaded and answer queries typed at a prompt until Ctrl-D.",
     )] = False,
+    encoder: Annotated[str | None, encoder_option()] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Search the serving version by text (or --image) and print the hits.
@@ -60,6 +61,7 @@ def search_command(
         )
     except ValidationError as exc:
         raise QueryError("bad filter: " + "; ".join(e["msg"] for e in exc.errors())) from None
+    use_encoder(ctx, encoder)
     p = platform_from(ctx)
     if image is not None:
         from carsearch.platform.images import load_image

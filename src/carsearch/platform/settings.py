@@ -96,6 +96,11 @@ class Settings(BaseSettings):
         description="Hub id or directory of the SigLIP base; empty means the compact local one.",
     )
     device: str = Field(default="cpu")
+    encoder: Literal["torch", "onnx"] = Field(
+        default="torch",
+        description="What runs the model for search and ingest: PyTorch, or ONNX Runtime "
+                    "over an export of the version (made on first use).",
+    )
     encode_batch_size: int = Field(default=64, ge=1, le=4096)
     threads: ThreadSettings = Field(default_factory=ThreadSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)

@@ -186,14 +186,36 @@ class SearchService:
             enc = self._encoders.get(version.name)
             if enc is None:
                 path = self.registry.verify(version)
-                enc = Encoder(
-                    path,
-                    device=self.settings.device,
-                    batch_size=self.settings.encode_batch_size,
-                    torch_threads=self.settings.threads.torch,
-                )
+                if self.settings.encoder == "onnx":
+                    enc = self._onnx_encoder(version, path)
+                else:
+                    enc = Encoder(
+                        path,
+                        device=self.settings.device,
+                        batch_size=self.settings.encode_batch_size,
+                        torch_threads=self.settings.threads.torch,
+                    )
                 self._encoders[version.name] = enc
             return enc
+
+    def _onnx_encoder(self, version: ModelVersion, path: Path) -> Encoder:
+        """ONNX Runtime over the version's export in MODEL_DIR/_onnx/NAME, made from the
+        verified artifact on first use (platform/models/onnx.py)."""
+        import json
+
+        from carsearch.platform.errors import ModelNotFoundError
+        from carsearch.platform.models.onnx import MANIFEST, OnnxEncoder, Parity, export_onnx
+
+        out = Path(self.settings.model_dir) / "_onnx" / version.name
+        if not (out / MANIFEST).is_file():
+            log.info("exporting %s to ONNX in %s", version.name, out)
+            export_onnx(path, out)
+        parity = json.loads((out / MANIFEST).read_text()).get("parity")
+        if not parity or not Parity(**parity).ok:
+            raise ModelNotFoundError(f"the ONNX export of {version.name} in {out} does not "
+                                     f"match PyTorch ({parity}): use --encoder torch")
+        return OnnxEncoder(out, batch_size=self.settings.encode_batch_size,  # type: ignore[return-value]
+                           threads=self.settings.threads.torch)
 
     def warm(self, *, wait: bool = False) -> ModelVersion:
         """Ready the serving version: load its encoder and, where searches are served from
