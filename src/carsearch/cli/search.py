@@ -63,6 +63,8 @@ def search_command(
         raise QueryError("bad filter: " + "; ".join(e["msg"] for e in exc.errors())) from None
     use_encoder(ctx, encoder)
     p = platform_from(ctx)
+    if not interactive:  # the printed latency is the search's, not the model's load
+        p.search.encoder_for(p.search.serving()).load()
     if image is not None:
         from carsearch.platform.images import load_image
 
