@@ -25,19 +25,51 @@ ingest_app = typer.Typer(help="Ingest images into Milvus and the database.",
 @ingest_app.command("manifest")
 def ingest_manifest(
     ctx: typer.Context,
-    manifest: Annotated[Path, typer.Argument(help="JSONL or CSV with a path column.")],
+    manifest: Annotated[Path, typer.Argument(
+        help="JSONL or CSV with a path or url column, or Unsplash Lite's photos.tsv*.")],
     source: Annotated[str, typer.Option(help="Source name recorded per image.")] = "manifest",
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Parallel downloads.")] = 4,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds per request.")] = 15.0,
+    retries: Annotated[int, typer.Option(min=0, max=10, help="Retries per URL.")] = 3,
+    max_bytes: Annotated[int, typer.Option(min=1, help="Largest download.")] = 20_000_000,
+    retry_failed: Annotated[bool, typer.Option(
+        help="Ask again for URLs that failed for good last time.")] = False,
     encoder: Annotated[str | None, encoder_option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Embed the images a manifest lists with the serving version and index them."""
-    from carsearch.ingest.pipeline import ingest_items, platform_writer, read_manifest
+    """Embed the images a manifest lists with the serving version and index them.
+
+    Rows that give a URL are downloaded first (bounded concurrency, timeouts, retries
+    with backoff, a size cap, content-type and decode checks) into the image store;
+    nothing is fetched twice across runs (DATA_DIR/downloads.jsonl), and every row that
+    could not be fetched is reported with its reason."""
+    from carsearch.ingest.download import (
+        Downloader,
+        failures,
+        is_url_manifest,
+        read_url_manifest,
+    )
+    from carsearch.ingest.pipeline import IngestItem, ingest_items, platform_writer, read_manifest
 
     use_encoder(ctx, encoder)
     p = platform_from(ctx)
     version = p.registry.require_serving()
-    items = list(read_manifest(manifest, source))
+    download: dict[str, Any] | None = None
+    if is_url_manifest(manifest):
+        rows = read_url_manifest(manifest)
+        got = Downloader(
+            p.settings.image_dir, p.settings.data_dir / "downloads.jsonl",
+            concurrency=concurrency, timeout_s=timeout, retries=retries,
+            max_bytes=max_bytes, max_pixels=p.settings.max_image_pixels,
+        ).fetch_all([r.url for r in rows], retry_failed=retry_failed)
+        items = [IngestItem(Path(str(got[r.url].path)), source=source, meta=r.meta)
+                 for r in rows if got[r.url].status != "failed"]
+        statuses = [f.status for f in got.values()]
+        download = {s: statuses.count(s) for s in ("fetched", "cached", "failed")}
+        download["failures"] = failures(rows, got)
+    else:
+        items = list(read_manifest(manifest, source))
     summary = ingest_items(
         items,
         db=p.db,
@@ -47,8 +79,13 @@ def ingest_manifest(
         total=len(items),
     )
     if as_json:
-        echo_json(summary.to_dict())
+        echo_json({**summary.to_dict(), **({"download": download} if download else {})})
     else:
+        if download is not None:
+            typer.echo(f"downloaded {download['fetched']}, already here {download['cached']}, "
+                       f"failed {download['failed']}")
+            for f in download["failures"]:
+                typer.echo(f"  line {f['line']}: {f['url']}: {f['reason']}")
         typer.echo(
             f"indexed {summary.indexed}, quarantined {summary.quarantined} "
             f"of {summary.seen} into {version.collection}"

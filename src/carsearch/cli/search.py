@@ -113,7 +113,8 @@ def _print_hits(result: SearchResult, filters: SearchFilters) -> None:
     if not result.hits and filters != SearchFilters():
         typer.echo("nothing matched the filters you gave: widen them")
     for h in result.hits:
-        label = h.class_name or " ".join(str(x) for x in (h.make, h.model, h.year) if x)
+        label = (h.class_name or " ".join(str(x) for x in (h.make, h.model, h.year) if x)
+                 or (h.description or "")[:60])
         unmet = f"  (not {', '.join(h.unmet)})" if h.unmet else ""
         prob = f"  p={h.probability:.3f}" if h.probability is not None else ""
         typer.echo(f"{h.rank:3d}. {h.score:+.3f}{prob}  {label or '-'}  {h.path}{unmet}")

@@ -138,6 +138,9 @@ def caption(hit: SearchHit) -> str:
         parts.append(hit.source)
     if hit.unmet:
         parts.append("not " + ", ".join(hit.unmet))
+    if hit.description:
+        text = " ".join(hit.description.split())
+        parts.append(text if len(text) <= 90 else text[:89] + "…")
     return " · ".join(parts)
 
 

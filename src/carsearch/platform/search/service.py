@@ -71,6 +71,8 @@ class SearchHit:
     # For a text query: SigLIP's calibrated probability that the text matches the image,
     # sigmoid(exp(logit_scale) * score + logit_bias) (platform/search/classify.py).
     probability: float | None = None
+    # A description that came with the image (a URL manifest's photo_description).
+    description: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -105,6 +107,11 @@ class _Empty(threading.local):
 
 
 _EMPTY = _Empty()
+
+
+def _description(extra: dict[str, Any] | None) -> str | None:
+    text = (extra or {}).get("description")
+    return text if isinstance(text, str) and text.strip() else None
 
 
 def _overridden(chip: FilterChip, hard: SearchFilters) -> bool:
@@ -410,6 +417,7 @@ class SearchService:
                     body_type=row.body_type, colour=row.colour, class_name=row.class_name,
                     source=row.source, unmet=unmet,
                     probability=None if prob is None else round(prob, 6),
+                    description=_description(row.extra),
                 ))
             ran.append({"kept": [c.key for c in kept], "dropped": [c.key for c in dropped],
                         "hits": added})

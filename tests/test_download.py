@@ -1,0 +1,224 @@
+"""URL manifests and the downloader, against a loopback HTTP server that serves good
+images and every failure the issue names (404, 500, slow, truncated, not an image, too
+large, a redirect loop): nothing leaves the machine. Then `carsearch ingest manifest`
+on an Unsplash-style photos.tsv000, twice (the second run fetches nothing)."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carsearch.ingest.download import Downloader, is_url_manifest, read_url_manifest
+from carsearch.platform.errors import CarsearchError
+from test_cli import env, run  # noqa: F401  (the CLI fixture and helpers)
+
+
+def _jpeg(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+class Site:
+    """What the loopback server answers, and how often each path was asked for."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.flaky_left = 1
+        self.images = {f"/img{i}.jpg": _jpeg(i) for i in range(4)}
+
+
+@pytest.fixture
+def site() -> Iterator[tuple[str, Site]]:
+    state = Site()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # quiet
+            pass
+
+        def _send(self, code: int, body: bytes, ctype: str = "image/jpeg",
+                  length: int | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            path = self.path
+            state.hits[path] += 1
+            if path in state.images:
+                self._send(200, state.images[path])
+            elif path == "/flaky.jpg":  # a 503 first, then the image
+                if state.flaky_left > 0:
+                    state.flaky_left -= 1
+                    self._send(503, b"busy", "text/plain")
+                else:
+                    self._send(200, _jpeg(9))
+            elif path == "/missing.jpg":
+                self._send(404, b"no", "text/plain")
+            elif path == "/broken.jpg":
+                self._send(500, b"oops", "text/plain")
+            elif path == "/slow.jpg":
+                time.sleep(1.5)
+                self._send(200, _jpeg(5))
+            elif path == "/truncated.jpg":
+                self._send(200, _jpeg(6)[:200], length=5000)
+            elif path == "/page.html":
+                self._send(200, b"<html>hi</html>", "text/html; charset=utf-8")
+            elif path == "/huge.jpg":  # says so up front
+                self._send(200, b"", length=10**9)
+            elif path == "/endless.jpg":  # says nothing, then sends too much
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.end_headers()
+                try:
+                    for _ in range(200):
+                        self.wfile.write(b"\xff" * 10_000)
+                except OSError:
+                    pass
+            elif path == "/junk.jpg":
+                self._send(200, b"\xff\xd8\xff\xe0 not really a jpeg")
+            elif path == "/loop":
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif path == "/moved":
+                self.send_response(301)
+                self.send_header("Location", "/img0.jpg")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self._send(404, b"no", "text/plain")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+FAILS = {
+    "/missing.jpg": "HTTP 404", "/broken.jpg": "HTTP 500", "/slow.jpg": "timed out",
+    "/truncated.jpg": "truncated", "/page.html": "not an image (content-type text/html)",
+    "/huge.jpg": "too large", "/endless.jpg": "too large", "/junk.jpg": "not a usable image",
+    "/loop": "redirect loop",
+}
+
+
+def _downloader(tmp_path: Path) -> Downloader:
+    d = Downloader(tmp_path / "images", tmp_path / "downloads.jsonl", concurrency=4,
+                   timeout_s=0.5, retries=2, max_bytes=100_000)
+    d.sleep = lambda s: None  # the backoff's waits, not its count, are skipped
+    return d
+
+
+def test_every_failure_has_its_reason_and_good_images_land_in_the_store(
+        site: tuple[str, Site], tmp_path: Path) -> None:
+    base, state = site
+    urls = [base + p for p in [*state.images, "/flaky.jpg", "/moved", *FAILS]]
+    got = _downloader(tmp_path).fetch_all(urls, progress=False)
+    for path in [*state.images, "/flaky.jpg", "/moved"]:
+        rec = got[base + path]
+        assert rec.status == "fetched", rec
+        assert rec.path and Path(rec.path).is_file()
+        assert Path(rec.path).parent.parent == tmp_path / "images"  # content-addressed
+        assert Path(rec.path).stem == rec.sha256
+    assert got[base + "/moved"].sha256 == got[base + "/img0.jpg"].sha256
+    assert got[base + "/flaky.jpg"].attempts == 2  # one 503, then the image
+    for path, reason in FAILS.items():
+        rec = got[base + path]
+        assert rec.status == "failed" and reason in str(rec.reason), (path, rec)
+    # What may pass was retried (1 + 2 retries); what will not, asked once.
+    assert state.hits["/broken.jpg"] == 3 and state.hits["/missing.jpg"] == 1
+    assert not got[base + "/broken.jpg"].final and got[base + "/missing.jpg"].final
+    assert not list((tmp_path / "images").rglob("*.part"))
+
+
+def test_a_second_run_fetches_nothing_twice(site: tuple[str, Site], tmp_path: Path) -> None:
+    base, state = site
+    urls = [base + p for p in [*state.images, "/missing.jpg", "/broken.jpg"]]
+    _downloader(tmp_path).fetch_all(urls, progress=False)
+    before = Counter(state.hits)
+    again = _downloader(tmp_path).fetch_all([*urls, urls[0]], progress=False)
+    new = state.hits - before
+    assert new == Counter({"/broken.jpg": 3})  # only what may pass is asked again
+    assert {again[base + p].status for p in state.images} == {"cached"}
+    assert again[base + "/missing.jpg"].reason == "HTTP 404"
+    retried = _downloader(tmp_path).fetch_all(urls, progress=False, retry_failed=True)
+    assert state.hits["/missing.jpg"] == 2 and retried[base + "/missing.jpg"].final
+    # A stored file that changed is fetched again.
+    path = Path(str(again[urls[0]].path))
+    path.write_bytes(b"changed")
+    third = _downloader(tmp_path).fetch_all(urls[:1], progress=False)
+    assert third[urls[0]].status == "fetched" and Path(str(third[urls[0]].path)).read_bytes() \
+        == state.images["/img0.jpg"]
+
+
+def test_manifests_name_images_by_url(tmp_path: Path) -> None:
+    tsv = tmp_path / "photos.tsv000"
+    tsv.write_text("photo_id\tphoto_url\tphoto_image_url\tphoto_description\tai_description"
+                   "\tphotographer_username\n"
+                   "a1\thttps://u/p/a1\thttps://img/a1.jpg\tA red car by the sea\t\tann\n"
+                   "b2\thttps://u/p/b2\thttps://img/b2.jpg\t\ta dog on grass\tbob\n")
+    rows = read_url_manifest(tsv)
+    assert is_url_manifest(tsv)
+    assert [(r.line, r.url) for r in rows] == [(2, "https://img/a1.jpg"),
+                                               (3, "https://img/b2.jpg")]
+    assert rows[0].meta == {"photo_id": "a1", "page_url": "https://u/p/a1",
+                            "description": "A red car by the sea", "photographer": "ann",
+                            "url": "https://img/a1.jpg"}
+    assert rows[1].meta["description"] == "a dog on grass"
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"url": "http://x/1.jpg", "colour": "red"}) + "\n")
+    assert is_url_manifest(jsonl) and read_url_manifest(jsonl)[0].meta["colour"] == "red"
+    csv_file = tmp_path / "m.csv"
+    csv_file.write_text("url,caption\nftp://x/1.jpg,hello\n")
+    assert is_url_manifest(csv_file)
+    with pytest.raises(CarsearchError, match=r"m\.csv:2: no http"):
+        read_url_manifest(csv_file)
+    (tmp_path / "paths.jsonl").write_text(json.dumps({"path": "a.jpg"}) + "\n")
+    assert not is_url_manifest(tmp_path / "paths.jsonl")
+
+
+def test_ingest_an_unsplash_manifest_twice(site: tuple[str, Site], env: dict[str, str],  # noqa: F811
+                                           tmp_path: Path, compact_model: Path) -> None:
+    base, state = site
+    run(["db", "upgrade"], env)
+    run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
+    lines = ["photo_id\tphoto_image_url\tphoto_description\tphotographer_username"]
+    for i, path in enumerate([*state.images, "/missing.jpg", "/page.html"]):
+        lines.append(f"p{i}\t{base}{path}\tphoto number {i} of a street\tuser{i}")
+    tsv = tmp_path / "photos.tsv000"
+    tsv.write_text("\n".join(lines) + "\n")
+    out = json.loads(run(["ingest", "manifest", str(tsv), "--source", "unsplash",
+                          "--timeout", "2", "--json"], env).stdout)
+    assert out["indexed"] == 4 and out["download"]["fetched"] == 4
+    assert out["download"]["failed"] == 2
+    assert {(f["line"], f["reason"]) for f in out["download"]["failures"]} == {
+        (6, "HTTP 404"), (7, "not an image (content-type text/html)")}
+    before = sum(state.hits.values())
+    again = json.loads(run(["ingest", "manifest", str(tsv), "--source", "unsplash", "--json"],
+                           env).stdout)
+    assert sum(state.hits.values()) == before  # nothing fetched twice
+    assert again["download"]["cached"] == 4 and again["indexed"] == 4  # idempotent
+    res = json.loads(run(["search", "a street", "--no-parse", "--json"], env).stdout)
+    assert len(res["hits"]) == 4
+    assert {h["description"] for h in res["hits"]} == {
+        f"photo number {i} of a street" for i in range(4)}
+    assert {h["source"] for h in res["hits"]} == {"unsplash"}
