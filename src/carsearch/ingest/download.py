@@ -39,7 +39,7 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from carsearch.platform.errors import CarsearchError, ImageRejectedError
-from carsearch.platform.images import load_image_bytes
+from carsearch.platform.images import load_image_bytes, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class Downloader:
         for url in dict.fromkeys(urls):
             rec = known.get(url)
             if rec is not None and rec.status != "failed" and rec.path and Path(
-                    rec.path).is_file() and _sha256(Path(rec.path)) == rec.sha256:
+                    rec.path).is_file() and sha256_file(Path(rec.path)) == rec.sha256:
                 results[url] = Fetched(url, "cached", rec.path, rec.sha256, rec.bytes)
             elif rec is not None and rec.status == "failed" and rec.final and not retry_failed:
                 results[url] = rec
@@ -297,20 +297,12 @@ class Downloader:
             raise _Permanent(f"not a usable image: {exc.reason}") from None
         digest = hashlib.sha256(data).hexdigest()
         dest = self.image_dir / digest[:2] / f"{digest}{_SUFFIX.get(ctype, '.bin')}"
-        if not (dest.is_file() and _sha256(dest) == digest):
+        if not (dest.is_file() and sha256_file(dest) == digest):
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.part")
             tmp.write_bytes(data)
             tmp.replace(dest)
         return Fetched(url, "fetched", str(dest), digest, len(data), attempts)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def failures(rows: Iterable[UrlRow], results: dict[str, Fetched]) -> list[dict[str, Any]]:

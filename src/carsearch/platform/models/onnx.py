@@ -24,7 +24,6 @@ the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from carsearch.platform.errors import ModelNotFoundError
+from carsearch.platform.images import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,6 @@ class Parity:
     def ok(self) -> bool:
         return (max(self.vision_max_abs, self.text_max_abs) <= MAX_ABS_DIFF
                 and min(self.vision_min_cos, self.text_min_cos) >= MIN_COSINE)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _towers(net: Any) -> tuple[Any, Any]:
@@ -126,7 +118,7 @@ def export_onnx(model: str | Path, out_dir: Path, *, adapter: str | Path | None 
     processor.save_pretrained(str(out_dir))
     manifest: dict[str, Any] = {
         "source": enc.model_id,
-        "files": {name: _sha256(out_dir / name) for name in ("vision.onnx", "text.onnx")},
+        "files": {name: sha256_file(out_dir / name) for name in ("vision.onnx", "text.onnx")},
         "dim": loaded.dim, "text_max_length": loaded.text_max_length,
         "image_size": list(size), "logit_scale": loaded.logit_scale,
         "logit_bias": loaded.logit_bias, "opset": OPSET,
@@ -205,7 +197,7 @@ class OnnxEncoder:
             raise ModelNotFoundError(f"no ONNX export at {self.export_dir} ({MANIFEST} missing)")
         manifest = json.loads(path.read_text())
         for name, digest in manifest["files"].items():
-            if _sha256(self.export_dir / name) != digest:
+            if sha256_file(self.export_dir / name) != digest:
                 raise ModelNotFoundError(f"{self.export_dir / name} changed since it was "
                                          "exported (sha256 differs from the manifest)")
         opts = ort.SessionOptions()
