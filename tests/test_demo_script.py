@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,20 @@ def test_the_demo_ends_on_the_page_and_ctrl_c_stops_it(
     assert "again later: make serve" in out
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
     assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+
+
+def test_ctrl_c_while_the_page_starts_is_a_normal_stop(
+        page: tuple[subprocess.Popen[bytes], Path, int]) -> None:
+    # The moment Gradio's launch begins (the page logs it just before), not after it
+    # answers: the window in which Ctrl-C once ended the demo with status 130.
+    proc, log, _port = page
+    deadline = time.monotonic() + 240
+    while "search page on http" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
 
 
 def test_the_printed_commands_work_in_a_new_shell(

@@ -76,12 +76,19 @@ def serve_command(
         return f"http://{host}:{port}"
 
     health.add_check("page", page)  # ready only once the page itself answers
+    demo = None
     try:
         with serving_health(health, health_port, settings.health_host):
             demo = launch(platform, LaunchOptions(host=host, port=port, auth=auth,
                                                   max_file_size=max_file_size), block=False)
             page_up.set()
             demo.block_thread()
+    except KeyboardInterrupt:
+        # Ctrl-C is how a person stops the page, also while it is still starting (the
+        # page answers before `launch` returns): a normal stop, not an error.
+        log.info("interrupted: stopping the page")
+        if demo is not None:
+            demo.close()
     finally:
         jobs.stop()
 
