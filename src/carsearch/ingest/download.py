@@ -220,27 +220,40 @@ class Downloader:
                 results[url] = rec
             else:
                 todo.append(url)
-        with ThreadPoolExecutor(self.concurrency) as pool, tqdm(
+        # One client for the run: its connection pool (one connection per worker) is
+        # reused from URL to URL instead of a new connection and TLS set-up each.
+        with self._client() as client, ThreadPoolExecutor(self.concurrency) as pool, tqdm(
                 total=len(todo), desc="download", unit="img", disable=not progress) as bar:
-            for rec in pool.map(self._fetch_logged, todo):
+            for rec in pool.map(lambda url: self._fetch_logged(url, client), todo):
                 results[rec.url] = rec
                 bar.update(1)
         return results
 
-    def _fetch_logged(self, url: str) -> Fetched:
-        rec = self.fetch(url)
+    def _client(self) -> Any:
+        import httpx
+
+        return httpx.Client(follow_redirects=True, max_redirects=self.max_redirects,
+                            timeout=self.timeout_s, trust_env=False,
+                            limits=httpx.Limits(max_connections=self.concurrency))
+
+    def _fetch_logged(self, url: str, client: Any) -> Fetched:
+        rec = self.fetch(url, client)
         self._record(rec)
         if rec.status == "failed":
             log.warning("download failed: %s: %s", url, rec.reason)
         return rec
 
-    def fetch(self, url: str) -> Fetched:
-        """One URL, with retries for what may pass."""
+    def fetch(self, url: str, client: Any = None) -> Fetched:
+        """One URL, with retries for what may pass (on ``client``, else a client of its
+        own)."""
+        if client is None:
+            with self._client() as own:
+                return self.fetch(url, own)
         attempts = 0
         while True:
             attempts += 1
             try:
-                data, ctype = self._get(url)
+                data, ctype = self._get(url, client)
                 return self._keep(url, data, ctype, attempts)
             except _Permanent as exc:
                 return Fetched(url, "failed", attempts=attempts, reason=str(exc), final=True)
@@ -251,13 +264,11 @@ class Downloader:
                 delay = self.backoff_s * 2 ** (attempts - 1)
                 self.sleep(delay * (0.5 + random.random()))  # with jitter
 
-    def _get(self, url: str) -> tuple[bytes, str]:
+    def _get(self, url: str, client: Any) -> tuple[bytes, str]:
         import httpx
 
         try:
-            with httpx.Client(follow_redirects=True, max_redirects=self.max_redirects,
-                              timeout=self.timeout_s, trust_env=False) as client, \
-                    client.stream("GET", url, headers={"Accept": "image/*"}) as resp:
+            with client.stream("GET", url, headers={"Accept": "image/*"}) as resp:
                 code = resp.status_code
                 if code == 429 or code >= 500:
                     raise _Transient(f"HTTP {code}")

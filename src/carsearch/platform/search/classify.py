@@ -74,11 +74,16 @@ def check_template(template: str) -> str:
     return template
 
 
+def pair_logits(cosine: np.ndarray | float, logit_scale: float, logit_bias: float
+                ) -> np.ndarray:
+    """SigLIP's pair logits, exp(logit_scale) * cos + logit_bias (any shape)."""
+    return np.asarray(cosine, dtype=np.float64) * np.exp(logit_scale) + logit_bias
+
+
 def probability(cosine: np.ndarray | float, logit_scale: float, logit_bias: float
                 ) -> np.ndarray:
     """SigLIP's pair probability from cosine similarities (any shape)."""
-    logits = np.asarray(cosine, dtype=np.float64) * np.exp(logit_scale) + logit_bias
-    return np.asarray(1.0 / (1.0 + np.exp(-logits)))
+    return np.asarray(1.0 / (1.0 + np.exp(-pair_logits(cosine, logit_scale, logit_bias))))
 
 
 def classify_vectors(
@@ -90,7 +95,7 @@ def classify_vectors(
     prompts = [check_template(template).replace("{}", name) for name in names]
     text = encoder.encode_text(prompts)
     cos = np.asarray(image_vectors, dtype=np.float32) @ text.T
-    logits = cos.astype(np.float64) * np.exp(encoder.logit_scale) + encoder.logit_bias
+    logits = pair_logits(cos, encoder.logit_scale, encoder.logit_bias)
     probs = 1.0 / (1.0 + np.exp(-logits))
     out: list[list[LabelScore]] = []
     for i in range(len(cos)):
