@@ -95,7 +95,16 @@ class Settings(BaseSettings):
         default="",
         description="Hub id or directory of the SigLIP base; empty means the compact local one.",
     )
-    device: str = Field(default="cpu")
+    device: str = Field(
+        default="auto",
+        description="Torch device of the encoder: auto (cuda where torch sees one), cpu, "
+        "cuda, cuda:N.",
+    )
+    exact_gpu: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Search the FAISS exact index on a GPU: auto (where FAISS is a GPU "
+        "build and sees one), on (fail without one), off.",
+    )
     encoder: Literal["torch", "onnx"] = Field(
         default="torch",
         description="What runs the model for search and ingest: PyTorch, or ONNX Runtime "

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from carsearch.platform.errors import ModelNotFoundError
+from carsearch.platform.errors import ConfigError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,24 @@ class _Loaded:
     text_max_length: int
     logit_scale: float
     logit_bias: float
+
+
+def resolve_device(device: str, *, cuda_available: bool | None = None) -> str:
+    """The torch device an Encoder runs on (``Settings.device``, CARSEARCH_DEVICE).
+
+    ``auto``: ``cuda`` where torch sees a CUDA device, else ``cpu``; ``cpu`` stays on the
+    CPU whatever is present; ``cuda``/``cuda:N`` without a CUDA device is a ConfigError;
+    any other torch device name (``mps``) is used as given. ``cuda_available`` overrides
+    ``torch.cuda.is_available()`` (tests).
+    """
+    name = device.strip().lower()
+    if cuda_available is None and (name == "auto" or name.startswith("cuda")):
+        cuda_available = torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if name.startswith("cuda") and not cuda_available:
+        raise ConfigError(f"device {device!r}: torch sees no CUDA device (use auto or cpu)")
+    return name
 
 
 def _looks_like_path(model: str | Path) -> bool:
@@ -165,7 +183,7 @@ class Encoder:
             raise ValueError("batch_size must be at least 1")
         self._model_ref = model
         self._adapter = adapter
-        self._device = device
+        self._device = resolve_device(device)
         self._batch_size = batch_size
         self._torch_threads = torch_threads
         self._lock = threading.Lock()

@@ -14,6 +14,14 @@ dimension, model version name, vector count and the sha256 of ``index.faiss``; `
 verifies all of them and raises ``ArtifactTamperedError`` on a mismatch.
 
 Ties: FAISS does not order results of exactly equal score by id; do not rely on their order.
+
+GPU: where FAISS is a GPU build (the ``gpu`` extra) and sees a CUDA device, searches run on
+GPU 0 (``gpu="auto"``, the default; ``"on"`` fails without one, ``"off"`` stays on the CPU;
+``Settings.exact_gpu``). The CPU index stays the source of truth: adds, removals, ids and the
+saved file are the CPU ``IndexIDMap2`` exactly as without a GPU, so ``index.faiss`` and its
+sha256 do not depend on where it was searched. The GPU holds a copy of the flat vectors
+(``index_cpu_to_gpu``), made on the first search, extended by later adds and remade after a
+removal; searches with k above FAISS's GPU limit (2048) run on the CPU.
 """
 
 from __future__ import annotations
@@ -21,16 +29,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
 
-from carsearch.platform.errors import ArtifactTamperedError, ModelNotFoundError
+from carsearch.platform.errors import ArtifactTamperedError, ConfigError, ModelNotFoundError
 from carsearch.platform.images import sha256_file
 
-__all__ = ["INDEX_FILE", "META_FILE", "NORM_TOLERANCE", "ExactIndex", "set_threads"]
+__all__ = [
+    "INDEX_FILE",
+    "META_FILE",
+    "NORM_TOLERANCE",
+    "ExactIndex",
+    "GpuMode",
+    "choose_exact_device",
+    "faiss_gpu_unavailable",
+    "set_threads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +57,48 @@ META_FILE = "index.json"
 NORM_TOLERANCE = 1e-3
 _FORMAT = 1
 
+GpuMode = Literal["auto", "on", "off"]
+_GPU_MODES = ("auto", "on", "off")
+_GPU_DEVICE = 0
+_GPU_MAX_K = 2048  # FAISS's GPU k-selection limit; a larger k searches on the CPU
+# One StandardGpuResources per process (each reserves up to 1.5 GiB of scratch memory); it
+# is not thread-safe, so every GPU call holds this lock.
+_gpu_lock = threading.Lock()
+_gpu_resources: Any = None
+
+
+def faiss_gpu_unavailable() -> str | None:
+    """Why FAISS cannot search on a GPU in this process, or None when it can."""
+    if not all(hasattr(faiss, n) for n in ("StandardGpuResources", "index_cpu_to_gpu")):
+        return "faiss built without GPU support"
+    try:
+        count = int(faiss.get_num_gpus())
+    except (AttributeError, RuntimeError) as exc:
+        return f"no CUDA device ({exc})"
+    return None if count > 0 else "no CUDA device"
+
+
+def choose_exact_device(mode: str, unavailable: str | None) -> tuple[bool, str]:
+    """Whether the exact index searches on the GPU, and why, for ``mode`` (auto|on|off)
+    given ``unavailable`` (``faiss_gpu_unavailable()``: None where a GPU can be used)."""
+    if mode not in _GPU_MODES:
+        raise ValueError(f"gpu must be one of {', '.join(_GPU_MODES)}, got {mode!r}")
+    if mode == "off":
+        return False, "gpu off"
+    if unavailable is None:
+        return True, f"gpu {mode}"
+    if mode == "on":
+        raise ConfigError(f"the exact index was asked to search on a GPU "
+                          f"(CARSEARCH_EXACT_GPU=on) but {unavailable}")
+    return False, unavailable
+
+
+def _flat_to_gpu(flat: Any) -> Any:
+    """A GPU copy of a CPU flat index (call with ``_gpu_lock`` held)."""
+    global _gpu_resources
+    if _gpu_resources is None:
+        _gpu_resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_gpu_resources, _GPU_DEVICE, flat)
 
 
 def exact_dir(data_dir: Path, version: str) -> Path:
@@ -49,7 +109,12 @@ class ExactIndex:
     """Brute-force inner-product index over unit vectors with int64 ids (-1 is reserved)."""
 
     def __init__(
-        self, dim: int, *, model_version: str | None = None, threads: int | None = None
+        self,
+        dim: int,
+        *,
+        model_version: str | None = None,
+        threads: int | None = None,
+        gpu: GpuMode = "auto",
     ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
@@ -58,6 +123,12 @@ class ExactIndex:
         self.dim = dim
         self.model_version = model_version
         self._index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._use_gpu, why = choose_exact_device(
+            gpu, None if gpu == "off" else faiss_gpu_unavailable()
+        )
+        self._gpu_flat: Any = None  # GPU copy of the flat vectors, made on the first search
+        self._id_array: np.ndarray | None = None  # position -> id, for GPU results
+        log.info("exact index (dim %d) searches on %s (%s)", dim, self.device, why)
 
     @classmethod
     def from_arrays(
@@ -68,17 +139,23 @@ class ExactIndex:
         model_version: str | None = None,
         normalize: bool = False,
         threads: int | None = None,
+        gpu: GpuMode = "auto",
     ) -> ExactIndex:
         """A new index holding ``vectors`` under ``ids`` (dimension taken from the vectors)."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2:
             raise ValueError(f"vectors must be 2-D (n, dim), got shape {vectors.shape}")
-        index = cls(vectors.shape[1], model_version=model_version, threads=threads)
+        index = cls(vectors.shape[1], model_version=model_version, threads=threads, gpu=gpu)
         index.add(ids, vectors, normalize=normalize)
         return index
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
+
+    @property
+    def device(self) -> str:
+        """Where searches run: ``"cpu"`` or ``"gpu:0"``."""
+        return f"gpu:{_GPU_DEVICE}" if self._use_gpu else "cpu"
 
     def ids(self) -> np.ndarray:
         """The stored ids, in storage order."""
@@ -95,6 +172,10 @@ class ExactIndex:
             raise ValueError(f"{clash.size} ids already in the index, e.g. {int(clash[0])}")
         if id_arr.size:
             self._index.add_with_ids(mat, id_arr)
+            self._id_array = None
+            if self._gpu_flat is not None:  # appended in the same order as the CPU index
+                with _gpu_lock:
+                    self._gpu_flat.add(mat)
 
     def upsert(self, ids: np.ndarray, vectors: np.ndarray, *, normalize: bool = False) -> None:
         """Add vectors, replacing any stored under the same ids."""
@@ -108,7 +189,11 @@ class ExactIndex:
         id_arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
         if not id_arr.size:
             return 0
-        return int(self._index.remove_ids(faiss.IDSelectorBatch(id_arr)))
+        removed = int(self._index.remove_ids(faiss.IDSelectorBatch(id_arr)))
+        if removed:
+            self._id_array = None
+            self._gpu_flat = None  # remade from the CPU index on the next search
+        return removed
 
     def search(
         self, queries: np.ndarray, k: int, *, normalize: bool = False
@@ -123,12 +208,44 @@ class ExactIndex:
         mat = self._prepare(queries, normalize=normalize)
         if not mat.shape[0]:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
-        scores, ids = self._index.search(mat, k)
+        result = None
+        if self._use_gpu and len(self) and k <= _GPU_MAX_K:
+            try:
+                result = self._search_gpu(mat, k)
+            except RuntimeError as exc:  # out of GPU memory, a k the build cannot select
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                if self._gpu_flat is None:  # the copy itself failed: stay on the CPU
+                    self._use_gpu = False
+                log.warning("exact index: GPU search failed (%s); searching on the CPU%s",
+                            first, "" if self._use_gpu else " from now on")
+        scores, ids = result if result is not None else self._index.search(mat, k)
         scores[ids == -1] = -np.inf
         return scores, ids.astype(np.int64, copy=False)
 
+    def _search_gpu(self, mat: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search the GPU copy (made here when missing); positions mapped back to ids."""
+        n = len(self)
+        kk = min(k, n)
+        with _gpu_lock:
+            if self._gpu_flat is None:
+                self._gpu_flat = _flat_to_gpu(faiss.downcast_index(self._index.index))
+                log.info("exact index: %d vectors (dim %d) copied to GPU %d",
+                         n, self.dim, _GPU_DEVICE)
+            scores, pos = self._gpu_flat.search(mat, kk)
+        if self._id_array is None:
+            self._id_array = self.ids()
+        ids = np.where(pos >= 0, self._id_array[np.clip(pos, 0, None)], -1)
+        if kk < k:  # pad as the CPU index does
+            pad = ((0, 0), (0, k - kk))
+            scores = np.pad(scores, pad, constant_values=-np.inf)
+            ids = np.pad(ids, pad, constant_values=-1)
+        return scores, ids
+
     def save(self, directory: str | Path) -> Path:
-        """Write ``index.faiss`` and ``index.json`` into ``directory`` (created if needed)."""
+        """Write ``index.faiss`` and ``index.json`` into ``directory`` (created if needed).
+
+        The file is always the CPU index, wherever searches run.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         index_path = directory / INDEX_FILE
@@ -150,7 +267,9 @@ class ExactIndex:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, *, threads: int | None = None) -> ExactIndex:
+    def load(
+        cls, directory: str | Path, *, threads: int | None = None, gpu: GpuMode = "auto"
+    ) -> ExactIndex:
         """Read an index saved by ``save``, verifying its checksum, dimension and count."""
         directory = Path(directory)
         index_path, meta_path = directory / INDEX_FILE, directory / META_FILE
@@ -168,7 +287,7 @@ class ExactIndex:
         if not isinstance(raw, faiss.IndexIDMap2) or raw.d != dim or raw.ntotal != count:
             raise ArtifactTamperedError(f"{index_path}: index type, dim or count differ from "
                                         f"{META_FILE}")
-        index = cls(dim, model_version=meta.get("model_version"), threads=threads)
+        index = cls(dim, model_version=meta.get("model_version"), threads=threads, gpu=gpu)
         index._index = raw
         return index
 
