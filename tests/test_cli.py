@@ -41,7 +41,8 @@ def env(tmp_path: Path) -> dict[str, str]:
 def test_help_lists_every_verb(env: dict[str, str]) -> None:
     out = run(["--help"], env).stdout
     for verb in ("db", "base", "data", "models", "ingest", "search", "augment", "train",
-                 "evaluate", "serve", "reconcile", "drift", "health"):
+                 "evaluate", "serve", "reconcile", "drift", "health", "collections",
+                 "label", "classify"):
         assert f" {verb} " in out
     assert " bench " not in out  # benchmark code lives under bench/ only
 

@@ -269,11 +269,11 @@ def test_a_slow_batch_keeps_its_jobs(plat: Platform, tmp_path: Path):
     claimed_by_other: list[int] = []
 
     class SlowWorker(IngestWorker):
-        def _store_batch(self, good, ids):  # type: ignore[no-untyped-def]
+        def _store_batch(self, good, ids, collection="vehicles"):  # type: ignore[no-untyped-def]
             time.sleep(1.0)  # longer than the visibility timeout below
             claimed_by_other.extend(j.id for j in queue.claim(
                 plat.db, "other", 10, visibility_timeout=0.3))
-            super()._store_batch(good, ids)
+            super()._store_batch(good, ids, collection)
 
     w = SlowWorker(plat, visibility_timeout=0.3)
     w.run_once()

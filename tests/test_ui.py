@@ -19,7 +19,16 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from carsearch.platform.db import AnnReport, Database, DriftReport, QueryFeedback, QueryLog, migrate
+from carsearch.platform.db import (
+    AnnReport,
+    Database,
+    DriftReport,
+    Image,
+    QueryFeedback,
+    QueryLog,
+    labels,
+    migrate,
+)
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.service import SearchHit
@@ -42,9 +51,16 @@ def world(tmp_path_factory: pytest.TempPathFactory, compact_model: Path) -> Worl
     w = build_world(tmp_path_factory.mktemp("ui-world"), compact_model)
     db = Database(w.settings.database_url)
     with db.session() as s:  # what the drift job and the ANN audit would have written
-        s.add(DriftReport(n_images=len(CARS), n_isolated=2, retrain_triggered=True))
+        report = DriftReport(n_images=len(CARS), n_isolated=2, retrain_triggered=True)
+        s.add(report)
         s.add(AnnReport(index_type="IVF_FLAT", n_queries=50, n_vectors=len(CARS),
                         recall_at_10=0.987, params={"nprobe": 16}))
+        s.flush()
+        report_id = report.id
+        pickups = [r.id for r in s.scalars(select(Image).where(Image.body_type.in_(
+            ["Regular Cab"])).order_by(Image.id))]
+    labels.create_tasks(db, report_id, "vehicles", [labels.NewTask(
+        pickups, "Ford F-150 Regular Cab 2007", {"make": "Ford", "body_type": "Regular Cab"})])
     db.dispose()
     return w
 
@@ -100,7 +116,7 @@ def test_removing_a_chip_widens_the_search(client: Client) -> None:
     n_2012 = sum(1 for _c, _col, _s in CARS if _c.endswith("2012"))
     # Every 2012 vehicle first, met exactly; then the rest to fill the page.
     assert all("2012" in c and " · not " not in c for c in captions(gallery)[:n_2012])
-    assert all(c.endswith("not year: 2012") for c in captions(gallery)[n_2012:])
+    assert all(" · not year: 2012 · " in c for c in captions(gallery)[n_2012:])
     assert len(gallery) == 8
     assert "make" not in status.split("filters:")[1].split("·")[0]
 
@@ -333,3 +349,53 @@ def test_the_classify_tab(client: Client, world: World) -> None:
     assert note.startswith("**Error:**") and "labels" in note
     _out, note = client.predict(None, "car", "a photo of a {}.", api_name="/classify")
     assert "choose an image file" in note
+
+
+def test_a_second_collection_and_the_probability_cut_off(client: Client) -> None:
+    """The page searches the collection picked (its own version, metadata and filters),
+    and the minimum-probability slider drops text hits below it."""
+    gallery, status, *_rest, chips = client.predict(
+        "red pickup", 8, *NO_FILTERS, "photos", 0.0, api_name="/search")
+    assert len(gallery) == 2 and chips["value"] == []  # no vehicle filters read here
+    assert "collection photos" in status and "model photos-base" in status
+    assert {c.split(" · ")[-1] for c in captions(gallery)} == {"a quiet street at dawn",
+                                                                 "a busy market square"}
+    assert all(" · by user" in c for c in captions(gallery))
+    _g, status, *_ = client.predict("street", 8, ["BMW"], [], [], [], "any", "any",
+                                    "photos", 0.0, api_name="/search")
+    assert status.startswith("**Error:**") and "no make filter" in status
+
+    def probabilities(gallery: list[dict[str, Any]]) -> list[float]:
+        return [float(c.split(" · p=")[1].split(" · ")[0]) for c in captions(gallery)]
+
+    every, *_ = client.predict("a car", 8, *NO_FILTERS, "vehicles", 0.0, api_name="/search")
+    probs = sorted(probabilities(every), reverse=True)
+    assert len(probs) == 8 and probs[3] > probs[4]
+    cut = round((probs[3] + probs[4]) / 2, 4)  # between the 4th and 5th best
+    kept, status, *_ = client.predict("a car", 8, *NO_FILTERS, "vehicles", cut,
+                                      api_name="/search")
+    assert len(kept) == 4 and all(p >= cut for p in probabilities(kept))
+    assert "probability ≥" in status
+
+
+def test_the_label_tab_labels_a_drift_cluster(client: Client) -> None:
+    """(Last: it relabels two vehicles.) The open task, its images and suggestion, a
+    refused apply without a make, then one apply for the whole cluster."""
+    picker = client.predict(api_name="/label_tasks")
+    (choice,) = picker["choices"]
+    assert choice[0].startswith("task 1: 2 to label, nearest Ford F-150 Regular Cab 2007")
+    images, note, make, _model, _year, body, _colour = client.predict(
+        1, api_name="/label_task")
+    assert len(images) == 2 and "2 of 2 images to label" in note
+    assert (make, body) == ("Ford", "Regular Cab")
+    _picker, note = client.predict(1, "", "X1", "2020", "pickup", "", api_name="/label_apply")
+    assert note.startswith("**Error:**") and "the make" in note
+    _picker, note = client.predict(1, "Zephyr", "X1", "2020", "spaceship", "",
+                                   api_name="/label_apply")
+    assert note.startswith("**Error:**") and "spaceship" in note
+    picker, note = client.predict(1, "Zephyr", "X1", "2020", "pickup", "red",
+                                  api_name="/label_apply")
+    assert note == "labelled 2 image(s) of task 1 · task done" and picker["choices"] == []
+    gallery, _status, *_ = search(client, "anything", filters=(["Zephyr"], [], [], [],
+                                                              "any", "any"))
+    assert len(gallery) == 2 and all("Zephyr X1 2020" in c for c in captions(gallery))

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items
+from carsearch.platform import collections
 from carsearch.platform.db import migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
@@ -39,6 +40,8 @@ CARS: list[tuple[str, str, str]] = [
     ("Jeep Wrangler SUV 2012", "green", "synthetic"),
     ("Dodge Caravan Minivan 1997", "red", "stanford"),
 ]
+
+STREET = ["a quiet street at dawn", "a busy market square"]
 
 METRICS = {"Recall@1": 0.5, "Recall@5": 0.75, "mAP": 0.41,
            "zero_shot": {"Recall@1": 0.125, "Recall@5": 0.5, "mAP": 0.2}}
@@ -100,6 +103,23 @@ def build_world(root: Path, compact_model: Path) -> World:
             max_pixels=settings.max_image_pixels, batch_size=8, progress=False,
         )
         assert summary.indexed == len(CARS), summary
+        # A general collection beside the vehicles: two street photos, their own version.
+        collections.create(platform.db, "photos", "general", "street photos")
+        platform.registry.publish(compact_model, name="photos-base", collection="photos")
+        pv = platform.registry.promote("photos-base")
+        street = []
+        for i, desc in enumerate(STREET):
+            p = photos_dir / f"street{i}.png"
+            draw_car(p, 50 + i, _RGB["silver"])
+            street.append(IngestItem(p, source="unsplash",
+                                     meta={"description": desc, "photographer": f"user{i}"}))
+        got = ingest_items(
+            street, db=platform.db,
+            writer=BatchWriter.fixed(platform.db, platform.store,
+                                     platform.search.encoder_for(pv), pv),
+            max_pixels=settings.max_image_pixels, progress=False,
+        )
+        assert got.indexed == len(STREET), got
     finally:
         platform.close()
     return World(data, photos, settings)

@@ -73,13 +73,28 @@ def _evaluate_app() -> typer.Typer:
 def _register() -> None:
     # One module per verb group; each imports its heavy libraries inside the commands, so
     # that `carsearch --help` starts at once.
-    from carsearch.cli import augment, base, data, db, ingest, models, monitor, search, serve, train
+    from carsearch.cli import (
+        augment,
+        base,
+        collections,
+        data,
+        db,
+        ingest,
+        label,
+        models,
+        monitor,
+        search,
+        serve,
+        train,
+    )
 
     app.add_typer(db.db_app, name="db")
     app.add_typer(base.app, name="base")
     app.add_typer(data.app, name="data")
+    app.add_typer(collections.collections_app, name="collections")
     app.add_typer(models.models_app, name="models")
     app.add_typer(ingest.ingest_app, name="ingest")
+    app.add_typer(label.label_app, name="label")
     app.command("search")(search.search_command)
     app.command("classify")(search.classify_command)
     app.command("reconcile")(ingest.reconcile_command)

@@ -86,6 +86,20 @@ def serving_health(health: Health, port: int | None, host: str) -> Iterator[None
             server.stop()
 
 
+def collection_option() -> Any:
+    """`--collection NAME`: which image collection (default: vehicles, or the only one)."""
+    return typer.Option("--collection", "-c", metavar="NAME",
+                        help="Image collection (default: vehicles, or the only one; "
+                             "`carsearch collections list`).")
+
+
+def collection_from(platform: Platform, name: str | None) -> str:
+    """The collection a command means (checked: it exists)."""
+    from carsearch.platform import collections
+
+    return collections.resolve(platform.db, name).name
+
+
 HealthPort = typer.Option(
     "--health-port", min=0, max=65535,
     help="Serve /healthz, /livez and /metrics on this port (CARSEARCH_HEALTH_HOST, "

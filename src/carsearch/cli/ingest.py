@@ -10,6 +10,8 @@ import typer
 
 from carsearch.cli.context import (
     HealthPort,
+    collection_from,
+    collection_option,
     echo_json,
     encoder_option,
     platform_from,
@@ -36,9 +38,11 @@ def ingest_manifest(
     retry_failed: Annotated[bool, typer.Option(
         help="Ask again for URLs that failed for good last time.")] = False,
     encoder: Annotated[str | None, encoder_option()] = None,
+    collection: Annotated[str | None, collection_option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Embed the images a manifest lists with the serving version and index them.
+    """Embed the images a manifest lists with the collection's serving version and index
+    them.
 
     Rows that give a URL are downloaded first (bounded concurrency, timeouts, retries
     with backoff, a size cap, content-type and decode checks) into the image store;
@@ -54,7 +58,8 @@ def ingest_manifest(
 
     use_encoder(ctx, encoder)
     p = platform_from(ctx)
-    version = p.registry.require_serving()
+    name = collection_from(p, collection)
+    version = p.registry.require_serving(name)
     download: dict[str, Any] | None = None
     if is_url_manifest(manifest):
         rows = read_url_manifest(manifest)
@@ -73,7 +78,7 @@ def ingest_manifest(
     summary = ingest_items(
         items,
         db=p.db,
-        writer=platform_writer(p),
+        writer=platform_writer(p, collection=name),
         max_pixels=p.settings.max_image_pixels,
         batch_size=batch_size,
         total=len(items),
@@ -88,7 +93,7 @@ def ingest_manifest(
                 typer.echo(f"  line {f['line']}: {f['url']}: {f['reason']}")
         typer.echo(
             f"indexed {summary.indexed}, quarantined {summary.quarantined} "
-            f"of {summary.seen} into {version.collection}"
+            f"of {summary.seen} into {name} ({version.collection})"
         )
 
 
@@ -101,12 +106,14 @@ def ingest_run(
     visibility_timeout: Annotated[float, typer.Option(help="Reclaim silent jobs after.")] = 60.0,
     health_port: Annotated[int, HealthPort] = 0,
     encoder: Annotated[str | None, encoder_option()] = None,
+    collection: Annotated[str | None, collection_option()] = None,
 ) -> None:
-    """Work continuously (inbox + queue) until SIGTERM or SIGINT."""
+    """Work continuously (inbox + queue) until SIGTERM or SIGINT. Queued jobs name their
+    collection; the inbox's files go to --collection."""
     from carsearch.monitoring.health import Health
 
     use_encoder(ctx, encoder)
-    worker = _worker(ctx, inbox, batch_size, poll, visibility_timeout)
+    worker = _worker(ctx, inbox, batch_size, poll, visibility_timeout, collection)
     health = Health(worker.p, role="ingest")
     with serving_health(health, health_port, worker.p.settings.health_host):
         stats = worker.run_forever(health.loop("ingest-worker", poll))
@@ -120,11 +127,12 @@ def ingest_once(
     batch_size: Annotated[int, typer.Option(min=1, max=4096)] = 32,
     visibility_timeout: Annotated[float, typer.Option(help="Reclaim silent jobs after.")] = 60.0,
     encoder: Annotated[str | None, encoder_option()] = None,
+    collection: Annotated[str | None, collection_option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Scan the inbox, drain the queue, and exit."""
+    """Scan the inbox (into --collection), drain the queue, and exit."""
     use_encoder(ctx, encoder)
-    stats = _worker(ctx, inbox, batch_size, 1.0, visibility_timeout).run_once()
+    stats = _worker(ctx, inbox, batch_size, 1.0, visibility_timeout, collection).run_once()
     if as_json:
         echo_json({"batches": stats.batches, "failed_batches": stats.failed_batches,
                     **stats.summary.to_dict()})
@@ -135,11 +143,13 @@ def ingest_once(
 
 
 def _worker(ctx: typer.Context, inbox: Path | None, batch_size: int, poll: float,
-            visibility_timeout: float) -> Any:
+            visibility_timeout: float, collection: str | None = None) -> Any:
     from carsearch.ingest.worker import IngestWorker
 
-    return IngestWorker(platform_from(ctx), inbox=inbox, batch_size=batch_size,
-                        poll_interval=poll, visibility_timeout=visibility_timeout)
+    p = platform_from(ctx)
+    return IngestWorker(p, inbox=inbox, batch_size=batch_size,
+                        poll_interval=poll, visibility_timeout=visibility_timeout,
+                        inbox_collection=collection_from(p, collection))
 
 
 @ingest_app.command("enqueue")
@@ -147,12 +157,16 @@ def ingest_enqueue(
     ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="Image files to queue.")],
     source: Annotated[str, typer.Option()] = "queue",
+    collection: Annotated[str | None, collection_option()] = None,
 ) -> None:
     """Queue image files as ingest jobs (what other systems do by inserting rows)."""
     from carsearch.platform.db import queue
 
-    ids = queue.enqueue(platform_from(ctx).db, [
-        {"path": str(p.resolve()), "source": source, "meta": {}} for p in paths
+    platform = platform_from(ctx)
+    name = collection_from(platform, collection)
+    ids = queue.enqueue(platform.db, [
+        {"path": str(p.resolve()), "source": source, "meta": {}, "collection": name}
+        for p in paths
     ])
     typer.echo(f"queued {len(ids)} jobs")
 
@@ -179,15 +193,18 @@ def reconcile_command(
     stale_after: Annotated[float, typer.Option(
         min=0, help="Seconds after which a pending row's batch counts as dead.")] = 3600.0,
     give_up_unreadable: Annotated[bool, GiveUp] = False,
+    collection: Annotated[str | None, collection_option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Compare Milvus ids with the database and repair either side."""
+    """Compare Milvus ids with the database and repair either side (one collection's
+    serving version, or --version)."""
     from carsearch.lifecycle.reconcile import reconcile
 
     p = platform_from(ctx)
     v = p.registry.get(version) if version else None
     rep = reconcile(p, v, repair=not dry_run, stale_pending_s=stale_after,
-                    give_up_unreadable=give_up_unreadable)
+                    give_up_unreadable=give_up_unreadable,
+                    collection=collection_from(p, collection))
     if as_json:
         echo_json(rep.to_dict())
     else:

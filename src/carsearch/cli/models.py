@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from carsearch.cli.context import echo_json, platform_from
+from carsearch.cli.context import collection_from, collection_option, echo_json, platform_from
 
 if TYPE_CHECKING:
     from carsearch.platform.db import ModelVersion
@@ -22,7 +22,8 @@ def _version_dict(v: ModelVersion) -> dict[str, Any]:
         "name": v.name,
         "status": v.status.value,
         "dim": v.dim,
-        "collection": v.collection,
+        "collection": v.image_collection,
+        "milvus_collection": v.collection,
         "base_model": v.base_model,
         "artifact_path": v.artifact_path,
         "artifact_sha256": v.artifact_sha256,
@@ -39,11 +40,14 @@ def models_publish(
     name: Annotated[str | None, typer.Option(help="Version name (default: dated).")] = None,
     base: Annotated[str, typer.Option(help="Base model it came from.")] = "",
     promote: Annotated[bool, typer.Option(help="Promote it to serving at once.")] = False,
+    collection: Annotated[str | None, collection_option()] = None,
 ) -> None:
-    """Copy a model directory into the registry as a candidate version."""
+    """Copy a model directory into the registry as a candidate version for a collection."""
     p = platform_from(ctx)
-    v = p.registry.publish(artifact, name=name, base_model=base)
-    typer.echo(f"published {v.name} (sha256 {v.artifact_sha256[:12]}, dim {v.dim})")
+    v = p.registry.publish(artifact, name=name, base_model=base,
+                           collection=collection_from(p, collection))
+    typer.echo(f"published {v.name} for {v.image_collection} (sha256 "
+               f"{v.artifact_sha256[:12]}, dim {v.dim})")
     if promote:
         from carsearch.lifecycle.reindex import promote_with_backfill
 
@@ -69,7 +73,8 @@ def models_list(
     if not versions:
         typer.echo("no model versions")
     for v in versions:
-        typer.echo(f"{v.name:40s} {v.status.value:9s} dim={v.dim} {v.artifact_sha256[:12]}")
+        typer.echo(f"{v.name:40s} {v.status.value:9s} {v.image_collection:12s} dim={v.dim} "
+                   f"{v.artifact_sha256[:12]}")
 
 
 @models_app.command("promote")
@@ -86,21 +91,24 @@ def models_promote(
     v, report = promote_with_backfill(platform_from(ctx), name,
                                       give_up_unreadable=give_up_unreadable)
     typer.echo(f"{v.name} is serving (re-indexed {report.embedded} images, "
-               f"{report.already} already there, {report.unreadable} unreadable)")
+               f"{report.already} already there, {report.unreadable} unreadable) for "
+               f"{v.image_collection}")
 
 
 @models_app.command("rollback")
 def models_rollback(
-    ctx: typer.Context, give_up_unreadable: Annotated[bool, GiveUp] = False
+    ctx: typer.Context, give_up_unreadable: Annotated[bool, GiveUp] = False,
+    collection: Annotated[str | None, collection_option()] = None,
 ) -> None:
-    """Serve again the version that served before the current one.
+    """Serve again the version that served a collection before the current one.
 
     Images indexed since it last served are embedded into its collection first.
     """
     from carsearch.lifecycle.reindex import promote_with_backfill
 
     p = platform_from(ctx)
-    v, report = promote_with_backfill(p, p.registry.previous().name,
+    previous = p.registry.previous(collection_from(p, collection))
+    v, report = promote_with_backfill(p, previous.name,
                                       give_up_unreadable=give_up_unreadable)
     typer.echo(f"rolled back: {v.name} is serving (caught up {report.embedded} images)")
 

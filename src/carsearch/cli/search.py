@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from carsearch.cli.context import echo_json, encoder_option, platform_from, use_encoder
+from carsearch.cli.context import (
+    collection_from,
+    collection_option,
+    echo_json,
+    encoder_option,
+    platform_from,
+    use_encoder,
+)
 from carsearch.platform.errors import ConfigError, QueryError
 
 if TYPE_CHECKING:
@@ -27,6 +34,7 @@ def search_command(
     make: Annotated[list[str] | None, typer.Option(help="Only this make (repeatable).")] = None,
     body: Annotated[list[str] | None, typer.Option(help="Body category: pickup, suv, ...")] = None,
     colour: Annotated[list[str] | None, typer.Option(help="Only this colour.")] = None,
+    source: Annotated[list[str] | None, typer.Option(help="Only this source.")] = None,
     year_min: Annotated[int | None, typer.Option(help="Earliest model year.")] = None,
     year_max: Annotated[int | None, typer.Option(help="Latest model year.")] = None,
     parse: Annotated[bool, typer.Option(
@@ -41,14 +49,16 @@ def search_command(
         help="Keep the model loaded and answer queries typed at a prompt until Ctrl-D.",
     )] = False,
     encoder: Annotated[str | None, encoder_option()] = None,
+    collection: Annotated[str | None, collection_option()] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Search the serving version by text (or --image) and print the hits.
+    """Search a collection's serving version by text (or --image) and print the hits.
 
     "red 2012 chevy pickup" also filters on colour, year, make and body where those values
     exist in the index (--no-parse: vector similarity alone); options override them.
     Filters read from the text are relaxed, the least certain first, when fewer than
     --k vehicles meet them (the output says what was relaxed); options are never relaxed.
+    A general collection (photos) reads no vehicle filters and filters on --source only.
     """
     from pydantic import ValidationError
 
@@ -57,27 +67,29 @@ def search_command(
     try:
         filters = SearchFilters(
             make=tuple(make or ()), body=tuple(body or ()), colour=tuple(colour or ()),
-            year_min=year_min, year_max=year_max,
+            source=tuple(source or ()), year_min=year_min, year_max=year_max,
         )
     except ValidationError as exc:
         raise QueryError("bad filter: " + "; ".join(e["msg"] for e in exc.errors())) from None
     use_encoder(ctx, encoder)
     p = platform_from(ctx)
+    name = collection_from(p, collection)
+    parse = parse and p.search.kind(name).vehicle_labels
     if not interactive:  # the printed latency is the search's, not the model's load
-        p.search.encoder_for(p.search.serving()).load()
+        p.search.encoder_for(p.search.serving(name)).load()
     if image is not None:
         from carsearch.platform.images import load_image
 
         result = p.search.search_image(
-            load_image(image, max_pixels=p.settings.max_image_pixels), k, filters
+            load_image(image, max_pixels=p.settings.max_image_pixels), k, filters, name
         )
     elif interactive:
-        _interactive(p, k, filters, parse, min_prob, as_json)
+        _interactive(p, k, filters, parse, min_prob, as_json, name)
         return
     elif query is None:
         raise ConfigError("give a query, --interactive, or --image PATH")
     else:
-        result = _text(p, query, k, filters, parse, min_prob, as_json)
+        result = _text(p, query, k, filters, parse, min_prob, as_json, collection=name)
     if as_json:
         echo_json(result.to_dict())
         return
@@ -86,7 +98,7 @@ def search_command(
 
 def _text(p: Platform, query: str, k: int, filters: SearchFilters, parse: bool,
           min_prob: float | None, as_json: bool,
-          vocab: VocabularyCache | None = None) -> SearchResult:
+          vocab: VocabularyCache | None = None, collection: str | None = None) -> SearchResult:
     """One text query: filters read from it (unless --no-parse), searched, the chips and
     what was relaxed printed (unless --json)."""
     chips = ""
@@ -98,7 +110,8 @@ def _text(p: Platform, query: str, k: int, filters: SearchFilters, parse: bool,
         parsed = parse_query(p.search.clean_query(query), known)
         preferred = parsed.chips
         chips = ", ".join(c.label for c in parsed.chips)
-    result = p.search.search_text(query, k, filters, preferred=preferred, min_prob=min_prob)
+    result = p.search.search_text(query, k, filters, preferred=preferred, min_prob=min_prob,
+                                  collection=collection)
     if chips and not as_json:
         typer.echo(f"filters read from the query: {chips}")
     if result.relaxed and not as_json:
@@ -109,19 +122,22 @@ def _text(p: Platform, query: str, k: int, filters: SearchFilters, parse: bool,
 def _print_hits(result: SearchResult, filters: SearchFilters) -> None:
     from carsearch.platform.vectors.store import SearchFilters
 
-    typer.echo(f"{len(result.hits)} hits in {result.latency_ms:.1f} ms ({result.version})")
+    typer.echo(f"{len(result.hits)} hits in {result.latency_ms:.1f} ms ({result.collection}, "
+               f"{result.version})")
     if not result.hits and filters != SearchFilters():
         typer.echo("nothing matched the filters you gave: widen them")
     for h in result.hits:
         label = (h.class_name or " ".join(str(x) for x in (h.make, h.model, h.year) if x)
                  or (h.description or "")[:60])
+        if h.photographer:
+            label = f"{label}  by {h.photographer}"
         unmet = f"  (not {', '.join(h.unmet)})" if h.unmet else ""
         prob = f"  p={h.probability:.3f}" if h.probability is not None else ""
         typer.echo(f"{h.rank:3d}. {h.score:+.3f}{prob}  {label or '-'}  {h.path}{unmet}")
 
 
 def _interactive(p: Platform, k: int, filters: SearchFilters, parse: bool,
-                 min_prob: float | None, as_json: bool) -> None:
+                 min_prob: float | None, as_json: bool, collection: str | None = None) -> None:
     """Queries from a prompt (or piped lines) until end of input: the encoder and the
     vocabulary stay loaded, so each answer costs only the search. A query the service
     refuses gets its message and the prompt comes back."""
@@ -131,7 +147,8 @@ def _interactive(p: Platform, k: int, filters: SearchFilters, parse: bool,
     p.search.warm()
     vocab = VocabularyCache(p.db)  # re-read at most once a minute
     prompt = "search> " if sys.stdin.isatty() else ""
-    typer.echo(f"model {p.search.serving().name}; type a query, Ctrl-D to stop", err=True)
+    typer.echo(f"{p.search.collection(collection)}: model {p.search.serving(collection).name}; "
+               "type a query, Ctrl-D to stop", err=True)
     while True:
         try:
             line = input(prompt)
@@ -144,7 +161,7 @@ def _interactive(p: Platform, k: int, filters: SearchFilters, parse: bool,
         if not line.strip():
             continue
         try:
-            result = _text(p, line, k, filters, parse, min_prob, as_json, vocab)
+            result = _text(p, line, k, filters, parse, min_prob, as_json, vocab, collection)
         except CarsearchError as exc:
             typer.echo(f"error: {exc}", err=True)
             continue
@@ -161,9 +178,11 @@ def classify_command(
     template: Annotated[str, typer.Option(
         help="Prompt for each label; {} is the label.")] = "a photo of a {}.",
     top: Annotated[int, typer.Option(min=1, help="Labels shown per image.")] = 5,
+    collection: Annotated[str | None, collection_option()] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Zero-shot classification with the serving version: each label's own probability,
+    """Zero-shot classification with the version serving a collection (default: vehicles,
+    or the only one): each label's own probability,
     sigmoid(exp(logit_scale) * cos + logit_bias), independent of the other labels (they
     need not sum to one). An unreadable image is reported and the others go on (exit 1)."""
     from carsearch.platform.errors import ImageRejectedError
@@ -179,11 +198,14 @@ def classify_command(
             loaded.append((path, load_image(path, max_pixels=p.settings.max_image_pixels)))
         except ImageRejectedError as exc:
             failed.append({"image": str(path), "error": exc.reason})
-    scores = p.search.classify([im for _, im in loaded], names, template) if loaded else []
+    name = collection_from(p, collection)
+    scores = (p.search.classify([im for _, im in loaded], names, template, name)
+              if loaded else [])
     results = [{"image": str(path), "labels": [s.to_dict() for s in row]}
                for (path, _), row in zip(loaded, scores, strict=True)]
     if as_json:
-        echo_json({"template": template, "results": results, "rejected": failed})
+        echo_json({"collection": name, "model": p.search.serving(name).name,
+                   "template": template, "results": results, "rejected": failed})
     else:
         for r in results:
             typer.echo(r["image"])

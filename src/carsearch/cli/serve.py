@@ -47,6 +47,7 @@ def serve_command(
     health_port: Annotated[int, HealthPort] = 0,
 ) -> None:
     """Serve the search page (auth: set CARSEARCH_UI_AUTH=user:password)."""
+    from carsearch.lifecycle.labelling import PlatformLabeller
     from carsearch.monitoring.health import Health
     from carsearch.platform.errors import CarsearchError
     from carsearch.platform.runtime import Platform
@@ -80,7 +81,8 @@ def serve_command(
     try:
         with serving_health(health, health_port, settings.health_host):
             demo = launch(platform, LaunchOptions(host=host, port=port, auth=auth,
-                                                  max_file_size=max_file_size), block=False)
+                                                  max_file_size=max_file_size), block=False,
+                          labeller=PlatformLabeller(platform))
             page_up.set()
             demo.block_thread()
     except KeyboardInterrupt:

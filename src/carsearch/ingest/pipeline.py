@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from tqdm import tqdm
 
+from carsearch.platform import collections
+from carsearch.platform.collections import DEFAULT_COLLECTION
 from carsearch.platform.db import Database, Image, ImageStatus, ModelVersion, utcnow
 from carsearch.platform.errors import CarsearchError, ImageRejectedError
 from carsearch.platform.ids import image_id
@@ -49,11 +51,12 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 @dataclass(frozen=True)
 class IngestItem:
-    """One image to ingest, with whatever metadata came with it."""
+    """One image to ingest into a collection, with whatever metadata came with it."""
 
     path: Path
     source: str = "manual"
     meta: dict[str, Any] = field(default_factory=dict)
+    collection: str = DEFAULT_COLLECTION
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,15 @@ def _year(value: Any) -> int:
     return year
 
 
-def clean_metadata(meta: dict[str, Any], source: str) -> CleanMeta:
+def clean_metadata(meta: dict[str, Any], source: str, *,
+                   vehicle_labels: bool = True) -> CleanMeta:
     """Check every metadata field alone. A bad value (a year "unknown", a make longer
     than its column, a list where text belongs) costs only that field, recorded with its
-    reason; the image and the rest of its batch go on."""
+    reason; the image and the rest of its batch go on. Without ``vehicle_labels`` (a
+    general collection) nothing is read as a vehicle label: it all stays as metadata."""
     labels: dict[str, Any] = {}
     rejected: dict[str, str] = {}
-    for name in LABEL_FIELDS:
+    for name in LABEL_FIELDS if vehicle_labels else ():
         value = meta.get(name)
         if value is None or value == "":
             continue
@@ -121,7 +126,8 @@ def clean_metadata(meta: dict[str, Any], source: str) -> CleanMeta:
     except ValueError as exc:
         rejected["source"] = str(exc)
         clean_source = "unknown"
-    extra = {k: v for k, v in meta.items() if k not in LABEL_FIELDS} or None
+    taken = LABEL_FIELDS if vehicle_labels else ()
+    extra = {k: v for k, v in meta.items() if k not in taken} or None
     problem = storable_problem(extra)
     if problem is not None:
         rejected["extra"] = f"other metadata dropped: {problem}"
@@ -217,7 +223,7 @@ def read_manifest(path: Path, source: str = "manifest") -> Iterator[IngestItem]:
 
 
 # -- stages ------------------------------------------------------------------------------
-def prepare(item: IngestItem, max_pixels: int) -> Prepared:
+def prepare(item: IngestItem, max_pixels: int, *, vehicle_labels: bool = True) -> Prepared:
     """Hash and decode one file and check its metadata; raises ImageRejectedError with the
     reason for a file that cannot be used (bad metadata only drops those fields)."""
     if not item.path.is_file():
@@ -227,8 +233,9 @@ def prepare(item: IngestItem, max_pixels: int) -> Prepared:
     except OSError as exc:
         raise ImageRejectedError(f"unreadable: {exc.strerror or exc}", str(item.path)) from None
     img = load_image(item.path, max_pixels=max_pixels)
-    return Prepared(item=item, sha256=digest, id=image_id(digest), image=img,
-                    meta=clean_metadata(item.meta, item.source))
+    return Prepared(item=item, sha256=digest, id=image_id(digest, item.collection), image=img,
+                    meta=clean_metadata(item.meta, item.source,
+                                        vehicle_labels=vehicle_labels))
 
 
 def store_path(image_dir: Path, digest: str, suffix: str) -> Path:
@@ -310,6 +317,7 @@ def merge_existing(db: Database, batch: Sequence[Prepared]) -> None:
 def _row_values(p: Prepared, status: ImageStatus) -> dict[str, Any]:
     return {
         "id": p.id,
+        "collection": p.item.collection,
         "sha256": p.sha256,
         "path": str(p.path),
         "width": p.image.width,
@@ -385,7 +393,8 @@ def quarantine(db: Database, item: IngestItem, reason: str) -> None:
         digest = hashlib.sha256(str(item.path.resolve()).encode()).hexdigest()
     source = item.source if isinstance(item.source, str) else "unknown"
     value = {
-        "id": image_id(digest),
+        "id": image_id(digest, item.collection),
+        "collection": item.collection,
         "sha256": digest,
         "path": str(item.path.resolve()),
         "source": source[:TEXT_LIMITS["source"]] or "unknown",
@@ -413,7 +422,8 @@ class BatchWriter:
     collection too, so that no image ends only in the old one.
 
     ``hook`` is called at named points ("after_upsert", "after_rows"): the crash tests
-    kill a worker there, the race tests run a promotion or a reconcile there.
+    kill a worker there, the race tests run a promotion or a reconcile there. A writer
+    writes one collection's images (``serving`` is that collection's version).
     """
 
     db: Database
@@ -422,17 +432,25 @@ class BatchWriter:
     serving: Callable[[], ModelVersion]
     image_dir: Path | None = None
     hook: Hook = _no_hook
+    collection: str = DEFAULT_COLLECTION
+    vehicle_labels: bool = True
 
     @classmethod
     def fixed(cls, db: Database, store: VectorStore, encoder: Encoder, version: ModelVersion,
               image_dir: Path | None = None) -> BatchWriter:
         """A writer for one given version and encoder (tests, benchmarks)."""
-        return cls(db, store, lambda _v: encoder, lambda: version, image_dir)
+        kind = collections.kind_of(db, version.image_collection)
+        return cls(db, store, lambda _v: encoder, lambda: version, image_dir,
+                   collection=version.image_collection, vehicle_labels=kind.vehicle_labels)
 
     def write(self, batch: Sequence[Prepared]) -> int:
         batch = unique(batch)
         if not batch:
             return 0
+        strays = {p.item.collection for p in batch} - {self.collection}
+        if strays:
+            raise CarsearchError(f"a batch for {self.collection} holds images of "
+                                 f"{', '.join(sorted(strays))}")
         if self.image_dir is not None:
             for p in batch:
                 keep_copy(p, self.image_dir)
@@ -467,11 +485,16 @@ class BatchWriter:
         log.warning("serving version keeps changing; reconcile repairs what is missing")
 
 
-def platform_writer(platform: Platform, hook: Hook = _no_hook) -> BatchWriter:
-    """The writer a platform process uses: the serving version as the registry says,
-    its encoder, and the platform's own copy of every image under IMAGE_DIR."""
+def platform_writer(platform: Platform, hook: Hook = _no_hook,
+                    collection: str = DEFAULT_COLLECTION) -> BatchWriter:
+    """The writer a platform process uses for ``collection``: its serving version as the
+    registry says, its encoder, and the platform's own copy of every image under
+    IMAGE_DIR."""
+    kind = collections.kind_of(platform.db, collection)
     return BatchWriter(platform.db, platform.store, platform.search.encoder_for,
-                       platform.registry.require_serving, platform.settings.image_dir, hook)
+                       lambda: platform.registry.require_serving(collection),
+                       platform.settings.image_dir, hook, collection=collection,
+                       vehicle_labels=kind.vehicle_labels)
 
 
 def ingest_items(
@@ -484,7 +507,8 @@ def ingest_items(
     progress: bool = True,
     total: int | None = None,
 ) -> IngestSummary:
-    """Run every stage over `items` in batches; bad files are quarantined, never fatal."""
+    """Run every stage over `items` in batches, into the writer's collection; bad files are
+    quarantined, never fatal."""
     summary = IngestSummary()
     version = writer.serving()
     writer.store.ensure_collection(version.collection, version.dim)
@@ -492,8 +516,10 @@ def ingest_items(
     bar = tqdm(items, total=total, desc="ingest", unit="img", disable=not progress)
     for item in bar:
         summary.seen += 1
+        if item.collection != writer.collection:
+            item = replace(item, collection=writer.collection)
         try:
-            p = prepare(item, max_pixels)
+            p = prepare(item, max_pixels, vehicle_labels=writer.vehicle_labels)
         except ImageRejectedError as exc:
             quarantine(db, item, exc.reason)
             summary.quarantined += 1

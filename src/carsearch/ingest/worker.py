@@ -34,6 +34,8 @@ from carsearch.ingest.pipeline import (
     store_path,
 )
 from carsearch.monitoring.scheduler import LoopState, install_stop_handlers, supervise
+from carsearch.platform import collections
+from carsearch.platform.collections import DEFAULT_COLLECTION
 from carsearch.platform.db import queue
 from carsearch.platform.errors import ImageRejectedError
 from carsearch.platform.images import sha256_file
@@ -80,8 +82,9 @@ def _read_sidecar(path: Path) -> tuple[dict[str, Any], Path | None]:
     return {}, None
 
 
-def scan_inbox(platform: Platform, inbox: Path) -> int:
-    """Move new files from the inbox into the image store and queue a job for each.
+def scan_inbox(platform: Platform, inbox: Path, collection: str = DEFAULT_COLLECTION) -> int:
+    """Move new files from the inbox into the image store and queue a job for each (for
+    ``collection``).
 
     The job is queued before the file moves: a crash in between leaves the file in the
     inbox (scanned again; the duplicate job is a no-op) rather than a file nobody owns.
@@ -102,7 +105,8 @@ def scan_inbox(platform: Platform, inbox: Path) -> int:
         dest = store_path(store_dir, digest, path.suffix)
         source = str(meta.pop("source", "inbox"))
         queue.enqueue(platform.db, [{"path": str(dest), "source": source, "meta": meta,
-                                     "original_name": path.name}])
+                                     "original_name": path.name,
+                                     "collection": collection}])
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists():
             path.unlink()
@@ -137,8 +141,10 @@ class IngestWorker:
         batch_size: int = 32,
         visibility_timeout: float = 60.0,
         poll_interval: float = 1.0,
+        inbox_collection: str = DEFAULT_COLLECTION,
     ) -> None:
         self.p = platform
+        self.inbox_collection = inbox_collection
         self.worker_id = worker_id or default_worker_id()
         self.inbox = inbox
         self.batch_size = batch_size
@@ -149,6 +155,7 @@ class IngestWorker:
         # Test hook: called at the named points of a batch ("after_upsert", "after_rows"),
         # where the race tests run a promotion or a reconcile.
         self.on_point: Callable[[str], None] | None = None
+        self._kinds: dict[str, collections.Kind] = {}
 
     # -- loop ------------------------------------------------------------------------
     def run_once(self) -> WorkerStats:
@@ -158,7 +165,7 @@ class IngestWorker:
         before any job is claimed, so an outage does not use up the jobs' attempts.
         """
         if self.inbox is not None:
-            scan_inbox(self.p, self.inbox)
+            scan_inbox(self.p, self.inbox, self.inbox_collection)
         self.p.store.list_collections()
         indexed_before = self.stats.summary.indexed
         while not self.stop_event.is_set():
@@ -170,9 +177,9 @@ class IngestWorker:
         if self.stats.summary.indexed > indexed_before and self.p.store.needs_flush:
             # Drained: seal the growing segment so searches stay fast (Milvus Lite
             # searches unflushed rows by brute force, far slower; a server seals itself).
-            version = self.p.registry.serving()
-            if version is not None and self.p.store.has_collection(version.collection):
-                self.p.store.flush(version.collection)
+            for version in self.p.registry.all_serving():
+                if self.p.store.has_collection(version.collection):
+                    self.p.store.flush(version.collection)
         return self.stats
 
     def run_forever(self, state: LoopState | None = None) -> WorkerStats:
@@ -200,10 +207,17 @@ class IngestWorker:
                 crash_point("mid_batch")
             payload = job.payload
             item = IngestItem(Path(payload["path"]), str(payload.get("source") or "queue"),
-                              dict(payload.get("meta") or {}))
+                              dict(payload.get("meta") or {}),
+                              str(payload.get("collection") or DEFAULT_COLLECTION))
             s.seen += 1
             try:
-                good.append((job, prepare(item, self.p.settings.max_image_pixels)))
+                vehicle_labels = self._kind(item.collection).vehicle_labels
+            except collections.CollectionError as exc:
+                queue.fail(db, self.worker_id, [job.id], str(exc))  # retried, then dead
+                continue
+            try:
+                good.append((job, prepare(item, self.p.settings.max_image_pixels,
+                                          vehicle_labels=vehicle_labels)))
             except ImageRejectedError as exc:
                 if exc.reason == "file not found" or exc.reason.startswith("unreadable"):
                     # not arrived yet, or a share briefly gone: retried, then dead
@@ -214,11 +228,19 @@ class IngestWorker:
                 METRICS.ingested.labels("quarantined").inc()
                 s.quarantined += 1
                 s.reasons[exc.reason] = s.reasons.get(exc.reason, 0) + 1
-        if not good:
-            return
-        ids = [j.id for j, _ in good]
-        with self._heartbeating(ids):
-            self._store_batch(good, ids)
+        by_collection: dict[str, list[tuple[queue.ClaimedJob, Prepared]]] = {}
+        for job, p in good:
+            by_collection.setdefault(p.item.collection, []).append((job, p))
+        for name, part in by_collection.items():
+            ids = [j.id for j, _ in part]
+            with self._heartbeating(ids):
+                self._store_batch(part, ids, name)
+
+    def _kind(self, name: str) -> collections.Kind:
+        kind = self._kinds.get(name)
+        if kind is None:
+            kind = self._kinds[name] = collections.kind_of(self.p.db, name)
+        return kind
 
     @contextmanager
     def _heartbeating(self, ids: list[int]) -> Iterator[None]:
@@ -249,13 +271,14 @@ class IngestWorker:
         if self.on_point is not None:
             self.on_point(point)
 
-    def _store_batch(self, good: list[tuple[queue.ClaimedJob, Prepared]], ids: list[int]) -> None:
+    def _store_batch(self, good: list[tuple[queue.ClaimedJob, Prepared]], ids: list[int],
+                     collection: str = DEFAULT_COLLECTION) -> None:
         db, s = self.p.db, self.stats.summary
         batch = [p for _, p in good]
         s.fields_rejected += sum(len(p.meta.rejected) for p in batch)
         try:
             # The store opens here: an unreachable Milvus fails the batch, not the worker.
-            n = platform_writer(self.p, self._hook).write(batch)
+            n = platform_writer(self.p, self._hook, collection).write(batch)
         except Exception as exc:  # the worker must outlive any one batch
             log.exception("batch of %d failed; jobs go back with backoff", len(ids))
             queue.fail(db, self.worker_id, ids, f"{type(exc).__name__}: {exc}")

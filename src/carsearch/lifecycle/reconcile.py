@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from carsearch.lifecycle.reindex import backfill, give_up, sync_serving_alias
+from carsearch.platform.collections import DEFAULT_COLLECTION, alias_for
 from carsearch.platform.db import ImageStatus, ModelVersion, images
 from carsearch.platform.runtime import Platform
 
@@ -47,6 +48,7 @@ def reconcile(
     platform: Platform, version: ModelVersion | None = None, *, repair: bool = True,
     progress: bool = True, stale_pending_s: float = STALE_PENDING_S,
     give_up_unreadable: bool = False, hook: Callable[[str], None] | None = None,
+    collection: str = DEFAULT_COLLECTION,
 ) -> ReconcileReport:
     """Compare Milvus ids with the database's wanted images; repair both ways.
 
@@ -58,11 +60,11 @@ def reconcile(
     compare-and-set a live batch would fail (and then retry), and their vectors removed.
     ``hook("before_delete")`` runs between the reads and the deletes (the race tests).
     """
-    version = version or platform.registry.require_serving()
+    version = version or platform.registry.require_serving(collection)
     store = platform.store
     store.ensure_collection(version.collection, version.dim)
     in_milvus = store.ids(version.collection)
-    states = images.states(platform.db)
+    states = images.states(platform.db, version.image_collection)
     indexed = {i for i, (st, _) in states.items() if st == ImageStatus.indexed}
     pending = set(states) - indexed
     cutoff = datetime.now(UTC) - timedelta(seconds=stale_pending_s)
@@ -71,11 +73,11 @@ def reconcile(
     orphans = in_milvus - indexed - pending
     rep = ReconcileReport(version.name, len(in_milvus), len(indexed), len(missing),
                           len(orphans), pending=len(pending), stale_pending=len(stale))
-    serving = platform.registry.serving()
-    rep.alias = store.alias_target()
+    serving = platform.registry.serving(version.image_collection)
+    rep.alias = store.alias_target(alias_for(version.image_collection))
     if repair:
         if serving is not None and serving.name == version.name:
-            rep.alias = sync_serving_alias(platform)
+            rep.alias = sync_serving_alias(platform, version.image_collection)
         if hook is not None:
             hook("before_delete")
         rep.removed_orphans = _delete_and_restore(platform, version, orphans, rep)

@@ -33,6 +33,7 @@ from carsearch.ingest.pipeline import (
     prepare,
     vector_rows,
 )
+from carsearch.platform.collections import DEFAULT_COLLECTION, alias_for
 from carsearch.platform.db import Image, ImageStatus, ModelVersion, VersionStatus, images
 from carsearch.platform.errors import CarsearchError, ImageRejectedError
 from carsearch.platform.runtime import Platform
@@ -73,7 +74,7 @@ class BackfillReport:
 
 def _item(row: Image) -> IngestItem:
     meta = {k: getattr(row, k) for k in LABEL_FIELDS if getattr(row, k) is not None}
-    return IngestItem(Path(row.path), row.source, meta)
+    return IngestItem(Path(row.path), row.source, meta, row.collection)
 
 
 def backfill(
@@ -81,7 +82,8 @@ def backfill(
     ids: Collection[int] | None = None, statuses: tuple[ImageStatus, ...] = (ImageStatus.indexed,),
     skip_present: bool = True,
 ) -> BackfillReport:
-    """Embed the images (indexed ones, or ``ids``) that ``version``'s collection lacks.
+    """Embed the images (indexed ones, or ``ids``) of the version's image collection that
+    its Milvus collection lacks.
 
     A file that cannot be read now, or whose bytes no longer match its id, is reported
     (``unreadable``) and left alone: its row keeps its status, nothing is deleted.
@@ -91,9 +93,10 @@ def backfill(
     have = store.ids(version.collection) if skip_present else set()
     report = BackfillReport(version.name)
     encoder = platform.search.encoder_for(version)
-    total = len(ids) if ids is not None else len(images.indexed_ids(platform.db))
+    total = (len(ids) if ids is not None
+             else len(images.indexed_ids(platform.db, version.image_collection)))
     bar = tqdm(total=total, desc=f"re-index {version.name}", unit="img", disable=not progress)
-    for rows in images.pages(platform.db, ids, statuses):
+    for rows in images.pages(platform.db, ids, statuses, collection=version.image_collection):
         report.wanted += len(rows)
         batch: list[Prepared] = []
         for row in rows:
@@ -155,36 +158,37 @@ def promote_with_backfill(
     catch_up = backfill(platform, promoted, progress=False)
     report.embedded += catch_up.embedded
     report.unreadable += catch_up.unreadable
-    sync_serving_alias(platform)
+    sync_serving_alias(platform, promoted.image_collection)
     return promoted, report
 
 
 def give_up(platform: Platform, ids: Collection[int], reason: str) -> int:
     """Quarantine indexed images on the operator's word, and remove their vectors from the
-    serving collection. Returns how many rows changed."""
+    serving collections. Returns how many rows changed."""
     if not ids:
         return 0
     n = images.set_status(platform.db, ids, ImageStatus.quarantined,
                           where=ImageStatus.indexed, error=reason[:2000])
-    serving = platform.registry.serving()
-    if serving is not None and platform.store.has_collection(serving.collection):
-        platform.store.delete(serving.collection, sorted(ids))
+    for serving in platform.registry.all_serving():
+        if platform.store.has_collection(serving.collection):
+            platform.store.delete(serving.collection, sorted(ids))
     log.warning("gave up %d image(s): %s", n, reason)
     return n
 
 
-def sync_serving_alias(platform: Platform) -> str | None:
-    """Point the Milvus alias ``carsearch_serving`` at the serving version's collection.
+def sync_serving_alias(platform: Platform, collection: str = DEFAULT_COLLECTION) -> str | None:
+    """Point the Milvus alias of an image collection (``carsearch_serving`` for vehicles,
+    ``carsearch_serving_<name>`` for others) at its serving version's collection.
 
     The database says which version serves; the alias is how other Milvus clients reach
     it. It is switched (atomically, by Milvus) after a promotion or rollback has filled
     the new collection, and re-checked by every reconcile, which repairs a crash between
     the database switch and the alias switch. Returns the collection it points to.
     """
-    version = platform.registry.serving()
+    version = platform.registry.serving(collection)
     if version is None or not platform.store.has_collection(version.collection):
         return None
-    platform.store.point_alias(version.collection)
+    platform.store.point_alias(version.collection, alias_for(collection))
     return version.collection
 
 
@@ -200,7 +204,7 @@ def drop_version_data(platform: Platform, version: ModelVersion) -> list[str]:
     if current.status != VersionStatus.retired:
         raise RegistryError(f"{version.name} is {current.status.value}: retire it first")
     store = platform.store
-    if store.alias_target() == current.collection:
+    if store.alias_target(alias_for(current.image_collection)) == current.collection:
         raise RegistryError(f"the serving alias still names {current.collection}: run "
                             "`carsearch reconcile` to point it at the serving version")
     dropped = []

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from carsearch.platform.db import AnnReport, Database, ModelVersion, QueryLog, images
 from carsearch.platform.errors import CarsearchError, QueryError
 from carsearch.platform.metrics import recall_at_k_vs_exact, score_agreement
-from carsearch.platform.vectors.exact import ExactIndex, exact_dir
+from carsearch.platform.vectors.exact import ExactIndex, GpuMode, exact_dir
 from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorStore
 
 __all__ = [
@@ -73,6 +73,7 @@ def exact_from_milvus(
     model_version: str | None = None,
     batch: int = _ITER_BATCH,
     progress: bool = False,
+    gpu: GpuMode = "auto",
 ) -> ExactIndex:
     """Read every (id, vector) of a collection into a new exact index."""
     if not store.has_collection(collection):
@@ -91,17 +92,19 @@ def exact_from_milvus(
     ids = np.concatenate(id_parts) if id_parts else np.empty(0, np.int64)
     vectors = np.concatenate(vec_parts) if vec_parts else np.empty((0, dim), np.float32)
     log.info("read %d vectors from %s for the exact index", len(ids), collection)
-    return ExactIndex.from_arrays(ids, vectors.reshape(-1, dim), model_version=model_version)
+    return ExactIndex.from_arrays(ids, vectors.reshape(-1, dim), model_version=model_version,
+                                  gpu=gpu)
 
 
 def sync_exact_index(
-    store: VectorStore, version: ModelVersion, data_dir: Path, *, progress: bool = False
+    store: VectorStore, version: ModelVersion, data_dir: Path, *, progress: bool = False,
+    gpu: GpuMode = "auto",
 ) -> ExactIndex:
     """The version's saved exact index, rebuilt from Milvus (and saved) when it is missing,
     unreadable or holds a different id set from the collection."""
     directory = exact_dir(data_dir, version.name)
     try:
-        exact = ExactIndex.load(directory)
+        exact = ExactIndex.load(directory, gpu=gpu)
     except CarsearchError as exc:  # missing or tampered: rebuild
         log.info("exact index for %s: %s; building from Milvus", version.name, exc)
     else:
@@ -110,7 +113,7 @@ def sync_exact_index(
             return exact
         log.info("exact index for %s is stale; rebuilding from Milvus", version.name)
     exact = exact_from_milvus(store, version.collection, model_version=version.name,
-                              progress=progress)
+                              progress=progress, gpu=gpu)
     exact.save(directory)
     return exact
 
@@ -328,7 +331,7 @@ def run_ann_audit(
                          f"{'logged' if queries == 'classes' else 'classes'}")
     vectors = platform.search.encoder_for(version).encode_text(texts)
     exact = sync_exact_index(platform.store, version, platform.settings.data_dir,
-                             progress=progress)
+                             progress=progress, gpu=platform.settings.exact_gpu)
     if not len(exact):
         raise QueryError(f"collection {version.collection} is empty: ingest images first")
     ks = [x for x in (1, 10, 100) if x < k] + [k]

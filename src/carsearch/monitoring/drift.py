@@ -30,8 +30,18 @@ from carsearch.monitoring.drift_detect import (
     knn_density,
 )
 from carsearch.monitoring.scheduler import process_name
-from carsearch.platform.db import Database, Image, ModelVersion, as_utc, images, leases, reports
+from carsearch.platform.db import (
+    Database,
+    Image,
+    ModelVersion,
+    as_utc,
+    images,
+    labels,
+    leases,
+    reports,
+)
 from carsearch.platform.errors import ConfigError
+from carsearch.platform.search.vocabulary import parse_class_name
 from carsearch.platform.settings import DriftSettings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.exact import set_threads
@@ -78,6 +88,7 @@ class DriftRun:
     detection: DriftDetection | None = None
     retrain: dict[str, Any] = field(default_factory=dict)
     report_id: int | None = None
+    label_tasks: list[int] = field(default_factory=list)  # the tasks its clusters made
 
     @property
     def n_isolated(self) -> int:
@@ -107,6 +118,19 @@ class DriftRun:
         if self.retrain:
             lines.append(f"  retrain: {self.retrain.get('state')}")
         return "\n".join(lines)
+
+
+def suggestion(class_name: str | None) -> dict[str, Any]:
+    """The nearest known class as the label a labelling task suggests (a person corrects
+    it): its make, model, year and body type."""
+    if not class_name:
+        return {}
+    try:
+        label = parse_class_name(class_name)
+    except ValueError:
+        return {}
+    return {k: v for k, v in {"make": label.make, "model": label.model, "year": label.year,
+                              "body_type": label.body_type}.items() if v}
 
 
 def _iso(dt: datetime | None) -> str | None:
@@ -203,7 +227,8 @@ def _check(platform: Any, run: DriftRun, version: ModelVersion, since: datetime,
     """Fill ``run`` with the window's images, the references and the detection."""
     cfg: DriftSettings = platform.settings.drift
     db, store = platform.db, platform.store
-    window = images.indexed(Image.ingested_at >= since, Image.ingested_at < until)
+    mine = Image.collection == version.image_collection
+    window = images.indexed(mine, Image.ingested_at >= since, Image.ingested_at < until)
     new_ids, run.n_new_in_window = images.sample_ids(db, window, cfg.max_new, seed)
     if run.n_new_in_window < cfg.min_new:
         run.status, run.advances = "too_few_new", False
@@ -219,7 +244,7 @@ def _check(platform: Any, run: DriftRun, version: ModelVersion, since: datetime,
                        f"{version.collection} (minimum {cfg.min_new}): not checked")
         return
     ref_ids, run.n_reference_available = images.sample_ids(
-        db, images.indexed(Image.ingested_at < since), cfg.max_reference, seed)
+        db, images.indexed(mine, Image.ingested_at < since), cfg.max_reference, seed)
     got_ref, ref = read_vectors(store, version.collection, ref_ids, progress=progress,
                                 desc="reference vectors")
     run.n_reference = len(got_ref)
@@ -299,7 +324,8 @@ def _run(platform: Any, *, since: datetime | None, until: datetime | None, seed:
                    advances=not explicit, params=params)
     if since is None:
         _, run.n_reference_available = images.sample_ids(
-            platform.db, images.indexed(Image.ingested_at < until), 0)
+            platform.db, images.indexed(Image.collection == version.image_collection,
+                                        Image.ingested_at < until), 0)
         run.message = (f"baseline: no earlier drift report; the {run.n_reference_available} "
                        f"images indexed before {run.until} are the reference for the next run")
     else:
@@ -312,6 +338,10 @@ def _run(platform: Any, *, since: datetime | None, until: datetime | None, seed:
                                          retrain_triggered=run.retrain_triggered)
     if run.retrain_triggered:
         clusters = run.detection.clusters if run.detection else []
+        run.label_tasks = labels.create_tasks(
+            platform.db, run.report_id, version.image_collection,
+            [labels.NewTask(c.all_ids or c.member_ids, c.nearest_class_name,
+                            suggestion(c.nearest_class_name)) for c in clusters])
         near = ", ".join(str(c.nearest_class_name or c.nearest_reference_id) for c in clusters)
         log.warning("drift: %d isolated cluster(s) among %d new images (nearest known: %s); "
                     "retraining triggered", run.n_isolated, run.n_new, near)

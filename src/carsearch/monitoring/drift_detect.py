@@ -45,6 +45,9 @@ class IsolatedCluster:
     nearest_similarity: float | None
     nearest_class_name: str | None = None  # filled in by the job from the images table
     nearest_make: str | None = None
+    # Every member's id, the most central first (the labelling task's images; left out of
+    # the report, which keeps the examples above).
+    all_ids: list[int] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -73,6 +76,8 @@ class DriftDetection:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for c in d.get("clusters") or []:
+            c.pop("all_ids", None)  # the labelling task holds them
         d["n_isolated"] = self.n_isolated
         d["novel_fraction"] = self.novel_fraction
         d["expected_novel_fraction"] = self.percentile / 100.0
@@ -147,12 +152,14 @@ def _cluster(
     centroid = x.mean(axis=0)
     centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
     to_centre = x @ centroid
-    order = np.argsort(-to_centre, kind="stable")[:EXAMPLES]
+    everyone = np.argsort(-to_centre, kind="stable")
+    order = everyone[:EXAMPLES]
     sim, row = ref_index.search(centroid[None, :].astype(np.float32), 1)
     r = int(row[0, 0])
     return IsolatedCluster(
         size=len(members),
         member_ids=[int(ids[members[i]]) for i in order],
+        all_ids=[int(ids[members[i]]) for i in everyone],
         mean_density=float(density[members].mean()),
         cohesion=float(to_centre.mean()),
         nearest_reference_id=(int(ref_ids[r]) if ref_ids is not None else r) if r >= 0 else None,

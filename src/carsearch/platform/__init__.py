@@ -1,6 +1,7 @@
 """The shared core every carsearch process uses.
 
-Owns: settings, errors, ids and safe image decoding; the metadata database (`db`: tables,
+Owns: settings, errors, ids and safe image decoding; the image collections and their
+kinds (`collections`); the metadata database (`db`: tables,
 sessions, migrations, the queries of each table); vectors (`vectors`: the store Protocol,
 the Milvus adapter, the exact in-memory mirror, the FAISS exact index, a local Milvus
 server); models (`models`: the SigLIP encoder and the registry of versions); search

@@ -23,7 +23,7 @@ import gradio as gr
 
 from carsearch.platform.errors import CarsearchError, ConfigError
 from carsearch.platform.runtime import Platform
-from carsearch.ui.page import ANY, PageResult, PickedFilters, SearchPage
+from carsearch.ui.page import ANY, Labeller, PageResult, PickedFilters, SearchPage
 from carsearch.ui.render import evaluation_table, page_header, status_markdown
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ def _error(exc: Exception) -> str:
     return f"**Error:** {msg}"
 
 
-def _picked(make: Any, body: Any, colour: Any, source: Any, y0: Any, y1: Any) -> PickedFilters:
+def _picked(make: Any, body: Any, colour: Any, source: Any, y0: Any, y1: Any,
+            collection: Any = None, min_prob: Any = None) -> PickedFilters:
     def tup(v: Any) -> tuple[str, ...]:
         if v is None or v == "":
             return ()
@@ -66,7 +67,8 @@ def _picked(make: Any, body: Any, colour: Any, source: Any, y0: Any, y1: Any) ->
             return tuple(str(x) for x in v)
         return (str(v),)  # one value, whatever a client sent
 
-    return PickedFilters(tup(make), tup(body), tup(colour), tup(source), y0, y1)
+    return PickedFilters(tup(make), tup(body), tup(colour), tup(source), y0, y1,
+                         collection or None, min_prob)
 
 
 class PageHandlers:
@@ -161,6 +163,47 @@ class PageHandlers:
             gr.update(choices=years, value=ANY),
         )
 
+    def collection_picked(self, name: str | None) -> tuple[Any, ...]:
+        """The vehicle filters show only for a collection of vehicles."""
+        try:
+            vehicles = self.page.service.kind(name or None).vehicle_labels
+        except CarsearchError as exc:
+            _error(exc)
+            vehicles = True
+        return tuple(gr.update(visible=vehicles) for _ in range(5))
+
+    def collection_choices(self) -> Any:
+        names, default = self.page.collections()
+        return gr.update(choices=names, value=default, visible=len(names) > 1)
+
+    def label_choices(self) -> Any:
+        try:
+            choices = self.page.label_tasks()
+        except CarsearchError:
+            return gr.update(choices=[], value=None)
+        return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+    def label_show(self, task_id: Any) -> tuple[Any, ...]:
+        if task_id in (None, ""):
+            return [], "no open labelling task", "", "", "", "", ""
+        try:
+            items, sug, note = self.page.label_task(task_id)
+        except CarsearchError as exc:
+            return [], _error(exc), "", "", "", "", ""
+        return (items, note, sug.get("make", ""), sug.get("model", ""),
+                str(sug.get("year", "") or ""), sug.get("body_type", ""), "")
+
+    def label_apply(self, task_id: Any, make: Any, model: Any, year: Any, body: Any,
+                    colour: Any) -> tuple[Any, str]:
+        try:
+            note = self.page.apply_labels(task_id, {"make": make, "model": model,
+                                                    "year": year, "body_type": body,
+                                                    "colour": colour})
+        except CarsearchError as exc:
+            return gr.update(), _error(exc)
+        gr.Info(note)
+        return self.label_choices(), note
+
     def status(self) -> str:
         return status_markdown(self.page.platform)
 
@@ -188,8 +231,16 @@ def build_app(page: SearchPage) -> gr.Blocks:
             status = gr.Markdown("", elem_id="status")
             with gr.Row():
                 with gr.Column(scale=1, min_width=240):
+                    # "" is the default collection (vehicles, or the only one), also for
+                    # API clients that send no collection.
+                    collection = gr.Dropdown([], value="", allow_custom_value=True,
+                                             label="Collection", elem_id="collection",
+                                             visible=False)
                     k = gr.Slider(1, MAX_K_ON_PAGE, value=DEFAULT_K, step=1,
                                   label="Results (top-k)", elem_id="top-k")
+                    min_prob = gr.Slider(
+                        0.0, 1.0, value=0.0, step=0.01, elem_id="min-prob",
+                        label="Minimum probability (text queries; 0: no cut-off)")
                     make = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Make")
                     body = gr.Dropdown([], multiselect=True, allow_custom_value=True,
                                        label="Body type")
@@ -229,6 +280,21 @@ def build_app(page: SearchPage) -> gr.Blocks:
                 cls_out = gr.Label(label="Probability of each label (independent)",
                                    num_top_classes=10, elem_id="cls-out")
                 cls_note = gr.Markdown("", elem_id="cls-note")
+        with gr.Tab("Label"):
+            lab_task = gr.Dropdown([], label="Labelling task (an isolated drift cluster)",
+                                   elem_id="label-task")
+            lab_note = gr.Markdown("", elem_id="label-note")
+            lab_gallery = gr.Gallery(label="Its images still to label", columns=6,
+                                     height="auto", allow_preview=False,
+                                     elem_id="label-images")
+            with gr.Row():
+                lab_make = gr.Textbox(label="Make", elem_id="label-make")
+                lab_model = gr.Textbox(label="Model", elem_id="label-model")
+                lab_year = gr.Textbox(label="Year", elem_id="label-year")
+                lab_body = gr.Textbox(label="Body type", elem_id="label-body")
+                lab_colour = gr.Textbox(label="Colour (optional)", elem_id="label-colour")
+            lab_btn = gr.Button("Label these images", variant="primary", elem_id="label-btn")
+            lab_refresh = gr.Button("Refresh tasks", elem_id="label-refresh")
         with gr.Tab("Status"):
             status_md = gr.Markdown("", elem_id="system-status")
             refresh = gr.Button("Refresh", elem_id="status-refresh")
@@ -238,7 +304,7 @@ def build_app(page: SearchPage) -> gr.Blocks:
         hits = gr.State([])
         qlog = gr.State(None)
 
-        filters = [make, body, colour, source, year_from, year_to]
+        filters = [make, body, colour, source, year_from, year_to, collection, min_prob]
         results = [gallery, status, hits, qlog, selected, detail]
         go.click(h.search, [query, k, *filters], [*results, chips], api_name="search")
         query.submit(h.search, [query, k, *filters], [*results, chips],
@@ -257,15 +323,27 @@ def build_app(page: SearchPage) -> gr.Blocks:
         down.click(h.vote(-1), [selected, qlog, query], status, api_name="vote_down")
         demo.load(h.page_info, None, [header, make, body, colour, source, year_from, year_to],
                   api_name="page_info")
+        demo.load(h.collection_choices, None, collection, api_visibility="private")
+        collection.change(h.collection_picked, [collection],
+                          [make, body, colour, year_from, year_to], api_visibility="private")
+        lab_fields = [lab_make, lab_model, lab_year, lab_body, lab_colour]
+        demo.load(h.label_choices, None, lab_task, api_name="label_tasks")
+        lab_refresh.click(h.label_choices, None, lab_task, api_visibility="private")
+        lab_task.change(h.label_show, [lab_task], [lab_gallery, lab_note, *lab_fields],
+                        api_name="label_task")
+        lab_btn.click(h.label_apply, [lab_task, *lab_fields], [lab_task, lab_note],
+                      api_name="label_apply")
         demo.load(h.status, None, status_md, api_name="status")
         refresh.click(h.status, None, status_md, api_visibility="private")
         demo.load(h.evaluation, None, [eval_note, eval_df], api_name="evaluation")
     return demo
 
 
-def launch(platform: Platform, options: LaunchOptions, *, block: bool = True) -> gr.Blocks:
-    """Build and start the page; serves only the image directory (thumbnails live there)."""
-    page = SearchPage(platform)
+def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
+           labeller: Labeller | None = None) -> gr.Blocks:
+    """Build and start the page; serves only the image directory (thumbnails live there).
+    ``labeller`` backs the Label tab (none: the tab says labelling is not available)."""
+    page = SearchPage(platform, labeller=labeller)
     page.warm_up()
     demo = build_app(page)
     image_dir = Path(platform.settings.image_dir).resolve()

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image as PILImage
 from pydantic import ValidationError
@@ -44,6 +44,15 @@ DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
 
 class PageError(CarsearchError):
     """A problem the page shows as a message (bad input, no model, unusable upload)."""
+
+
+class Labeller(Protocol):
+    """The labelling queue as the Label tab uses it (lifecycle.labelling.PlatformLabeller,
+    handed in by `serve`: the ui imports only the platform)."""
+
+    def open_tasks(self) -> list[dict[str, Any]]: ...
+
+    def apply(self, task_id: int, fields: dict[str, Any]) -> Any: ...
 
 
 class ThumbnailCache:
@@ -96,6 +105,10 @@ class PickedFilters:
     source: tuple[str, ...] = ()
     year_from: str | int | None = None
     year_to: str | int | None = None
+    # Which image collection (None: vehicles, or the only one) and the relevance cut-off
+    # on text hits' calibrated probability (None or 0: none).
+    collection: str | None = None
+    min_prob: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,7 +141,8 @@ class PageResult:
 
 def caption(hit: SearchHit) -> str:
     """"#1 · 0.812 · Chevrolet Silverado 1500 2012 · red · stanford", and for a hit of a
-    relaxed search what it does not meet ("· not body: coupe")."""
+    relaxed search what it does not meet ("· not body: coupe"), then for a text query the
+    calibrated probability ("· p=0.031"), the photographer and description if any."""
     name = " ".join(str(p) for p in (hit.make, hit.model, hit.year) if p) or "unlabelled"
     parts = [f"#{hit.rank}", f"{hit.score:.3f}", name]
     if hit.body_type:
@@ -138,6 +152,10 @@ def caption(hit: SearchHit) -> str:
         parts.append(hit.source)
     if hit.unmet:
         parts.append("not " + ", ".join(hit.unmet))
+    if hit.probability is not None:
+        parts.append(f"p={hit.probability:.3f}")
+    if hit.photographer:
+        parts.append(f"by {hit.photographer}")
     if hit.description:
         text = " ".join(hit.description.split())
         parts.append(text if len(text) <= 90 else text[:89] + "…")
@@ -165,8 +183,10 @@ class SearchPage:
         *,
         vocab_ttl_s: float = 60.0,
         max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        labeller: Labeller | None = None,
     ) -> None:
         self.platform = platform
+        self.labeller = labeller
         self.settings = platform.settings
         self.service = platform.search
         self.vocab_cache = VocabularyCache(platform.db, ttl_s=vocab_ttl_s)
@@ -205,14 +225,20 @@ class SearchPage:
         picked: PickedFilters,
         keep_chips: list[str] | None = None,
     ) -> PageResult:
-        """Text search; `keep_chips` (keys) drops the parsed filters the person removed."""
+        """Text search; `keep_chips` (keys) drops the parsed filters the person removed. A
+        collection without vehicle labels reads no filters from the text."""
+        collection = self._collection(picked)
         parsed = self.parse(query)
         if keep_chips is not None:
             parsed = parsed.keep(keep_chips)
+        if not self.service.kind(collection).vehicle_labels:
+            parsed = parsed.keep(())
         hard = self.picked_filters(picked)
         k = self.service.check_k(k)
+        cut = picked.min_prob or None
         result = self._guard(lambda: self.service.search_text(
-            parsed.text, k, hard, preferred=parsed.chips))
+            parsed.text, k, hard, preferred=parsed.chips, min_prob=cut,
+            collection=collection))
         filters = merge_filters(parsed.filters, hard)
         notes = [f"not filtered on {n}" for n in parsed.ignored]
         return self._shape(result, filters, parsed=parsed, notes=notes)
@@ -223,7 +249,8 @@ class SearchPage:
         k = self.service.check_k(k)
         img = self._read_upload(upload)
         filters = self.picked_filters(picked)
-        result = self._guard(lambda: self.service.search_image(img, k, filters))
+        collection = self._collection(picked)
+        result = self._guard(lambda: self.service.search_image(img, k, filters, collection))
         return self._shape(result, filters)
 
     def classify_upload(
@@ -273,8 +300,28 @@ class SearchPage:
         iid = self.service.check_image_id(image_id)
         k = self.service.check_k(k)
         filters = self.picked_filters(picked)
-        result = self._guard(lambda: self.service.search_similar(iid, k, filters))
+        collection = self._collection(picked)
+        result = self._guard(lambda: self.service.search_similar(iid, k, filters, collection))
         return self._shape(result, filters)
+
+    def collections(self) -> tuple[list[str], str | None]:
+        """The collections' names and the default one (for the page's picker)."""
+        from carsearch.platform import collections
+
+        names = [c.name for c in collections.list_all(self.platform.db)]
+        try:
+            default: str | None = self.service.collection(None)
+        except CarsearchError:
+            default = names[0] if names else None
+        return names, default
+
+    def _collection(self, picked: PickedFilters) -> str | None:
+        name = picked.collection or None
+        if name is not None and not isinstance(name, str):
+            raise PageError("pick a collection from the list")
+        if not (picked.min_prob is None or isinstance(picked.min_prob, int | float)):
+            raise PageError("the minimum probability is a number from 0 to 1")
+        return self.service.collection(name)
 
     def _guard(self, call: Any) -> SearchResult:
         try:
@@ -300,6 +347,11 @@ class SearchPage:
             f"{len(result.hits)} results for {what} in {result.latency_ms:.0f} ms · "
             f"filters: {describe_filters(filters)} · model {result.version}"
         )
+        if result.collection != "vehicles":
+            status += f" · collection {result.collection}"
+        cut = result.filters.get("min_prob")
+        if cut:
+            status += f" · probability ≥ {cut:.2f}"
         if not result.hits:
             status += " · nothing matched the filters you picked: widen them"
         if result.relaxed:
@@ -339,6 +391,59 @@ class SearchPage:
             s.add(row)
             s.flush()
             return int(row.id)
+
+    # -- labelling ---------------------------------------------------------------------------
+    def _labeller(self) -> Labeller:
+        if self.labeller is None:
+            raise PageError("labelling is not available in this process")
+        return self.labeller
+
+    def label_tasks(self) -> list[tuple[str, int]]:
+        """(choice label, task id) for each open labelling task."""
+        return [(f"task {t['id']}: {t['size'] - t['labelled']} to label, nearest "
+                 f"{t['nearest_class'] or '?'}", int(t["id"]))
+                for t in self._labeller().open_tasks()]
+
+    def label_task(self, task_id: int | str | None) -> tuple[list[tuple[str, str]],
+                                                            dict[str, Any], str]:
+        """A task's images still to label (thumbnails), its suggested label, a note."""
+        tid = self._task_id(task_id)
+        task = next((t for t in self._labeller().open_tasks() if t["id"] == tid), None)
+        if task is None:
+            raise PageError(f"no open labelling task {tid}")
+        from carsearch.platform.db import images as image_rows
+
+        rows = image_rows.by_ids(self.platform.db, task["unlabelled_ids"])
+        items = [(str(self.thumbs.get(i, rows[i].path)), f"image {i}")
+                 for i in task["unlabelled_ids"] if i in rows]
+        note = (f"task {tid} (drift report {task['drift_report_id']}): {len(items)} of "
+                f"{task['size']} images to label; nearest known class "
+                f"{task['nearest_class'] or 'unknown'}. The labels apply to all of them.")
+        return items, dict(task["suggested"]), note
+
+    def apply_labels(self, task_id: int | str | None, fields: dict[str, Any]) -> str:
+        tid = self._task_id(task_id)
+        given = {k: v for k, v in fields.items()
+                 if isinstance(v, str | int | float) and str(v).strip()}
+        if not given.get("make"):
+            raise PageError("give at least the make")
+        try:
+            report = self._labeller().apply(tid, given)
+        except CarsearchError as exc:
+            raise PageError(str(exc)) from None
+        self.vocab_cache.invalidate()  # the new make is a filter value from now on
+        done = " · task done" if tid in report.tasks_done else ""
+        return f"labelled {report.applied} image(s) of task {tid}{done}"
+
+    @staticmethod
+    def _task_id(task_id: int | str | None) -> int:
+        try:
+            tid = int(str(task_id))
+        except ValueError:
+            raise PageError("pick a labelling task first") from None
+        if tid < 1:
+            raise PageError("pick a labelling task first")
+        return tid
 
     # -- helpers for timing ----------------------------------------------------------------
     def timed_search(self, query: str, k: int = 10) -> float:

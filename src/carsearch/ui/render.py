@@ -93,6 +93,8 @@ def status_markdown(platform: Platform) -> str:
         _table(list(s.queue), [list(s.queue.values())]),
         "### Last drift report",
         _drift_md(s.drift),
+        f"Labelling tasks: {s.labelling.get('open', 0)} open, "
+        f"{s.labelling.get('done', 0)} done (the Label tab, or `carsearch label export`)",
         "### Latest ANN audit",
         _ann_md(s.ann),
         "### Model versions",

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from carsearch.platform.db import Database, ImageStatus, images, queue, reports
+from carsearch.platform.db import Database, ImageStatus, images, labels, queue, reports
 from carsearch.platform.models.registry import Registry
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectors.store import VectorStore
@@ -63,7 +63,7 @@ def versions(db: Database) -> list[VersionInfo]:
 def serving_info(db: Database, store: VectorStore | None) -> ServingInfo:
     """The serving version and its index size (vectors in Milvus)."""
     version = Registry(db, Path()).serving()
-    indexed = images.counts_by_status(db)[ImageStatus.indexed.value]
+    indexed = images.counts_by_status(db, "vehicles")[ImageStatus.indexed.value]
     if version is None:
         return ServingInfo(None, None, None, indexed)
     size: int | None = None
@@ -140,6 +140,7 @@ class SystemStatus:
     ann: dict[str, Any] | None
     loops: list[dict[str, Any]] = field(default_factory=list)
     alias: str | None = None
+    labelling: dict[str, int] = field(default_factory=dict)  # tasks open / done
 
 
 def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
@@ -153,6 +154,7 @@ def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
         ann=reports.latest_ann_report(db),
         loops=reports.loop_statuses(db),
         alias=_alias(store),
+        labelling=labels.counts(db),
     )
 
 

@@ -19,16 +19,22 @@ from carsearch.platform.ids import MAX_ID
 WANTED = (ImageStatus.indexed, ImageStatus.pending)
 
 
-def indexed_ids(db: Database) -> set[int]:
+def in_collection(collection: str | None) -> list[Any]:
+    """The condition for rows of ``collection`` (none for None: every collection)."""
+    return [] if collection is None else [Image.collection == collection]
+
+
+def indexed_ids(db: Database, collection: str | None = None) -> set[int]:
     with db.session() as s:
-        return set(s.scalars(select(Image.id).where(Image.status == ImageStatus.indexed)))
+        return set(s.scalars(select(Image.id).where(Image.status == ImageStatus.indexed,
+                                                    *in_collection(collection))))
 
 
-def states(db: Database) -> dict[int, tuple[ImageStatus, datetime]]:
-    """Status and ingest time of every indexed or pending image."""
+def states(db: Database, collection: str | None = None) -> dict[int, tuple[ImageStatus, datetime]]:
+    """Status and ingest time of every indexed or pending image (of ``collection``)."""
     with db.session() as s:
         rows = s.execute(select(Image.id, Image.status, Image.ingested_at)
-                         .where(Image.status.in_(WANTED))).all()
+                         .where(Image.status.in_(WANTED), *in_collection(collection))).all()
     return {int(i): (ImageStatus(st), as_utc(at)) for i, st, at in rows}
 
 
@@ -38,10 +44,11 @@ def statuses_of(db: Database, ids: Collection[int]) -> dict[int, ImageStatus]:
     return {int(i): ImageStatus(st) for i, st in rows}
 
 
-def counts_by_status(db: Database) -> dict[str, int]:
+def counts_by_status(db: Database, collection: str | None = None) -> dict[str, int]:
     """Rows by status (every status present, zero where none)."""
     with db.session() as s:
-        rows = s.execute(select(Image.status, func.count()).group_by(Image.status)).all()
+        rows = s.execute(select(Image.status, func.count())
+                         .where(*in_collection(collection)).group_by(Image.status)).all()
     out = {st.value: 0 for st in ImageStatus}
     out.update({ImageStatus(st).value: int(n) for st, n in rows})
     return out
@@ -56,13 +63,14 @@ def by_ids(db: Database, ids: Sequence[int]) -> dict[int, Image]:
 
 def pages(db: Database, ids: Collection[int] | None = None,
           statuses: tuple[ImageStatus, ...] = (ImageStatus.indexed,),
-          page: int = 512) -> Iterator[list[Image]]:
-    """Rows with one of ``statuses`` (and among ``ids`` when given), a page at a time, in
-    id order."""
+          page: int = 512, collection: str | None = None) -> Iterator[list[Image]]:
+    """Rows with one of ``statuses`` (and among ``ids`` when given, and of ``collection``),
+    a page at a time, in id order."""
     wanted = sorted(ids) if ids is not None else None
     last = -1
     while True:
-        q = select(Image).where(Image.status.in_(statuses), Image.id > last)
+        q = select(Image).where(Image.status.in_(statuses), Image.id > last,
+                                *in_collection(collection))
         chunk: list[int] = []
         if wanted is not None:
             chunk = [i for i in wanted if i > last][:page]

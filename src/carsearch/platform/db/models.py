@@ -76,13 +76,32 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
     )
 
 
+class Collection(Base):
+    """A named set of images searched together (``vehicles``, ``photos``): its kind says
+    which metadata fields and filters it has (platform/collections.py). Each collection
+    has its own serving model version."""
+
+    __tablename__ = "collections"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Image(Base):
-    """One vehicle image. `id` is derived from the content hash (see ids.image_id)."""
+    """One image of one collection. `id` is derived from the content hash and the
+    collection (see ids.image_id), so the same photo may sit in two collections."""
 
     __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("collection", "sha256", name="uq_images_collection_sha256"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    sha256: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    collection: Mapped[str] = mapped_column(String(64), nullable=False, default="vehicles",
+                                            server_default="vehicles", index=True)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     path: Mapped[str] = mapped_column(Text, nullable=False)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
@@ -106,9 +125,10 @@ class ModelVersion(Base):
 
     __tablename__ = "model_versions"
     __table_args__ = (
-        # At most one serving version, enforced by the database itself.
+        # At most one serving version per image collection, enforced by the database.
         Index(
             "uq_model_versions_one_serving",
+            "image_collection",
             "status",
             unique=True,
             sqlite_where=text("status = 'serving'"),
@@ -125,7 +145,12 @@ class ModelVersion(Base):
     artifact_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     dim: Mapped[int] = mapped_column(Integer, nullable=False)
     metric: Mapped[str] = mapped_column(String(16), nullable=False, default="IP")
+    # The Milvus collection holding this version's vectors (one per version)...
     collection: Mapped[str] = mapped_column(String(128), nullable=False)
+    # ...of the images of this image collection (`collections.name`), which it serves.
+    image_collection: Mapped[str] = mapped_column(String(64), nullable=False,
+                                                  default="vehicles",
+                                                  server_default="vehicles")
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     params: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -264,3 +289,35 @@ class Lease(Base):
     holder: Mapped[str] = mapped_column(String(128), nullable=False)
     acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class LabelTask(Base):
+    """One isolated drift cluster waiting for a person's labels (all its images)."""
+
+    __tablename__ = "label_tasks"
+    __table_args__ = (
+        # One task per cluster of a report: a drift run re-read never makes two.
+        UniqueConstraint("drift_report_id", "cluster", name="uq_label_tasks_report_cluster"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    drift_report_id: Mapped[int | None] = mapped_column(ForeignKey("drift_reports.id"))
+    cluster: Mapped[int] = mapped_column(Integer, nullable=False)
+    collection: Mapped[str] = mapped_column(String(64), nullable=False, default="vehicles")
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    nearest_class_name: Mapped[str | None] = mapped_column(String(256))
+    suggested: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="open")
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LabelTaskImage(Base):
+    """An image of a labelling task; ``labelled_at`` is set when its labels arrive."""
+
+    __tablename__ = "label_task_images"
+
+    task_id: Mapped[int] = mapped_column(ForeignKey("label_tasks.id"), primary_key=True)
+    image_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    position: Mapped[int] = mapped_column(Integer, nullable=False)  # most central first
+    labelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

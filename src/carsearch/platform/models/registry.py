@@ -2,7 +2,8 @@
 
 A version is a directory (safetensors weights, configs, tokenizer, processor) copied
 under the model directory, with the sha256 of its contents recorded in the database.
-Exactly one version serves at a time (the database enforces it). Promoting keeps the
+Each image collection (platform/collections.py) has at most one serving version (the
+database enforces it); a version serves the collection it was published for. Promoting keeps the
 previous serving version as a candidate so that rollback returns to it; retiring takes
 a version out of that cycle.
 """
@@ -21,6 +22,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from carsearch.platform import collections
+from carsearch.platform.collections import DEFAULT_COLLECTION
 from carsearch.platform.db import Database, ModelVersion, VersionStatus
 from carsearch.platform.errors import ArtifactTamperedError, CarsearchError, ModelNotFoundError
 from carsearch.platform.ids import collection_name
@@ -78,17 +81,27 @@ class Registry:
         with self.db.session() as s:
             return self._get(s, name)
 
-    def serving(self) -> ModelVersion | None:
+    def serving(self, collection: str = DEFAULT_COLLECTION) -> ModelVersion | None:
+        """The version serving ``collection``, or None."""
         with self.db.session() as s:
-            return s.scalar(
-                select(ModelVersion).where(ModelVersion.status == VersionStatus.serving)
-            )
+            return s.scalar(select(ModelVersion).where(
+                ModelVersion.status == VersionStatus.serving,
+                ModelVersion.image_collection == collection))
 
-    def require_serving(self) -> ModelVersion:
-        v = self.serving()
+    def all_serving(self) -> list[ModelVersion]:
+        """The serving version of every collection that has one."""
+        with self.db.session() as s:
+            return list(s.scalars(select(ModelVersion).where(
+                ModelVersion.status == VersionStatus.serving).order_by(ModelVersion.id)))
+
+    def require_serving(self, collection: str = DEFAULT_COLLECTION) -> ModelVersion:
+        v = self.serving(collection)
         if v is None:
+            where = "" if collection == DEFAULT_COLLECTION else f" for collection {collection}"
+            flag = "" if collection == DEFAULT_COLLECTION else f" --collection {collection}"
             raise ModelNotFoundError(
-                "no serving model version: publish one and run `carsearch models promote NAME`"
+                f"no serving model version{where}: publish one{flag} and run "
+                "`carsearch models promote NAME`"
             )
         return v
 
@@ -108,8 +121,11 @@ class Registry:
         base_model: str = "",
         metrics: dict[str, Any] | None = None,
         params: dict[str, Any] | None = None,
+        collection: str = DEFAULT_COLLECTION,
     ) -> ModelVersion:
-        """Copy an artifact directory into the registry and record it as a candidate."""
+        """Copy an artifact directory into the registry and record it as a candidate
+        for ``collection``."""
+        collections.get(self.db, collection)
         artifact = Path(artifact)
         if not artifact.is_dir():
             raise ModelNotFoundError(f"no model artifact at {artifact}")
@@ -121,14 +137,16 @@ class Registry:
         if not _NAME.match(name):
             raise RegistryError(f"unusable version name {name!r}: letters, digits, _ . - only")
         dest = self.model_dir / name
-        collection = collection_name(name)
+        milvus_collection = collection_name(name)
         with self.db.session() as s:
             if s.scalar(select(ModelVersion).where(ModelVersion.name == name)) is not None:
                 raise RegistryError(f"a model version named {name!r} already exists")
-            clash = s.scalar(select(ModelVersion).where(ModelVersion.collection == collection))
+            clash = s.scalar(select(ModelVersion).where(
+                ModelVersion.collection == milvus_collection))
             if clash is not None:
                 raise RegistryError(
-                    f"version name {name!r} maps to the Milvus collection {collection}, which "
+                    f"version name {name!r} maps to the Milvus collection "
+                    f"{milvus_collection}, which "
                     f"version {clash.name!r} already uses (names differing only in . - _ "
                     "collide): choose another name"
                 )
@@ -149,18 +167,21 @@ class Registry:
                 artifact_sha256=digest,
                 dim=dim,
                 metric="IP",
-                collection=collection,
+                collection=milvus_collection,
+                image_collection=collection,
                 metrics=metrics or {},
                 params=params or {},
                 status=VersionStatus.candidate,
             )
             s.add(v)
             s.flush()
-            log.info("published model version %s (%s, dim %d)", name, digest[:12], dim)
+            log.info("published model version %s for %s (%s, dim %d)", name, collection,
+                     digest[:12], dim)
             return v
 
     def promote(self, name: str) -> ModelVersion:
-        """Make `name` the serving version; the previous one stays as a candidate."""
+        """Make `name` the serving version of its collection; the previous one stays as a
+        candidate."""
         with self.db.session() as s:
             v = self._get(s, name)
             if v.status == VersionStatus.retired:
@@ -170,7 +191,8 @@ class Registry:
             self.verify(v)
             current = s.scalar(
                 select(ModelVersion)
-                .where(ModelVersion.status == VersionStatus.serving)
+                .where(ModelVersion.status == VersionStatus.serving,
+                       ModelVersion.image_collection == v.image_collection)
                 .with_for_update()
             )
             if current is not None:
@@ -182,15 +204,17 @@ class Registry:
             log.info("promoted %s (was %s)", name, current.name if current else "none")
             return v
 
-    def previous(self) -> ModelVersion:
-        """The version that served before the current one (what rollback returns to)."""
+    def previous(self, collection: str = DEFAULT_COLLECTION) -> ModelVersion:
+        """The version that served ``collection`` before the current one (what rollback
+        returns to)."""
         with self.db.session() as s:
-            current = s.scalar(
-                select(ModelVersion).where(ModelVersion.status == VersionStatus.serving)
-            )
+            current = s.scalar(select(ModelVersion).where(
+                ModelVersion.status == VersionStatus.serving,
+                ModelVersion.image_collection == collection))
             q = select(ModelVersion).where(
                 ModelVersion.status == VersionStatus.candidate,
                 ModelVersion.promoted_at.is_not(None),
+                ModelVersion.image_collection == collection,
             )
             if current is not None and current.promoted_at is not None:
                 q = q.where(ModelVersion.promoted_at < current.promoted_at)
@@ -199,9 +223,9 @@ class Registry:
                 raise RegistryError("nothing to roll back to: no earlier serving version")
             return previous
 
-    def rollback(self) -> ModelVersion:
-        """Serve again the version that served before the current one."""
-        return self.promote(self.previous().name)
+    def rollback(self, collection: str = DEFAULT_COLLECTION) -> ModelVersion:
+        """Serve again the version that served ``collection`` before the current one."""
+        return self.promote(self.previous(collection).name)
 
     def retire(self, name: str) -> ModelVersion:
         with self.db.session() as s:

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 
+from carsearch.platform import collections
+from carsearch.platform.collections import DEFAULT_COLLECTION, Kind
 from carsearch.platform.db import Database, Image, ModelVersion, QueryLog, images
 from carsearch.platform.errors import ImageRejectedError, QueryError
 from carsearch.platform.ids import MAX_ID
@@ -73,6 +75,8 @@ class SearchHit:
     probability: float | None = None
     # A description that came with the image (a URL manifest's photo_description).
     description: str | None = None
+    # Who took it, where the manifest said (Unsplash's photographer_username).
+    photographer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,6 +99,7 @@ class SearchResult:
     relaxed: str | None = None
     # One entry per search run: the chips it kept and dropped, and the hits it added.
     tiers: list[dict[str, Any]] = field(default_factory=list)
+    collection: str = DEFAULT_COLLECTION
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -109,8 +114,8 @@ class _Empty(threading.local):
 _EMPTY = _Empty()
 
 
-def _description(extra: dict[str, Any] | None) -> str | None:
-    text = (extra or {}).get("description")
+def _extra_text(extra: dict[str, Any] | None, key: str) -> str | None:
+    text = (extra or {}).get(key)
     return text if isinstance(text, str) and text.strip() else None
 
 
@@ -155,8 +160,20 @@ def _counted() -> Iterator[None]:
     METRICS.queries.labels("empty" if _EMPTY.flag else "ok").inc()
 
 
+def _check_filters(kind: Kind, collection: str, filters: SearchFilters | None) -> None:
+    """A filter the collection's kind does not have is an error, not silently nothing."""
+    if filters is None:
+        return
+    used = filters.model_dump(exclude_defaults=True)
+    foreign = [f for f in used if f not in kind.filters]
+    if foreign:
+        raise QueryError(f"the {kind.name} collection {collection} has no "
+                         f"{', '.join(foreign)} filter (it filters on "
+                         f"{', '.join(kind.filters)})")
+
+
 class SearchService:
-    """Text and image search over the serving model version."""
+    """Text and image search over the serving model version of each image collection."""
 
     def __init__(self, settings: Settings, db: Database, store: VectorStore) -> None:
         self.settings = settings
@@ -165,25 +182,48 @@ class SearchService:
         self.registry = Registry(db, settings.model_dir)
         self._encoders: dict[str, Encoder] = {}
         self._lock = threading.Lock()
-        self._serving: tuple[float, ModelVersion] | None = None
+        self._serving: dict[str, tuple[float, ModelVersion]] = {}
+        self._kinds: dict[str, Kind] = {}
+        self._default: tuple[float, str] | None = None
         self.serving_ttl_s = 2.0
 
-    def serving(self) -> ModelVersion:
-        """The serving version, re-read from the database at most every `serving_ttl_s`.
+    def collection(self, name: str | None = None) -> str:
+        """The image collection a query means: ``name``, else vehicles, else the only one
+        (platform/collections.py; re-read at most every `serving_ttl_s`)."""
+        if name is not None:
+            if name not in self._kinds:
+                self._kinds[name] = collections.kind_of(self.db, collections.check_name(name))
+            return name
+        now = time.monotonic()
+        if self._default is None or now - self._default[0] >= self.serving_ttl_s:
+            self._default = (now, collections.resolve(self.db, None).name)
+        return self._default[1]
+
+    def kind(self, collection: str | None = None) -> Kind:
+        name = self.collection(collection)
+        if name not in self._kinds:
+            self._kinds[name] = collections.kind_of(self.db, name)
+        return self._kinds[name]
+
+    def serving(self, collection: str | None = None) -> ModelVersion:
+        """The serving version of a collection, re-read from the database at most every
+        `serving_ttl_s`.
 
         A promotion reaches a running search process within that time; each query does
         not pay a database round trip for it.
         """
+        name = self.collection(collection)
         now = time.monotonic()
-        cached = self._serving
+        cached = self._serving.get(name)
         if cached is not None and now - cached[0] < self.serving_ttl_s:
             return cached[1]
-        version = self.registry.require_serving()
+        version = self.registry.require_serving(name)
+        self._serving[name] = (now, version)
         if cached is not None and cached[1].name != version.name:
-            log.info("serving version is now %s (was %s)", version.name, cached[1].name)
+            log.info("serving version of %s is now %s (was %s)", name, version.name,
+                     cached[1].name)
             if isinstance(self.store, MirroredStore):
-                self.store.keep_only(version.collection)
-        self._serving = (now, version)
+                self.store.keep_only(v.collection for _, v in self._serving.values())
         return version
 
     # -- model -----------------------------------------------------------------------
@@ -225,15 +265,18 @@ class SearchService:
                            threads=self.settings.threads.torch)
 
     def warm(self, *, wait: bool = False) -> ModelVersion:
-        """Ready the serving version: load its encoder and, where searches are served from
-        the in-memory mirror, build the collection's mirror (in the background unless
-        ``wait``) and let later versions' mirrors build on their first search."""
-        version = self.registry.require_serving()
-        self.encoder_for(version).encode_text(["warm up"])
-        if isinstance(self.store, MirroredStore):
-            self.store.auto_build = True
-            if self.store.has_collection(version.collection):
-                self.store.warm(version.collection, wait=wait)
+        """Ready the serving versions: load their encoders and, where searches are served
+        from the in-memory mirror, build their collections' mirrors (in the background
+        unless ``wait``) and let later versions' mirrors build on their first search.
+        Returns the default collection's version."""
+        version = self.serving()
+        others = [v for v in self.registry.all_serving() if v.name != version.name]
+        for v in [version, *others]:
+            self.encoder_for(v).encode_text(["warm up"])
+            if isinstance(self.store, MirroredStore):
+                self.store.auto_build = True
+                if self.store.has_collection(v.collection):
+                    self.store.warm(v.collection, wait=wait)
         return version
 
     # -- queries ---------------------------------------------------------------------
@@ -284,22 +327,27 @@ class SearchService:
         *,
         preferred: Sequence[FilterChip] = (),
         min_prob: float | None = None,
+        collection: str | None = None,
     ) -> SearchResult:
         """Text search. ``filters`` are hard (picked by the person: never relaxed);
         ``preferred`` are the chips read from the text: met where k vehicles meet them,
         otherwise relaxed in `relaxation_tiers` order until the page is full, exact
         matches first, and the result says what was relaxed. A chip whose field the
         hard filters set is overridden by them. ``min_prob`` drops the hits whose
-        calibrated text-image probability is lower (a relevance cut-off)."""
+        calibrated text-image probability is lower (a relevance cut-off). ``collection``:
+        which image collection (default: vehicles, or the only one); a collection without
+        vehicle labels ignores ``preferred``."""
         with _counted():
             text = self.clean_query(query)
             k = self.check_k(k)
             cut = self.check_min_prob(min_prob)
+            kind = self.kind(collection)
+            _check_filters(kind, self.collection(collection), filters)
             t0 = time.perf_counter()
-            version = self.serving()
+            version = self.serving(collection)
             vec = self.encoder_for(version).encode_text([text])
             hard = filters or SearchFilters()
-            soft = [c for c in preferred if not _overridden(c, hard)]
+            soft = [c for c in preferred if kind.vehicle_labels and not _overridden(c, hard)]
             return self._finish(version, vec, "text", text, k, hard, t0, soft, cut)
 
     @staticmethod
@@ -316,34 +364,38 @@ class SearchService:
 
     def classify(
         self, images: Sequence[PILImage.Image], labels: str | Sequence[str],
-        template: str = DEFAULT_TEMPLATE,
+        template: str = DEFAULT_TEMPLATE, collection: str | None = None,
     ) -> list[list[LabelScore]]:
         """Zero-shot: each label's independent probability for each image, with the
-        serving version's model (platform/search/classify.py)."""
-        encoder = self.encoder_for(self.serving())
+        model serving ``collection`` (platform/search/classify.py)."""
+        encoder = self.encoder_for(self.serving(collection))
         parse_labels(labels)  # a bad label list fails before any image is encoded
         check_template(template)
         vectors = encoder.encode_images([im.convert("RGB") for im in images])
         return classify_vectors(encoder, vectors, labels, template)
 
     def search_image(
-        self, image: PILImage.Image, k: int = 10, filters: SearchFilters | None = None
+        self, image: PILImage.Image, k: int = 10, filters: SearchFilters | None = None,
+        collection: str | None = None,
     ) -> SearchResult:
         with _counted():
             k = self.check_k(k)
+            _check_filters(self.kind(collection), self.collection(collection), filters)
             t0 = time.perf_counter()
-            version = self.serving()
+            version = self.serving(collection)
             vec = self.encoder_for(version).encode_images([image.convert("RGB")])
             return self._finish(version, vec, "image", None, k, filters, t0)
 
     def search_similar(
-        self, image_id: int, k: int = 10, filters: SearchFilters | None = None
+        self, image_id: int, k: int = 10, filters: SearchFilters | None = None,
+        collection: str | None = None,
     ) -> SearchResult:
         with _counted():
-            return self._similar(self.check_image_id(image_id), k, filters)
+            return self._similar(self.check_image_id(image_id), k, filters, collection)
 
     def _similar(
-        self, image_id: int, k: int, filters: SearchFilters | None
+        self, image_id: int, k: int, filters: SearchFilters | None,
+        collection: str | None = None,
     ) -> SearchResult:
         """"More like this": image search with an indexed image as the query.
 
@@ -351,8 +403,9 @@ class SearchService:
         encode); an image the collection does not hold yet is decoded and encoded.
         """
         k = self.check_k(k)
+        _check_filters(self.kind(collection), self.collection(collection), filters)
         t0 = time.perf_counter()
-        version = self.serving()
+        version = self.serving(collection)
         found, vec = self.store.vectors(version.collection, [int(image_id)])
         if len(found):
             return self._finish(version, vec, "image", None, k, filters, t0)
@@ -361,7 +414,7 @@ class SearchService:
         if row is None:
             raise QueryError(f"no image with id {image_id}")
         img = load_image(Path(row.path), max_pixels=self.settings.max_image_pixels)
-        return self.search_image(img, k, filters)
+        return self.search_image(img, k, filters, collection)
 
     def _finish(
         self,
@@ -417,7 +470,8 @@ class SearchService:
                     body_type=row.body_type, colour=row.colour, class_name=row.class_name,
                     source=row.source, unmet=unmet,
                     probability=None if prob is None else round(prob, 6),
-                    description=_description(row.extra),
+                    description=_extra_text(row.extra, "description"),
+                    photographer=_extra_text(row.extra, "photographer"),
                 ))
             ran.append({"kept": [c.key for c in kept], "dropped": [c.key for c in dropped],
                         "hits": added})
@@ -435,7 +489,7 @@ class SearchService:
             METRICS.queries_relaxed.inc()
         qid = self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
         return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid,
-                            note, ran if soft else [])
+                            note, ran if soft else [], version.image_collection)
 
     def _path(self, collection: str) -> str:
         """What answered a search, for the latency histogram."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,10 +266,12 @@ class MirroredStore(MilvusStore):
         with self._mlock:
             self._mirrors.pop(name, None)
 
-    def keep_only(self, name: str) -> None:
-        """Free every mirror but ``name``'s (after a promotion, the old version's copy)."""
+    def keep_only(self, names: str | Iterable[str]) -> None:
+        """Free every mirror but those of ``names`` (after a promotion, the old version's
+        copy; the serving versions of other image collections stay)."""
+        keep = {names} if isinstance(names, str) else set(names)
         with self._mlock:
-            for other in [n for n in self._mirrors if n != name]:
+            for other in [n for n in self._mirrors if n not in keep]:
                 log.info("freeing the search mirror of %s", other)
                 del self._mirrors[other]
 
