@@ -78,6 +78,16 @@ def train_command(
     class_texts: Annotated[bool, typer.Option("--class-texts/--no-class-texts", help="Every "
                                               "step, also score the images against every "
                                               "class name.")] = True,
+    feedback: Annotated[bool, typer.Option("--feedback/--no-feedback", help="Also train "
+                                           "on the search page's votes (query_feedback): "
+                                           "thumbs-down as hard negatives, thumbs-up as "
+                                           "extra positives.")] = True,
+    feedback_weight: Annotated[float, typer.Option(min=0.0, help="Weight of each feedback "
+                                                   "pair in the loss.")] = 1.0,
+    feedback_max: Annotated[int, typer.Option(min=0, help="At most N feedback pairs, "
+                                              "newest first.")] = 1000,
+    feedback_share: Annotated[float, typer.Option(min=0.0, help="...and at most this share "
+                                                  "of the train images.")] = 0.25,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on a bf16 GPU, else fp32), "
                                                  "no, bf16.")] = "auto",
@@ -119,7 +129,8 @@ def train_command(
         warmup=warmup, lora_rank=lora_rank, full=full, seed=seed,
         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
         stop_after=stop_after, resume=resume, limit=limit, class_texts=class_texts,
-        progress=not as_json,
+        feedback_db=settings.database_url if feedback else "", feedback_weight=feedback_weight,
+        feedback_max=feedback_max, feedback_share=feedback_share, progress=not as_json,
     )
     from carsearch.lifecycle.reindex import promote_with_backfill
     from carsearch.platform.runtime import Platform
@@ -141,6 +152,11 @@ def train_command(
     t = report.training
     typer.echo(f"run {report.run_id}: {t['steps']}/{t['total_steps']} steps, "
                f"{t['samples_per_s']} samples/s, final loss {t['final_loss']}")
+    fb = t.get("feedback") or {}
+    if fb:
+        typer.echo(f"feedback: {fb['pairs']} pairs ({fb['up']} up, {fb['down']} down) from "
+                   f"{fb['rows']} votes, {fb['capped']} over the cap of {fb['cap']}, "
+                   f"skipped {fb['skipped'] or 'none'}")
     if report.evaluation is None:
         typer.echo(f"stopped early; continue with --resume --out {report.out}")
         return

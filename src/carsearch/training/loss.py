@@ -11,6 +11,9 @@ l_ij = +1 when image i and text j show the same class, -1 otherwise; the loss is
 the batch size as there). Without class labels only the diagonal is positive, as in the
 paper; with them, two images of one class and each other's captions are positives,
 not negatives, which matters when a batch holds several images of a class.
+
+`feedback_loss` adds votes from the search page: (text, image) pairs whose labels are
+set explicitly (+1 thumbs-up, -1 thumbs-down), weighted, on the same scale.
 """
 
 from __future__ import annotations
@@ -87,3 +90,34 @@ def siglip_loss(
     )
     labels = pair_labels(classes, n, logits.device, text_classes)
     return -F.logsigmoid(labels * logits).sum() / n
+
+
+def feedback_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float,
+    n: int,
+) -> torch.Tensor:
+    """The sigmoid loss of feedback pairs: image k with text k, label l_k (+1 or -1).
+
+        L_f = -(w / n) * sum_k log sigmoid(l_k * z_kk)
+
+    with z_kk the pair's logit as in `siglip_logits` and n the batch size of the batch
+    loss it is added to: each feedback pair counts as one more entry of the batch's
+    pair matrix, weighted by w, whose label is set explicitly (a thumbs-down is a -1 even
+    when the image's class matches the text). Only the paired entries are scored: how a
+    feedback text relates to the batch's other images is not known.
+    """
+    if image_emb.shape != text_emb.shape or labels.shape != image_emb.shape[:1]:
+        raise ValueError(
+            f"feedback embeddings must both be (k, d) with k labels, got "
+            f"{tuple(image_emb.shape)}, {tuple(text_emb.shape)} and {tuple(labels.shape)}"
+        )
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    z = (image_emb.float() * text_emb.float()).sum(-1) * logit_scale.float().exp()
+    z = z + logit_bias.float()
+    return -F.logsigmoid(labels.to(z.dtype) * z).sum() * (weight / n)

@@ -10,6 +10,10 @@ image `perm_e[p mod n]` of epoch e = p div n, where perm_e is a permutation seed
 generator seeded by (seed, p). A plain sequential sampler over the stream therefore
 gives the same batches in one process or in several (Accelerate splits each batch
 across them) and after a resume (which skips the batches already seen).
+
+Feedback pairs (`feedback.load_feedback`) ride along in the same way: micro-batch m takes
+positions m*k .. m*k+k-1 of an endless cycle over the pairs (each cycle in an order
+seeded by (seed, cycle)), augmented like the stream's images (`feedback_samples`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from carsearch.data.stanford import LabelledImage, StanfordDataset
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.images import sha256_file
 from carsearch.platform.search.vocabulary import VehicleLabel
+from carsearch.training.feedback import FeedbackPair
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +217,30 @@ class SampleStream(torch.utils.data.Dataset[dict[str, Any]]):
         return {"image": image, "text": text, "class_id": self.data.class_ids[i], "index": i}
 
 
+def feedback_samples(
+    pairs: Sequence[FeedbackPair],
+    micro_step: int,
+    per_batch: int,
+    seed: int,
+    *,
+    augment: bool = True,
+    min_crop_area: float = 0.95,
+) -> list[dict[str, Any]]:
+    """The feedback pairs of micro-batch `micro_step` (see the module docstring)."""
+    n = len(pairs)
+    if n == 0 or per_batch < 1:
+        return []
+    out = []
+    for position in range(micro_step * per_batch, (micro_step + 1) * per_batch):
+        cycle, offset = divmod(position, n)
+        order = np.random.Generator(np.random.PCG64([seed, cycle, 1])).permutation(n)
+        pair = pairs[int(order[offset])]
+        rng = random.Random(f"{seed}:feedback:{position}")
+        image = augment_image(pair.image, rng, min_crop_area) if augment else pair.image
+        out.append({"image": image, "text": pair.query, "label": pair.label})
+    return out
+
+
 class Collate:
     """Batches samples: the base's image processor, the tokenizer padded to max length."""
 
@@ -219,7 +248,7 @@ class Collate:
         self.processor = processor
         self.max_length = max_length
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _encode(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixels = self.processor.image_processor(
             images=[s["image"] for s in samples], return_tensors="pt"
         )["pixel_values"]
@@ -230,8 +259,17 @@ class Collate:
             max_length=self.max_length,
             return_tensors="pt",
         )
+        return {"pixel_values": pixels, "input_ids": tokens["input_ids"]}
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {
-            "pixel_values": pixels,
-            "input_ids": tokens["input_ids"],
+            **self._encode(samples),
             "classes": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
+        }
+
+    def feedback(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Feedback samples: pixels, tokens and the votes' labels (+1 / -1)."""
+        return {
+            **self._encode(samples),
+            "labels": torch.tensor([float(s["label"]) for s in samples]),
         }

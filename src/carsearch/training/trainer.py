@@ -19,6 +19,14 @@
   set (`class_texts`), all in one sigmoid loss with class-level labels: every image sees
   its class name as a positive and every other class name as a negative in every step,
   which is what the class-name queries of the evaluation ask for.
+- Feedback (`feedback_db`, the CLI's `--feedback`): the search page's votes
+  (`feedback.load_feedback`: one net vote per (query, image), newest first, capped) are
+  scored in every micro-batch, k of them (`feedback_per_batch`, default batch/8, at
+  least 1) in a cycle over all: each pair's image and query text go through the towers
+  with the batch, and `loss.feedback_loss` adds -(w / n) log sigmoid(l z) for the pair's
+  logit z and vote l (+1: extra positive, -1: hard negative), w `feedback_weight`. Like
+  the class names, the pairs are computed identically in every process. They are read
+  when a run starts (a resume reads them again: votes cast in between change the run).
 - Precision: bf16 autocast where the accelerator supports it (CUDA with bf16), fp32
   otherwise; on CPU bf16 autocast is usually slower than fp32 and is only used when
   asked for (`mixed_precision="bf16"`).
@@ -47,10 +55,24 @@ from torch import nn
 from tqdm import tqdm
 
 from carsearch.data.stanford import load_stanford
+from carsearch.platform.db import Database
 from carsearch.platform.errors import ConfigError, ModelNotFoundError
 from carsearch.platform.models.encoder import pooled_features, quiet_config_check
-from carsearch.training.loss import siglip_loss
-from carsearch.training.train_data import Collate, SampleStream, TrainSet
+from carsearch.training.feedback import (
+    DEFAULT_MAX_PAIRS,
+    DEFAULT_MAX_SHARE,
+    DEFAULT_WEIGHT,
+    FeedbackSet,
+    load_feedback,
+)
+from carsearch.training.loss import feedback_loss, siglip_loss
+from carsearch.training.train_data import (
+    Collate,
+    SampleStream,
+    TrainSet,
+    data_fingerprint,
+    feedback_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +121,21 @@ class TrainConfig:
     class_texts: bool = True  # every step, also every class name as a text column
     scalar_lr_mult: float = 10.0  # the two scalars' lr as a multiple of the peak lr
     min_crop_area: float = 0.95  # random resized crops keep at least this share of the area
+    feedback_db: str = ""  # database URL whose query_feedback votes train too; "": none
+    feedback_weight: float = DEFAULT_WEIGHT  # w of each feedback pair in the loss
+    feedback_max: int = DEFAULT_MAX_PAIRS  # at most this many feedback pairs (newest first)
+    feedback_share: float = DEFAULT_MAX_SHARE  # ...and at most this share of the train images
+    feedback_per_batch: int = 0  # feedback pairs scored per micro-batch; 0: batch/8, >= 1
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("data", "out", "queries"):
             d[key] = str(d[key]) if d[key] is not None else None
+        if self.feedback_db:  # recorded in the registry: never a password
+            from sqlalchemy.engine import make_url
+
+            d["feedback_db"] = make_url(self.feedback_db).render_as_string(hide_password=True)
         return d
 
 
@@ -147,6 +178,7 @@ class TrainResult:
     parameters: int
     is_main_process: bool
     config: dict[str, Any]
+    feedback: dict[str, Any] = field(default_factory=dict)  # load_feedback's stats
 
     @property
     def finished(self) -> bool:
@@ -171,6 +203,7 @@ class TrainResult:
             "n_train_images": self.n_train_images,
             "n_classes": self.n_classes,
             "data_fingerprint": self.fingerprint,
+            "feedback": self.feedback,
         }
 
 
@@ -363,6 +396,10 @@ def peak_rss_mb() -> float:
 def _check(config: TrainConfig, num_processes: int) -> None:
     if config.batch_size < 1 or config.grad_accum < 1:
         raise ConfigError("batch size and gradient accumulation must be at least 1")
+    if config.feedback_weight < 0 or config.feedback_max < 0 or config.feedback_share < 0:
+        raise ConfigError("the feedback weight and caps must not be negative")
+    if config.feedback_per_batch < 0:
+        raise ConfigError("feedback pairs per batch must not be negative")
     if config.batch_size % num_processes:
         raise ConfigError(
             f"batch size {config.batch_size} is not divisible by {num_processes} processes"
@@ -398,8 +435,42 @@ class _Run:
             progress=config.progress and self.accelerator.is_local_main_process,
         )
         self.data.caption_prob = config.caption_prob
+        self.feedback_per_batch = 0
+        self.feedback = self._load_feedback(dataset)
         self.total_steps = total_steps(config, len(self.data), self.full)
         self.counters = Counters()
+
+    def _load_feedback(self, dataset: Any) -> FeedbackSet:
+        config = self.config
+        if not config.feedback_db or config.feedback_weight == 0:
+            return FeedbackSet([], {})
+        db = Database(config.feedback_db)
+        try:
+            found = load_feedback(
+                db, dataset, self.data.image_ids, self.data.images,
+                max_pairs=config.feedback_max, max_share=config.feedback_share,
+            )
+        finally:
+            db.dispose()
+        per_batch = config.feedback_per_batch or max(1, config.batch_size // 8)
+        self.feedback_per_batch = min(per_batch, len(found))
+        found.stats.update(weight=config.feedback_weight, per_batch=self.feedback_per_batch)
+        if found.pairs:  # the votes are training data: they change the fingerprint
+            self.data.fingerprint = data_fingerprint(
+                self.data.image_ids,
+                f"{self.data.meta['queries_source']};feedback:{found.digest()}",
+            )
+        return found
+
+    def _feedback_batch(self) -> dict[str, torch.Tensor] | None:
+        if not self.feedback.pairs:
+            return None
+        samples = feedback_samples(
+            self.feedback.pairs, self.counters.micro_step, self.feedback_per_batch,
+            self.config.seed, min_crop_area=self.config.min_crop_area,
+        )
+        device = self.accelerator.device
+        return {k: v.to(device) for k, v in self.collate.feedback(samples).items()}
 
     def prepare(self) -> None:
         config, acc = self.config, self.accelerator
@@ -408,12 +479,13 @@ class _Run:
             min_crop_area=config.min_crop_area,
         )
         max_length = text_length_of(self.model.siglip, self.processor)
+        self.collate = Collate(self.processor, max_length)
         loader = torch.utils.data.DataLoader(
             stream,
             batch_size=config.batch_size,
             shuffle=False,
             drop_last=True,
-            collate_fn=Collate(self.processor, max_length),
+            collate_fn=self.collate,
         )
         lr = config.lr or (FULL_LR if self.full else LORA_LR)
         optimizer = make_optimizer(
@@ -457,12 +529,18 @@ class _Run:
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         acc = self.accelerator
         with acc.accumulate(self.model):
-            input_ids = batch["input_ids"]
+            input_ids, pixel_values = batch["input_ids"], batch["pixel_values"]
             n = input_ids.shape[0]
+            n_class = 0 if self.class_tokens is None else len(self.class_tokens)
             if self.class_tokens is not None:
                 input_ids = torch.cat([input_ids, self.class_tokens])
-            image, text, scale, bias = self.model(batch["pixel_values"], input_ids)
-            text, class_text = text[:n], text[n:]
+            fb = self._feedback_batch()
+            if fb is not None:
+                input_ids = torch.cat([input_ids, fb["input_ids"]])
+                pixel_values = torch.cat([pixel_values, fb["pixel_values"]])
+            image, text, scale, bias = self.model(pixel_values, input_ids)
+            image, fb_image = image[:n], image[n:]
+            text, class_text, fb_text = text[:n], text[n:n + n_class], text[n + n_class:]
             classes = batch["classes"]
             if acc.num_processes > 1:
                 image, text = _gather_with_grad(image), _gather_with_grad(text)
@@ -476,6 +554,12 @@ class _Run:
                 loss = siglip_loss(
                     image, torch.cat([text, class_text]), scale, bias, classes,
                     text_classes=torch.cat([classes, class_ids]),
+                )
+            if fb is not None:
+                # Computed identically in every process, like the class-name columns.
+                loss = loss + feedback_loss(
+                    fb_image, fb_text, scale, bias, fb["labels"],
+                    self.config.feedback_weight, image.shape[0],
                 )
             acc.backward(loss)
             if acc.sync_gradients and self.config.max_grad_norm > 0:
@@ -576,6 +660,7 @@ def train(config: TrainConfig) -> TrainResult:
         parameters=total,
         is_main_process=acc.is_main_process,
         config={**config.to_dict(), "lr": run.lr, "warmup": run.warmup, "full": run.full},
+        feedback=run.feedback.stats,
     )
     log.info("training: %s", result.summary())
     return result
