@@ -172,6 +172,9 @@ def test_end_to_end_train_evaluate_publish_promote(
         assert row.model_version_id == version.id and row.finished_at is not None
         assert row.data_fingerprint == version.params["data_fingerprint"]
         assert row.config is not None and row.config["steps"] == 4
+        outcome = row.metrics["outcome"]  # what the Status tab's flywheel shows
+        assert outcome["promoted"] and outcome["version"] == version.name
+        assert outcome["reason"] == report.promotion_reason
 
 
 def test_promotion_decision() -> None:

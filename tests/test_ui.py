@@ -263,6 +263,39 @@ def test_status_without_any_reports(tmp_path: Path) -> None:
         plat.close()
 
 
+def test_status_shows_the_flywheel(tmp_path: Path) -> None:
+    """Drift events with their labelling tasks and retrain, and each training run's
+    outcome: promoted, kept as a candidate and why, failed."""
+    from carsearch.platform.db import RunStatus, TrainingRun
+
+    settings = Settings(data_dir=tmp_path / "fly")
+    migrate.upgrade(settings.database_url)
+    plat = Platform(settings)
+    try:
+        assert "no drift events yet" in status_markdown(plat)
+        with plat.db.session() as s:
+            s.add(DriftReport(n_images=40, n_isolated=1, retrain_triggered=True,
+                              report={"label_tasks": [1], "retrain": {"state": "exited 0"}}))
+            s.add(TrainingRun(base_model="b", status=RunStatus.finished, metrics={
+                "outcome": {"promote_asked": True, "promoted": False,
+                            "reason": "mAP 0.41 does not beat serving v1 (0.52)"}}))
+            s.add(TrainingRun(base_model="b", status=RunStatus.finished, metrics={
+                "outcome": {"promote_asked": True, "promoted": True,
+                            "reason": "mAP 0.61 beats serving v1 (0.52)"}}))
+            s.add(TrainingRun(base_model="b", status=RunStatus.failed, error="OSError: disk"))
+        text = status_markdown(plat)
+        flywheel = text.split("### Data flywheel")[1].split("### Latest ANN audit")[0]
+        assert "Labelling tasks: 0 open, 0 done" in flywheel
+        assert "| 1 |" in flywheel and "exited 0" in flywheel
+        assert "kept as candidate: mAP 0.41 does not beat serving v1 (0.52)" in flywheel
+        assert "promoted: mAP 0.61 beats serving v1 (0.52)" in flywheel
+        assert "failed: OSError: disk" in flywheel
+        order = [flywheel.index(w) for w in ("failed:", "promoted:", "kept as candidate")]
+        assert order == sorted(order)  # newest first
+    finally:
+        plat.close()
+
+
 def test_status_shows_the_last_drift_check_behind_newer_idle_runs(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "drift")
     migrate.upgrade(settings.database_url)

@@ -161,9 +161,12 @@ def run_job(
                               promote=promote, metric=metric, name=version_name,
                               promoter=promoter)
         if db is not None and run_id is not None:
+            outcome = {"promote_asked": promote, "promoted": report.promoted,
+                       "reason": report.promotion_reason, "version": report.version}
             finish_run(db, run_id, status=RunStatus.finished,
                        data_fingerprint=result.fingerprint,
-                       metrics={"training": result.summary(), **version_metrics(evaluation)},
+                       metrics={"training": result.summary(), **version_metrics(evaluation),
+                                "outcome": outcome},
                        model_version_id=version_id)
         return report
     except BaseException as exc:

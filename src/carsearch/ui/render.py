@@ -93,8 +93,16 @@ def status_markdown(platform: Platform) -> str:
         _table(list(s.queue), [list(s.queue.values())]),
         "### Last drift report",
         _drift_md(s.drift),
+        "### Data flywheel",
         f"Labelling tasks: {s.labelling.get('open', 0)} open, "
         f"{s.labelling.get('done', 0)} done (the Label tab, or `carsearch label export`)",
+        _table(["drift report", "at", "isolated clusters", "labelling tasks", "retrain"],
+               [[e["id"], e["created_at"], e["n_isolated"],
+                 ", ".join(map(str, e["label_tasks"])) or "–", e["retrain"] or "–"]
+                for e in s.drift_events]) if s.drift_events else "no drift events yet",
+        _table(["training run", "started", "finished", "version", "outcome"],
+               [[r["id"], r["started_at"], r["finished_at"], r["version"] or "–",
+                 r["outcome"]] for r in s.retrains]) if s.retrains else "no training runs yet",
         "### Latest ANN audit",
         _ann_md(s.ann),
         "### Model versions",

@@ -141,6 +141,8 @@ class SystemStatus:
     loops: list[dict[str, Any]] = field(default_factory=list)
     alias: str | None = None
     labelling: dict[str, int] = field(default_factory=dict)  # tasks open / done
+    drift_events: list[dict[str, Any]] = field(default_factory=list)
+    retrains: list[dict[str, Any]] = field(default_factory=list)
 
 
 def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
@@ -155,6 +157,8 @@ def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
         loops=reports.loop_statuses(db),
         alias=_alias(store),
         labelling=labels.counts(db),
+        drift_events=reports.drift_events(db),
+        retrains=reports.training_runs(db),
     )
 
 

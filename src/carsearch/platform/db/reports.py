@@ -1,4 +1,5 @@
-"""Queries of the report tables: drift_reports, ann_reports and loop_status.
+"""Queries of the report tables: drift_reports, ann_reports, loop_status, and the
+training runs as the flywheel shows them.
 
 The drift job, the ANN audit and every loop write here; the Status tab, the health port's
 metrics and the jobs themselves read here.
@@ -12,7 +13,14 @@ from typing import Any
 from sqlalchemy import select
 
 from carsearch.platform.db.engine import Database, as_utc
-from carsearch.platform.db.models import AnnReport, DriftReport, LoopStatus, ModelVersion
+from carsearch.platform.db.models import (
+    AnnReport,
+    DriftReport,
+    LoopStatus,
+    ModelVersion,
+    RunStatus,
+    TrainingRun,
+)
 
 # --- drift_reports --------------------------------------------------------------------------
 
@@ -43,6 +51,46 @@ def latest_drift(db: Database, scan: int = 200) -> dict[str, Any] | None:
                            None)
             out["last_check"] = _drift_row(checked) if checked is not None else None
         return out
+
+
+def drift_events(db: Database, n: int = 5) -> list[dict[str, Any]]:
+    """The newest drift reports that found isolated clusters, with what they started."""
+    with db.session() as s:
+        rows = list(s.scalars(select(DriftReport).where(DriftReport.n_isolated > 0)
+                              .order_by(DriftReport.id.desc()).limit(n)))
+    out = []
+    for r in rows:
+        report = r.report or {}
+        retrain = report.get("retrain") or {}
+        out.append({"id": r.id, "created_at": r.created_at, "n_isolated": r.n_isolated,
+                    "label_tasks": list(report.get("label_tasks") or []),
+                    "retrain": str(retrain.get("state", ""))})
+    return out
+
+
+def training_runs(db: Database, n: int = 5) -> list[dict[str, Any]]:
+    """The newest training runs and their outcome: promoted (why), kept as a candidate
+    (why), published without a promotion asked, stopped, or failed (the error)."""
+    with db.session() as s:
+        rows = list(s.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(n)))
+        names = {v.id: v.name for v in s.scalars(select(ModelVersion).where(
+            ModelVersion.id.in_([r.model_version_id for r in rows if r.model_version_id])))}
+    out = []
+    for r in rows:
+        outcome = (r.metrics or {}).get("outcome") or {}
+        if r.status == RunStatus.failed:
+            what = f"failed: {r.error or 'unknown error'}"
+        elif r.status == RunStatus.running:
+            what = "running"
+        elif outcome.get("promoted"):
+            what = f"promoted: {outcome.get('reason', '')}"
+        elif outcome.get("promote_asked"):
+            what = f"kept as candidate: {outcome.get('reason', '')}"
+        else:
+            what = "published as a candidate (no promotion asked)"
+        out.append({"id": r.id, "started_at": r.started_at, "finished_at": r.finished_at,
+                    "version": names.get(r.model_version_id or -1), "outcome": what[:300]})
+    return out
 
 
 def previous_until(db: Database, page: int = 500) -> datetime | None:
