@@ -181,7 +181,10 @@ def test_promotion_decision() -> None:
     ev = {"models": {"fine_tuned": {"mAP": 0.5}, "serving": {"mAP": 0.6}}}
     assert promotion_decision(ev, "mAP", None)[0]
     ok, reason = promotion_decision(ev, "mAP", "v1")
-    assert not ok and "does not beat" in reason
+    assert not ok and reason == "mAP 0.5000 is below serving v1 (0.6000)"
+    ev["models"]["serving"]["mAP"] = 0.5  # at least as good: promoted
+    assert promotion_decision(ev, "mAP", "v1") == (True, "mAP 0.5000 equals serving v1 "
+                                                         "(0.5000)")
     ev["models"]["serving"]["mAP"] = 0.4
     assert promotion_decision(ev, "mAP", "v1")[0]
 

@@ -278,7 +278,7 @@ def test_status_shows_the_flywheel(tmp_path: Path) -> None:
                               report={"label_tasks": [1], "retrain": {"state": "exited 0"}}))
             s.add(TrainingRun(base_model="b", status=RunStatus.finished, metrics={
                 "outcome": {"promote_asked": True, "promoted": False,
-                            "reason": "mAP 0.41 does not beat serving v1 (0.52)"}}))
+                            "reason": "mAP 0.41 is below serving v1 (0.52)"}}))
             s.add(TrainingRun(base_model="b", status=RunStatus.finished, metrics={
                 "outcome": {"promote_asked": True, "promoted": True,
                             "reason": "mAP 0.61 beats serving v1 (0.52)"}}))
@@ -287,7 +287,7 @@ def test_status_shows_the_flywheel(tmp_path: Path) -> None:
         flywheel = text.split("### Data flywheel")[1].split("### Latest ANN audit")[0]
         assert "Labelling tasks: 0 open, 0 done" in flywheel
         assert "| 1 |" in flywheel and "exited 0" in flywheel
-        assert "kept as candidate: mAP 0.41 does not beat serving v1 (0.52)" in flywheel
+        assert "kept as candidate: mAP 0.41 is below serving v1 (0.52)" in flywheel
         assert "promoted: mAP 0.61 beats serving v1 (0.52)" in flywheel
         assert "failed: OSError: disk" in flywheel
         order = [flywheel.index(w) for w in ("failed:", "promoted:", "kept as candidate")]

@@ -79,7 +79,8 @@ def finish_run(db: Database, run_id: int, **fields: Any) -> None:
 def promotion_decision(
     evaluation: dict[str, Any], metric: str, serving_name: str | None
 ) -> tuple[bool, str]:
-    """Promote when there is no serving version or the new model beats it on `metric`."""
+    """Promote when there is no serving version or the new model is at least as good as it
+    on `metric`, both scored on the same held-out split in the same evaluation."""
     models = evaluation["models"]
     new = float(models["fine_tuned"][metric])
     if serving_name is None:
@@ -87,7 +88,9 @@ def promotion_decision(
     old = float(models["serving"][metric])
     if new > old:
         return True, f"{metric} {new:.4f} beats serving {serving_name} ({old:.4f})"
-    return False, f"{metric} {new:.4f} does not beat serving {serving_name} ({old:.4f})"
+    if new == old:
+        return True, f"{metric} {new:.4f} equals serving {serving_name} ({old:.4f})"
+    return False, f"{metric} {new:.4f} is below serving {serving_name} ({old:.4f})"
 
 
 def version_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
