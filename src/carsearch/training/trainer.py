@@ -260,7 +260,9 @@ def load_base(base: str) -> tuple[Any, Any]:
         with quiet_config_check():
             processor = AutoProcessor.from_pretrained(source, **kwargs)
             net = AutoModel.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    # ImportError: google's SigLIP checkpoints ship a SiglipTokenizer, which needs the
+    # sentencepiece package; without it transformers raises ImportError.
+    except (OSError, ValueError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(f"cannot load base model {base!r}: {first}") from None
     if not hasattr(net, "get_text_features") or not hasattr(net, "get_image_features"):

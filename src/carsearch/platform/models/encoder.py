@@ -112,7 +112,9 @@ def _load_model(model: str | Path, device: str) -> tuple[Any, Any]:
                 if _hub_offline():
                     raise
                 net, processor = _from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    # ImportError: google's SigLIP checkpoints ship a SiglipTokenizer, which needs the
+    # sentencepiece package; without it transformers raises ImportError.
+    except (OSError, ValueError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(f"cannot load model {source!r}: {first}") from None
     if not hasattr(net, "get_text_features") or not hasattr(net, "get_image_features"):
