@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import SiglipTokenizer  # needs sentencepiece (a main dependency)
 
 from carsearch.ingest.worker import IngestWorker
 from carsearch.lifecycle.reindex import promote_with_backfill
@@ -48,9 +49,6 @@ from carsearch.training.reference_layouts import (
 from carsearch.training.trainer import LORA_TARGETS, base_is_pretrained, load_base, train
 from ingest_world import assert_invariant, make_image, world
 from train_helpers import tiny_catalogue, tiny_config
-
-pytest.importorskip("sentencepiece", reason="the reference layouts need sentencepiece (dev)")
-from transformers import SiglipTokenizer  # after the skip: it needs sentencepiece
 
 # Parameter counts of the two architectures (the published checkpoints' 203.2 M and 878.0 M).
 PARAMETERS = {"base": 203_155_970, "so400m": 877_960_498}
