@@ -50,10 +50,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from machine import cpu_name
+from machine import cpu_name, sample_photos
 
 GIB = 1024**3
 PRECISIONS = ("fp32", "bf16", "autocast")
@@ -95,21 +94,6 @@ def choose_batch(model_dir: Path, precision: str, max_batch: int) -> tuple[int, 
     return max(1, min(allowed, max_batch)), allowed
 
 
-def photos(n: int) -> tuple[list[Image.Image], str]:
-    env = os.environ.get("CARSEARCH_STANFORD_ROOT")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "stanford_cars"
-    files = sorted((root / "cars_train").glob("*.jpg"))[:n]
-    if len(files) == n:
-        images = []
-        for f in files:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
-        return images, "Stanford Cars photos"
-    rng = np.random.default_rng(0)
-    noise = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(n)]
-    return [Image.fromarray(a, "RGB") for a in noise], "synthetic 320×240 images"
-
-
 def rss_now() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -124,7 +108,7 @@ def worker(model_dir: Path, precision: str, batch: int, batches: int, threads: i
     from carsearch.platform.models.encoder import pooled_features, quiet_config_check
 
     torch.set_num_threads(threads)
-    images, source = photos(batch * (batches + 1))
+    images, source = sample_photos(batch * (batches + 1))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     start = time.perf_counter()
     with quiet_config_check():

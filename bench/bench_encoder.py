@@ -26,7 +26,7 @@ from PIL import Image
 
 from carsearch.platform.models.encoder import Encoder
 from carsearch.training.base_model import BUILD_INFO, CompactSpec, TowerSize, build_compact_base
-from machine import cpu_name
+from machine import cpu_name, sample_photos
 
 BASE_SIZED = CompactSpec(
     image_size=224,
@@ -35,21 +35,6 @@ BASE_SIZED = CompactSpec(
     vision=TowerSize(hidden=768, layers=12, heads=12),
     text=TowerSize(hidden=768, layers=12, heads=12),
 )
-
-
-def _photos(n: int) -> tuple[list[Image.Image], str]:
-    env = os.environ.get("CARSEARCH_STANFORD_ROOT")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "stanford_cars"
-    files = sorted((root / "cars_train").glob("*.jpg"))[:n]
-    if len(files) == n:
-        images = []
-        for f in files:
-            with Image.open(f) as im:
-                images.append(im.convert("RGB"))
-        return images, "Stanford Cars photos (≤320 px)"
-    rng = np.random.default_rng(0)
-    noise = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(n)]
-    return [Image.fromarray(a, "RGB") for a in noise], "synthetic 320×240 images"
 
 
 def _texts(n: int) -> list[str]:
@@ -94,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
-    images, source = _photos(max(args.images, args.batch_size * (args.base_batches + 1)))
+    images, source = sample_photos(max(args.images, args.batch_size * (args.base_batches + 1)))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         compact = build_compact_base(Path(tmp) / "compact", seed=0)
