@@ -153,7 +153,7 @@ def caption(hit: SearchHit) -> str:
     if hit.unmet:
         parts.append("not " + ", ".join(hit.unmet))
     if hit.probability is not None:
-        parts.append(f"p={hit.probability:.3f}")
+        parts.append(f"p={hit.probability:.3g}")  # three significant digits
     if hit.photographer:
         parts.append(f"by {hit.photographer}")
     if hit.description:
@@ -351,7 +351,7 @@ class SearchPage:
             status += f" · collection {result.collection}"
         cut = result.filters.get("min_prob")
         if cut:
-            status += f" · probability ≥ {cut:.2f}"
+            status += f" · probability ≥ {cut:.3g}"
         if not result.hits:
             status += " · nothing matched the filters you picked: widen them"
         if result.relaxed:
