@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image as PILImage
 from sqlalchemy import select
 
 from carsearch.ingest.pipeline import IngestItem, ingest_items, platform_writer
@@ -93,7 +94,7 @@ def test_two_collections_keep_their_own_images_versions_and_fields(two) -> None:
     assert {h.photographer for h in pho.hits} == {"user0", "user1", "user2"}
     assert {h.source for h in pho.hits} == {"unsplash"}
     img = p.search.search_image(
-        __import__("PIL.Image", fromlist=["open"]).open(files[3]), k=1, collection="photos")
+        PILImage.open(files[3]), k=1, collection="photos")
     assert img.hits[0].image_id == image_id(sha256_file(files[3]), "photos")
     sim = p.search.search_similar(photo_id, k=3, collection="photos")
     assert sim.hits[0].image_id == photo_id

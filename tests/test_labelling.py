@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def test_label_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         run_drift(w.platform, since=datetime.now(UTC) - timedelta(days=1), retrain_wait_s=60)
     finally:
         w.platform.close()
-    env = {**__import__("os").environ, "CARSEARCH_DATA_DIR": str(tmp_path / "data"),
+    env = {**os.environ, "CARSEARCH_DATA_DIR": str(tmp_path / "data"),
            "CARSEARCH_LOG_LEVEL": "WARNING"}
 
     def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:

@@ -203,12 +203,14 @@ def import_rows(platform: Platform, parsed: list[tuple[int, dict[str, Any]]]) ->
     report.rows = len(parsed)
     problems: list[str] = []
     wanted: dict[int, dict[str, Any]] = {}
+    lines: list[tuple[int, int]] = []  # (line, image id) of every row with a usable id
     for n, row in parsed:
         try:
             iid = int(str(row.get("image_id", "")).strip())
         except ValueError:
             problems.append(f"line {n}: image_id {row.get('image_id')!r} is not an id"[:200])
             continue
+        lines.append((n, iid))
         try:
             got = check_row(row)
         except ValueError as exc:
@@ -223,11 +225,7 @@ def import_rows(platform: Platform, parsed: list[tuple[int, dict[str, Any]]]) ->
         wanted[iid] = got
     with platform.db.session() as s:
         rows = {r.id: r for r in s.scalars(select(Image).where(Image.id.in_(list(wanted))))}
-    for n, row in parsed:
-        try:
-            iid = int(str(row.get("image_id", "")).strip())
-        except ValueError:
-            continue
+    for n, iid in lines:
         if iid in wanted and iid not in rows:
             problems.append(f"line {n}: no image with id {iid}")
         elif iid in rows and rows[iid].status != ImageStatus.indexed:
