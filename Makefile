@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint install clean
+.PHONY: demo serve test lint install clean secrets
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ $(CHROMIUM):
 test: $(STAMP) | $(CHROMIUM)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest
+
+# Random credentials for docker-compose.yml in the git-ignored secrets/ (kept when they
+# exist; SECRETS_ARGS=--force rewrites them, SECRETS_ARGS='--ui-user NAME' names the login).
+SECRETS_ARGS ?=
+secrets:
+	$(PYTHON) scripts/make_secrets.py $(SECRETS_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -77,3 +77,45 @@ def test_nested_errors_name_the_prefixed_variable(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("CARSEARCH_DRIFT__K")
     monkeypatch.setenv("CARSEARCH_DRIFT__RETRAIN_COMMAND", "carsearch train --promote")
     assert load_settings().drift.retrain_command == "carsearch train --promote"
+
+
+# ---- secrets from files (Compose secrets) ---------------------------------------------------
+
+
+def test_secrets_are_read_from_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("ui_auth", "ada:s3cret pw"), ("milvus_token", "root:tok3n"),
+                        ("database_password", "p@ss/w:rd")):
+        (tmp_path / name).write_text(value + "\n")
+        monkeypatch.setenv(f"CARSEARCH_{name.upper()}_FILE", str(tmp_path / name))
+    monkeypatch.setenv("CARSEARCH_DATABASE_URL", "postgresql+psycopg://carsearch@db:5432/cs")
+    s = load_settings()
+    assert s.ui_auth == "ada:s3cret pw" and s.milvus_token == "root:tok3n"
+    from sqlalchemy.engine import make_url
+
+    url = make_url(s.database_url)
+    assert url.password == "p@ss/w:rd" and url.username == "carsearch" and url.host == "db"
+    # Never shown: not in the settings' repr.
+    for secret in ("s3cret", "tok3n", "p@ss"):
+        assert secret not in repr(s)
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "both", "url-has-password"])
+def test_unusable_secret_files_are_one_line_errors_without_the_secret(
+    problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "ui_auth"
+    secret.write_text("" if problem == "empty" else "ada:hunter22\n")
+    if problem == "missing":
+        secret = tmp_path / "nowhere"
+    var = "CARSEARCH_UI_AUTH_FILE"
+    if problem == "url-has-password":
+        var = "CARSEARCH_DATABASE_PASSWORD_FILE"
+        monkeypatch.setenv("CARSEARCH_DATABASE_URL", "postgresql+psycopg://u:old@db/cs")
+    monkeypatch.setenv(var, str(secret))
+    if problem == "both":
+        monkeypatch.setenv("CARSEARCH_UI_AUTH", "bob:other")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    message = str(err.value)
+    assert "\n" not in message and "hunter22" not in message
+    assert ("CARSEARCH_DATABASE_PASSWORD" if problem == "url-has-password" else var) in message

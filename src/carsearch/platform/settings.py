@@ -83,7 +83,8 @@ class Settings(BaseSettings):
         default="",
         description="Milvus Lite file path or http://host:19530; empty means data_dir/milvus.db.",
     )
-    milvus_token: str = Field(default="", description="Milvus server token (user:password).")
+    milvus_token: str = Field(default="", repr=False,
+                              description="Milvus server token (user:password).")
     milvus_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
         default="Session",
         description="Consistency of searches on a Milvus server: Session sees this "
@@ -116,7 +117,8 @@ class Settings(BaseSettings):
     ollama_host: str = Field(default="http://127.0.0.1:11434")
     ollama_model: str = Field(default="qwen2.5:14b")
     image_dir: Path = Field(default=Path(""), description="Images the search page may serve.")
-    ui_auth: str = Field(default="", description="user:password to require a login on the page.")
+    ui_auth: str = Field(default="", repr=False,
+                         description="user:password to require a login on the page.")
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
     max_query_chars: int = Field(default=500, ge=1)
     search_mirror: Literal["auto", "on", "off"] = Field(
@@ -129,6 +131,22 @@ class Settings(BaseSettings):
         description="Address of the /healthz and /metrics port of long-running processes.",
     )
     log_level: str = Field(default="INFO")
+    # Secrets from files (Compose secrets, /run/secrets/...): CARSEARCH_<NAME>_FILE names a
+    # file whose contents, less the trailing newline, are the value of CARSEARCH_<NAME>.
+    # Setting both is an error. database_password goes into database_url, which then must
+    # not carry a password of its own.
+    database_password: str = Field(default="", repr=False,
+                                   description="Password of the database_url's user.")
+    database_password_file: Path | None = None
+    milvus_token_file: Path | None = None
+    ui_auth_file: Path | None = None
+
+    @field_validator("database_password_file", "milvus_token_file", "ui_auth_file")
+    @classmethod
+    def _secret_file_readable(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            _read_secret(v)
+        return v
 
     @field_validator("milvus_uri")
     @classmethod
@@ -151,6 +169,29 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return level
+
+    @model_validator(mode="after")
+    def _secrets_from_files(self) -> Settings:
+        for name in SECRET_FILE_FIELDS:
+            path = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            if getattr(self, name):
+                raise ValueError(f"CARSEARCH_{name.upper()} and CARSEARCH_{name.upper()}_FILE "
+                                 "are both set: set one")
+            setattr(self, name, _read_secret(path))
+        if self.database_password:
+            if not self.database_url:
+                raise ValueError("CARSEARCH_DATABASE_PASSWORD needs CARSEARCH_DATABASE_URL")
+            from sqlalchemy.engine import make_url
+
+            url = make_url(self.database_url)
+            if url.password is not None:
+                raise ValueError("CARSEARCH_DATABASE_URL carries a password and "
+                                 "CARSEARCH_DATABASE_PASSWORD(_FILE) is set: set one")
+            self.database_url = url.set(password=self.database_password).render_as_string(
+                hide_password=False)
+        return self
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:
@@ -186,6 +227,21 @@ class Settings(BaseSettings):
             d.mkdir(parents=True, exist_ok=True)
 
 
+SECRET_FILE_FIELDS = ("database_password", "milvus_token", "ui_auth")
+
+
+def _read_secret(path: Path) -> str:
+    """A secret file's contents without the trailing newline; ValueError (never the
+    contents) when it cannot be read or is empty."""
+    try:
+        value = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the secret file {path} ({type(exc).__name__})") from None
+    if not value:
+        raise ValueError(f"the secret file {path} is empty")
+    return value
+
+
 def _variable_name(loc: tuple[int | str, ...]) -> str:
     return "CARSEARCH_" + "__".join(str(p).upper() for p in loc)
 
@@ -195,7 +251,8 @@ def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        lines = [f"{_variable_name(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        lines = [f"{_variable_name(e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+                 for e in exc.errors()]
         raise SettingsError("invalid settings: " + "; ".join(lines)) from None
 
 
