@@ -15,6 +15,13 @@ again on the same data directory and ports (the chaos run restarts it); the star
 waits for the old connections' TIME_WAIT to pass (up to a minute), because the launcher
 would otherwise move to other ports without saying so.
 
+``authorization=True`` starts it with authentication on (``common.security.
+authorizationEnabled``, the launcher's ``--authorization-enabled``), as docker-compose runs
+Milvus: every client then needs a token. The 2.3 binary creates ``root`` with the password
+``Milvus`` (2.4.7+ takes another from ``common.security.defaultRootPassword``, which
+docker-compose sets from a secret); ``token`` is what this class itself connects with
+while it waits for the server, ``root:Milvus`` unless told otherwise.
+
 In production Milvus runs as its own service (docker-compose); nothing in the platform's
 request paths starts a server.
 """
@@ -42,6 +49,11 @@ PORT_OPTIONS = (
     "query-coord-port", "query-node-port", "index-coord-port", "index-node-port",
     "data-coord-port", "data-node-port",
 )
+
+
+# The password Milvus gives root when nothing else is configured (never used in
+# docker-compose, which sets root's password from a secret).
+DEFAULT_ROOT_TOKEN = "root:Milvus"
 
 
 class MilvusServerError(CarsearchError):
@@ -78,9 +90,12 @@ def launcher() -> str:
 class LocalMilvusServer:
     """One ``milvus-server`` process group on free loopback ports with its own data dir."""
 
-    def __init__(self, data_dir: Path, *, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, data_dir: Path, *, start_timeout_s: float = 120.0,
+                 authorization: bool = False, token: str = "") -> None:
         self.data_dir = Path(data_dir)
         self.start_timeout_s = start_timeout_s
+        self.authorization = authorization
+        self.token = token or (DEFAULT_ROOT_TOKEN if authorization else "")
         ports = free_ports(len(PORT_OPTIONS) + 1)
         self.ports = dict(zip(PORT_OPTIONS, ports[:-1], strict=True))
         self.etcd_peer_port = ports[-1]
@@ -99,6 +114,8 @@ class LocalMilvusServer:
         cmd = [launcher(), "--data", str(self.data_dir)]
         for option, port in self.ports.items():
             cmd += [f"--{option}", str(port)]
+        if self.authorization:
+            cmd += ["--authorization-enabled", "true"]
         return cmd
 
     def start(self) -> str:
@@ -174,7 +191,7 @@ class LocalMilvusServer:
             time.sleep(0.5)
             try:  # the proxy port first: a client would log every refused connection
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                client = MilvusClient(uri=self.uri, timeout=5)
+                client = MilvusClient(uri=self.uri, token=self.token, timeout=5)
                 try:
                     client.list_collections()
                 finally:

@@ -303,6 +303,7 @@ def _milvus_errors(fn: Any) -> Any:
 
     @functools.wraps(fn)
     def wrapper(self: MilvusStore, *args: Any, **kwargs: Any) -> Any:
+        import grpc
         from pymilvus.exceptions import MilvusException
 
         try:
@@ -310,6 +311,15 @@ def _milvus_errors(fn: Any) -> Any:
         except MilvusException as exc:
             raise VectorStoreError(
                 f"Milvus at {self.uri}: {fn.__name__} failed: {exc.message}"
+            ) from exc
+        except grpc.RpcError as exc:  # pymilvus lets some through (a refused token)
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            details = exc.details() if isinstance(exc, grpc.Call) else type(exc).__name__
+            hint = ("; check CARSEARCH_MILVUS_TOKEN(_FILE)"
+                    if code == grpc.StatusCode.UNAUTHENTICATED else "")
+            raise VectorStoreError(
+                f"Milvus at {self.uri}: {fn.__name__} failed: "
+                f"{code.name if code else 'gRPC error'}: {details}{hint}"
             ) from exc
     return wrapper
 
@@ -359,7 +369,10 @@ class MilvusStore:
                     "(one process may open a Lite file at a time; stop that process, or run "
                     "the ingest worker inside the page with `carsearch serve --ingest`)"
                 ) from None
-            raise VectorStoreError(f"cannot open Milvus at {uri}: {exc.message}") from None
+            hint = "" if self.is_lite else (
+                "; a server with authentication on refuses a wrong or missing token this way: "
+                "check CARSEARCH_MILVUS_TOKEN(_FILE)")
+            raise VectorStoreError(f"cannot open Milvus at {uri}: {exc.message}{hint}") from None
 
     # -- collections -------------------------------------------------------------
     @_milvus_errors
