@@ -23,7 +23,7 @@ ALLOWED = {
     "platform": set(),
     "data": {"platform"},
     "training": {"platform", "data"},
-    "lifecycle": {"platform", "ingest", "training"},
+    "lifecycle": {"platform", "data", "ingest", "training"},
     "monitoring": {"platform"},
     "ingest": {"platform", "monitoring.scheduler"},
     "ui": {"platform"},

@@ -83,6 +83,7 @@ def _register() -> None:
         label,
         models,
         monitor,
+        retrain,
         search,
         serve,
         train,
@@ -95,6 +96,7 @@ def _register() -> None:
     app.add_typer(models.models_app, name="models")
     app.add_typer(ingest.ingest_app, name="ingest")
     app.add_typer(label.label_app, name="label")
+    app.add_typer(retrain.retrain_app, name="retrain")
     app.command("search")(search.search_command)
     app.command("classify")(search.classify_command)
     app.command("reconcile")(ingest.reconcile_command)

@@ -115,3 +115,24 @@ def synth(
             f"rendered {report.images} images of {report.classes} classes into {report.out} "
             f"in {report.seconds:.1f} s ({report.images_per_s:.0f} images/s)"
         )
+
+
+@app.command()
+def novel(
+    out: Annotated[Path, typer.Option(help="Folder to write the photos into (an inbox).")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of photos.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical files.")] = 0,
+    colour: Annotated[list[str] | None, typer.Option(help="Paint (repeatable; default: "
+                                                     "every colour in turn).")] = None,
+) -> None:
+    """Render unlabelled photos of a vehicle the catalogue lacks (the Zephyr Aero coupe):
+    dropped into an inbox, they are what the drift job finds as an unrecognised vehicle."""
+    from carsearch.data.catalogue import NOVEL, write_vehicles
+    from carsearch.platform.errors import ConfigError
+    from carsearch.platform.search.vocabulary import COLOURS
+
+    bad = [c for c in colour or [] if c not in COLOURS]
+    if bad:
+        raise ConfigError(f"unknown colour {bad[0]!r} (one of {', '.join(COLOURS)})")
+    paths = write_vehicles(out, NOVEL, n, seed=seed, colours=tuple(colour or ()))
+    typer.echo(f"rendered {len(paths)} photos of a {NOVEL.class_name} into {out}")

@@ -151,7 +151,12 @@ MAKE_STYLE: dict[str, MakeStyle] = {
     "Volvo": MakeStyle("arrow", (225, 225, 230), "diagonal", (30, 36, 48), True),
     "Honda": MakeStyle("h", (230, 230, 235), "wide", CHROME, False),
     "Land Rover": MakeStyle("oval", (30, 120, 60), "mesh", (28, 28, 30), False),
+    # Not in the catalogue: a make no model trained on it has seen (the data flywheel's
+    # tests and walkthrough render it as the "unrecognised vehicle").
+    "Zephyr": MakeStyle("star", (240, 200, 40), "diagonal", (240, 200, 40), True),
 }
+
+NOVEL = CatalogueClass("Zephyr", "Aero", "Coupe", 2015)
 
 
 @dataclass(frozen=True)
@@ -353,7 +358,27 @@ def _pickup_shape(body: str) -> BodyShape:
     return BodyShape(cab, (window,), pillars, (0.17, 0.82), 0.10, 0.28, 0.31, 1.1, 1.2)
 
 
+# The novel make's own silhouette (a tall teardrop no catalogue body has): what makes it
+# an unrecognised vehicle to a model trained on the catalogue, not only a new badge.
+NOVEL_SHAPES: dict[str, BodyShape] = {
+    "Zephyr": BodyShape(
+        ((0, 0.08), (0, 0.30), (0.15, 0.55), (0.45, 0.64), (0.75, 0.56), (0.95, 0.36),
+         (1, 0.2), (1, 0.08)),
+        (((0.2, 0.36), (0.3, 0.52), (0.6, 0.57), (0.8, 0.39)),),
+        (0.5,),
+        (0.2, 0.8),
+        0.08,
+        0.2,
+        0.36,
+        0.8,
+        1.3,
+    ),
+}
+
+
 def shape_of(cls: CatalogueClass) -> BodyShape:
+    if cls.make in NOVEL_SHAPES:
+        return NOVEL_SHAPES[cls.make]
     return _pickup_shape(cls.body) if cls.body in CAB_LENGTH else SHAPES[body_category(cls)]
 
 
@@ -792,6 +817,25 @@ def class_sequence(n: int, n_classes: int, seed: int) -> list[int]:
         for c in perm:
             out.extend((int(c), int(c)))
     return out[:n]
+
+
+def write_vehicles(out: Path, cls: CatalogueClass, n: int, *, seed: int = 0,
+                   colours: tuple[str, ...] = (), size: tuple[int, int] = DEFAULT_SIZE,
+                   prefix: str = "") -> list[Path]:
+    """Render ``n`` unlabelled JPEGs of one class into ``out`` (``colours`` cycled; default
+    every colour): photos of a vehicle arriving from a camera, e.g. `NOVEL`."""
+    if cls.make not in MAKE_STYLE:
+        raise ConfigError(f"no style for make {cls.make!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    paint = colours or COLOURS
+    paths: list[Path] = []
+    for i in range(n):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, i)))
+        img, _ = render_vehicle(cls, paint[i % len(paint)], rng, size)
+        path = out / f"{prefix}{cls.make.lower()}-{seed}-{i:04d}.jpg"
+        img.save(path, format="JPEG", quality=90, subsampling=0)
+        paths.append(path)
+    return paths
 
 
 def _savemat_bytes(variables: dict[str, object], description: str) -> bytes:

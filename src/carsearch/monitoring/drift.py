@@ -4,7 +4,9 @@
 samples references from the images indexed before it, reads both sets of vectors from the
 serving version's Milvus collection, runs the detection (``drift_detect.detect_drift``:
 kNN density, isolated clusters), records a ``drift_reports`` row and, when isolated
-clusters are found, starts the configured retrain command (at most once per cooldown).
+clusters are found, makes one labelling task per cluster and one retrain request for the
+event (``platform.db.retrains``: it waits for the labels, then the retrain job runs it);
+the optional retrain command is also started then (at most once per cooldown).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from carsearch.platform.db import (
     labels,
     leases,
     reports,
+    retrains,
 )
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.search.vocabulary import parse_class_name
@@ -219,6 +222,18 @@ def _retrain(platform: Any, run: DriftRun, now: datetime, wait_s: float) -> dict
     return start_retrain(args, log_path=log_path, env=env, wait_s=wait_s)
 
 
+def _request(platform: Any, run: DriftRun, collection: str) -> dict[str, Any]:
+    """The retrain request of this drift event: one per report that made new labelling
+    tasks; a report whose clusters are all in earlier tasks (the same event seen again)
+    asks for nothing."""
+    if not run.label_tasks or run.report_id is None:
+        return {"request": None, "request_state": "same drift event as earlier labelling "
+                "tasks: no new retrain request"}
+    rid, _ = retrains.for_drift_event(platform.db, run.report_id, collection, run.label_tasks)
+    return {"request": rid, "request_state": f"waiting for {len(run.label_tasks)} "
+            "labelling task(s); the retrain job runs it when they are done"}
+
+
 # --- the whole run --------------------------------------------------------------------------
 
 
@@ -345,7 +360,8 @@ def _run(platform: Any, *, since: datetime | None, until: datetime | None, seed:
         near = ", ".join(str(c.nearest_class_name or c.nearest_reference_id) for c in clusters)
         log.warning("drift: %d isolated cluster(s) among %d new images (nearest known: %s); "
                     "retraining triggered", run.n_isolated, run.n_new, near)
-        run.retrain = {"triggered": True, **_retrain(platform, run, now, retrain_wait_s)}
+        run.retrain = {"triggered": True, **_request(platform, run, version.image_collection),
+                       **_retrain(platform, run, now, retrain_wait_s)}
         reports.update_drift(platform.db, run.report_id, run.to_dict())
     METRICS.drift_runs.labels(run.status).inc()
     log.info("%s", run.message)
