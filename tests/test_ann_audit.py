@@ -26,6 +26,7 @@ from carsearch.monitoring.ann_audit import (
     sync_exact_index,
 )
 from carsearch.monitoring.scheduler import run_every
+from carsearch.platform.artifacts import ArtifactLedger
 from carsearch.platform.db import Database, ModelVersion, QueryLog
 from carsearch.platform.db.reports import latest_ann_report
 from carsearch.platform.settings import Settings
@@ -133,7 +134,7 @@ def test_report_row_is_written_and_read_back(store: MilvusStore, database: Datab
 
 
 def test_exact_index_from_milvus_is_saved_and_kept_in_sync(
-    store: MilvusStore, tmp_path: Path
+    store: MilvusStore, database: Database, tmp_path: Path
 ) -> None:
     vectors, _ = clustered_vectors(120, 8, n_clusters=6, seed=6)
     ids = list(range(1000, 1120))
@@ -145,15 +146,43 @@ def test_exact_index_from_milvus_is_saved_and_kept_in_sync(
     assert scores[:, 0] == pytest.approx(1.0, abs=1e-5)
 
     version = ModelVersion(name="v1", collection="sync")
-    first = sync_exact_index(store, version, tmp_path)
+    ledger = ArtifactLedger(database)
+    first = sync_exact_index(store, version, tmp_path, ledger=ledger)
     assert (exact_dir(tmp_path, "v1") / "index.faiss").is_file()
     assert len(first) == 120
     more, _ = clustered_vectors(1, 8, n_clusters=6, seed=7)
     store.upsert("sync", [5000], more, [VectorRow()])
     store.flush("sync")
-    again = sync_exact_index(store, version, tmp_path)  # stale on disk: rebuilt
+    again = sync_exact_index(store, version, tmp_path, ledger=ledger)  # stale: rebuilt
     assert len(again) == 121 and 5000 in again.ids().tolist()
-    assert len(ExactIndex.load(exact_dir(tmp_path, "v1"))) == 121
+    assert len(ExactIndex.load(exact_dir(tmp_path, "v1"), ledger=ledger)) == 121
+
+
+def test_a_tampered_exact_index_is_refused_kept_aside_and_rebuilt(
+    store: MilvusStore, database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone who can write the data directory replaces the saved index with one whose
+    vectors they chose and rewrites index.json to match: the audit refuses it (the file
+    named in the log), keeps it aside, and measures against the vectors Milvus holds."""
+    vectors, _ = clustered_vectors(40, 8, n_clusters=4, seed=8)
+    ids = list(range(1, 41))
+    _fill(store, "tamper", ids, vectors)
+    version = ModelVersion(name="v1", collection="tamper")
+    ledger = ArtifactLedger(database)
+    sync_exact_index(store, version, tmp_path, ledger=ledger)
+    directory = exact_dir(tmp_path, "v1")
+    forged = vectors.copy()
+    forged[:, :] = forged[::-1]  # every id now holds another image's vector
+    ExactIndex.from_arrays(np.asarray(ids), forged, model_version="v1").save(directory)
+
+    with caplog.at_level("ERROR", logger="carsearch.monitoring.ann_audit"):
+        exact = sync_exact_index(store, version, tmp_path, ledger=ledger)
+    assert str(directory / "index.faiss") in caplog.text and "refused" in caplog.text
+    found = exact.search(_unit(vectors[:5]), 1)[1][:, 0]
+    assert found.tolist() == ids[:5]  # the truth, from Milvus
+    aside = [p for p in tmp_path.joinpath("exact").iterdir() if ".tampered-" in p.name]
+    assert len(aside) == 1 and (aside[0] / "index.faiss").is_file()
+    assert len(ExactIndex.load(directory, ledger=ledger)) == 40  # the rebuilt one is recorded
 
 
 def test_query_sets_come_from_the_database(database: Database) -> None:

@@ -168,3 +168,60 @@ def test_threads_setting():
     assert faiss.omp_get_max_threads() == 1
     with pytest.raises(ValueError):
         set_threads(0)
+
+
+# ---- trusted artifacts: the sha256 recorded in the database at save (issue 17) -------------
+
+
+def _forge(directory, ids, vectors):
+    """What someone who can write the directory does: a different index, and index.json
+    rewritten to match it, so that the JSON beside it vouches for it."""
+    forged = vectors.copy()
+    forged[0] = -forged[0]  # the first image's vector, turned around
+    ExactIndex.from_arrays(ids, forged, model_version="v1").save(directory)
+
+
+def test_the_json_beside_the_index_cannot_catch_a_forgery(tmp_path, data):
+    """Why the ledger exists: a consistent forgery passes the JSON check."""
+    ids, vectors, _ = data
+    ExactIndex.from_arrays(ids, vectors, model_version="v1").save(tmp_path / "v1")
+    _forge(tmp_path / "v1", ids, vectors)
+    forged = ExactIndex.load(tmp_path / "v1")
+    assert forged.search(vectors[:1], 1)[1][0, 0] != ids[0]
+
+
+def test_a_forged_index_is_refused_against_the_recorded_hash(tmp_path, data, database):
+    from carsearch.platform.artifacts import EXACT_INDEX, ArtifactLedger
+
+    ids, vectors, queries = data
+    ledger = ArtifactLedger(database)
+    ExactIndex.from_arrays(ids, vectors, model_version="v1").save(tmp_path / "v1",
+                                                                  ledger=ledger)
+    recorded = ledger.recorded(EXACT_INDEX, "v1")
+    assert recorded is not None and set(recorded) == {INDEX_FILE, META_FILE}
+    loaded = ExactIndex.load(tmp_path / "v1", ledger=ledger)  # untouched: loads
+    np.testing.assert_array_equal(loaded.search(queries, 5)[1],
+                                  brute_force(ids, vectors, queries, 5)[1])
+
+    _forge(tmp_path / "v1", ids, vectors)
+    with pytest.raises(ArtifactTamperedError) as err:
+        ExactIndex.load(tmp_path / "v1", ledger=ledger)
+    assert str(tmp_path / "v1" / INDEX_FILE) in str(err.value)
+    assert "recorded" in str(err.value)
+
+    # Only index.json changed (a count to make the audit report lie): refused, named.
+    ExactIndex.from_arrays(ids, vectors, model_version="v1").save(tmp_path / "v1",
+                                                                  ledger=ledger)
+    meta_path = tmp_path / "v1" / META_FILE
+    meta_path.write_text(meta_path.read_text().replace('"v1"', '"v2"'))
+    with pytest.raises(ArtifactTamperedError, match=str(meta_path)):
+        ExactIndex.load(tmp_path / "v1", ledger=ledger)
+
+
+def test_an_index_with_no_record_is_refused(tmp_path, data, database):
+    from carsearch.platform.artifacts import ArtifactLedger
+
+    ids, vectors, _ = data
+    ExactIndex.from_arrays(ids, vectors).save(tmp_path / "v9")  # saved without the ledger
+    with pytest.raises(ArtifactTamperedError, match="no sha256 was recorded"):
+        ExactIndex.load(tmp_path / "v9", ledger=ArtifactLedger(database))

@@ -119,10 +119,23 @@ def test_sample_stream_is_a_function_of_seed_and_position(catalogue: Path) -> No
         a[12]
 
 
-def test_resume_continues_exactly(compact_model: Path, catalogue: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def ledger_db(tmp_path: Path) -> str:
+    """A migrated SQLite database: where the checkpoints' hashes are recorded."""
+    from carsearch.platform.db import migrate
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    migrate.upgrade(url)
+    return url
+
+
+def test_resume_continues_exactly(
+    compact_model: Path, catalogue: Path, tmp_path: Path, ledger_db: str
+) -> None:
     straight = train(tiny_config(catalogue, compact_model, tmp_path / "straight", grad_accum=2))
     assert straight.model_dir is not None
-    cfg = tiny_config(catalogue, compact_model, tmp_path / "split", grad_accum=2, stop_after=2)
+    cfg = tiny_config(catalogue, compact_model, tmp_path / "split", grad_accum=2, stop_after=2,
+                      ledger_db=ledger_db)
     half = train(cfg)
     assert half.model_dir is None and half.counters.step == 2
     cfg.stop_after, cfg.resume = 0, True
@@ -140,6 +153,93 @@ def test_resume_continues_exactly(compact_model: Path, catalogue: Path, tmp_path
 def test_resume_needs_a_checkpoint(compact_model: Path, catalogue: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nothing to resume"):
         train(tiny_config(catalogue, compact_model, tmp_path / "none", resume=True))
+
+
+class _Payload:
+    """Unpickled, it opens (creates) ``marker``: what a hostile pickle could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_tampered_checkpoint_is_refused_before_anything_is_unpickled(
+    compact_model: Path, catalogue: Path, tmp_path: Path, ledger_db: str
+) -> None:
+    """Whoever can write the run directory cannot change or run code through a resume:
+    every file is checked against the sha256 the database recorded when the checkpoint
+    was written, and a changed, added or missing file is refused with its name."""
+    import shutil
+
+    from carsearch.platform.artifacts import CHECKPOINT, ArtifactLedger
+    from carsearch.platform.db import Database
+    from carsearch.platform.errors import ArtifactTamperedError
+    from carsearch.training.trainer import checkpoint_key, latest_checkpoint
+
+    cfg = tiny_config(catalogue, compact_model, tmp_path / "run", stop_after=2,
+                      ledger_db=ledger_db)
+    train(cfg)
+    ckpt = latest_checkpoint(cfg.out)
+    assert ckpt is not None
+    files = sorted(p.name for p in ckpt.iterdir())
+    # Weights as safetensors, counters as JSON: no pickle of our own to unpickle.
+    assert "model.safetensors" in files and "counters.json" in files
+    assert not any(f.startswith("custom_checkpoint") or (f.endswith(".bin") and "model" in f)
+                   for f in files)
+    db = Database(ledger_db)
+    try:
+        assert sorted(ArtifactLedger(db).recorded(CHECKPOINT, checkpoint_key(ckpt)) or {}) \
+            == files
+    finally:
+        db.dispose()
+    pristine = tmp_path / "pristine"
+    shutil.copytree(ckpt, pristine)
+    cfg.stop_after, cfg.resume = 0, True
+
+    def refused(path: Path) -> None:
+        with pytest.raises(ArtifactTamperedError) as err:
+            train(cfg)
+        assert str(path) in str(err.value)
+        shutil.rmtree(ckpt)
+        shutil.copytree(pristine, ckpt)
+
+    # 1. A pickle Accelerate would load with weights_only=False (a registered object's
+    # state): refused as an unrecorded file, and never unpickled.
+    marker = tmp_path / "pwned"
+    torch.save(_Payload(marker), ckpt / "custom_checkpoint_0.pkl")
+    refused(ckpt / "custom_checkpoint_0.pkl")
+    assert not marker.exists()
+    # 2. One byte of the optimizer state changed.
+    opt = ckpt / "optimizer.bin"
+    raw = bytearray(opt.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    opt.write_bytes(bytes(raw))
+    refused(opt)
+    # 3. The counters moved on (the run would skip data): refused.
+    counters = ckpt / "counters.json"
+    counters.write_text(counters.read_text().replace('"step": 2', '"step": 3'))
+    refused(counters)
+    # 4. A recorded file removed.
+    (ckpt / "scheduler.bin").unlink()
+    refused(ckpt / "scheduler.bin")
+    # 5. A checkpoint no database recorded (another run's, copied in as a whole).
+    cfg_other = tiny_config(catalogue, compact_model, tmp_path / "other", stop_after=2)
+    train(cfg_other)  # no ledger: its checkpoint is not recorded
+    other = latest_checkpoint(cfg_other.out)
+    assert other is not None
+    newer = ckpt.with_name("step-0000009")
+    shutil.copytree(other, newer)
+    with pytest.raises(ArtifactTamperedError, match="no sha256 was recorded"):
+        train(cfg)
+    shutil.rmtree(newer)
+    # 6. Without the database nothing can be checked: no resume.
+    with pytest.raises(ConfigError, match="ledger_db"):
+        train(tiny_config(catalogue, compact_model, tmp_path / "run", resume=True))
+    # Untouched, it resumes and finishes.
+    done = train(cfg)
+    assert done.counters.step == 4 and done.model_dir is not None
 
 
 def test_end_to_end_train_evaluate_publish_promote(

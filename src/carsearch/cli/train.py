@@ -131,6 +131,7 @@ def train_command(
         stop_after=stop_after, resume=resume, limit=limit, class_texts=class_texts,
         feedback_db=settings.database_url if feedback else "", feedback_weight=feedback_weight,
         feedback_max=feedback_max, feedback_share=feedback_share, progress=not as_json,
+        ledger_db=settings.database_url,  # checkpoint hashes, checked by --resume
     )
     from carsearch.lifecycle.reindex import promote_with_backfill
     from carsearch.platform.runtime import Platform

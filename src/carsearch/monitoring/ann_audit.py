@@ -28,8 +28,14 @@ import numpy as np
 from sqlalchemy import select
 from tqdm.auto import tqdm
 
+from carsearch.platform.artifacts import EXACT_INDEX, ArtifactLedger
 from carsearch.platform.db import AnnReport, Database, ModelVersion, QueryLog, images
-from carsearch.platform.errors import CarsearchError, QueryError
+from carsearch.platform.errors import (
+    ArtifactTamperedError,
+    CarsearchError,
+    ModelNotFoundError,
+    QueryError,
+)
 from carsearch.platform.metrics import recall_at_k_vs_exact, score_agreement
 from carsearch.platform.vectors.exact import ExactIndex, GpuMode, exact_dir
 from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorStore
@@ -97,15 +103,29 @@ def exact_from_milvus(
 
 
 def sync_exact_index(
-    store: VectorStore, version: ModelVersion, data_dir: Path, *, progress: bool = False,
-    gpu: GpuMode = "auto",
+    store: VectorStore, version: ModelVersion, data_dir: Path, *, ledger: ArtifactLedger,
+    progress: bool = False, gpu: GpuMode = "auto",
 ) -> ExactIndex:
     """The version's saved exact index, rebuilt from Milvus (and saved) when it is missing,
-    unreadable or holds a different id set from the collection."""
+    unreadable or holds a different id set from the collection.
+
+    The files are checked against the sha256 the ``ledger`` recorded when they were saved
+    before FAISS reads them. One that differs is refused: the error is logged with the file
+    named, the directory is kept aside as ``<version>.tampered-<time>`` for whoever looks
+    into it, and the index is rebuilt from Milvus. An index with no record (saved before
+    the ledger existed) is rebuilt too."""
     directory = exact_dir(data_dir, version.name)
     try:
-        exact = ExactIndex.load(directory, gpu=gpu)
-    except CarsearchError as exc:  # missing or tampered: rebuild
+        if ledger.recorded(EXACT_INDEX, version.name) is None and directory.exists():
+            raise ModelNotFoundError(f"{directory}: no recorded sha256")
+        exact = ExactIndex.load(directory, gpu=gpu, ledger=ledger, key=version.name)
+    except ArtifactTamperedError as exc:
+        aside = directory.with_name(f"{directory.name}.tampered-"
+                                    f"{datetime.now(UTC):%Y%m%dT%H%M%S}")
+        directory.rename(aside)
+        log.error("exact index for %s refused: %s; kept aside as %s, rebuilding from Milvus",
+                  version.name, exc, aside)
+    except CarsearchError as exc:  # missing or unrecorded: rebuild
         log.info("exact index for %s: %s; building from Milvus", version.name, exc)
     else:
         if np.array_equal(np.sort(exact.ids()),
@@ -114,7 +134,7 @@ def sync_exact_index(
         log.info("exact index for %s is stale; rebuilding from Milvus", version.name)
     exact = exact_from_milvus(store, version.collection, model_version=version.name,
                               progress=progress, gpu=gpu)
-    exact.save(directory)
+    exact.save(directory, ledger=ledger, key=version.name)
     return exact
 
 
@@ -331,7 +351,8 @@ def run_ann_audit(
                          f"{'logged' if queries == 'classes' else 'classes'}")
     vectors = platform.search.encoder_for(version).encode_text(texts)
     exact = sync_exact_index(platform.store, version, platform.settings.data_dir,
-                             progress=progress, gpu=platform.settings.exact_gpu)
+                             ledger=ArtifactLedger(platform.db), progress=progress,
+                             gpu=platform.settings.exact_gpu)
     if not len(exact):
         raise QueryError(f"collection {version.collection} is empty: ingest images first")
     ks = [x for x in (1, 10, 100) if x < k] + [k]

@@ -6,7 +6,9 @@ sessions, migrations, the queries of each table); vectors (`vectors`: the store 
 the Milvus adapter, the exact in-memory mirror, the FAISS exact index, a local Milvus
 server); models (`models`: the SigLIP encoder and the registry of versions); search
 (`search`: the service, natural-language filters, the label vocabulary); retrieval metrics;
-telemetry (Prometheus counters); and `runtime`, which wires them for one process.
+telemetry (Prometheus counters); trusted artifacts (`artifacts`: the sha256 the
+database recorded for each file of an exact index or training checkpoint, checked
+before loading); and `runtime`, which wires them for one process.
 May import: third-party libraries only. Nothing in the platform imports data, training,
 lifecycle, monitoring, ingest, ui or cli.
 """

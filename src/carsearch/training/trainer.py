@@ -33,6 +33,16 @@
 - Checkpoints: `accelerator.save_state` every `checkpoint_every` steps and when a run
   stops early (`stop_after`); `resume=True` loads the latest one, counters included, and
   skips the batches already trained on, so the run continues exactly where it stopped.
+- Trusted checkpoints: Accelerate's optimizer, scheduler and RNG files are pickles
+  (loaded with torch's `weights_only` unpickler, which still parses whatever is there),
+  so whoever can write the run directory could change the run or worse. The weights are
+  safetensors (`safe_serialization=True`) and the counters JSON (`counters.json`, not a
+  registered pickle); when a checkpoint is written, the main process records the sha256
+  of every file in it in the platform's database (`ledger_db`, the `artifact_hashes`
+  table, keyed by the checkpoint's resolved path), which the run directory's writer
+  cannot reach. `resume=True` first verifies the checkpoint against that record and
+  refuses, naming the file, a file that differs, is missing, or was never recorded; a
+  run without `ledger_db` cannot be resumed.
 """
 
 from __future__ import annotations
@@ -55,8 +65,9 @@ from torch import nn
 from tqdm import tqdm
 
 from carsearch.data.stanford import load_stanford
+from carsearch.platform.artifacts import CHECKPOINT, ArtifactLedger
 from carsearch.platform.db import Database
-from carsearch.platform.errors import ConfigError, ModelNotFoundError
+from carsearch.platform.errors import ArtifactTamperedError, ConfigError, ModelNotFoundError
 from carsearch.platform.models.encoder import pooled_features, quiet_config_check
 from carsearch.training.feedback import (
     DEFAULT_MAX_PAIRS,
@@ -79,6 +90,7 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ("q_proj", "v_proj")
 SCALARS = ("logit_scale", "logit_bias")
 CHECKPOINTS = "checkpoints"
+COUNTERS_FILE = "counters.json"
 MODEL_SUBDIR = "model"
 MIXED_PRECISION = ("auto", "no", "bf16")
 # Full training from random weights: at 1e-3 the vision tower collapses to one embedding
@@ -126,16 +138,20 @@ class TrainConfig:
     feedback_max: int = DEFAULT_MAX_PAIRS  # at most this many feedback pairs (newest first)
     feedback_share: float = DEFAULT_MAX_SHARE  # ...and at most this share of the train images
     feedback_per_batch: int = 0  # feedback pairs scored per micro-batch; 0: batch/8, >= 1
+    # database URL that records the sha256 of every checkpoint file (resume checks them);
+    # "": none, and then the run cannot be resumed
+    ledger_db: str = ""
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("data", "out", "queries"):
             d[key] = str(d[key]) if d[key] is not None else None
-        if self.feedback_db:  # recorded in the registry: never a password
-            from sqlalchemy.engine import make_url
+        for key in ("feedback_db", "ledger_db"):  # recorded in the registry: no password
+            if d[key]:
+                from sqlalchemy.engine import make_url
 
-            d["feedback_db"] = make_url(self.feedback_db).render_as_string(hide_password=True)
+                d[key] = make_url(d[key]).render_as_string(hide_password=True)
         return d
 
 
@@ -391,6 +407,11 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_key(path: Path) -> str:
+    """The checkpoint's key in the artifact ledger: its resolved path."""
+    return str(Path(path).resolve())
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -441,6 +462,12 @@ class _Run:
         self.feedback = self._load_feedback(dataset)
         self.total_steps = total_steps(config, len(self.data), self.full)
         self.counters = Counters()
+        self.ledger: ArtifactLedger | None = (
+            ArtifactLedger(Database(config.ledger_db)) if config.ledger_db else None)
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.db.dispose()
 
     def _load_feedback(self, dataset: Any) -> FeedbackSet:
         config = self.config
@@ -506,26 +533,41 @@ class _Run:
         self.model, self.optimizer, self.loader, self.scheduler = acc.prepare(
             self.model, optimizer, loader, scheduler
         )
-        acc.register_for_checkpointing(self.counters)
         self.lr, self.warmup = lr, warmup
 
     def resume(self) -> Any:
         ckpt = latest_checkpoint(self.config.out)
         if ckpt is None:
             raise ConfigError(f"nothing to resume: no checkpoint under {self.config.out}")
+        if self.ledger is None:
+            raise ConfigError(f"cannot resume from {ckpt}: nothing to check its files against "
+                              "(the run needs ledger_db, the database that recorded them)")
+        # Before Accelerate unpickles anything: every file as recorded when it was written.
+        self.ledger.verify(CHECKPOINT, checkpoint_key(ckpt), ckpt)
         self.accelerator.load_state(str(ckpt))
-        log.info("resumed from %s at step %d", ckpt, self.counters.step)
+        self.counters.load_state_dict(_read_counters(ckpt / COUNTERS_FILE))
+        log.info("resumed from %s at step %d (its files verified)", ckpt, self.counters.step)
         return self.accelerator.skip_first_batches(self.loader, self.counters.micro_step)
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
         path = self.config.out / CHECKPOINTS / f"step-{self.counters.step:07d}"
-        acc.save_state(str(path))
-        acc.wait_for_everyone()
+        acc.save_state(str(path), safe_serialization=True)
         if acc.is_main_process:
+            (path / COUNTERS_FILE).write_text(json.dumps(self.counters.state_dict()) + "\n")
+        acc.wait_for_everyone()  # every process's files are written
+        if acc.is_main_process:
+            if self.ledger is not None:
+                self.ledger.record(CHECKPOINT, checkpoint_key(path), path)
+            else:
+                log.warning("checkpoint %s: its hashes are not recorded (no ledger_db), so "
+                            "it cannot be resumed", path)
             for old in (self.config.out / CHECKPOINTS).glob("step-*"):
                 if old != path:
                     shutil.rmtree(old, ignore_errors=True)
+                    if self.ledger is not None:
+                        self.ledger.forget(CHECKPOINT, checkpoint_key(old))
+        acc.wait_for_everyone()
         return path
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
@@ -617,6 +659,20 @@ class _Run:
         return out
 
 
+def _read_counters(path: Path) -> dict[str, Any]:
+    """A checkpoint's counters (JSON, verified against the ledger before this is read)."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        fields = {f: type(getattr(Counters(), f)) for f in Counters().state_dict()}
+        if set(state) != set(fields) or not all(
+                isinstance(state[f], t) or (t is float and isinstance(state[f], int))
+                for f, t in fields.items()):
+            raise ValueError("unexpected fields or types")
+    except (OSError, ValueError) as exc:
+        raise ArtifactTamperedError(f"{path}: unreadable counters ({exc})") from exc
+    return state
+
+
 def _parameter_counts(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -627,6 +683,13 @@ def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run; the main process saves the merged model."""
     config.out.mkdir(parents=True, exist_ok=True)
     run = _Run(config)
+    try:
+        return _train(run, config)
+    finally:
+        run.close()
+
+
+def _train(run: _Run, config: TrainConfig) -> TrainResult:
     trainable, total = _parameter_counts(run.model)
     run.prepare()
     acc = run.accelerator

@@ -9,6 +9,7 @@ Owns: the SQLAlchemy models (`models`), `Database` (`engine`), the Alembic runne
 from carsearch.platform.db.engine import Database, as_utc, make_engine, utcnow
 from carsearch.platform.db.models import (
     AnnReport,
+    ArtifactHash,
     Base,
     Collection,
     DriftReport,
@@ -23,6 +24,7 @@ from carsearch.platform.db.models import (
     ModelVersion,
     QueryFeedback,
     QueryLog,
+    RetrainRequest,
     RunStatus,
     TrainingRun,
     VersionStatus,
@@ -30,6 +32,7 @@ from carsearch.platform.db.models import (
 
 __all__ = [
     "AnnReport",
+    "ArtifactHash",
     "Base",
     "Collection",
     "Database",
@@ -45,6 +48,7 @@ __all__ = [
     "ModelVersion",
     "QueryFeedback",
     "QueryLog",
+    "RetrainRequest",
     "RunStatus",
     "TrainingRun",
     "VersionStatus",

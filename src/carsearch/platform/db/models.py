@@ -291,6 +291,23 @@ class Lease(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
+class ArtifactHash(Base):
+    """The sha256 of every file of an artifact the platform loads from disk and that could
+    run code or change results (an exact index, a training checkpoint), recorded when it
+    was written. Kept here, not beside the files, so that whoever can write the files
+    cannot also write the hashes they are checked against (`carsearch.platform.artifacts`)."""
+
+    __tablename__ = "artifact_hashes"
+    __table_args__ = (UniqueConstraint("kind", "key", name="uq_artifact_hashes_kind_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    key: Mapped[str] = mapped_column(String(1024), nullable=False)
+    # {path relative to the artifact's directory: sha256 hex}
+    files: Mapped[dict[str, str]] = mapped_column(JSONType, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class LabelTask(Base):
     """One isolated drift cluster waiting for a person's labels (all its images)."""
 
@@ -310,6 +327,36 @@ class LabelTask(Base):
     suggested: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     state: Mapped[str] = mapped_column(String(16), nullable=False, default="open")
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RetrainRequest(Base):
+    """A retrain asked for by a drift event (one per report, the unique key) or by a
+    person. States: ``waiting`` (for its labelling tasks), ``ready``, ``running`` (one
+    holder, heart-beating), then ``promoted``, ``candidate`` (kept, with the reason),
+    ``failed`` (the error) or ``interrupted`` (its process stopped; never restarted by
+    itself)."""
+
+    __tablename__ = "retrain_requests"
+    __table_args__ = (
+        UniqueConstraint("drift_report_id", name="uq_retrain_requests_report"),
+        Index("ix_retrain_requests_state", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    drift_report_id: Mapped[int | None] = mapped_column(ForeignKey("drift_reports.id"))
+    collection: Mapped[str] = mapped_column(String(64), nullable=False, default="vehicles")
+    requested_by: Mapped[str] = mapped_column(String(128), nullable=False)
+    task_ids: Mapped[list[int]] = mapped_column(JSONType, nullable=False, default=list)
+    state: Mapped[str] = mapped_column(String(24), nullable=False, default="waiting")
+    reason: Mapped[str | None] = mapped_column(Text)
+    holder: Mapped[str | None] = mapped_column(String(256))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    training_run_id: Mapped[int | None] = mapped_column(Integer)
+    version: Mapped[str | None] = mapped_column(String(128))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
 class LabelTaskImage(Base):

@@ -11,7 +11,12 @@ still raise).
 
 Saved form (a directory): ``index.faiss`` (``faiss.write_index``) and ``index.json`` with the
 dimension, model version name, vector count and the sha256 of ``index.faiss``; ``load``
-verifies all of them and raises ``ArtifactTamperedError`` on a mismatch.
+verifies all of them and raises ``ArtifactTamperedError`` on a mismatch. The JSON beside the
+file only catches accidents: whoever can write one can write the other. So the platform
+saves with a ``ledger`` (``carsearch.platform.artifacts``), which records the sha256 of both
+files in the database, and loads with it: a file that differs from the record, or an index
+with no record, is refused with the file named, before FAISS parses a byte of it. ``load``
+reads each file once and parses those bytes, so the file checked is the file loaded.
 
 Ties: FAISS does not order results of exactly equal score by id; do not rely on their order.
 
@@ -26,6 +31,7 @@ removal; searches with k above FAISS's GPU limit (2048) run on the CPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +42,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
+from carsearch.platform.artifacts import EXACT_INDEX, ArtifactLedger
 from carsearch.platform.errors import ArtifactTamperedError, ConfigError, ModelNotFoundError
 from carsearch.platform.images import sha256_file
 
@@ -241,8 +248,11 @@ class ExactIndex:
             ids = np.pad(ids, pad, constant_values=-1)
         return scores, ids
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``index.faiss`` and ``index.json`` into ``directory`` (created if needed).
+    def save(self, directory: str | Path, *, ledger: ArtifactLedger | None = None,
+             key: str | None = None) -> Path:
+        """Write ``index.faiss`` and ``index.json`` into ``directory`` (created if needed);
+        with a ``ledger``, record their sha256 under ``key`` (default: the directory's name,
+        which ``exact_dir`` makes the model version's).
 
         The file is always the CPU index, wherever searches run.
         """
@@ -263,27 +273,39 @@ class ExactIndex:
         tmp_meta = directory / (META_FILE + ".tmp")
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp_meta, directory / META_FILE)
+        if ledger is not None:
+            ledger.record(EXACT_INDEX, key or directory.name, directory, [INDEX_FILE, META_FILE])
         log.info("saved exact index (%d vectors, dim %d) to %s", len(self), self.dim, directory)
         return directory
 
     @classmethod
     def load(
-        cls, directory: str | Path, *, threads: int | None = None, gpu: GpuMode = "auto"
+        cls, directory: str | Path, *, threads: int | None = None, gpu: GpuMode = "auto",
+        ledger: ArtifactLedger | None = None, key: str | None = None,
     ) -> ExactIndex:
-        """Read an index saved by ``save``, verifying its checksum, dimension and count."""
+        """Read an index saved by ``save``, verifying its checksum, dimension and count;
+        with a ``ledger``, first verifying both files against the sha256 recorded under
+        ``key`` (default: the directory's name) when they were saved."""
         directory = Path(directory)
         index_path, meta_path = directory / INDEX_FILE, directory / META_FILE
         if not index_path.is_file() or not meta_path.is_file():
             raise ModelNotFoundError(f"no exact index at {directory} (needs {INDEX_FILE}, "
                                      f"{META_FILE})")
+        for path in (index_path, meta_path):
+            if path.is_symlink():
+                raise ArtifactTamperedError(f"{path}: a symlink; refusing to load it")
+        data, meta_bytes = index_path.read_bytes(), meta_path.read_bytes()
+        if ledger is not None:
+            _check_recorded(ledger, key or directory.name, directory,
+                            {INDEX_FILE: data, META_FILE: meta_bytes})
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = json.loads(meta_bytes.decode("utf-8"))
             dim, count, digest = int(meta["dim"]), int(meta["count"]), str(meta["sha256"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ArtifactTamperedError(f"{meta_path}: unreadable metadata ({exc})") from exc
-        if sha256_file(index_path) != digest:
+        if hashlib.sha256(data).hexdigest() != digest:
             raise ArtifactTamperedError(f"{index_path}: sha256 does not match {META_FILE}")
-        raw = faiss.read_index(str(index_path))
+        raw = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         if not isinstance(raw, faiss.IndexIDMap2) or raw.d != dim or raw.ntotal != count:
             raise ArtifactTamperedError(f"{index_path}: index type, dim or count differ from "
                                         f"{META_FILE}")
@@ -311,6 +333,19 @@ class ExactIndex:
             raise ValueError(f"{int(bad.sum())} vectors are not L2-normalised "
                              f"(e.g. norm {float(norms[bad][0]):.4f}); pass normalize=True")
         return mat
+
+
+def _check_recorded(ledger: ArtifactLedger, key: str, directory: Path,
+                    contents: dict[str, bytes]) -> None:
+    """The bytes read from each file against the sha256 the ledger recorded at save."""
+    expected = ledger.recorded(EXACT_INDEX, key)
+    if expected is None:
+        raise ArtifactTamperedError(f"{directory}: no sha256 was recorded for this exact "
+                                    f"index ({key}); refusing to load it")
+    for name, data in contents.items():
+        if expected.get(name) != hashlib.sha256(data).hexdigest():
+            raise ArtifactTamperedError(f"{directory / name}: sha256 differs from the one "
+                                        "recorded when it was saved; refusing to load it")
 
 
 def set_threads(n: int) -> None:
