@@ -64,6 +64,31 @@ class DriftSettings(BaseModel):
         return v
 
 
+class RetrainSettings(BaseModel):
+    """The retrain job (`carsearch retrain run`, or `serve --retrain-every`): what a
+    retrain trains on, from what, for how long, and what it must beat."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path | None = Field(
+        default=None, description="The labelled data set (Stanford layout) every retrain "
+        "starts from; default DATA_DIR/catalogue.")
+    base: str = Field(
+        default="serving", description="'serving' (continue from the serving version), "
+        "'base' (CARSEARCH_BASE_MODEL) or a model dir / hub id.")
+    steps: int = Field(default=120, ge=1, le=1_000_000, description="Optimizer steps.")
+    batch_size: int = Field(default=32, ge=2, le=4096)
+    lr: float = Field(default=1e-4, gt=0.0, le=1.0)
+    full: bool | None = Field(default=None, description="Train every weight (None: the "
+                              "trainer's rule: full for a base with no pre-training).")
+    metric: str = Field(default="mAP", description="What the candidate must at least "
+                        "equal on the held-out split to be promoted.")
+    test_share: float = Field(default=0.25, gt=0.0, lt=1.0, description="Share of each "
+                              "newly labelled class held out for the evaluation.")
+    lease_s: float = Field(default=600.0, ge=1.0, le=86_400.0, description="A running "
+                           "retrain not heard of for this long is declared interrupted.")
+
+
 class Settings(BaseSettings):
     """Everything a carsearch process needs to know about its surroundings."""
 
@@ -114,6 +139,7 @@ class Settings(BaseSettings):
     encode_batch_size: int = Field(default=64, ge=1, le=4096)
     threads: ThreadSettings = Field(default_factory=ThreadSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     ollama_host: str = Field(default="http://127.0.0.1:11434")
     ollama_model: str = Field(default="qwen2.5:14b")
     image_dir: Path = Field(default=Path(""), description="Images the search page may serve.")
