@@ -150,8 +150,10 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: floa
 
 def run_server(
     world: World, log: Path, extra_env: dict[str, str] | None = None,
-    args: list[str] | None = None,
+    args: list[str] | None = None, python_args: list[str] | None = None,
 ) -> Iterator[Server]:
+    """The page on a free port; ``python_args`` replaces ``-m carsearch.cli`` (a test
+    that patches something in the served process first)."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if k != "CARSEARCH_UI_AUTH"},
@@ -164,7 +166,8 @@ def run_server(
     }
     with log.open("wb") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "carsearch.cli", "serve", "--port", str(port), *(args or [])],
+            [sys.executable, *(python_args or ["-m", "carsearch.cli"]), "serve",
+             "--port", str(port), *(args or [])],
             cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/"

@@ -3,6 +3,7 @@ background jobs (ingest worker, drift job) on threads of the same process."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import threading
@@ -44,12 +45,26 @@ def serve_command(
         float | None,
         typer.Option(help="Also run the drift job every SECONDS in this process.", min=1),
     ] = None,
+    retrain_every: Annotated[
+        float | None,
+        typer.Option(help="Also run the retrain job every SECONDS in this process (with "
+                     "Milvus Lite, the one process that can promote).", min=1),
+    ] = None,
     health_port: Annotated[int, HealthPort] = 0,
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth",
+            help="Serve a non-loopback address without CARSEARCH_UI_AUTH (refused "
+            "otherwise); the page then says it is open to anyone.",
+        ),
+    ] = False,
 ) -> None:
-    """Serve the search page (auth: set CARSEARCH_UI_AUTH=user:password)."""
+    """Serve the search page (auth: set CARSEARCH_UI_AUTH=user:password; required for
+    a non-loopback --host unless --no-auth)."""
     from carsearch.lifecycle.labelling import PlatformLabeller
     from carsearch.monitoring.health import Health
-    from carsearch.platform.errors import CarsearchError
+    from carsearch.platform.errors import CarsearchError, ConfigError
     from carsearch.platform.runtime import Platform
     from carsearch.ui.app import LaunchOptions, launch, parse_auth
 
@@ -58,6 +73,14 @@ def serve_command(
     settings = settings_from(ctx)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     auth = parse_auth(settings.ui_auth)
+    open_to_network = auth is None and not is_loopback(host)
+    if open_to_network and not no_auth:
+        raise ConfigError(
+            f"refusing to serve {host} without a login: set CARSEARCH_UI_AUTH=user:password, "
+            "or pass --no-auth to open the page to anyone who can reach it")
+    if open_to_network:
+        log.warning("serving %s with no login (--no-auth): anyone who can reach it may "
+                    "search", host)
     settings.ensure_dirs()
     platform = Platform(settings)
     ctx.call_on_close(platform.close)
@@ -69,6 +92,8 @@ def serve_command(
         _start_worker(jobs, platform, inbox)
     if drift_every is not None:
         _start_drift(jobs, platform, drift_every)
+    if retrain_every is not None:
+        _start_retrain(jobs, platform, retrain_every)
     page_up = threading.Event()
 
     def page() -> str:
@@ -80,8 +105,9 @@ def serve_command(
     demo = None
     try:
         with serving_health(health, health_port, settings.health_host):
-            demo = launch(platform, LaunchOptions(host=host, port=port, auth=auth,
-                                                  max_file_size=max_file_size), block=False,
+            options = LaunchOptions(host=host, port=port, auth=auth,
+                                    max_file_size=max_file_size, no_auth=open_to_network)
+            demo = launch(platform, options, block=False,
                           labeller=PlatformLabeller(platform))
             page_up.set()
             demo.block_thread()
@@ -93,6 +119,18 @@ def serve_command(
             demo.close()
     finally:
         jobs.stop()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only: localhost or a loopback
+    address (127.0.0.0/8, ::1). Any other name, and 0.0.0.0, is the network."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class BackgroundJobs:
@@ -163,3 +201,20 @@ def _start_drift(jobs: BackgroundJobs, platform: Platform, every_s: float) -> No
                                                     first_wait_s=every_s),
                stop.set, every_s)
     typer.echo(f"drift job running in this process every {every_s:g} s")
+
+
+def _start_retrain(jobs: BackgroundJobs, platform: Platform, every_s: float) -> None:
+    from carsearch.lifecycle.retrain import RetrainJob
+    from carsearch.monitoring.scheduler import run_every
+
+    stop = threading.Event()
+    job = RetrainJob(platform)
+
+    def once() -> None:
+        rep = job.tick()
+        for r in rep.ran:
+            log.warning("retrain job: request %s %s: %s", r["request"], r["state"], r["reason"])
+
+    jobs.start("retrain-job", lambda state: run_every(once, every_s, stop=stop, state=state),
+               stop.set, every_s)
+    typer.echo(f"retrain job running in this process every {every_s:g} s")

@@ -145,6 +145,25 @@ class Settings(BaseSettings):
     image_dir: Path = Field(default=Path(""), description="Images the search page may serve.")
     ui_auth: str = Field(default="", repr=False,
                          description="user:password to require a login on the page.")
+    ui_serve_originals: bool = Field(
+        default=False,
+        description="Let the page serve the full-size files in image_dir, not only the "
+        "thumbnails in image_dir/_thumbs.",
+    )
+    ui_searches_per_s: float = Field(
+        default=5.0, gt=0.0, le=10_000.0,
+        description="Searches (text, image, more-like-this, classify) one client may "
+        "make a second on the page, sustained.",
+    )
+    ui_search_burst: int = Field(
+        default=20, ge=1, le=100_000, description="Searches one client may make at once "
+        "before ui_searches_per_s applies (the token bucket's size).",
+    )
+    ui_max_uploads: int = Field(
+        default=2, ge=1, le=1_000,
+        description="Uploads (and image searches / classifications) one client may have "
+        "in flight at once.",
+    )
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
     max_query_chars: int = Field(default=500, ge=1)
     search_mirror: Literal["auto", "on", "off"] = Field(

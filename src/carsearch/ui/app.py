@@ -4,8 +4,11 @@ Tabs: Search (query box, chips read from the query, filters, results gallery, im
 upload, "more like this", thumbs up/down), Classify (zero-shot labels for an upload),
 Status (serving version, index size, ingest queue, last drift report, ANN audit,
 versions) and Evaluation (the latest metrics).
-Every handler turns a `CarsearchError` into a message on the page (a toast and the
-status line) and leaves the server running.
+Every handler turns a `CarsearchError` into its one-line message on the page (a toast
+and the status line) and any other exception into "internal error (request id ...)",
+logging the trace under that id; no exception text reaches a browser. Searches and
+uploads are held to per-client limits (ui/guard.py), and the app runs behind
+`RequestGate` (login on every route, only the thumbnail store served, body size cap).
 
 API names (for `gradio_client`): /search, /refine, /image_search, /more_like_this,
 /select_result, /classify, /vote_up, /vote_down, /page_info, /status, /evaluation.
@@ -13,16 +16,21 @@ API names (for `gradio_client`): /search, /refine, /image_search, /more_like_thi
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from carsearch.platform.errors import CarsearchError, ConfigError
 from carsearch.platform.runtime import Platform
+from carsearch.ui.guard import ClientLimits, GateConfig, RequestGate, parse_size
 from carsearch.ui.page import ANY, Labeller, PageResult, PickedFilters, SearchPage
 from carsearch.ui.render import evaluation_table, page_header, status_markdown
 
@@ -31,6 +39,8 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 12
 MAX_K_ON_PAGE = 100
 CSS = "#status {min-height: 1.5em} #results .caption-label {white-space: normal}"
+NO_AUTH_BANNER = ("**No login:** this page was started with `--no-auth` and answers anyone "
+                  "who can reach it.")
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ class LaunchOptions:
     auth: tuple[str, str] | None = None
     max_file_size: str = "20mb"
     quiet: bool = True
+    # Started with --no-auth on a non-loopback address: the page says so.
+    no_auth: bool = False
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -52,10 +64,41 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def _error(exc: Exception) -> str:
-    msg = str(exc) or type(exc).__name__
+def error_message(exc: BaseException, where: str) -> str:
+    """The one line a person sees: a platform error's own message, or for anything else
+    a generic line with a request id, the trace logged under that id."""
+    if isinstance(exc, CarsearchError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    rid = uuid.uuid4().hex[:12]
+    log.error("internal error (request id %s) in %s", rid, where, exc_info=exc)
+    return f"internal error (request id {rid})"
+
+
+def _error(exc: Exception, where: str = "page") -> str:
+    msg = error_message(exc, where)
     gr.Warning(msg)
     return f"**Error:** {msg}"
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A handler's last line of defence: an exception it did not answer itself becomes
+    gr.Error with the one-line message (shown with show_error off; no trace text)."""
+
+    @functools.wraps(fn)
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise gr.Error(error_message(exc, fn.__name__)) from None
+
+    return handler
+
+
+def _client(request: gr.Request | None) -> str:
+    client = getattr(request, "client", None)
+    return str(getattr(client, "host", None) or "local")
 
 
 def _picked(make: Any, body: Any, colour: Any, source: Any, y0: Any, y1: Any,
@@ -72,56 +115,95 @@ def _picked(make: Any, body: Any, colour: Any, source: Any, y0: Any, y1: Any,
 
 
 class PageHandlers:
-    """Gradio callbacks: unpack widgets, call `SearchPage`, shape updates, catch errors."""
+    """Gradio callbacks: unpack widgets, call `SearchPage`, shape updates, catch errors.
 
-    def __init__(self, page: SearchPage) -> None:
+    The searching handlers take the filter widgets by name and, last, the request
+    Gradio injects (None when called directly): its client's search tokens and upload
+    slots are checked first."""
+
+    def __init__(self, page: SearchPage, limits: ClientLimits | None = None) -> None:
         self.page = page
+        self.limits = limits
 
     def _outputs(self, res: PageResult) -> tuple[Any, ...]:
         return res.items, res.status, res.hits, res.query_log_id, "", ""
 
-    def _failed(self, exc: Exception) -> tuple[Any, ...]:
-        return [], _error(exc), [], None, "", ""
+    def _failed(self, exc: Exception, where: str) -> tuple[Any, ...]:
+        return [], _error(exc, where), [], None, "", ""
 
-    def search(self, query: str, k: int, *filters: Any) -> tuple[Any, ...]:
+    def _admit(self, request: gr.Request | None) -> None:
+        if self.limits is not None:
+            self.limits.take_search(_client(request))
+
+    def _upload_slot(self, request: gr.Request | None) -> Any:
+        if self.limits is None:
+            return contextlib.nullcontext()
+        return self.limits.upload_slot(_client(request))
+
+    def search(self, query: str, k: int, make: Any = None, body: Any = None,
+               colour: Any = None, source: Any = None, year_from: Any = None,
+               year_to: Any = None, collection: Any = None, min_prob: Any = None,
+               request: gr.Request | None = None) -> tuple[Any, ...]:
         """A new query: read its chips (all ticked) and search."""
+        picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
-            res = self.page.search_text(query, k, _picked(*filters))
-        except CarsearchError as exc:
-            return (*self._failed(exc), gr.update(choices=[], value=[]))
+            self._admit(request)
+            res = self.page.search_text(query, k, _picked(*picked))
+        except Exception as exc:
+            return (*self._failed(exc, "search"), gr.update(choices=[], value=[]))
         assert res.parsed is not None
         choices = [(c.label, c.key) for c in res.parsed.chips]
         chips = gr.update(choices=choices, value=res.parsed.keys())
         return (*self._outputs(res), chips)
 
-    def refine(self, query: str, chips: list[str] | None, k: int, *filters: Any) -> tuple[Any, ...]:
+    def refine(self, query: str, chips: list[str] | None, k: int, make: Any = None,
+               body: Any = None, colour: Any = None, source: Any = None,
+               year_from: Any = None, year_to: Any = None, collection: Any = None,
+               min_prob: Any = None, request: gr.Request | None = None) -> tuple[Any, ...]:
         """The same query with only the ticked chips (a chip was removed or put back)."""
+        picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
-            res = self.page.search_text(query, k, _picked(*filters), keep_chips=list(chips or []))
-        except CarsearchError as exc:
-            return self._failed(exc)
+            self._admit(request)
+            res = self.page.search_text(query, k, _picked(*picked),
+                                        keep_chips=list(chips or []))
+        except Exception as exc:
+            return self._failed(exc, "refine")
         return self._outputs(res)
 
-    def image_search(self, upload: str | None, k: int, *filters: Any) -> tuple[Any, ...]:
+    def image_search(self, upload: str | None, k: int, make: Any = None, body: Any = None,
+                     colour: Any = None, source: Any = None, year_from: Any = None,
+                     year_to: Any = None, collection: Any = None, min_prob: Any = None,
+                     request: gr.Request | None = None) -> tuple[Any, ...]:
+        picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
-            res = self.page.search_upload(upload, k, _picked(*filters))
-        except CarsearchError as exc:
-            return (*self._failed(exc), gr.update(choices=[], value=[]))
+            self._admit(request)
+            with self._upload_slot(request):
+                res = self.page.search_upload(upload, k, _picked(*picked))
+        except Exception as exc:
+            return (*self._failed(exc, "image_search"), gr.update(choices=[], value=[]))
         return (*self._outputs(res), gr.update(choices=[], value=[]))
 
-    def more_like_this(self, image_id: str | None, k: int, *filters: Any) -> tuple[Any, ...]:
+    def more_like_this(self, image_id: str | None, k: int, make: Any = None,
+                       body: Any = None, colour: Any = None, source: Any = None,
+                       year_from: Any = None, year_to: Any = None, collection: Any = None,
+                       min_prob: Any = None,
+                       request: gr.Request | None = None) -> tuple[Any, ...]:
+        picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
-            res = self.page.more_like_this(image_id, k, _picked(*filters))
-        except CarsearchError as exc:
-            return (*self._failed(exc), gr.update(choices=[], value=[]))
+            self._admit(request)
+            res = self.page.more_like_this(image_id, k, _picked(*picked))
+        except Exception as exc:
+            return (*self._failed(exc, "more_like_this"), gr.update(choices=[], value=[]))
         return (*self._outputs(res), gr.update(choices=[], value=[]))
 
-    def classify(self, upload: str | None, labels: str | None,
-                 template: str | None) -> tuple[Any, str]:
+    def classify(self, upload: str | None, labels: str | None, template: str | None,
+                 request: gr.Request | None = None) -> tuple[Any, str]:
         try:
-            probs, note = self.page.classify_upload(upload, labels, template)
-        except CarsearchError as exc:
-            return None, _error(exc)
+            self._admit(request)
+            with self._upload_slot(request):
+                probs, note = self.page.classify_upload(upload, labels, template)
+        except Exception as exc:
+            return None, _error(exc, "classify")
         return probs, note
 
     def select(self, hits: list[dict[str, Any]], evt: gr.SelectData) -> tuple[str, str]:
@@ -140,8 +222,8 @@ class PageHandlers:
         def handler(image_id: str | None, query_log_id: int | None, query: str | None) -> str:
             try:
                 self.page.feedback(query_log_id, image_id, vote, query or None)
-            except CarsearchError as exc:
-                return _error(exc)
+            except Exception as exc:
+                return _error(exc, "vote")
             word = "up" if vote > 0 else "down"
             gr.Info(f"thumbs-{word} saved for image {image_id}")
             return f"thumbs-{word} saved for image {image_id}"
@@ -188,8 +270,8 @@ class PageHandlers:
             return [], "no open labelling task", "", "", "", "", ""
         try:
             items, sug, note = self.page.label_task(task_id)
-        except CarsearchError as exc:
-            return [], _error(exc), "", "", "", "", ""
+        except Exception as exc:
+            return [], _error(exc, "label_task"), "", "", "", "", ""
         return (items, note, sug.get("make", ""), sug.get("model", ""),
                 str(sug.get("year", "") or ""), sug.get("body_type", ""), "")
 
@@ -199,8 +281,8 @@ class PageHandlers:
             note = self.page.apply_labels(task_id, {"make": make, "model": model,
                                                     "year": year, "body_type": body,
                                                     "colour": colour})
-        except CarsearchError as exc:
-            return gr.update(), _error(exc)
+        except Exception as exc:
+            return gr.update(), _error(exc, "label_apply")
         gr.Info(note)
         return self.label_choices(), note
 
@@ -212,10 +294,28 @@ class PageHandlers:
         return note, frame
 
 
-def build_app(page: SearchPage) -> gr.Blocks:
-    """The Blocks page over a SearchPage (not launched)."""
-    h = PageHandlers(page)
+class _Guarded:
+    """PageHandlers as the Blocks wire them: every callable wrapped by `_guarded`."""
+
+    def __init__(self, handlers: PageHandlers) -> None:
+        self._handlers = handlers
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._handlers, name)
+        return _guarded(attr) if callable(attr) else attr
+
+    def vote(self, vote: int) -> Callable[..., str]:
+        return _guarded(self._handlers.vote(vote))
+
+
+def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
+              no_auth: bool = False) -> gr.Blocks:
+    """The Blocks page over a SearchPage (not launched); ``no_auth`` shows the banner of
+    a page that was started open to the network on purpose."""
+    h = _Guarded(PageHandlers(page, limits))
     with gr.Blocks(title="carsearch", analytics_enabled=False) as demo:
+        if no_auth:
+            gr.Markdown(NO_AUTH_BANNER, elem_id="no-auth-banner")
         header = gr.Markdown("carsearch", elem_id="header")
         with gr.Tab("Search"):
             with gr.Row():
@@ -339,29 +439,45 @@ def build_app(page: SearchPage) -> gr.Blocks:
     return demo
 
 
+def served_roots(settings: Any) -> tuple[Path, ...]:
+    """What the file routes may serve: the thumbnail store, and the originals in
+    image_dir only when CARSEARCH_UI_SERVE_ORIGINALS allows it."""
+    image_dir = Path(settings.image_dir).resolve()
+    return (image_dir,) if settings.ui_serve_originals else (image_dir / "_thumbs",)
+
+
 def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
            labeller: Labeller | None = None) -> gr.Blocks:
-    """Build and start the page; serves only the image directory (thumbnails live there).
-    ``labeller`` backs the Label tab (none: the tab says labelling is not available)."""
-    page = SearchPage(platform, labeller=labeller)
+    """Build and start the page behind `RequestGate`; serves only the thumbnail store
+    (and the originals where the settings allow it). ``labeller`` backs the Label tab
+    (none: the tab says labelling is not available)."""
+    settings = platform.settings
+    max_bytes = parse_size(options.max_file_size)
+    page = SearchPage(platform, labeller=labeller, max_upload_bytes=max_bytes)
     page.warm_up()
-    demo = build_app(page)
-    image_dir = Path(platform.settings.image_dir).resolve()
+    limits = ClientLimits(settings.ui_searches_per_s, settings.ui_search_burst,
+                          settings.ui_max_uploads)
+    demo = build_app(page, limits=limits, no_auth=options.no_auth)
+    roots = served_roots(settings)
+    for root in roots:
+        root.mkdir(parents=True, exist_ok=True)
+    gate = Middleware(RequestGate, config=GateConfig(roots, max_bytes, limits))
     demo.queue(default_concurrency_limit=4)
     log.info("search page on http://%s:%d (serving files only from %s)",
-             options.host, options.port, image_dir)
+             options.host, options.port, ", ".join(map(str, roots)))
     demo.launch(
         server_name=options.host,
         server_port=options.port,
         auth=options.auth,
-        allowed_paths=[str(image_dir)],
-        max_file_size=options.max_file_size,
-        show_error=True,
+        allowed_paths=[str(r) for r in roots],
+        max_file_size=max_bytes,
+        show_error=False,
         quiet=options.quiet,
         prevent_thread_lock=not block,
         ssr_mode=False,
         css=CSS,
         inbrowser=False,
         share=False,
+        app_kwargs={"middleware": [gate]},
     )
     return demo
