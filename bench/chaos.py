@@ -627,9 +627,16 @@ def main() -> None:
     text = markdown(results, f"{cpu_name()}, {os.cpu_count()} logical CPUs")
     print(text)
     if args.out:
-        args.out.write_text(text, encoding="utf-8")
+        args.out.write_text(text + kept_sections(args.out), encoding="utf-8")
     if args.json:
         args.json.write_text(json.dumps([r.to_dict() for r in results], indent=2, default=str))
+
+
+def kept_sections(out: Path) -> str:
+    """What of an existing report this run does not write: its Security section."""
+    old = out.read_text(encoding="utf-8") if out.is_file() else ""
+    at = old.find("\n# Security")
+    return "\n" + old[at:].lstrip("\n") if at >= 0 else ""
 
 
 def build_model(out: Path) -> Path:
