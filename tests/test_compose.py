@@ -49,7 +49,7 @@ def test_the_validation_catches_a_broken_file(
 def test_the_platform_runs_against_the_production_parts(compose: dict) -> None:
     services = compose["services"]
     assert {"postgres", "milvus", "ollama", "migrate", "ingest", "search", "ann-audit",
-            "drift"} <= set(services)
+            "drift", "retrain"} <= set(services)
     env = services["ingest"]["environment"]
     assert env["CARSEARCH_MILVUS_URI"] == "http://milvus:19530"
     assert env["CARSEARCH_DATABASE_URL"].startswith("postgresql+psycopg://")
@@ -70,7 +70,7 @@ def test_every_long_running_process_has_a_healthcheck_on_its_health_port(
     compose: dict,
 ) -> None:
     services = compose["services"]
-    for name in ("ingest", "search", "ann-audit", "drift"):
+    for name in ("ingest", "search", "ann-audit", "drift", "retrain"):
         cmd = services[name]["command"]
         port = cmd[cmd.index("--health-port") + 1]
         check = services[name]["healthcheck"]["test"]
@@ -83,7 +83,7 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH|ACCESS_KEY|ROOT_USER", re.
 # Well-known default credentials of the images and of this project's earlier file.
 DEFAULT_CREDENTIALS = ("minioadmin", "root:Milvus", "carsearch:carsearch@",
                        "postgres:postgres", "POSTGRES_PASSWORD: ", "Milvus\"")
-PLATFORM = ("migrate", "ingest", "search", "ann-audit", "drift", "cli")
+PLATFORM = ("migrate", "ingest", "search", "ann-audit", "drift", "retrain", "cli")
 
 
 def _environment(svc: dict) -> dict[str, str]:

@@ -266,3 +266,15 @@ def test_a_chip_matches_the_metadata_of_a_vehicle() -> None:
     assert _chip("colour", "red").matches(None, None, "Red", None)
     assert _chip("year", "1991-2007").matches(None, None, None, 1998)
     assert not _chip("year", "2005-").matches(None, None, None, None)
+
+
+def test_a_make_labelled_through_the_queue_is_read_from_the_text() -> None:
+    """A make the built-in table lacks but the index holds (a person labelled it) is a
+    chip like the built-in ones; one nobody indexed is not."""
+    vocab = FilterVocabulary(makes=frozenset({"Ford", "Zephyr", "Aston Zeta"}),
+                             years=(2015,))
+    got = parse_query("zephyr aero 2015", vocab)
+    assert [(c.field, c.value) for c in got.chips] == [("make", "Zephyr"), ("year", "2015")]
+    two = parse_query("an aston zeta coupe", vocab)
+    assert ("make", "Aston Zeta") in [(c.field, c.value) for c in two.chips]
+    assert parse_query("zephyr aero", FilterVocabulary(makes=frozenset({"Ford"}))).chips == ()

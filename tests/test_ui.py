@@ -283,6 +283,14 @@ def test_status_shows_the_flywheel(tmp_path: Path) -> None:
                 "outcome": {"promote_asked": True, "promoted": True,
                             "reason": "mAP 0.61 beats serving v1 (0.52)"}}))
             s.add(TrainingRun(base_model="b", status=RunStatus.failed, error="OSError: disk"))
+        assert "no retrain requests yet" in status_markdown(plat)
+        from carsearch.platform.db import retrains
+
+        rid, _ = retrains.by_person(plat.db, "vehicles", "ann (cli)")
+        claimed = retrains.claim(plat.db, "page")
+        assert claimed is not None
+        retrains.finish(plat.db, claimed, retrains.CANDIDATE, "kept v9 as a candidate: "
+                        "mAP 0.40 is below serving v1 (0.52)", version="v9")
         text = status_markdown(plat)
         flywheel = text.split("### Data flywheel")[1].split("### Latest ANN audit")[0]
         assert "Labelling tasks: 0 open, 0 done" in flywheel
@@ -290,6 +298,8 @@ def test_status_shows_the_flywheel(tmp_path: Path) -> None:
         assert "kept as candidate: mAP 0.41 is below serving v1 (0.52)" in flywheel
         assert "promoted: mAP 0.61 beats serving v1 (0.52)" in flywheel
         assert "failed: OSError: disk" in flywheel
+        assert (f"| {rid} | ann (cli) | candidate | v9 | kept v9 as a candidate: mAP 0.40 "
+                "is below serving v1 (0.52) |") in flywheel
         order = [flywheel.index(w) for w in ("failed:", "promoted:", "kept as candidate")]
         assert order == sorted(order)  # newest first
     finally:

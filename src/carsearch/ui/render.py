@@ -100,6 +100,10 @@ def status_markdown(platform: Platform) -> str:
                [[e["id"], e["created_at"], e["n_isolated"],
                  ", ".join(map(str, e["label_tasks"])) or "–", e["retrain"] or "–"]
                 for e in s.drift_events]) if s.drift_events else "no drift events yet",
+        _table(["retrain request", "asked by", "state", "version", "why"],
+               [[r["id"], r["requested_by"], r["state"], r["version"] or "–", r["reason"] or "–"]
+                for r in s.retrain_requests]) if s.retrain_requests
+        else "no retrain requests yet (drift events make them; or `carsearch retrain request`)",
         _table(["training run", "started", "finished", "version", "outcome"],
                [[r["id"], r["started_at"], r["finished_at"], r["version"] or "–",
                  r["outcome"]] for r in s.retrains]) if s.retrains else "no training runs yet",

@@ -15,7 +15,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from carsearch.platform.db import Database, ImageStatus, images, labels, queue, reports
+from carsearch.platform.db import (
+    Database,
+    ImageStatus,
+    images,
+    labels,
+    queue,
+    reports,
+    retrains,
+)
 from carsearch.platform.models.registry import Registry
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectors.store import VectorStore
@@ -142,7 +150,8 @@ class SystemStatus:
     alias: str | None = None
     labelling: dict[str, int] = field(default_factory=dict)  # tasks open / done
     drift_events: list[dict[str, Any]] = field(default_factory=list)
-    retrains: list[dict[str, Any]] = field(default_factory=list)
+    retrains: list[dict[str, Any]] = field(default_factory=list)  # training runs
+    retrain_requests: list[dict[str, Any]] = field(default_factory=list)
 
 
 def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
@@ -159,6 +168,7 @@ def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
         labelling=labels.counts(db),
         drift_events=reports.drift_events(db),
         retrains=reports.training_runs(db),
+        retrain_requests=retrains.listing(db, 5),
     )
 
 

@@ -64,7 +64,9 @@ def drift_events(db: Database, n: int = 5) -> list[dict[str, Any]]:
         retrain = report.get("retrain") or {}
         out.append({"id": r.id, "created_at": r.created_at, "n_isolated": r.n_isolated,
                     "label_tasks": list(report.get("label_tasks") or []),
-                    "retrain": str(retrain.get("state", ""))})
+                    "retrain": (f"request {retrain['request']}" if retrain.get("request")
+                                else str(retrain.get("request_state") or
+                                         retrain.get("state", "")))})
     return out
 
 

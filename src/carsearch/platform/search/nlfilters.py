@@ -454,9 +454,23 @@ class _Vague:
     part: int
 
 
+def _indexed_makes(vocab: FilterVocabulary) -> dict[tuple[str, ...], tuple[FieldName, str]]:
+    """Phrases for the indexed makes the built-in table does not know: a make a person
+    labelled through the queue ("Zephyr") is read from a query like the built-in ones."""
+    extra: dict[tuple[str, ...], tuple[FieldName, str]] = {}
+    for make in vocab.makes:
+        words = tuple(_normalise(make))
+        if words and words not in _PHRASES and make not in NEVER:
+            extra[words] = ("make", make)
+    return extra
+
+
 def _candidates(
     words: list[str],
+    extra: dict[tuple[str, ...], tuple[FieldName, str]] | None = None,
 ) -> tuple[list[_Candidate], list[tuple[int | None, int | None]], list[_Vague]]:
+    extra = extra or {}
+    longest = max([_MAX_WORDS, *(len(k) for k in extra)])
     found: list[_Candidate] = []
     years: list[tuple[int | None, int | None]] = []
     vague: list[_Vague] = []
@@ -472,9 +486,9 @@ def _candidates(
             vague.append(_Vague(phrase, end, part))
             i += used
             continue
-        for n in range(min(_MAX_WORDS, len(words) - i), 0, -1):
+        for n in range(min(longest, len(words) - i), 0, -1):
             phrase = tuple(words[i : i + n])
-            entry = _PHRASES.get(phrase)
+            entry = _PHRASES.get(phrase) or extra.get(phrase)
             if entry is not None:
                 text = " ".join(phrase)
                 found.append(_Candidate(entry[0], entry[1], text, text in AMBIGUOUS))
@@ -496,7 +510,7 @@ def _merge_years(years: list[tuple[int | None, int | None]]) -> tuple[int | None
 def parse_query(text: str, vocab: FilterVocabulary) -> ParsedQuery:
     """Read filters from a query; only values that exist in `vocab` become chips."""
     words = _normalise(text)
-    found, years, vague = _candidates(words)
+    found, years, vague = _candidates(words, _indexed_makes(vocab))
     if not any(not c.ambiguous for c in found) and not years and not vague:
         found = []  # only ambiguous words: read the query as plain text
     else:
