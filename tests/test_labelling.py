@@ -154,3 +154,47 @@ def test_label_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     done = json.loads(cli("label", "import", str(out), "--json").stdout)
     assert done["applied"] == 12 and len(done["tasks_done"]) == 1
     assert "no open labelling tasks" in cli("label", "list").stdout
+
+
+def test_label_create_makes_a_task_of_the_unlabelled(tmp_path: Path) -> None:
+    """`carsearch label create`: the indexed vehicles nobody labelled (no make) and no
+    task holds become one task, for new vehicles the drift job did not flag; run again,
+    it makes nothing."""
+    import subprocess
+    import sys
+
+    from sqlalchemy import update
+
+    from carsearch.platform.db import migrate
+
+    settings = _settings(tmp_path)
+    migrate.upgrade(settings.database_url)
+    w = World(settings)
+    try:
+        known, known_labels = Catalogue(3).known(30)
+        w.add(known, datetime.now(UTC) - timedelta(days=2), known_labels)
+        arrivals = w.add(Catalogue(4).new_vehicle(7), datetime.now(UTC))
+        with w.db.session() as s:  # arrived without a sidecar: no labels at all
+            s.execute(update(Image).where(Image.id.in_(arrivals)).values(make=None,
+                                                                          class_name=None))
+    finally:
+        w.platform.close()
+    env = {**os.environ, "CARSEARCH_DATA_DIR": str(tmp_path / "data"),
+           "CARSEARCH_LOG_LEVEL": "WARNING"}
+
+    def cli(*args: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "carsearch.cli", *args], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    assert "7 unlabelled image(s)" in cli("label", "create")
+    from carsearch.platform.db import Database
+
+    db = Database(settings.database_url)
+    try:
+        (task,) = labels.tasks(db)
+        assert set(task["image_ids"]) == set(arrivals) and task["drift_report_id"] is None
+    finally:
+        db.dispose()
+    assert "no task made" in cli("label", "create")

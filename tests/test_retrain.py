@@ -192,8 +192,8 @@ def _ingest(p: Platform, items: list[IngestItem]) -> list[int]:
 def loop(trained: Trained, shape: tuple[str, str], tmp_path: Path) -> Iterator[Loop]:
     url, uri = shape
     settings = Settings(data_dir=tmp_path / "data", database_url=url, milvus_uri=uri,
-                        retrain=RetrainSettings(data=trained.catalogue, steps=80,
-                                                batch_size=32, lr=2e-4))
+                        retrain=RetrainSettings(data=trained.catalogue, steps=200,
+                                                batch_size=32, lr=3e-4))
     settings.ensure_dirs()
     migrate.upgrade(url)
     p = Platform(settings)
@@ -228,13 +228,19 @@ def _label_all(lp: Loop) -> None:
 
 
 def _top(p: Platform, query: str, k: int = 8) -> list[int]:
-    return [h.image_id for h in p.search.search_text(query, k=k).hits]  # no text filters
+    """The dispatcher's search (the CLI's and the page's): filters read from the text as
+    preferences, then the serving version's ranking."""
+    from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
+
+    parsed = parse_query(p.search.clean_query(query), load_vocabulary(p.db))
+    return [h.image_id for h in p.search.search_text(query, k, preferred=parsed.chips).hits]
 
 
 @pytest.mark.slow
 def test_labelled_novel_make_is_retrained_promoted_and_findable(loop: Loop) -> None:
     p = loop.platform
-    before = len(set(_top(p, "Zephyr Aero 2015")) & set(loop.novel))
+    before = len(set(_top(p, "zephyr aero")) & set(loop.novel))
+    assert before < 8  # nobody knows the name yet
     job = RetrainJob(p)
     assert job.tick().ran == []  # the task is not labelled yet
     _label_all(loop)
@@ -243,7 +249,7 @@ def test_labelled_novel_make_is_retrained_promoted_and_findable(loop: Loop) -> N
     tick = job.tick()
     (ran,) = tick.ran
     (req,) = retrains.listing(p.db)
-    assert req["state"] == "promoted", req["reason"]
+    assert req["state"] == "promoted", (req["reason"], req["result"].get("scores"))
     assert ran["data"]["new_classes"] == {"Zephyr Aero 2015": 16}
     scores = ran["scores"]
     assert scores["fine_tuned"] >= scores["serving"], scores
@@ -252,9 +258,9 @@ def test_labelled_novel_make_is_retrained_promoted_and_findable(loop: Loop) -> N
     with p.db.session() as s:
         run = s.get(TrainingRun, req["training_run_id"])
         assert run is not None and run.metrics["outcome"]["promoted"] is True
-    # The new make is findable by its name in the new serving collection.
-    after = len(set(_top(p, "Zephyr Aero 2015")) & set(loop.novel))
-    assert after >= 6 and after > before, (before, after)
+    # The new make is findable by its name, served from the new version's collection.
+    after = _top(p, "zephyr aero")
+    assert set(after) <= set(loop.novel) and len(after) == 8, (before, after)
     ids, _ = p.store.vectors(serving.collection, loop.novel)
     assert set(ids) == set(loop.novel)
     assert job.tick().ran == []  # done: nothing runs twice
@@ -306,6 +312,8 @@ def test_a_killed_retrain_is_interrupted_not_restarted(loop: Loop) -> None:
               240, "the child to claim the request")
         child.send_signal(signal.SIGKILL)  # mid-training: 5000 steps take far longer
         child.wait(30)
+        with watcher.db.session() as s:
+            runs_before = s.scalar(select(func.count()).select_from(TrainingRun))
     finally:
         watcher.close()
     again = subprocess.run(cmd, env=_env(settings, CARSEARCH_RETRAIN__LEASE_S="1"),
@@ -317,8 +325,8 @@ def test_a_killed_retrain_is_interrupted_not_restarted(loop: Loop) -> None:
     try:
         (req,) = retrains.listing(q.db)
         assert req["state"] == "interrupted" and "not restarted" in req["reason"]
-        with q.db.session() as s:  # the killed run is the only training run ever started
-            assert s.scalar(select(func.count()).select_from(TrainingRun)) == 1
+        with q.db.session() as s:  # the restart started no training run
+            assert s.scalar(select(func.count()).select_from(TrainingRun)) == runs_before
         assert q.registry.require_serving().name == "v1"
     finally:
         q.close()
@@ -350,8 +358,10 @@ def test_serve_holding_the_lite_file_runs_and_promotes(loop: Loop) -> None:
         asked = subprocess.run([sys.executable, "-m", "carsearch.cli", "retrain", "request"],
                                env=_env(settings), capture_output=True, text=True, timeout=120)
         assert asked.returncode == 0, asked.stderr
-        assert asked.stdout.startswith(f"already asked: request {req['id']}")  # not doubled
         watcher_db = Platform(settings).db
+        if not asked.stdout.startswith(f"already asked: request {req['id']}"):  # not doubled
+            # ...unless the page's job had already finished it: then it is a new request.
+            assert retrains.get(watcher_db, req["id"])["state"] in ("promoted", "candidate")
 
         def ended() -> bool:
             states = {r["state"] for r in retrains.listing(watcher_db)}
@@ -360,6 +370,7 @@ def test_serve_holding_the_lite_file_runs_and_promotes(loop: Loop) -> None:
         _wait(ended, 420, "the page's retrain job")
         rows = {r["id"]: r for r in retrains.listing(watcher_db)}
         assert rows[req["id"]]["state"] == "promoted", rows
+        assert "failed" not in {r["state"] for r in rows.values()}, rows
         with watcher_db.session() as s:
             from carsearch.platform.db import ModelVersion, VersionStatus
 

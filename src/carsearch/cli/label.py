@@ -34,6 +34,37 @@ def label_list(
                    f"{t['nearest_class'] or '?'}")
 
 
+@label_app.command("create")
+def label_create(
+    ctx: typer.Context,
+    since: Annotated[str | None, typer.Option(help="Only images ingested from this ISO "
+                                              "time on.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most N images, "
+                                       "newest first.")] = 500,
+) -> None:
+    """A labelling task by hand: the indexed vehicle images nobody labelled (no make) and
+    no task holds yet, for when a person sees new vehicles the drift job did not flag."""
+    from datetime import datetime
+
+    from carsearch.platform.db import as_utc, images, labels
+    from carsearch.platform.errors import ConfigError
+
+    p = platform_from(ctx)
+    try:
+        start = as_utc(datetime.fromisoformat(since)) if since else None
+    except ValueError:
+        raise ConfigError(f"--since must be an ISO time, not {since!r}") from None
+    ids = images.unlabelled_ids(p.db, "vehicles", since=start, limit=limit)
+    made = labels.create_tasks(p.db, None, "vehicles",
+                               [labels.NewTask(ids, None, {})]) if ids else []
+    if not made:
+        typer.echo("no unlabelled images outside a task: no task made")
+        return
+    (task,) = [t for t in labels.tasks(p.db) if t["id"] == made[0]]
+    typer.echo(f"task {task['id']}: {task['size']} unlabelled image(s); "
+               "`carsearch label export --out todo.csv` to label them")
+
+
 @label_app.command("export")
 def label_export(
     ctx: typer.Context,

@@ -116,6 +116,9 @@ def write_training_set(base: Path, extra: list[Labelled], out: Path, *,
                        test_share: float = 0.25, max_pixels: int | None = None) -> TrainingSet:
     """The base data set plus ``extra`` as one Stanford layout under ``out`` (replaced).
 
+    Base images keep their boxes (training and evaluation crop to them, as `train`
+    does); a photo labelled through the queue has none and is used whole. The index
+    embeds whole photos, so this carries `train`'s own skew (README, "The retrain job").
     The base keeps its split; of each new class, images whose id hashes under
     ``test_share`` are held out (at least one, when the class has two or more), the rest
     train. Originals that are gone are listed in ``missing`` and left out.
@@ -296,11 +299,27 @@ class TickReport:
 AFTER_CLAIM: list[Callable[[retrains.Claimed], None]] = []
 
 
+def preload() -> None:
+    """Import what a retrain imports lazily, in the calling thread. A job thread inside
+    `serve` must not be the first to import transformers while the page's thread imports
+    it too: a half-initialised lazy module then fails with ``cannot import name
+    'AutoModel'`` (seen)."""
+    import peft  # noqa: F401
+    import transformers
+
+    import carsearch.lifecycle.publish  # noqa: F401
+
+    for name in ("AutoModel", "AutoProcessor", "get_cosine_schedule_with_warmup"):
+        getattr(transformers, name)
+
+
 class RetrainJob:
     """One tick: declare dead runs interrupted, make labelled requests ready, run ready
-    ones (at most ``max_runs`` per tick) in this process."""
+    ones (at most ``max_runs`` per tick) in this process. Made in the thread that starts
+    the job's thread (see `preload`)."""
 
     def __init__(self, platform: Platform, *, progress: bool = False) -> None:
+        preload()
         self.platform = platform
         self.progress = progress
         self.holder = f"{socket.gethostname()}:{os.getpid()}"

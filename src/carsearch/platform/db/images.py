@@ -153,3 +153,14 @@ def distinct_values(db: Database, column: Any) -> list[Any]:
         stmt = select(column).distinct().where(Image.status == ImageStatus.indexed,
                                                 column.is_not(None))
         return [v for v in s.scalars(stmt) if v not in ("", None)]
+
+
+def unlabelled_ids(db: Database, collection: str, *, since: datetime | None = None,
+                   limit: int = 500) -> list[int]:
+    """Indexed images of ``collection`` with no make (nobody labelled them), newest first."""
+    q = select(Image.id).where(Image.collection == collection,
+                               Image.status == ImageStatus.indexed, Image.make.is_(None))
+    if since is not None:
+        q = q.where(Image.ingested_at >= since)
+    with db.session() as s:
+        return [int(i) for i in s.scalars(q.order_by(Image.ingested_at.desc()).limit(limit))]

@@ -23,17 +23,19 @@ class NewTask:
     suggested: dict[str, Any]
 
 
-def create_tasks(db: Database, report_id: int, collection: str,
+def create_tasks(db: Database, report_id: int | None, collection: str,
                  clusters: Sequence[NewTask]) -> list[int]:
     """One open task per cluster of a drift report, holding the members no task holds
     yet: a later report that finds the same cluster again (the same drift event) makes no
     second task, one whose cluster grew makes a task of the new images only. Idempotent
-    per (report, cluster)."""
+    per (report, cluster). ``report_id`` None: a task a person made (`label create`)."""
     made: list[int] = []
     with db.session() as s:
         for n, c in enumerate(clusters):
-            have = s.scalar(select(LabelTask).where(LabelTask.drift_report_id == report_id,
-                                                    LabelTask.cluster == n))
+            have = None
+            if report_id is not None:
+                have = s.scalar(select(LabelTask).where(
+                    LabelTask.drift_report_id == report_id, LabelTask.cluster == n))
             if have is not None:
                 made.append(have.id)
                 continue
