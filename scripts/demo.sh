@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on one machine with no set-up: every part embedded (SQLite file,
 # Milvus Lite file) under demo-data/, which each run starts afresh, ending on the search
-# page (with the ingest worker and an hourly drift job in the same process) until Ctrl-C.
+# page (with the ingest worker, an hourly drift job and the retrain job in the same
+# process) until Ctrl-C.
 #   scripts/demo.sh              the pipeline, then the page
 #   scripts/demo.sh --no-serve   the pipeline only (CI, benchmarks)
 #   scripts/demo.sh --serve-only the page on the demo data of an earlier run (`make serve`)
@@ -40,11 +41,11 @@ serve() {
   printf '\n== the search page on the demo data: open http://%s:%s (Ctrl-C stops it)\n' \
     "$HOST" "$PORT"
   printf '   drop images, with optional NAME.json labels, into %s/inbox: they are ingested\n' "$D"
-  printf '   again later: make serve   (or: CARSEARCH_DATA_DIR=%s %s serve --host %s --port %s --ingest --inbox %s/inbox --drift-every 3600)\n' \
+  printf '   again later: make serve   (or: CARSEARCH_DATA_DIR=%s %s serve --host %s --port %s --ingest --inbox %s/inbox --drift-every 3600 --retrain-every 60)\n' \
     "$D" "$CARSEARCH_BIN" "$HOST" "$PORT" "$D"
   export CARSEARCH_LOG_LEVEL=INFO
   exec "$CARSEARCH_BIN" serve --host "$HOST" --port "$PORT" --ingest --inbox "$D/inbox" \
-    --drift-every 3600
+    --drift-every 3600 --retrain-every 60
 }
 
 if [ "$PIPELINE" = 0 ]; then
