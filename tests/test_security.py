@@ -416,8 +416,11 @@ def test_a_person_logs_in_through_the_gate_in_chromium(second_world: World,
                 thumbs = page.locator("#results img")
                 expect(thumbs).to_have_count(8)
                 expect(thumbs.first).to_be_visible()
-                loaded = thumbs.first.evaluate("img => img.complete && img.naturalWidth > 0")
-                assert loaded
+                # The file comes through the gate: wait for it to be decoded (a 401/403
+                # never is), rather than read it the moment the element shows.
+                page.wait_for_function(
+                    "() => { const i = document.querySelector('#results img');"
+                    " return !!i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
             finally:
                 browser.close()
     finally:

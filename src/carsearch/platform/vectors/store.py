@@ -436,15 +436,28 @@ class MilvusStore:
             metric_type="IP",
             params=lite_index_params(self.index.params),
         )
-        for fname, kind in self.scalar_index_types().items():
+        scalars = self.scalar_index_types()
+        for fname, kind in scalars.items():
             params.add_index(field_name=fname, index_type=kind)
         # sync=False: pymilvus would sleep 0.5 s per index before asking about it (3 s a
-        # collection on a server); the load below waits for what it needs.
+        # collection on a server). But a server registers the indexes one by one, and a
+        # collection loaded before all are registered refuses every later upsert ("can't
+        # change the index for loaded collection", seen under load): wait for all first.
         self.client.create_index(name, params, sync=False)
+        self._await_indexes(name, 1 + len(scalars))
         self.client.load_collection(name)
         self._loaded.add(name)
         log.info("created collection %s (dim %d, IP, %s)", name, dim, self.index.type)
         self._dims[name] = dim
+
+    def _await_indexes(self, name: str, n: int, timeout_s: float = 60.0) -> None:
+        """Until the server lists ``n`` indexes on ``name`` (Lite lists them at once)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.client.list_indexes(name)) < n:
+            if time.monotonic() > deadline:
+                raise VectorStoreError(f"Milvus at {self.uri}: the indexes of {name} were "
+                                       f"not all registered within {timeout_s:g} s")
+            time.sleep(0.05)
 
     @_milvus_errors
     def dimension(self, name: str) -> int:
