@@ -33,7 +33,6 @@ import os
 import shutil
 import socket
 import threading
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +45,7 @@ from carsearch.data.stanford import COLOUR_SIDECAR, load_stanford
 from carsearch.lifecycle.reindex import promote_with_backfill
 from carsearch.platform.db import Image, ImageStatus, LabelTaskImage, retrains
 from carsearch.platform.errors import CarsearchError, ConfigError
+from carsearch.platform.images import DEFAULT_MAX_PIXELS
 from carsearch.platform.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def _place(src: Path, dst: Path) -> None:
 
 
 def write_training_set(base: Path, extra: list[Labelled], out: Path, *,
-                       test_share: float = 0.25, max_pixels: int | None = None) -> TrainingSet:
+                       test_share: float = 0.25,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> TrainingSet:
     """The base data set plus ``extra`` as one Stanford layout under ``out`` (replaced).
 
     Base images keep their boxes (training and evaluation crop to them, as `train`
@@ -123,8 +124,7 @@ def write_training_set(base: Path, extra: list[Labelled], out: Path, *,
     ``test_share`` are held out (at least one, when the class has two or more), the rest
     train. Originals that are gone are listed in ``missing`` and left out.
     """
-    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    ds = load_stanford(base, **kwargs)  # type: ignore[arg-type]
+    ds = load_stanford(base, max_pixels=max_pixels)
     if not ds.split("train"):
         raise ConfigError(f"{base}: no train images to retrain on")
     if out.exists():
@@ -294,11 +294,6 @@ class TickReport:
         return asdict(self)
 
 
-# Called with the claimed request after the claim and before training (tests use it to
-# kill the process at that point).
-AFTER_CLAIM: list[Callable[[retrains.Claimed], None]] = []
-
-
 def preload() -> None:
     """Import what a retrain imports lazily, in the calling thread. A job thread inside
     `serve` must not be the first to import transformers while the page's thread imports
@@ -337,8 +332,6 @@ class RetrainJob:
             if claimed is None:
                 break
             log.warning("retrain request %d claimed by %s", claimed.id, claimed.holder)
-            for hook in AFTER_CLAIM:
-                hook(claimed)
             with _Heartbeat(self.platform, claimed, max(0.5, cfg.lease_s / 4)):
                 rep.ran.append(run_retrain(self.platform, claimed, progress=self.progress))
         return rep
