@@ -271,3 +271,93 @@ def test_server_collections_index_the_filter_fields(milvus_server) -> None:
 def test_an_unreachable_server_is_a_one_line_error() -> None:
     with pytest.raises(VectorStoreError, match="cannot open Milvus"):
         MilvusStore("http://127.0.0.1:9")
+
+
+@pytest.mark.milvus_server
+def test_a_second_process_waits_for_the_creators_indexes(milvus_server) -> None:
+    """Two workers start on a new collection: A has created it and not yet registered its
+    indexes when B upserts. B must wait for them (a load in between pins the indexes it
+    had then, and A's own load and every later one fail: seen in CI). A's create_index is
+    held on an event and released only once B is seen waiting."""
+    import threading
+    import time
+
+    from conftest import empty_server
+
+    empty_server(milvus_server.uri)
+    a, b = MilvusStore(milvus_server.uri), MilvusStore(milvus_server.uri)
+    release, b_waiting = threading.Event(), threading.Event()
+    create_index, list_indexes = a.client.create_index, b.client.list_indexes
+
+    def held_create_index(*args, **kwargs):
+        assert release.wait(60)
+        return create_index(*args, **kwargs)
+
+    def spied_list_indexes(*args, **kwargs):
+        b_waiting.set()
+        return list_indexes(*args, **kwargs)
+
+    a.client.create_index = held_create_index
+    b.client.list_indexes = spied_list_indexes
+    rng = np.random.default_rng(3)
+    vecs = unit(rng, 6)
+    errors: list[BaseException] = []
+
+    def run(fn) -> None:
+        try:
+            fn()
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    ta = threading.Thread(target=run, args=(lambda: a.ensure_collection("race", DIM),))
+    try:
+        ta.start()
+        deadline = time.monotonic() + 30
+        while not b.has_collection("race"):
+            assert time.monotonic() < deadline, "A never created the collection"
+            time.sleep(0.01)
+        b.ensure_collection("race", DIM)  # exists: B returns and goes on to write
+        tb = threading.Thread(target=run, args=(
+            lambda: b.upsert("race", [1, 2, 3], vecs[:3], [VectorRow(make="Ford")] * 3),))
+        tb.start()
+        assert b_waiting.wait(30), "B never asked for the indexes"
+        release.set()
+        ta.join(90)
+        tb.join(90)
+        assert not errors, errors
+        assert a.upsert("race", [4, 5, 6], vecs[3:], [VectorRow(make="BMW")] * 3) == 3
+        a.flush("race")
+        assert sorted(b.ids("race")) == [1, 2, 3, 4, 5, 6]
+        assert len(a.client.list_indexes("race")) == 1 + len(a.scalar_index_types())
+    finally:
+        release.set()
+        a.close()
+        b.close()
+
+
+@pytest.mark.milvus_server
+def test_a_collection_loaded_before_its_last_index_still_takes_writes(milvus_server) -> None:
+    """The fallback for a collection some older process loaded with fewer indexes: the
+    wait gives up, the load's "can't change the index" is taken as loaded, writes work."""
+    from conftest import empty_server
+
+    empty_server(milvus_server.uri)
+    raw = MilvusStore(milvus_server.uri)
+    store = MilvusStore(milvus_server.uri)
+    try:
+        raw.ensure_collection("early", DIM)
+        raw.client.release_collection("early")
+        raw.client.drop_index("early", "make")
+        raw.client.load_collection("early")  # loaded with 5 of 6 indexes
+        params = raw.client.prepare_index_params()
+        params.add_index(field_name="make", index_type="Trie")
+        raw.client.create_index("early", params)
+        store._await_creator = lambda name, timeout_s=0.2: MilvusStore._await_creator(
+            store, name, timeout_s)
+        vecs = unit(np.random.default_rng(4), 2)
+        assert store.upsert("early", [7, 8], vecs, [VectorRow(make="Ford")] * 2) == 2
+        store.flush("early")
+        assert sorted(store.ids("early")) == [7, 8]
+    finally:
+        raw.close()
+        store.close()

@@ -445,7 +445,7 @@ class MilvusStore:
         # change the index for loaded collection", seen under load): wait for all first.
         self.client.create_index(name, params, sync=False)
         self._await_indexes(name, 1 + len(scalars))
-        self.client.load_collection(name)
+        self._load(name)
         self._loaded.add(name)
         log.info("created collection %s (dim %d, IP, %s)", name, dim, self.index.type)
         self._dims[name] = dim
@@ -458,6 +458,23 @@ class MilvusStore:
                 raise VectorStoreError(f"Milvus at {self.uri}: the indexes of {name} were "
                                        f"not all registered within {timeout_s:g} s")
             time.sleep(0.05)
+
+    def _await_creator(self, name: str, timeout_s: float = 15.0) -> None:
+        """Before loading a collection this process did not create: wait until its
+        creator (another process, or another client in this one) has registered every
+        index. Loading it earlier pins the indexes it had then, and the creator's own
+        load then fails ("can't change the index for loaded collection", seen in CI with
+        two workers starting together). A collection made before the scalar indexes
+        existed never reaches the count: after ``timeout_s`` it is loaded as it is."""
+        if self.is_lite:
+            return
+        want = 1 + len(self.scalar_index_types())
+        try:
+            self._await_indexes(name, want, timeout_s)
+        except VectorStoreError:
+            have = len(self.client.list_indexes(name))
+            log.warning("collection %s has %d of the %d indexes this version makes; "
+                        "loading it as it is", name, have, want)
 
     @_milvus_errors
     def dimension(self, name: str) -> int:
@@ -475,8 +492,23 @@ class MilvusStore:
             if again or name not in self._loaded:
                 if not self.has_collection(name):
                     raise VectorStoreError(f"no collection {name} in Milvus at {self.uri}")
-                self.client.load_collection(name)
+                self._await_creator(name)
+                self._load(name)
                 self._loaded.add(name)
+
+    def _load(self, name: str) -> None:
+        """Load ``name``. "Can't change the index" means another process loaded it
+        before its last index was registered (a creator older than this wait): it is
+        loaded, with fewer indexes, and searches and upserts work on it."""
+        from pymilvus.exceptions import MilvusException
+
+        try:
+            self.client.load_collection(name)
+        except MilvusException as exc:
+            if "can't change the index for loaded collection" not in str(exc):
+                raise
+            log.warning("collection %s was loaded elsewhere before all its indexes were "
+                        "registered; using it as loaded", name)
 
     def _loaded_call(self, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Call ``fn`` on a loaded collection; a server that restarted may have released
