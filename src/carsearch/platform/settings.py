@@ -89,6 +89,31 @@ class RetrainSettings(BaseModel):
                            "retrain not heard of for this long is declared interrupted.")
 
 
+class DownloadSettings(BaseModel):
+    """URL manifests' downloads (ingest/download.py, ingest/netguard.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_networks: str = Field(
+        default="", description="Comma-separated CIDRs a manifest's URLs (and their "
+        "redirects) may reach besides public addresses, e.g. 127.0.0.0/8 or 10.1.2.0/24; "
+        "empty: public addresses only. The cloud metadata addresses are never reached.")
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: str) -> str:
+        import ipaddress
+
+        for item in (i.strip() for i in v.split(",")):
+            if item:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"not a network: {item!r} (use CIDRs like "
+                                     "127.0.0.0/8, comma-separated)") from None
+        return v
+
+
 class Settings(BaseSettings):
     """Everything a carsearch process needs to know about its surroundings."""
 
@@ -140,6 +165,7 @@ class Settings(BaseSettings):
     threads: ThreadSettings = Field(default_factory=ThreadSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    download: DownloadSettings = Field(default_factory=DownloadSettings)
     ollama_host: str = Field(default="http://127.0.0.1:11434")
     ollama_model: str = Field(default="qwen2.5:14b")
     image_dir: Path = Field(default=Path(""), description="Images the search page may serve.")
