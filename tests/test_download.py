@@ -352,3 +352,14 @@ def test_a_redirect_to_a_refused_address_is_refused(site: tuple[str, Site],
     state.redirect_to = inner + "/img2.jpg"
     got = _downloader(tmp_path, allow="127.0.0.1/32, 127.0.0.2/32").fetch(base + "/away")
     assert got.status == "fetched" and inner_state.hits["/img2.jpg"] == 1
+
+
+def test_a_bad_network_setting_names_its_variable() -> None:
+    from carsearch.platform.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=r"CARSEARCH_DOWNLOAD__ALLOW_NETWORKS: .*'intranet'"):
+        load_settings(download={"allow_networks": "10.0.0.0/8, intranet"})
+    with pytest.raises(SettingsError, match=r"CARSEARCH_UI_TRUSTED_PROXIES: .*'proxy'"):
+        load_settings(ui_trusted_proxies="proxy")
+    ok = load_settings(download={"allow_networks": "127.0.0.0/8"}, ui_trusted_proxies="*")
+    assert AddressPolicy(ok.download.allow_networks).allows("127.0.0.1")
