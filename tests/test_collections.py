@@ -187,6 +187,7 @@ def test_a_general_collection_from_an_unsplash_manifest_end_to_end(
     served on loopback, searched from the CLI and classified zero-shot; vehicles beside it
     keep working, and a command that names no collection uses vehicles."""
     base, state = site
+    env = {**env, "CARSEARCH_DOWNLOAD__ALLOW_NETWORKS": "127.0.0.0/8"}  # the test server
     run(["db", "upgrade"], env)
     run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
     assert "collection photos (general)" in run(

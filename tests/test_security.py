@@ -425,3 +425,116 @@ def test_a_person_logs_in_through_the_gate_in_chromium(second_world: World,
                 browser.close()
     finally:
         servers.close()
+
+
+# -- issue 22: login throttling (item 11) and forwarded headers (item 12) -----------------
+# The served process with the login throttle's clock made to jump: the test writes how
+# many seconds to add to a file, so "after the window" needs no waiting.
+SKEWED_CLOCK = (
+    "import os, runpy, time\n"
+    "import carsearch.ui.guard as guard\n"
+    "def clock():\n"
+    "    try:\n"
+    "        with open(os.environ['TEST_CLOCK_SKEW']) as fh:\n"
+    "            return time.monotonic() + float(fh.read() or 0)\n"
+    "    except OSError:\n"
+    "        return time.monotonic()\n"
+    "base = guard.LoginThrottle.__init__\n"
+    "def init(self, failures, window_s, clock_=None):\n"
+    "    base(self, failures, window_s, clock)\n"
+    "guard.LoginThrottle.__init__ = init\n"
+    "runpy.run_module('carsearch.cli', run_name='__main__')\n"
+)
+
+
+def _try_login(server: Server, user: str, password: str,
+               headers: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """(status, Retry-After, cookies) of one POST /login."""
+    req = urllib.request.Request(
+        server.url + "login", method="POST",
+        data=urllib.parse.urlencode({"username": user, "password": password}).encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            cookies = [h.split(";", 1)[0] for h in r.headers.get_all("Set-Cookie") or []]
+            return r.status, "", "; ".join(cookies)
+    except urllib.error.HTTPError as err:
+        detail = err.read()
+        if err.code == 429:
+            assert json.loads(detail)["detail"].startswith("too many failed logins")
+        return err.code, err.headers.get("Retry-After", ""), ""
+
+
+def _rest_search(server: Server, headers: dict[str, str]) -> str:
+    """One /search through Gradio's REST API with `headers`; the status line it shows."""
+    data = json.dumps({"data": ["blue ford", 2, *NO_FILTERS, "", 0]}).encode()
+    status, body = _get(server.url + "gradio_api/call/search",
+                        {"Content-Type": "application/json", **headers}, "POST", data)
+    assert status == 200, body[:300]
+    event = json.loads(body)["event_id"]
+    status, stream = _get(server.url + f"gradio_api/call/search/{event}", headers)
+    assert status == 200, stream[:300]
+    lines = stream.decode().splitlines()
+    at = lines.index("event: complete")
+    outputs = json.loads(lines[at + 1].removeprefix("data: "))
+    return str(outputs[1])
+
+
+def test_login_guessing_is_throttled_per_client_and_per_user(second_world: World,
+                                                           tmp_path: Path) -> None:
+    """Issue 22 item 11: 5 failures allowed in the window. 40 wrong passwords sent 8 at a
+    time: 5 are checked (400), 35 refused with 429 unchecked, so the right password is
+    refused too while the client is locked out, and so is the user name from another
+    client (a named proxy's X-Forwarded-For makes one); a fresh client and user are still
+    checked. After the window (the server's throttle clock is moved on) the right
+    password works. With that proxy named, a rotated header does make other clients:
+    each of four searches gets its own bucket (the positive side of item 12)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    skew = tmp_path / "clock-skew"
+    servers = run_server(second_world, tmp_path / "server.log", {
+        "CARSEARCH_UI_AUTH": "ann:s3cret", "CARSEARCH_UI_LOGIN_FAILURES": "5",
+        "CARSEARCH_UI_LOGIN_WINDOW_S": "600", "CARSEARCH_UI_TRUSTED_PROXIES": "127.0.0.1",
+        "CARSEARCH_UI_SEARCHES_PER_S": "0.001", "CARSEARCH_UI_SEARCH_BURST": "2",
+        "TEST_CLOCK_SKEW": str(skew)}, python_args=["-c", SKEWED_CLOCK])
+    server = next(servers)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: _try_login(server, "ann", f"guess{i}"),
+                                    range(40)))
+        statuses = [a[0] for a in answers]
+        assert statuses.count(400) == 5 and statuses.count(429) == 35, statuses
+        assert all(1 <= int(a[1]) <= 600 for a in answers if a[0] == 429)
+        assert _try_login(server, "ann", "s3cret")[0] == 429  # not even checked
+        other = {"X-Forwarded-For": "198.51.100.7"}
+        assert _try_login(server, "ann", "s3cret", other)[0] == 429  # the user is held
+        assert _try_login(server, "carl", "nope", {"X-Forwarded-For": "198.51.100.8"})[0] \
+            == 400
+        skew.write_text("601")  # the window has passed
+        status, _, cookie = _try_login(server, "ann", "s3cret")
+        assert status == 200 and cookie
+        assert _get(server.url + "gradio_api/info", {"Cookie": cookie})[0] == 200
+        served = [_rest_search(server, {"Cookie": cookie,
+                                        "X-Forwarded-For": f"203.0.113.{i}"})
+                  for i in range(4)]
+        assert all("results for" in s for s in served), served
+    finally:
+        servers.close()
+    assert "login refused for client 127.0.0.1" in (tmp_path / "server.log").read_text()
+
+
+def test_a_rotated_forwarded_header_does_not_make_a_new_client(second_world: World,
+                                                              tmp_path: Path) -> None:
+    """Issue 22 item 12: with no proxy named (the default), X-Forwarded-For from loopback
+    is not believed: four searches, each with another address in the header, share the
+    loopback client's bucket of 2, so the third is refused as it is without the header."""
+    servers = run_server(second_world, tmp_path / "server.log", {
+        "CARSEARCH_UI_SEARCHES_PER_S": "0.001", "CARSEARCH_UI_SEARCH_BURST": "2"})
+    server = next(servers)
+    try:
+        statuses = [_rest_search(server, {"X-Forwarded-For": f"203.0.113.{i}"})
+                    for i in range(4)]
+    finally:
+        servers.close()
+    assert ["results for" in s for s in statuses] == [True, True, False, False], statuses
+    assert statuses[2].startswith("**Error:** too many searches"), statuses

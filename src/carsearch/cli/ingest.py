@@ -67,6 +67,7 @@ def ingest_manifest(
             p.settings.image_dir, p.settings.data_dir / "downloads.jsonl",
             concurrency=concurrency, timeout_s=timeout, retries=retries,
             max_bytes=max_bytes, max_pixels=p.settings.max_image_pixels,
+            allow_networks=p.settings.download.allow_networks,
         ).fetch_all([r.url for r in rows], retry_failed=retry_failed)
         items = [IngestItem(Path(str(got[r.url].path)), source=source, meta=r.meta)
                  for r in rows if got[r.url].status != "failed"]

@@ -149,12 +149,13 @@ def models_export(
 ) -> None:
     """Export a version's vision and text towers to ONNX (with the preprocessing config)
     and check them against PyTorch: max abs difference <= 1e-3, cosine >= 0.9999."""
+    from carsearch.platform.artifacts import ArtifactLedger
     from carsearch.platform.errors import CarsearchError
     from carsearch.platform.models.onnx import MAX_ABS_DIFF, MIN_COSINE, Parity, export_onnx
 
     reg = platform_from(ctx).registry
     path = reg.verify(reg.get(name))
-    manifest = export_onnx(path, onnx)
+    manifest = export_onnx(path, onnx, ledger=ArtifactLedger(reg.db))
     parity = Parity(**manifest["parity"])
     if as_json:
         echo_json(manifest)

@@ -13,6 +13,13 @@ errors, truncated bodies, HTTP 5xx and 429), a size cap enforced while streaming
 limits), at most `max_redirects` redirects, and a progress bar. A fetched file goes to
 the content-addressed image store (``IMAGE_DIR/ab/<sha256>.ext``).
 
+Bodies are asked for and read as they are sent: the request says ``Accept-Encoding:
+identity`` and a response with any other ``Content-Encoding`` (gzip, br, ...) is refused
+unread, so the size cap counts the bytes that would be stored and a few hundred
+compressed bytes cannot inflate to gigabytes in memory. Connections go only to public
+addresses and the networks a setting allows (ingest/netguard.py), checked on the address
+each connection, redirect hops included, is opened to.
+
 Resume: every outcome is appended to a ledger (JSON lines, one per attempt's result).
 A URL whose fetched file is still in the store with its hash is not fetched again; a
 URL that failed for good (HTTP 4xx, not an image, too large, a redirect loop) is not
@@ -38,6 +45,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
+from carsearch.ingest.netguard import AddressPolicy, AddressRefused, IPNetwork, guarded_transport
 from carsearch.platform.errors import CarsearchError, ImageRejectedError
 from carsearch.platform.images import load_image_bytes, sha256_file
 
@@ -167,6 +175,7 @@ class Downloader:
         max_bytes: int = 20_000_000,
         max_redirects: int = 5,
         max_pixels: int = 40_000_000,
+        allow_networks: Sequence[IPNetwork] | str = (),
     ) -> None:
         if concurrency < 1 or retries < 0:
             raise ValueError("concurrency must be at least 1 and retries at least 0")
@@ -179,6 +188,7 @@ class Downloader:
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.max_pixels = max_pixels
+        self.policy = AddressPolicy(allow_networks)
         self._lock = threading.Lock()
         self.sleep = time.sleep  # tests make the backoff instant
 
@@ -234,7 +244,8 @@ class Downloader:
 
         return httpx.Client(follow_redirects=True, max_redirects=self.max_redirects,
                             timeout=self.timeout_s, trust_env=False,
-                            limits=httpx.Limits(max_connections=self.concurrency))
+                            transport=guarded_transport(self.policy,
+                                                        max_connections=self.concurrency))
 
     def _fetch_logged(self, url: str, client: Any) -> Fetched:
         rec = self.fetch(url, client)
@@ -268,7 +279,8 @@ class Downloader:
         import httpx
 
         try:
-            with client.stream("GET", url, headers={"Accept": "image/*"}) as resp:
+            with client.stream("GET", url, headers={"Accept": "image/*",
+                                                    "Accept-Encoding": "identity"}) as resp:
                 code = resp.status_code
                 if code == 429 or code >= 500:
                     raise _Transient(f"HTTP {code}")
@@ -277,17 +289,24 @@ class Downloader:
                 ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
                 if not ctype.startswith("image/"):
                     raise _Permanent(f"not an image (content-type {ctype or 'none'})")
+                encodings = [e.strip().lower() for v in resp.headers.get_list(
+                    "content-encoding") for e in v.split(",") if e.strip()]
+                if any(e != "identity" for e in encodings):
+                    raise _Permanent(f"refused: an encoded body (Content-Encoding "
+                                     f"{', '.join(encodings)}); only identity is accepted")
                 declared = resp.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(
                         declared) > self.max_bytes:
                     raise _Permanent(f"too large: {declared} bytes (limit {self.max_bytes})")
                 chunks, size = [], 0
-                for chunk in resp.iter_bytes():
+                for chunk in resp.iter_raw():  # as sent: nothing is decoded
                     size += len(chunk)
                     if size > self.max_bytes:
                         raise _Permanent(f"too large: over {self.max_bytes} bytes")
                     chunks.append(chunk)
                 return b"".join(chunks), ctype
+        except AddressRefused:
+            raise _Permanent(str(AddressRefused())) from None
         except httpx.TooManyRedirects:
             raise _Permanent(f"redirect loop (more than {self.max_redirects} redirects)") \
                 from None

@@ -111,8 +111,31 @@ def export_rows(platform: Platform, thumbnail: Callable[[int, str], str] | None 
     return rows
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (=HYPERLINK(...),
+# +cmd|..., @SUM(...)); a tab or carriage return first is read the same way by some.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula, made text by a leading
+    apostrophe (which spreadsheets show as nothing); anything else as it is."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def restore_cell(value: Any) -> Any:
+    """The inverse of `neutralise_cell` for a cell read back from a CSV file."""
+    if isinstance(value, str) and value.startswith("'") and value[1:2] and \
+            value[1:].startswith(FORMULA_STARTS):
+        return value[1:]
+    return value
+
+
 def write_rows(rows: list[dict[str, Any]], out: Path) -> Path:
-    """CSV or JSONL by the file's suffix, written under a temporary name then renamed."""
+    """CSV or JSONL by the file's suffix, written under a temporary name then renamed.
+    A CSV text cell starting with =, +, -, @, a tab or a carriage return gets a leading
+    apostrophe (see `neutralise_cell`); `read_rows` takes it off again."""
     out = Path(out)
     if out.suffix.lower() not in (".csv", ".jsonl"):
         raise CarsearchError(f"write labels to a .csv or .jsonl file, not {out.name}")
@@ -122,7 +145,7 @@ def write_rows(rows: list[dict[str, Any]], out: Path) -> Path:
         if out.suffix.lower() == ".csv":
             w = csv.DictWriter(fh, fieldnames=list(EXPORT_COLUMNS))
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({k: neutralise_cell(v) for k, v in r.items()} for r in rows)
         else:
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -138,7 +161,8 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         raise CarsearchError(f"no labels file at {path}")
     if path.suffix.lower() == ".csv":
         with path.open(newline="") as fh:
-            return [(n, dict(r)) for n, r in enumerate(csv.DictReader(fh), 2)]
+            return [(n, {k: restore_cell(v) for k, v in r.items()})
+                    for n, r in enumerate(csv.DictReader(fh), 2)]
     out = []
     with path.open() as fh:
         for n, line in enumerate(fh, 1):

@@ -89,6 +89,31 @@ class RetrainSettings(BaseModel):
                            "retrain not heard of for this long is declared interrupted.")
 
 
+class DownloadSettings(BaseModel):
+    """URL manifests' downloads (ingest/download.py, ingest/netguard.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_networks: str = Field(
+        default="", description="Comma-separated CIDRs a manifest's URLs (and their "
+        "redirects) may reach besides public addresses, e.g. 127.0.0.0/8 or 10.1.2.0/24; "
+        "empty: public addresses only. The cloud metadata addresses are never reached.")
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, v: str) -> str:
+        import ipaddress
+
+        for item in (i.strip() for i in v.split(",")):
+            if item:
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"not a network: {item!r} (use CIDRs like "
+                                     "127.0.0.0/8, comma-separated)") from None
+        return v
+
+
 class Settings(BaseSettings):
     """Everything a carsearch process needs to know about its surroundings."""
 
@@ -140,6 +165,7 @@ class Settings(BaseSettings):
     threads: ThreadSettings = Field(default_factory=ThreadSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    download: DownloadSettings = Field(default_factory=DownloadSettings)
     ollama_host: str = Field(default="http://127.0.0.1:11434")
     ollama_model: str = Field(default="qwen2.5:14b")
     image_dir: Path = Field(default=Path(""), description="Images the search page may serve.")
@@ -164,6 +190,18 @@ class Settings(BaseSettings):
         description="Uploads (and image searches / classifications) one client may have "
         "in flight at once.",
     )
+    ui_login_failures: int = Field(
+        default=5, ge=1, le=10_000,
+        description="Failed logins one client, or one user name, may have within "
+        "ui_login_window_s; past it the page answers 429 without checking the password.")
+    ui_login_window_s: float = Field(
+        default=60.0, gt=0.0, le=86_400.0,
+        description="The window the failed logins are counted over (seconds).")
+    ui_trusted_proxies: str = Field(
+        default="",
+        description="Addresses or CIDRs (comma-separated) of the reverse proxies whose "
+        "X-Forwarded-For / X-Forwarded-Proto the page believes (uvicorn's "
+        "forwarded_allow_ips); empty: none, a client is the connection's peer.")
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
     max_query_chars: int = Field(default=500, ge=1)
     search_mirror: Literal["auto", "on", "off"] = Field(
@@ -198,6 +236,19 @@ class Settings(BaseSettings):
     def _milvus_uri(cls, v: str) -> str:
         if v and "://" in v and not v.startswith(("http://", "https://", "tcp://", "unix://")):
             raise ValueError("must be a Milvus Lite file path or an http(s):// server URI")
+        return v
+
+    @field_validator("ui_trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: str) -> str:
+        import ipaddress
+
+        for item in (i.strip() for i in v.split(",")):
+            if item and item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"not an address or network: {item!r}") from None
         return v
 
     @field_validator("database_url")

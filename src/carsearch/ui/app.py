@@ -8,7 +8,9 @@ Every handler turns a `CarsearchError` into its one-line message on the page (a 
 and the status line) and any other exception into "internal error (request id ...)",
 logging the trace under that id; no exception text reaches a browser. Searches and
 uploads are held to per-client limits (ui/guard.py), and the app runs behind
-`RequestGate` (login on every route, only the thumbnail store served, body size cap).
+`RequestGate` (login on every route, login attempts throttled, only the thumbnail store
+served, body size cap). A client's address is the connection's peer; forwarded headers
+count only from the proxies CARSEARCH_UI_TRUSTED_PROXIES names.
 
 API names (for `gradio_client`): /search, /refine, /image_search, /more_like_this,
 /select_result, /classify, /vote_up, /vote_down, /page_info, /status, /evaluation.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +33,7 @@ from starlette.middleware import Middleware
 
 from carsearch.platform.errors import CarsearchError, ConfigError
 from carsearch.platform.runtime import Platform
-from carsearch.ui.guard import ClientLimits, GateConfig, RequestGate, parse_size
+from carsearch.ui.guard import ClientLimits, GateConfig, LoginThrottle, RequestGate, parse_size
 from carsearch.ui.page import ANY, Labeller, PageResult, PickedFilters, SearchPage
 from carsearch.ui.render import evaluation_table, page_header, status_markdown
 
@@ -446,6 +449,18 @@ def served_roots(settings: Any) -> tuple[Path, ...]:
     return (image_dir,) if settings.ui_serve_originals else (image_dir / "_thumbs",)
 
 
+def trust_forwarded_from(proxies: str) -> None:
+    """Believe X-Forwarded-For / -Proto only from `proxies` (comma-separated addresses or
+    CIDRs; empty: from nobody). Gradio starts uvicorn without a say in its
+    forwarded_allow_ips, which uvicorn then reads from FORWARDED_ALLOW_IPS, defaulting to
+    loopback: any local process could pick its client address by rotating the header
+    (and so its own per-client limits). The variable is set here, before the server
+    starts, to the setting's value."""
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(
+        p.strip() for p in proxies.split(",") if p.strip())
+    log.info("forwarded headers believed from: %s", os.environ["FORWARDED_ALLOW_IPS"] or "none")
+
+
 def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
            labeller: Labeller | None = None) -> gr.Blocks:
     """Build and start the page behind `RequestGate`; serves only the thumbnail store
@@ -461,7 +476,9 @@ def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
     roots = served_roots(settings)
     for root in roots:
         root.mkdir(parents=True, exist_ok=True)
-    gate = Middleware(RequestGate, config=GateConfig(roots, max_bytes, limits))
+    login = LoginThrottle(settings.ui_login_failures, settings.ui_login_window_s)
+    gate = Middleware(RequestGate, config=GateConfig(roots, max_bytes, limits, login=login))
+    trust_forwarded_from(settings.ui_trusted_proxies)
     demo.queue(default_concurrency_limit=4)
     log.info("search page on http://%s:%d (serving files only from %s)",
              options.host, options.port, ", ".join(map(str, roots)))

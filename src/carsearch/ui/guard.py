@@ -13,21 +13,29 @@
   originals only when a setting allows it, Gradio's own upload cache), after following
   symlinks: traversal (`..`, also percent-encoded), encoded slashes, symlinks out of a
   root, absolute paths elsewhere and remote URLs get 403;
-- concurrent uploads are capped per client (429 beyond the cap).
+- concurrent uploads are capped per client (429 beyond the cap);
+- login attempts (POST /login) are throttled per client and per user name
+  (`LoginThrottle`): past the failures allowed in a window the gate answers 429 with a
+  Retry-After, without passing the attempt on, so the password is not checked.
 
 `ClientLimits` holds the per-client token buckets (searches per second) and upload
 slots; the page's handlers check them and answer a refusal with a one-line message.
-A client is the peer address of the connection (behind a reverse proxy every person
-shares the proxy's: give each its own limits there).
+A client is the peer address of the connection. Forwarded headers (X-Forwarded-For)
+are believed only from the proxies CARSEARCH_UI_TRUSTED_PROXIES names (uvicorn's
+forwarded_allow_ips, set by `launch`); by default none, so a client cannot pick its own
+address by rotating the header, and behind an unnamed proxy every person shares the
+proxy's address.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,12 +151,80 @@ class ClientLimits:
                 "wait for the others to finish")
 
 
+LOGIN_PATHS = frozenset({"/login", "/login/"})
+
+
+class LoginRefused(LimitError):
+    """Too many failed logins; `retry_after_s` says when the oldest one stops counting."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(f"too many failed logins: try again in {self.retry_after_s} s")
+
+
+class LoginThrottle:
+    """Failed logins counted per client and per user name over a sliding window.
+
+    `admit` refuses (LoginRefused) when either has `failures` in the window; otherwise it
+    counts the attempt as a failure at once (so a burst sent in parallel is held to the
+    same number as one sent in turn) and returns a ticket; `settle(ticket, ok=True)`
+    takes the attempt back off when the login succeeded. Refused attempts are not
+    counted: the lock-out ends one window after the last attempt that was checked. A
+    user name is counted whoever sends it, so guessing one user's password from many
+    addresses is held too (at the price that such guessing locks that user out for the
+    window)."""
+
+    def __init__(self, failures: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures = max(1, int(failures))
+        self.window_s = float(window_s)
+        self.clock = clock
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def keys(client: str, user: str) -> tuple[str, str]:
+        return f"client:{client}", f"user:{user.strip().lower()[:256]}"
+
+    def admit(self, client: str, user: str) -> tuple[tuple[str, str], float]:
+        now = self.clock()
+        keys = self.keys(client, user)
+        with self._lock:
+            for key in keys:
+                seen = self._recent(key, now)
+                if len(seen) >= self.failures:
+                    raise LoginRefused(seen[0] + self.window_s - now)
+            for key in keys:
+                self._seen.setdefault(key, deque()).append(now)
+            if len(self._seen) > 10_000:  # forget keys with nothing left in the window
+                for key in [k for k in self._seen if not self._recent(k, now)]:
+                    del self._seen[key]
+        return keys, now
+
+    def settle(self, ticket: tuple[tuple[str, str], float], *, ok: bool) -> None:
+        if not ok:
+            return
+        keys, at = ticket
+        with self._lock:
+            for key in keys:
+                seen = self._seen.get(key)
+                if seen is not None and at in seen:
+                    seen.remove(at)
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        seen = self._seen.get(key, deque())
+        while seen and seen[0] <= now - self.window_s:
+            seen.popleft()
+        return seen
+
+
 @dataclass(frozen=True)
 class GateConfig:
     served_roots: tuple[Path, ...]
     max_upload_bytes: int
     limits: ClientLimits
     max_form_bytes: int = MAX_FORM_BYTES
+    login: LoginThrottle | None = None
 
 
 class _TooLarge(Exception):
@@ -194,6 +270,11 @@ class RequestGate:
         if not logged_in and path == "/" and scope.get("method") in ("GET", "HEAD"):
             send = _without_api_info(send)
         receive, send = _capped(receive, send, limit)
+        if (path in LOGIN_PATHS and scope.get("method") == "POST"
+                and self.config.login is not None
+                and getattr(gradio, "auth", None) is not None):
+            await self._login(scope, receive, send, self.config.login)
+            return
         if path == UPLOAD_PATH and scope.get("method") == "POST":
             client = client_of(scope)
             if not self.config.limits.try_upload(client):
@@ -205,6 +286,55 @@ class RequestGate:
                 self.config.limits.end_upload(client)
             return
         await self.app(scope, receive, send)
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send,
+                     throttle: LoginThrottle) -> None:
+        """A login attempt: refused with 429 while its client or user name is over the
+        failures allowed, else passed on and its outcome counted."""
+        from starlette.requests import Request
+
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away (or the body was over the cap: answered)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        try:
+            form = await Request(scope, _once(body)).form()
+            user = str(form.get("username") or "")
+        except Exception:  # a form Gradio will refuse too; counted under no user name
+            user = ""
+        client = client_of(scope)
+        try:
+            ticket = throttle.admit(client, user)
+        except LoginRefused as exc:
+            log.warning("login refused for client %s (user %r): %s", client, user[:64], exc)
+            await _answer(send, 429, str(exc),
+                          [(b"retry-after", str(exc.retry_after_s).encode())])
+            return
+        answered: dict[str, int] = {}
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answered["status"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, replay, watch)
+        finally:
+            throttle.settle(ticket, ok=answered.get("status") == 200)
 
     @staticmethod
     def _logged_in(scope: Scope, gradio: Any) -> bool:
@@ -267,12 +397,28 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _answer(send: Send, status: int, detail: str) -> None:
+async def _answer(send: Send, status: int, detail: str,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+                            (b"content-length", str(len(body)).encode()),
+                            *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
+
+
+def _once(body: bytes) -> Receive:
+    """A receive callable that gives `body` once, then a disconnect."""
+    given = False
+
+    async def receive() -> Message:
+        nonlocal given
+        if given:
+            return {"type": "http.disconnect"}
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
 def _capped(receive: Receive, send: Send, limit: int) -> tuple[Receive, Send]:

@@ -20,14 +20,24 @@ tokenizer) and reports the largest absolute difference and the lowest cosine.
 logit_bias), so `CARSEARCH_ENCODER=onnx` (or `--encoder onnx` on search and ingest)
 swaps it in everywhere the platform encodes; it refuses graphs whose hash differs from
 the manifest.
+
+The manifest beside the graphs is not what they are trusted by: whoever can rewrite a
+graph can rewrite `onnx.json` to match. Given a ledger, `export_onnx` records the sha256
+of every file of the export in the database (`artifact_hashes`, kind ``onnx_export``,
+keyed by the export's resolved directory), and the platform checks them before it loads
+an export (platform/search/service.py). The manifest is written as `onnx.json.part` and
+renamed to `onnx.json` only once the parity check has run and the hashes are recorded:
+an export cut short (a crash in the parity check) has no manifest, and is made again on
+the next use instead of failing every later start.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +51,10 @@ from carsearch.platform.images import sha256_file
 log = logging.getLogger(__name__)
 
 MANIFEST = "onnx.json"
+# The manifest until the parity check has run and the hashes are recorded.
+PARTIAL_MANIFEST = MANIFEST + ".part"
+# The artifact_hashes kind of an export (keyed by its resolved directory).
+ONNX_EXPORT = "onnx_export"
 OPSET = 17
 # Parity the export must reach (the issue's bar): on unit vectors, at most this absolute
 # difference per component and at least this cosine, for every sample.
@@ -87,9 +101,24 @@ def _towers(net: Any) -> tuple[Any, Any]:
     return Vision().eval(), Text().eval()
 
 
+def _no_hook(point: str) -> None:
+    pass
+
+
+def export_key(out_dir: Path) -> str:
+    """The artifact_hashes key of an export: its resolved directory."""
+    return str(Path(out_dir).resolve())
+
+
 def export_onnx(model: str | Path, out_dir: Path, *, adapter: str | Path | None = None,
-                check: bool = True) -> dict[str, Any]:
-    """Export both towers of ``model`` to ``out_dir``; returns the manifest written."""
+                check: bool = True, ledger: Any = None,
+                hook: Callable[[str], None] = _no_hook) -> dict[str, Any]:
+    """Export both towers of ``model`` to ``out_dir``; returns the manifest written.
+
+    ``ledger`` (an `ArtifactLedger`): record the sha256 of every file of the export
+    under (`ONNX_EXPORT`, `export_key(out_dir)`) before the manifest takes its name.
+    ``hook`` is called with "parity" in the middle of the parity check (tests crash
+    there)."""
     import warnings
 
     import torch
@@ -123,10 +152,22 @@ def export_onnx(model: str | Path, out_dir: Path, *, adapter: str | Path | None 
         "image_size": list(size), "logit_scale": loaded.logit_scale,
         "logit_bias": loaded.logit_bias, "opset": OPSET,
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # an older export's: not this one's
+    partial = out_dir / PARTIAL_MANIFEST
+    partial.write_text(json.dumps(manifest, indent=2))
     if check:
-        manifest["parity"] = asdict(check_parity(enc, out_dir))
-        (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        manifest["parity"] = asdict(check_parity(enc, out_dir, manifest=PARTIAL_MANIFEST,
+                                                 hook=hook))
+        partial.write_text(json.dumps(manifest, indent=2))
+    if ledger is not None:
+        from carsearch.platform.artifacts import hash_files
+
+        names = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*")
+                       if p.is_file() and p.name != PARTIAL_MANIFEST)
+        files = hash_files(out_dir, names)
+        files[MANIFEST] = sha256_file(partial)  # under the name it is about to take
+        ledger.record_hashes(ONNX_EXPORT, export_key(out_dir), files)
+    os.replace(partial, out_dir / MANIFEST)
     log.info("exported %s to %s", enc.model_id, out_dir)
     return manifest
 
@@ -141,11 +182,13 @@ def sample_inputs(n: int = 8, seed: int = 0) -> tuple[list[Image.Image], list[st
     return images, (texts * (n // len(texts) + 1))[:n]
 
 
-def check_parity(torch_encoder: Any, out_dir: Path, n: int = 8) -> Parity:
+def check_parity(torch_encoder: Any, out_dir: Path, n: int = 8, *,
+                 manifest: str = MANIFEST, hook: Callable[[str], None] = _no_hook) -> Parity:
     """PyTorch against ONNX Runtime on the same images and texts."""
-    onnx_enc = OnnxEncoder(out_dir)
+    onnx_enc = OnnxEncoder(out_dir, manifest=manifest)
     images, texts = sample_inputs(n)
     a, b = torch_encoder.encode_images(images), onnx_enc.encode_images(images)
+    hook("parity")
     c, d = torch_encoder.encode_text(texts), onnx_enc.encode_text(texts)
     return Parity(float(np.abs(a - b).max()), float((a * b).sum(1).min()),
                   float(np.abs(c - d).max()), float((c * d).sum(1).min()))
@@ -155,8 +198,13 @@ class OnnxEncoder:
     """`Encoder`'s interface over an export: ONNX Runtime sessions on the CPU."""
 
     def __init__(self, export_dir: str | Path, *, batch_size: int = 64,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, manifest: str = MANIFEST,
+                 verify: Callable[[], Any] | None = None) -> None:
+        """``verify`` is called before the graphs are opened (the platform checks the
+        hashes recorded in the database there; it raises to refuse)."""
         self.export_dir = Path(export_dir)
+        self._manifest = manifest
+        self._verify = verify
         self._batch_size = batch_size
         self._threads = threads
         self._lock = threading.Lock()
@@ -192,9 +240,11 @@ class OnnxEncoder:
         import onnxruntime as ort
         from transformers import AutoProcessor
 
-        path = self.export_dir / MANIFEST
+        path = self.export_dir / self._manifest
         if not path.is_file():
             raise ModelNotFoundError(f"no ONNX export at {self.export_dir} ({MANIFEST} missing)")
+        if self._verify is not None:
+            self._verify()
         manifest = json.loads(path.read_text())
         for name, digest in manifest["files"].items():
             if sha256_file(self.export_dir / name) != digest:

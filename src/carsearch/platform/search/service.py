@@ -247,22 +247,42 @@ class SearchService:
 
     def _onnx_encoder(self, version: ModelVersion, path: Path) -> Encoder:
         """ONNX Runtime over the version's export in MODEL_DIR/_onnx/NAME, made from the
-        verified artifact on first use (platform/models/onnx.py)."""
+        verified artifact on first use (platform/models/onnx.py). Every file of the
+        export is checked against the sha256 recorded in the database at export, here
+        and again when the graphs are opened; an export with no manifest (cut short) or
+        no record (made before records were kept) is removed and made again."""
         import json
+        import shutil
 
+        from carsearch.platform.artifacts import ArtifactLedger
         from carsearch.platform.errors import ModelNotFoundError
-        from carsearch.platform.models.onnx import MANIFEST, OnnxEncoder, Parity, export_onnx
+        from carsearch.platform.models.onnx import (
+            MANIFEST,
+            ONNX_EXPORT,
+            OnnxEncoder,
+            Parity,
+            export_key,
+            export_onnx,
+        )
 
         out = Path(self.settings.model_dir) / "_onnx" / version.name
-        if not (out / MANIFEST).is_file():
+        ledger = ArtifactLedger(self.registry.db)
+        key = export_key(out)
+        if not (out / MANIFEST).is_file() or ledger.recorded(ONNX_EXPORT, key) is None:
             log.info("exporting %s to ONNX in %s", version.name, out)
-            export_onnx(path, out)
+            shutil.rmtree(out, ignore_errors=True)  # what is there was not recorded
+            export_onnx(path, out, ledger=ledger)
+
+        def verify() -> None:
+            ledger.verify(ONNX_EXPORT, key, out)
+
+        verify()
         parity = json.loads((out / MANIFEST).read_text()).get("parity")
         if not parity or not Parity(**parity).ok:
             raise ModelNotFoundError(f"the ONNX export of {version.name} in {out} does not "
                                      f"match PyTorch ({parity}): use --encoder torch")
         return OnnxEncoder(out, batch_size=self.settings.encode_batch_size,  # type: ignore[return-value]
-                           threads=self.settings.threads.torch)
+                           threads=self.settings.threads.torch, verify=verify)
 
     def warm(self, *, wait: bool = False) -> ModelVersion:
         """Ready the serving versions: load their encoders and, where searches are served
