@@ -140,13 +140,14 @@ def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
         return img.resize(target, Image.Resampling.BICUBIC)
 
 
-def _displayed_size(img: Image.Image) -> tuple[int, int]:
-    """The size as displayed: width and height swapped by a transposing EXIF tag."""
+def _displayed_size(img: Image.Image, size: tuple[int, int]) -> tuple[int, int]:
+    """``size`` as displayed: swapped by a transposing EXIF tag. Asked after loading (a
+    PNG's EXIF may follow its pixels, and reading it before would decode them unchecked)."""
     try:
         turned = img.getexif().get(_ORIENTATION) in _TRANSPOSED
     except Exception:  # a broken EXIF block: the pixels are used as stored
         turned = False
-    return (img.height, img.width) if turned else img.size
+    return (size[1], size[0]) if turned else size
 
 
 def _classify(exc: Exception) -> str:
@@ -181,12 +182,12 @@ def _decode(fp: IO[bytes], name: str, *, max_pixels: int,
                         f"{max_pixels} pixels",
                         name,
                     )
-                size = _displayed_size(img)
                 if max_side is not None and max(width, height) > max_side:
                     # JPEG: libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below this
                     # size (other formats ignore it and are reduced after loading).
                     img.draft(None, fit_size((width, height), max_side))
                 img.load()
+                size = _displayed_size(img, (width, height))
                 mode = img.mode
                 rgb = to_rgb(_shrink(_oriented(img), max_side))
                 if rgb is img:
