@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_decode_memory.py [--n 500] [--mp 12]
 
 Writes ``n`` JPEGs of ``mp`` megapixels (seeded numpy noise, upscaled so the files have
-a photo's size, saved by Pillow) in a temporary folder, then runs each phase in a fresh
-process and reads that process's peak RSS (``ru_maxrss``):
+a photo's size, saved by Pillow; 16 distinct pictures, every file unique by its bytes) in
+a temporary folder, then runs each phase in a fresh process and reads that process's
+peak RSS (``ru_maxrss``):
 
 - ingest: the worker claims the queued jobs in batches of 32 (SQLite, Milvus Lite, the
   compact model serving as v1);
@@ -34,18 +35,29 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def make_photos(out: Path, n: int, megapixels: float) -> list[Path]:
+def make_photos(out: Path, n: int, megapixels: float, distinct: int = 16) -> list[Path]:
+    """``n`` JPEG files of ``megapixels``: ``distinct`` different pictures (seeded noise
+    upscaled, so a file has a photo's size; Pillow encodes at quality 90), each file
+    made unique by a few bytes after the JPEG's end marker (a different content hash,
+    so a different image id; decoders stop at the marker). Encoding every file anew
+    would cost ~0.5 s each for the same decoding work."""
     from PIL import Image
 
     width = round((megapixels * 1e6 * 4 / 3) ** 0.5)
     height = round(width * 3 / 4)
-    paths = []
-    for i in range(n):
+    bases = []
+    for i in range(min(distinct, n)):
         rng = np.random.default_rng(i)
         small = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
         img = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+        base = out / f"base{i:02d}.jpeg"
+        img.save(base, quality=90)
+        bases.append(base.read_bytes())
+        base.unlink()
+    paths = []
+    for i in range(n):
         path = out / f"p{i:04d}.jpg"
-        img.save(path, quality=90)
+        path.write_bytes(bases[i % len(bases)] + f"photo {i}".encode())
         paths.append(path)
     return paths
 
