@@ -10,7 +10,8 @@ peak RSS (``ru_maxrss``):
 - ingest: the worker claims the queued jobs in batches of 32 (SQLite, Milvus Lite, the
   compact model serving as v1);
 - promotion: v2 is published and `promote_with_backfill` re-indexes every image into its
-  collection (pages of 512) and switches serving to it.
+  collection (pages of 512) and switches serving to it;
+- png16: one 16-bit greyscale PNG of 39.7 MP through ingest's `prepare` (decode).
 
 Prints a markdown row per phase with the machine, threads and date. It uses only APIs
 that exist before the fix too, so the same script measures an older checkout
@@ -107,8 +108,27 @@ def phase_promote(work: Path) -> dict[str, object]:
     return {"images": n, "seconds": round(took, 1), "embedded": report.embedded}
 
 
+def phase_png16(work: Path) -> dict[str, object]:
+    """One 16-bit greyscale PNG of 39.7 MP (7,700 x 5,160, as in issue 22) through
+    ingest's `prepare`; reports the RSS before it too (the imports' share)."""
+    from PIL import Image
+
+    from carsearch.ingest.pipeline import IngestItem, prepare
+
+    path = work / "grey16.png"
+    ramp = np.linspace(0, 65535, 7700, dtype=np.uint16)
+    Image.fromarray(np.broadcast_to(ramp, (5160, 7700)).copy()).save(path, compress_level=1)
+    before = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    t0 = time.perf_counter()
+    got = prepare(IngestItem(path), 40_000_000)
+    return {"images": 1, "seconds": round(time.perf_counter() - t0, 1),
+            "rss_before_mib": before, "decoded": list(got.image.size)}
+
+
 def child(phase: str, work: Path, photos: Path) -> None:
-    got = phase_ingest(work, photos) if phase == "ingest" else phase_promote(work)
+    phases = {"ingest": lambda: phase_ingest(work, photos),
+              "promote": lambda: phase_promote(work), "png16": lambda: phase_png16(work)}
+    got = phases[phase]()
     got["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     print(json.dumps(got))
 
@@ -126,7 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--mp", type=float, default=12.0, help="megapixels per photo")
-    ap.add_argument("--child", choices=["ingest", "promote"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["ingest", "promote", "png16"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--photos", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -146,14 +166,18 @@ def main() -> None:
         size = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
         print(f"wrote {len(paths)} photos of {args.mp} MP ({size:.1f} MB each) in "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        rows = {phase: run_phase(phase, work, photos) for phase in ("ingest", "promote")}
+        rows = {phase: run_phase(phase, work, photos)
+                for phase in ("ingest", "promote", "png16")}
     print(f"\ncarsearch at {Path(carsearch.__file__).parent}")
     print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine_line()}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
     print("| phase | photos | MP each | peak RSS (MiB) | seconds |")
     print("|---|---|---|---|---|")
     for phase, got in rows.items():
-        print(f"| {phase} | {got['images']} | {args.mp:g} | {got['peak_rss_mib']} | "
+        mp = 39.7 if phase == "png16" else args.mp
+        extra = (f" (RSS {got['rss_before_mib']} MiB before the decode)"
+                 if phase == "png16" else "")
+        print(f"| {phase} | {got['images']} | {mp:g} | {got['peak_rss_mib']}{extra} | "
               f"{got['seconds']} |")
 
 

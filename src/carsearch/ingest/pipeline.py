@@ -164,8 +164,8 @@ class Prepared:
     meta: CleanMeta
     stored: Path | None = None  # the platform's own copy, once kept
     size: tuple[int, int] | None = None  # (width, height) in the file; image.size if None
-    # The row's label fields when this batch read them (merge_existing; None: no row).
-    # write_rows changes the labels only if they are still these (compare-and-set).
+    # The indexed row's label fields when this batch read them (merge_existing; None:
+    # no indexed row). write_rows changes the labels only if they are still these (CAS).
     base: dict[str, Any] | None = None
 
     @property
@@ -349,7 +349,8 @@ def merge_existing(db: Database, batch: Sequence[Prepared]) -> None:
         if row is None:
             continue
         old = {k: getattr(row, k) for k in LABEL_FIELDS if getattr(row, k) is not None}
-        p.base = {k: getattr(row, k) for k in LABEL_FIELDS}
+        if row.status == ImageStatus.indexed:  # others are rewritten by write_pending
+            p.base = {k: getattr(row, k) for k in LABEL_FIELDS}
         extra = {**(row.extra or {}), **(p.meta.extra or {})} or None
         if not p.meta.rejected and extra:
             extra.pop("rejected_metadata", None)
