@@ -78,10 +78,11 @@ def search_command(
     if not interactive:  # the printed latency is the search's, not the model's load
         p.search.encoder_for(p.search.serving(name)).load()
     if image is not None:
-        from carsearch.platform.images import load_image
+        from carsearch.platform.images import DECODE_MAX_SIDE, load_image
 
         result = p.search.search_image(
-            load_image(image, max_pixels=p.settings.max_image_pixels), k, filters, name
+            load_image(image, max_pixels=p.settings.max_image_pixels,
+                       max_side=DECODE_MAX_SIDE), k, filters, name
         )
     elif interactive:
         _interactive(p, k, filters, parse, min_prob, as_json, name)
@@ -186,7 +187,7 @@ def classify_command(
     sigmoid(exp(logit_scale) * cos + logit_bias), independent of the other labels (they
     need not sum to one). An unreadable image is reported and the others go on (exit 1)."""
     from carsearch.platform.errors import ImageRejectedError
-    from carsearch.platform.images import load_image
+    from carsearch.platform.images import DECODE_MAX_SIDE, load_image
     from carsearch.platform.search.classify import check_template, parse_labels
 
     names = parse_labels(labels)
@@ -195,7 +196,8 @@ def classify_command(
     loaded, failed = [], []
     for path in images:
         try:
-            loaded.append((path, load_image(path, max_pixels=p.settings.max_image_pixels)))
+            loaded.append((path, load_image(path, max_pixels=p.settings.max_image_pixels,
+                                            max_side=DECODE_MAX_SIDE)))
         except ImageRejectedError as exc:
             failed.append({"image": str(path), "error": exc.reason})
     name = collection_from(p, collection)

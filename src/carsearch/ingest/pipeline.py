@@ -31,7 +31,7 @@ from carsearch.platform.collections import DEFAULT_COLLECTION
 from carsearch.platform.db import Database, Image, ImageStatus, ModelVersion, utcnow
 from carsearch.platform.errors import CarsearchError, ImageRejectedError
 from carsearch.platform.ids import image_id
-from carsearch.platform.images import load_image, sha256_file
+from carsearch.platform.images import DECODE_MAX_SIDE, decode_file, sha256_file
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.vocabulary import body_category, parse_class_name
@@ -160,9 +160,13 @@ class Prepared:
     item: IngestItem
     sha256: str
     id: int
-    image: PILImage.Image
+    image: PILImage.Image  # decoded for embedding: its longer side <= DECODE_MAX_SIDE
     meta: CleanMeta
     stored: Path | None = None  # the platform's own copy, once kept
+    size: tuple[int, int] | None = None  # (width, height) in the file; image.size if None
+    # The indexed row's label fields when this batch read them (merge_existing; None:
+    # no indexed row). write_rows changes the labels only if they are still these (CAS).
+    base: dict[str, Any] | None = None
 
     @property
     def path(self) -> Path:
@@ -232,8 +236,9 @@ def prepare(item: IngestItem, max_pixels: int, *, vehicle_labels: bool = True) -
         digest = sha256_file(item.path)
     except OSError as exc:
         raise ImageRejectedError(f"unreadable: {exc.strerror or exc}", str(item.path)) from None
-    img = load_image(item.path, max_pixels=max_pixels)
-    return Prepared(item=item, sha256=digest, id=image_id(digest, item.collection), image=img,
+    got = decode_file(item.path, max_pixels=max_pixels, max_side=DECODE_MAX_SIDE)
+    return Prepared(item=item, sha256=digest, id=image_id(digest, item.collection),
+                    image=got.image, size=got.size,
                     meta=clean_metadata(item.meta, item.source,
                                         vehicle_labels=vehicle_labels))
 
@@ -261,6 +266,43 @@ def keep_copy(p: Prepared, image_dir: Path) -> Path:
 
 def embed(encoder: Encoder, batch: Sequence[Prepared]) -> np.ndarray:
     return encoder.encode_images([p.image for p in batch])
+
+
+def vector_rows_now(db: Database, ids: Sequence[int]) -> dict[int, VectorRow]:
+    """The scalar fields the database's rows say ``ids`` should carry in Milvus now."""
+    cols = [getattr(Image, k) for k in LABEL_FIELDS]
+    with db.session() as s:
+        found = s.execute(select(Image.id, Image.source, *cols).where(
+            Image.id.in_(list(ids)))).all()
+    return {int(r[0]): vector_row(dict(zip(LABEL_FIELDS, r[2:], strict=True)), r[1])
+            for r in found}
+
+
+def sync_labels(db: Database, store: VectorStore, collection: str,
+                written: dict[int, VectorRow], vectors: dict[int, np.ndarray],
+                *, rounds: int = 5) -> int:
+    """After writing ``vectors`` with the scalar fields ``written`` into ``collection``,
+    re-read the rows' labels and re-write the fields of any that changed meanwhile,
+    until a read finds nothing new. Returns how many were re-written.
+
+    Every writer of labels commits the database first and Milvus after, and checks
+    again after its Milvus write: whichever of two racing writers (a label import, a
+    re-delivery, a promotion's re-index) writes Milvus last has read the database after
+    the other's commit, so both stores end with the database's labels."""
+    fixed = 0
+    for _ in range(rounds):
+        now = vector_rows_now(db, list(written))
+        stale = [i for i, row in now.items() if row.as_fields() != written[i].as_fields()]
+        if not stale:
+            return fixed
+        store.upsert(collection, stale, np.stack([vectors[i] for i in stale]),
+                     [now[i] for i in stale])
+        written.update({i: now[i] for i in stale})
+        fixed += len(stale)
+        log.info("labels of %d image(s) changed while %s was written: re-written",
+                 len(stale), collection)
+    log.warning("labels keep changing under %s; reconcile repairs what is left", collection)
+    return fixed
 
 
 def vector_row(fields: dict[str, Any], source: str) -> VectorRow:
@@ -307,6 +349,8 @@ def merge_existing(db: Database, batch: Sequence[Prepared]) -> None:
         if row is None:
             continue
         old = {k: getattr(row, k) for k in LABEL_FIELDS if getattr(row, k) is not None}
+        if row.status == ImageStatus.indexed:  # others are rewritten by write_pending
+            p.base = {k: getattr(row, k) for k in LABEL_FIELDS}
         extra = {**(row.extra or {}), **(p.meta.extra or {})} or None
         if not p.meta.rejected and extra:
             extra.pop("rejected_metadata", None)
@@ -320,8 +364,8 @@ def _row_values(p: Prepared, status: ImageStatus) -> dict[str, Any]:
         "collection": p.item.collection,
         "sha256": p.sha256,
         "path": str(p.path),
-        "width": p.image.width,
-        "height": p.image.height,
+        "width": (p.size or p.image.size)[0],
+        "height": (p.size or p.image.size)[1],
         "source": p.meta.source,
         "extra": _with_original(p),
         "status": status.value,
@@ -359,27 +403,53 @@ class BatchConflictError(CarsearchError):
     """Rows of a batch changed under it (reconcile gave them up): the batch is retried."""
 
 
+def _same_labels(labels: dict[str, Any]) -> list[Any]:
+    return [getattr(Image, k).is_(None) if labels.get(k) is None
+            else getattr(Image, k) == labels[k] for k in LABEL_FIELDS]
+
+
+def _three_way(base: dict[str, Any], now: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """Labels after a concurrent change: a field someone changed since ``base`` was read
+    keeps their value; the others take this delivery's."""
+    merged = {k: now[k] if now.get(k) != base.get(k) else ours.get(k) for k in LABEL_FIELDS}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
 def write_rows(db: Database, batch: Sequence[Prepared]) -> None:
     """Mark a batch indexed, with its latest metadata, once its vectors are written.
 
     Only rows still ``pending`` (or ``indexed``: a re-delivery) change; a row reconcile
-    abandoned meanwhile makes the whole batch fail, and its replay writes it again.
+    abandoned meanwhile makes the whole batch fail, and its replay writes it again. A
+    re-delivery's labels are compare-and-set against the labels it merged with: where a
+    label import changed them meanwhile, the fields it changed keep its values (the
+    writer then re-writes Milvus to match: `sync_labels`).
     """
     if not batch:
         return
+    live = [ImageStatus.pending, ImageStatus.indexed]
     with db.session() as s:
         for p in batch:
-            values = _row_values(p, ImageStatus.indexed)
-            values.pop("id")
-            values.pop("sha256")
-            res = s.execute(update(Image).where(
-                Image.id == p.id,
-                Image.status.in_([ImageStatus.pending, ImageStatus.indexed]),
-            ).values(**values))
-            if res.rowcount != 1:
-                raise BatchConflictError(
-                    f"image {p.id} is no longer pending (reconcile gave it up): retrying"
-                )
+            for _ in range(5):
+                values = _row_values(p, ImageStatus.indexed)
+                values.pop("id")
+                values.pop("sha256")
+                guard = _same_labels(p.base) if p.base is not None else []
+                res = s.execute(update(Image).where(
+                    Image.id == p.id, Image.status.in_(live), *guard).values(**values))
+                if res.rowcount == 1:
+                    break
+                row = s.get(Image, p.id, populate_existing=True)
+                if p.base is None or row is None or row.status not in live:
+                    raise BatchConflictError(
+                        f"image {p.id} is no longer pending (reconcile gave it up): retrying"
+                    )
+                now = {k: getattr(row, k) for k in LABEL_FIELDS}
+                log.info("labels of image %d changed while it was re-delivered: merging",
+                         p.id)
+                p.meta = replace(p.meta, labels=_three_way(p.base, now, p.meta.labels))
+                p.base = now
+            else:
+                raise BatchConflictError(f"labels of image {p.id} keep changing: retrying")
 
 
 def quarantine(db: Database, item: IngestItem, reason: str) -> None:
@@ -457,18 +527,31 @@ class BatchWriter:
         merge_existing(self.db, batch)
         write_pending(self.db, batch)
         version = self.serving()
-        self._upsert(version, batch)
+        written = self._upsert(version, batch)
         self.hook("after_upsert")
         write_rows(self.db, batch)
         self.hook("after_rows")
+        self._sync(version, batch, written)
         self._follow_promotion(version, batch)
         return len(batch)
 
-    def _upsert(self, version: ModelVersion, batch: Sequence[Prepared]) -> None:
+    def _upsert(self, version: ModelVersion,
+                batch: Sequence[Prepared]) -> tuple[np.ndarray, list[VectorRow]]:
         self.store.ensure_collection(version.collection, version.dim)
         vectors = embed(self.encoder_for(version), batch)
-        self.store.upsert(version.collection, [p.id for p in batch], vectors,
-                          vector_rows(batch))
+        rows = vector_rows(batch)
+        self.store.upsert(version.collection, [p.id for p in batch], vectors, rows)
+        return vectors, rows
+
+    def _sync(self, version: ModelVersion, batch: Sequence[Prepared],
+              written: tuple[np.ndarray, list[VectorRow]]) -> None:
+        """The rows are committed: a label import that committed after this batch read
+        them has been merged into them (write_rows); write what they say now into the
+        collection (a no-op read when nothing changed)."""
+        vectors, rows = written
+        sync_labels(self.db, self.store, version.collection,
+                    {p.id: r for p, r in zip(batch, rows, strict=True)},
+                    {p.id: v for p, v in zip(batch, vectors, strict=True)})
 
     def _follow_promotion(self, version: ModelVersion, batch: Sequence[Prepared]) -> None:
         """The rows are committed; a promotion that switched before that commit may have
@@ -480,7 +563,7 @@ class BatchWriter:
                 return
             log.info("serving version changed to %s during a batch: writing it there too",
                      now.name)
-            self._upsert(now, batch)
+            self._sync(now, batch, self._upsert(now, batch))
             version = now
         log.warning("serving version keeps changing; reconcile repairs what is missing")
 

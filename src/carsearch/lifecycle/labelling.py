@@ -9,11 +9,17 @@ checks every row first (the filters' vocabulary: a known body type and colour, a
 range, text within the columns' limits; a make is canonicalised where it is a known one
 ("chevy" is Chevrolet) and kept as written where it is new, as a novel vehicle's make is,
 capitalised when typed all in lower case) and applies nothing
-when any row is bad, reporting each bad row with its line and reason. Applying writes
-the scalar fields into every Milvus collection that holds the image (serving and
-candidate versions alike, so a later promotion does not bring old labels back), then the
-database rows and the tasks' progress in one transaction; a failure between the two is
-repaired by importing the same file again (both writes are idempotent).
+when any row is bad, reporting each bad row with its line and reason. Applying commits
+the database rows first, then writes the scalar fields into every Milvus collection that
+holds the image (serving and candidate versions alike, so a later promotion does not
+bring old labels back), reads the rows again and re-writes any that changed meanwhile,
+and only then records the tasks' progress; a failure in between leaves the tasks open
+and is repaired by importing the same file again (every write is idempotent).
+
+Why the database goes first: a promotion's re-index and a re-delivery of the same image
+read the labels and write Milvus after; each reads the rows again once its vectors are
+written (`sync_labels`). Whoever writes Milvus last has then read the database after the
+other's commit, so a label applied mid-promotion reaches the new serving collection too.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from carsearch.ingest.pipeline import LABEL_FIELDS, clean_metadata, vector_row
+from carsearch.ingest.pipeline import LABEL_FIELDS, clean_metadata, sync_labels, vector_row
 from carsearch.platform.db import (
     Image,
     ImageStatus,
@@ -260,12 +266,13 @@ def import_rows(platform: Platform, parsed: list[tuple[int, dict[str, Any]]]) ->
         return report
     merged = {iid: {**{k: getattr(rows[iid], k) for k in LABEL_FIELDS}, **got}
               for iid, got in wanted.items()}
-    report.milvus_updated = _update_milvus(platform, merged, rows)
-    now = utcnow()
     with platform.db.session() as s:
         for iid, fields in merged.items():
             s.execute(update(Image).where(Image.id == iid).values(
                 **{k: fields.get(k) for k in LABEL_FIELDS}))
+    report.milvus_updated = _update_milvus(platform, merged, rows)
+    now = utcnow()
+    with platform.db.session() as s:
         s.execute(update(LabelTaskImage).where(
             LabelTaskImage.image_id.in_(list(merged)), LabelTaskImage.labelled_at.is_(None))
             .values(labelled_at=now))
@@ -321,7 +328,9 @@ def _update_milvus(platform: Platform, merged: dict[int, dict[str, Any]],
         if not len(found):
             continue
         got = [int(i) for i in found]
-        store.upsert(v.collection, got, vectors,
-                     [vector_row(merged[i], rows[i].source) for i in got])
+        written = [vector_row(merged[i], rows[i].source) for i in got]
+        store.upsert(v.collection, got, vectors, written)
+        sync_labels(platform.db, store, v.collection, dict(zip(got, written, strict=True)),
+                    dict(zip(got, vectors, strict=True)))
         out[v.name] = len(got)
     return out

@@ -31,11 +31,13 @@ from carsearch.ingest.pipeline import (
     Prepared,
     embed,
     prepare,
+    sync_labels,
     vector_rows,
 )
 from carsearch.platform.collections import DEFAULT_COLLECTION, alias_for
 from carsearch.platform.db import Image, ImageStatus, ModelVersion, VersionStatus, images
 from carsearch.platform.errors import CarsearchError, ImageRejectedError
+from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.runtime import Platform
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def _item(row: Image) -> IngestItem:
 
 
 def backfill(
-    platform: Platform, version: ModelVersion, *, batch_size: int = 64, progress: bool = True,
+    platform: Platform, version: ModelVersion, *, batch_size: int = 32, progress: bool = True,
     ids: Collection[int] | None = None, statuses: tuple[ImageStatus, ...] = (ImageStatus.indexed,),
     skip_present: bool = True,
 ) -> BackfillReport:
@@ -87,6 +89,12 @@ def backfill(
 
     A file that cannot be read now, or whose bytes no longer match its id, is reported
     (``unreadable``) and left alone: its row keeps its status, nothing is deleted.
+
+    Memory: a page of rows is read at once, but its images are decoded (reduced to
+    DECODE_MAX_SIDE), embedded and written ``batch_size`` at a time, so no more than one
+    chunk of decoded images is held, whatever the page size or the photos' pixel counts.
+    Labels: after each chunk is written, the rows' labels are read again and any that a
+    label import changed meanwhile are re-written (`sync_labels`).
     """
     store = platform.store
     store.ensure_collection(version.collection, version.dim)
@@ -98,31 +106,43 @@ def backfill(
     bar = tqdm(total=total, desc=f"re-index {version.name}", unit="img", disable=not progress)
     for rows in images.pages(platform.db, ids, statuses, collection=version.image_collection):
         report.wanted += len(rows)
-        batch: list[Prepared] = []
-        for row in rows:
-            if row.id in have:
-                report.already += 1
-                continue
-            try:
-                p = prepare(_item(row), platform.settings.max_image_pixels)
-            except ImageRejectedError as exc:
-                report.note_unreadable(row, exc.reason)
-                continue
-            if p.id != row.id:
-                report.note_unreadable(row, "file changed since it was indexed")
-                continue
-            batch.append(p)
-        for i in range(0, len(batch), batch_size):
-            chunk = batch[i : i + batch_size]
-            store.upsert(version.collection, [p.id for p in chunk], embed(encoder, chunk),
-                         vector_rows(chunk))
-            report.embedded += len(chunk)
+        todo = [row for row in rows if row.id not in have]
+        report.already += len(rows) - len(todo)
+        for i in range(0, len(todo), batch_size):
+            _embed_chunk(platform, version, encoder, todo[i : i + batch_size], report)
         bar.update(len(rows))
     bar.close()
     if report.embedded:
         store.flush(version.collection)
     log.info("backfill %s: %s", version.name, report.to_dict())
     return report
+
+
+def _embed_chunk(platform: Platform, version: ModelVersion, encoder: Encoder,
+                 rows: list[Image], report: BackfillReport) -> None:
+    """Decode, embed and write one chunk of rows into the version's collection, then
+    bring its labels up to date with the database."""
+    chunk: list[Prepared] = []
+    for row in rows:
+        try:
+            p = prepare(_item(row), platform.settings.max_image_pixels)
+        except ImageRejectedError as exc:
+            report.note_unreadable(row, exc.reason)
+            continue
+        if p.id != row.id:
+            report.note_unreadable(row, "file changed since it was indexed")
+            continue
+        chunk.append(p)
+    if not chunk:
+        return
+    ids = [p.id for p in chunk]
+    vectors = embed(encoder, chunk)
+    written = vector_rows(chunk)
+    del chunk[:]  # the decoded images go now, before the next chunk is decoded
+    platform.store.upsert(version.collection, ids, vectors, written)
+    report.embedded += len(ids)
+    sync_labels(platform.db, platform.store, version.collection,
+                dict(zip(ids, written, strict=True)), dict(zip(ids, vectors, strict=True)))
 
 
 def promote_with_backfill(

@@ -42,7 +42,7 @@ from carsearch.data.stanford import StanfordDataset
 from carsearch.platform.db import Database, QueryFeedback, QueryLog, as_utc
 from carsearch.platform.db import Image as ImageRow
 from carsearch.platform.errors import ImageRejectedError
-from carsearch.platform.images import load_image, sha256_file
+from carsearch.platform.images import DECODE_MAX_SIDE, load_image, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class _Resolver:
             return (index, None, None) if index is not None else (
                 None, None, "in the data set but not a train image of this run")
         try:
-            img = load_image(Path(row.path))
+            img = load_image(Path(row.path), max_side=DECODE_MAX_SIDE)
         except (ImageRejectedError, OSError) as exc:
             log.warning("feedback: cannot read image %d at %s: %s", row.id, row.path, exc)
             return None, None, "image unreadable"

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from carsearch.platform.db import QueryFeedback, QueryLog
 from carsearch.platform.errors import CarsearchError, ImageRejectedError, QueryError
-from carsearch.platform.images import load_image, load_image_bytes
+from carsearch.platform.images import DECODE_MAX_SIDE, load_image, load_image_bytes
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.nlfilters import (
     FilterVocabulary,
@@ -78,7 +78,7 @@ class ThumbnailCache:
         if out.is_file():
             return out
         try:
-            img = load_image(Path(source), max_pixels=self.max_pixels)
+            img = load_image(Path(source), max_pixels=self.max_pixels, max_side=self.size)
         except ImageRejectedError as exc:
             log.warning("no thumbnail for image %d: %s", image_id, exc)
             return self.missing()
@@ -284,7 +284,7 @@ class SearchPage:
         try:
             img = load_image_bytes(
                 path.read_bytes(), name=path.name, max_pixels=self.settings.max_image_pixels,
-                max_bytes=self.max_upload_bytes,
+                max_bytes=self.max_upload_bytes, max_side=DECODE_MAX_SIDE,
             )
         except ImageRejectedError as exc:
             raise PageError(f"upload rejected: {exc.reason}") from None

@@ -5,7 +5,14 @@ under the model directory, with the sha256 of its contents recorded in the datab
 Each image collection (platform/collections.py) has at most one serving version (the
 database enforces it); a version serves the collection it was published for. Promoting keeps the
 previous serving version as a candidate so that rollback returns to it; retiring takes
-a version out of that cycle.
+a version out of that cycle, for good.
+
+Promote and retire are compare-and-set on the version row: each reads the row, checks,
+and then changes the status only if it is still the one it read (``UPDATE ... WHERE
+status = 'candidate'``). A retire racing a promotion of the same version therefore
+either retires a candidate (the promotion then finds it retired and changes nothing) or
+finds it serving and is refused: something always serves, and a version whose status is
+retired never serves again, so `--drop` never drops a serving collection.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from carsearch.platform import collections
@@ -198,9 +205,14 @@ class Registry:
             if current is not None:
                 current.status = VersionStatus.candidate
                 s.flush()
-            v.status = VersionStatus.serving
-            v.promoted_at = datetime.now(UTC)
-            s.flush()
+            switched = s.execute(update(ModelVersion).where(
+                ModelVersion.id == v.id, ModelVersion.status == VersionStatus.candidate,
+            ).values(status=VersionStatus.serving, promoted_at=datetime.now(UTC)))
+            if switched.rowcount != 1:  # retired (or promoted) since it was read
+                now = s.scalar(select(ModelVersion.status).where(ModelVersion.id == v.id))
+                raise RegistryError(f"{name} became {now.value if now else 'unknown'} while "
+                                    "it was being promoted; nothing was switched")
+            s.refresh(v)
             log.info("promoted %s (was %s)", name, current.name if current else "none")
             return v
 
@@ -228,11 +240,20 @@ class Registry:
         return self.promote(self.previous(collection).name)
 
     def retire(self, name: str) -> ModelVersion:
+        """Take a candidate out of service for good (a serving version is refused, also
+        one promoted after this call read it)."""
         with self.db.session() as s:
             v = self._get(s, name)
             if v.status == VersionStatus.serving:
                 raise RegistryError(f"{name} is serving: promote another version first")
-            v.status = VersionStatus.retired
+            if v.status == VersionStatus.retired:
+                return v
+            done = s.execute(update(ModelVersion).where(
+                ModelVersion.id == v.id, ModelVersion.status == VersionStatus.candidate,
+            ).values(status=VersionStatus.retired))
+            if done.rowcount != 1:  # promoted since it was read
+                raise RegistryError(f"{name} is serving: promote another version first")
+            s.refresh(v)
             return v
 
     def verify(self, version: ModelVersion) -> Path:

@@ -25,7 +25,7 @@ from carsearch.platform.collections import DEFAULT_COLLECTION, Kind
 from carsearch.platform.db import Database, Image, ModelVersion, QueryLog, images
 from carsearch.platform.errors import ImageRejectedError, QueryError
 from carsearch.platform.ids import MAX_ID
-from carsearch.platform.images import load_image
+from carsearch.platform.images import DECODE_MAX_SIDE, load_image
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.models.registry import Registry
 from carsearch.platform.search.classify import (
@@ -433,7 +433,8 @@ class SearchService:
             row = s.get(Image, int(image_id))
         if row is None:
             raise QueryError(f"no image with id {image_id}")
-        img = load_image(Path(row.path), max_pixels=self.settings.max_image_pixels)
+        img = load_image(Path(row.path), max_pixels=self.settings.max_image_pixels,
+                         max_side=DECODE_MAX_SIDE)
         return self.search_image(img, k, filters, collection)
 
     def _finish(
