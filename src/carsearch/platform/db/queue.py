@@ -127,37 +127,49 @@ def claim(
     # The payload is read job by job (below), not with the rows: one that cannot even be
     # decoded (JSON nested too deeply) must cost its own job, never the claim.
     q = (select(IngestJob).options(defer(IngestJob.payload)).where(ready)
-         .order_by(IngestJob.id).limit(limit))
+         .order_by(IngestJob.id))
     if db.engine.dialect.name == "postgresql":
         q = q.with_for_update(skip_locked=True)
+    out: list[ClaimedJob] = []
     with _claim_transaction(db) as s:
-        jobs = list(s.scalars(q))
-        out = []
-        for j in jobs:
-            if j.state == JobState.running:
-                if j.attempts >= j.max_attempts:  # a poison job: its workers keep dying
-                    j.last_error = (f"its worker stopped without finishing it {j.attempts} "
-                                    f"times (last {j.locked_by or 'unknown'}; visibility "
-                                    f"timeout {visibility_timeout:g} s)")
-                    j.state, j.locked_by = JobState.dead, None
-                    log.error("job %d is dead: %s", j.id, j.last_error)
-                    continue
-                log.warning("reclaiming job %d from silent worker %s", j.id, j.locked_by)
-            payload, problem = _read_payload(s, j.id)
-            if problem is None:
-                problem = (payload_problem(payload) if j.kind == "image"
-                           else _object_problem(payload))
-            j.attempts += 1
-            if problem is not None:  # costs this job alone, never the claim
-                j.state, j.locked_by, j.last_error = JobState.dead, None, problem
-                log.error("job %d is dead: %s", j.id, problem)
-                continue
-            j.state = JobState.running
-            j.locked_by = worker
-            j.locked_at = t
-            j.heartbeat_at = t
-            out.append(ClaimedJob(j.id, j.attempts, dict(payload)))
-        return out
+        # Rows that go dead here (a poison job, a malformed payload) leave the ready set,
+        # so the next read finds the jobs behind them: a claim is never empty while
+        # good jobs wait, however many bad rows come first.
+        while len(out) < limit:
+            jobs = list(s.scalars(q.limit(limit - len(out))))
+            if not jobs:
+                break
+            out.extend(c for c in (_take(s, j, worker, t, visibility_timeout) for j in jobs)
+                       if c is not None)
+            s.flush()
+    return out
+
+
+def _take(s: Session, j: IngestJob, worker: str, t: datetime,
+          visibility_timeout: float) -> ClaimedJob | None:
+    """Claim one ready row, or send it to the dead letters (None) with its reason."""
+    if j.state == JobState.running:
+        if j.attempts >= j.max_attempts:  # a poison job: its workers keep dying
+            j.last_error = (f"its worker stopped without finishing it {j.attempts} "
+                            f"times (last {j.locked_by or 'unknown'}; visibility "
+                            f"timeout {visibility_timeout:g} s)")
+            j.state, j.locked_by = JobState.dead, None
+            log.error("job %d is dead: %s", j.id, j.last_error)
+            return None
+        log.warning("reclaiming job %d from silent worker %s", j.id, j.locked_by)
+    payload, problem = _read_payload(s, j.id)
+    if problem is None:
+        problem = payload_problem(payload) if j.kind == "image" else _object_problem(payload)
+    j.attempts += 1
+    if problem is not None:  # costs this job alone, never the claim
+        j.state, j.locked_by, j.last_error = JobState.dead, None, problem
+        log.error("job %d is dead: %s", j.id, problem)
+        return None
+    j.state = JobState.running
+    j.locked_by = worker
+    j.locked_at = t
+    j.heartbeat_at = t
+    return ClaimedJob(j.id, j.attempts, dict(payload))
 
 
 def _read_payload(s: Session, job_id: int) -> tuple[Any, str | None]:
