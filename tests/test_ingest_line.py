@@ -354,7 +354,7 @@ def test_requeue_brings_dead_jobs_back(tmp_path: Path, db_url: str, compact_mode
     make_image(late, 900)  # it arrives after all
     res = _cli(p.settings, "ingest", "requeue", "--dead", "--since", "2999-01-01", "--json")
     assert res.exit_code == 0 and json.loads(res.output)["requeued"] == 0
-    res = _cli(p.settings, "ingest", "requeue", "--dead", "--json")
+    res = _cli(p.settings, "ingest", "requeue", "--dead", "--since", "2000-01-01", "--json")
     out = json.loads(res.output)
     assert out["requeued"] == 1 and "file not found" in out["jobs"][0]["error"]
     state, attempts, error = _jobs(p.db)[job]
