@@ -154,6 +154,26 @@ def test_one_bad_job_in_a_batch_costs_itself_alone(tmp_path: Path, db_url: str,
     p.close()
 
 
+def test_a_file_gone_between_decode_and_copy_costs_its_job_alone(
+        lite: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = [make_image(tmp_path / f"v{i}.png", 620 + i) for i in range(3)]
+    ids = queue.enqueue(lite.db, [{"path": str(x)} for x in paths])
+    real = pipeline_mod.keep_copy
+
+    def vanishing(p: Any, image_dir: Path) -> Path:  # the original goes after its decode
+        if p.item.path == paths[1]:
+            paths[1].unlink(missing_ok=True)
+        return real(p, image_dir)
+
+    monkeypatch.setattr(pipeline_mod, "keep_copy", vanishing)
+    w = IngestWorker(lite, batch_size=8)
+    w.run_once()
+    assert w.stats.summary.indexed == 2 and len(assert_invariant(lite)) == 2
+    jobs = _jobs(lite.db)
+    assert [jobs[i][0] for i in ids] == [JobState.done, JobState.queued, JobState.done]
+    assert jobs[ids[1]][1] == 1 and "FileNotFoundError" in (jobs[ids[1]][2] or "")
+
+
 # -- item 2: one inbox file cannot stop the round ---------------------------------------
 def test_one_inbox_file_cannot_stop_the_round(lite: Platform, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch,
