@@ -328,6 +328,27 @@ def test_files_delivered_before_the_first_promotion_wait_for_it(
     p.close()
 
 
+def test_a_job_for_a_collection_with_no_serving_version_waits_unspent(
+        lite: Platform, tmp_path: Path) -> None:
+    from carsearch.platform import collections
+
+    collections.create(lite.db, "photos", "general")  # exists, serves nothing yet
+    photo, car = (make_image(tmp_path / f"{n}.png", 840 + i)
+                  for i, n in enumerate(("photo", "car")))
+    ids = queue.enqueue(lite.db, [{"path": str(photo), "collection": "photos"},
+                                  {"path": str(car)}])
+    w = IngestWorker(lite)
+    for _ in range(3):
+        _ready_now(lite.db)
+        w.run_once()
+    state, attempts, error = _jobs(lite.db)[ids[0]]
+    assert (state, attempts) == (JobState.queued, 0)
+    assert error == ("waiting: no serving model version for photos yet: publish one and "
+                     "promote it")
+    assert _jobs(lite.db)[ids[1]][0] == JobState.done and w.pause is None
+    assert queue.status(lite.db)["waiting"] == 1
+
+
 def _hold_lite_file(uri: str) -> subprocess.Popen[str]:
     holder = subprocess.Popen(
         [sys.executable, "-c",
