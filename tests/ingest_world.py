@@ -34,13 +34,18 @@ def assert_invariant(p: Platform) -> set[int]:
     return in_db
 
 
-def world(tmp_path: Path, db_url: str, model: Path, milvus_uri: str = "") -> Platform:
+def world(tmp_path: Path, db_url: str, model: Path, milvus_uri: str = "", *,
+          settle_s: float = 0.0, promote: bool = True) -> Platform:
+    """A platform with v1 published and (unless ``promote`` is false) serving. The inbox
+    settle time is 0 unless asked: the tests drop whole deliveries at once."""
     migrate.upgrade(db_url)
-    s = Settings(data_dir=tmp_path / "data", database_url=db_url, milvus_uri=milvus_uri)
+    s = Settings(data_dir=tmp_path / "data", database_url=db_url, milvus_uri=milvus_uri,
+                 ingest={"settle_s": settle_s})
     s.ensure_dirs()
     p = Platform(s)
     p.registry.publish(model, name="v1")
-    p.registry.promote("v1")
+    if promote:
+        p.registry.promote("v1")
     return p
 
 

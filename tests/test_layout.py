@@ -130,7 +130,8 @@ def test_the_platform_runs_on_the_second_store_implementation(
     from carsearch.platform.vectors.memory import ExactStore
     from ingest_world import make_image
 
-    settings = Settings(data_dir=tmp_path / "data")
+    # settle 0: the whole delivery is there at once (the sidecar comes after its image)
+    settings = Settings(data_dir=tmp_path / "data", ingest={"settle_s": 0.0})
     settings.ensure_dirs()
     migrate.upgrade(settings.database_url)
     p = Platform(settings, store=ExactStore())

@@ -1,8 +1,10 @@
-"""`carsearch ingest` (run, once, manifest, enqueue, status) and `carsearch reconcile`."""
+"""`carsearch ingest` (run, once, manifest, enqueue, status, requeue) and `carsearch
+reconcile`."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -131,16 +133,26 @@ def ingest_once(
     collection: Annotated[str | None, collection_option()] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Scan the inbox (into --collection), drain the queue, and exit."""
+    """Scan the inbox (into --collection), drain the queue, and exit. Inbox files still
+    within the settle time (an image waiting for its sidecar) are waited for."""
     use_encoder(ctx, encoder)
-    stats = _worker(ctx, inbox, batch_size, 1.0, visibility_timeout, collection).run_once()
+    worker = _worker(ctx, inbox, batch_size, 1.0, visibility_timeout, collection)
+    stats = worker.run_once()
+    deadline = time.monotonic() + 2 * worker.p.settings.ingest.settle_s + 1.0
+    while (worker.pause is None and worker.last_scan.waiting
+           and time.monotonic() < deadline):
+        time.sleep(min(worker.last_scan.next_due_s or 0.1, 5.0) + 0.05)
+        stats = worker.run_once()
+    paused = worker.pause.reason if worker.pause is not None else None
     if as_json:
         echo_json({"batches": stats.batches, "failed_batches": stats.failed_batches,
-                    **stats.summary.to_dict()})
+                   **stats.summary.to_dict(), "paused": paused})
     else:
         s = stats.summary
         typer.echo(f"indexed {s.indexed}, quarantined {s.quarantined}, "
                    f"failed batches {stats.failed_batches}")
+        if paused:
+            typer.echo(f"paused: {paused}")
 
 
 def _worker(ctx: typer.Context, inbox: Path | None, batch_size: int, poll: float,
@@ -176,15 +188,54 @@ def ingest_enqueue(
 def ingest_status(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
-    """Queue counts, lag and throughput."""
+    """Queue counts, lag and throughput, and any worker that has paused claiming (with
+    why: no serving version, the vector store or the image store unavailable)."""
     from carsearch.platform.db import queue
+    from carsearch.platform.db.reports import loop_statuses
 
-    st = queue.status(platform_from(ctx).db)
+    db = platform_from(ctx).db
+    st = queue.status(db)
+    st["paused"] = [{"process": r["process"], "reason": r["paused"]}
+                    for r in loop_statuses(db) if r["loop"] == "ingest-worker"
+                    and r.get("paused") and r["state"] not in ("silent", "stopped", "dead")]
     if as_json:
         echo_json(st)
         return
     typer.echo(" ".join(f"{k}={st[k]}" for k in ("queued", "running", "done", "failed", "dead")))
     typer.echo(f"lag {st['lag_s']} s, throughput {st['throughput_per_s']}/s")
+    if st["waiting"]:
+        typer.echo(f"{st['waiting']} queued jobs wait for a lasting failure to clear")
+    for p in st["paused"]:
+        typer.echo(f"paused ({p['process']}): {p['reason']}")
+
+
+@ingest_app.command("requeue")
+def ingest_requeue(
+    ctx: typer.Context,
+    dead: Annotated[bool, typer.Option("--dead", help="Requeue the dead-lettered jobs.")] = False,
+    since: Annotated[str | None, typer.Option(
+        help="Only jobs that died at or after this ISO time (no offset: UTC).")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Bring jobs back to the queue with their attempts reset (the error each died with
+    is logged and kept in its last_error, prefixed "requeued after:")."""
+    from carsearch.cli.monitor import parse_since
+    from carsearch.platform.db import queue
+    from carsearch.platform.db.engine import as_utc
+    from carsearch.platform.errors import ConfigError
+
+    if not dead:
+        raise ConfigError("say which jobs to requeue: --dead (the dead-lettered ones; "
+                          "--since ISO narrows them)")
+    start = as_utc(parse_since(since)) if since else None
+    back = queue.requeue_dead(platform_from(ctx).db, start)
+    if as_json:
+        echo_json({"requeued": len(back), "jobs": [
+            {"id": j.id, "attempts": j.attempts, "error": j.error} for j in back]})
+        return
+    typer.echo(f"requeued {len(back)} dead jobs")
+    for j in back[:20]:
+        typer.echo(f"  job {j.id} ({j.attempts} attempts): {j.error}")
 
 
 def reconcile_command(

@@ -255,11 +255,18 @@ def keep_copy(p: Prepared, image_dir: Path) -> Path:
     costs nothing. Written under a temporary name and renamed."""
     dest = store_path(image_dir, p.sha256, p.item.path.suffix)
     src = p.item.path.resolve()
-    if src != dest.resolve() and not (dest.is_file() and sha256_file(dest) == p.sha256):
+    # A link in the store (left by an older version) is replaced by the bytes it names.
+    linked = dest.is_symlink()
+    if linked or (src != dest.resolve()
+                  and not (dest.is_file() and sha256_file(dest) == p.sha256)):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        except BaseException:  # a full disk, say: no partial copy stays behind
+            tmp.unlink(missing_ok=True)
+            raise
     p.stored = dest
     return dest
 
@@ -452,21 +459,28 @@ def write_rows(db: Database, batch: Sequence[Prepared]) -> None:
                 raise BatchConflictError(f"labels of image {p.id} keep changing: retrying")
 
 
-def quarantine(db: Database, item: IngestItem, reason: str) -> None:
+def quarantine(db: Database, item: IngestItem, reason: str, *,
+               follow_links: bool = True) -> None:
     """Record a rejected file with its reason (keyed by its bytes where it has any). An
-    indexed image is never turned into a quarantined one by a bad re-delivery."""
+    indexed image is never turned into a quarantined one by a bad re-delivery. With
+    ``follow_links`` false a symbolic link is recorded by its own path: its target is
+    never read."""
     import hashlib
 
+    link = not follow_links and item.path.is_symlink()
+    where = item.path.absolute() if link else item.path.resolve()
     try:
+        if link:
+            raise OSError("a link: not followed")
         digest = sha256_file(item.path)
     except OSError:
-        digest = hashlib.sha256(str(item.path.resolve()).encode()).hexdigest()
+        digest = hashlib.sha256(str(where).encode()).hexdigest()
     source = item.source if isinstance(item.source, str) else "unknown"
     value = {
         "id": image_id(digest, item.collection),
         "collection": item.collection,
         "sha256": digest,
-        "path": str(item.path.resolve()),
+        "path": str(where),
         "source": source[:TEXT_LIMITS["source"]] or "unknown",
         "status": ImageStatus.quarantined.value,
         "error": reason[:2000],

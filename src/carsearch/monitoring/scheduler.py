@@ -44,6 +44,7 @@ class LoopState:
     total_failures: int = 0
     rounds: int = 0
     last_error: str | None = None
+    paused: str | None = None  # why the loop holds back its work (it still runs)
     started_at: float = field(default_factory=time.time)
     last_ok_at: float | None = None
     updated_at: float = field(default_factory=time.time)
@@ -74,6 +75,16 @@ class LoopState:
                   last_error=f"{type(exc).__name__}: {exc}"[:2000])
         return min(MAX_BACKOFF_S, 2.0 ** (failures - 1))
 
+    def pause(self, reason: str) -> None:
+        """The loop runs but holds back its work for a lasting reason (the ingest worker
+        claims nothing while the image store is full, say)."""
+        if self.paused != reason:
+            self._set(paused=reason[:2000])
+
+    def resume(self) -> None:
+        if self.paused is not None:
+            self._set(paused=None)
+
     def stopped(self) -> None:
         self._set(state="stopped")
 
@@ -98,6 +109,7 @@ class LoopState:
         return {"name": self.name, "state": self.state, "healthy": self.healthy(),
                 "failures": self.failures, "total_failures": self.total_failures,
                 "rounds": self.rounds, "last_error": self.last_error,
+                "paused": self.paused,
                 "started_at": iso(self.started_at), "last_ok_at": iso(self.last_ok_at),
                 "interval_s": self.interval_s}
 

@@ -114,6 +114,17 @@ class DownloadSettings(BaseModel):
         return v
 
 
+class IngestSettings(BaseModel):
+    """The ingest line: how the inbox pairs images with their sidecars."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    settle_s: float = Field(
+        default=2.0, ge=0.0, le=3600.0,
+        description="Seconds an inbox image waits for its sidecar (and a sidecar for its "
+        "image); a sidecar with no image after this long is removed, with a log line.")
+
+
 class Settings(BaseSettings):
     """Everything a carsearch process needs to know about its surroundings."""
 
@@ -166,6 +177,7 @@ class Settings(BaseSettings):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     download: DownloadSettings = Field(default_factory=DownloadSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     ollama_host: str = Field(default="http://127.0.0.1:11434")
     ollama_model: str = Field(default="qwen2.5:14b")
     image_dir: Path = Field(default=Path(""), description="Images the search page may serve.")

@@ -7,7 +7,7 @@ figures read from the database at scrape time beside them.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -35,6 +35,11 @@ class Metrics:
         self.batches = Counter(
             "carsearch_ingest_batches_total", "Ingest batches this process ran, by outcome",
             ["outcome"], registry=self.registry)
+        self.ingest_paused = Gauge(
+            "carsearch_ingest_paused",
+            "1 while this process's ingest worker holds back claiming because of a lasting "
+            "failure, by cause (no_serving_version, vector_store, disk_full)",
+            ["cause"], registry=self.registry)
         self.drift_runs = Counter(
             "carsearch_drift_runs_total", "Drift job runs in this process, by status",
             ["status"], registry=self.registry)

@@ -203,7 +203,8 @@ def loop_statuses(db: Database, within_s: float = 86_400.0) -> list[dict[str, An
         out.append({"process": r.process, "role": r.role, "loop": r.loop,
                     "state": "silent" if silent else r.state, "updated_at": updated,
                     "failures": detail.get("total_failures", 0),
-                    "last_error": detail.get("last_error")})
+                    "last_error": detail.get("last_error"),
+                    "paused": detail.get("paused")})
     return out
 
 
