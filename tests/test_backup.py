@@ -24,6 +24,7 @@ from carsearch.platform.collections import alias_for
 from carsearch.platform.db import QueryFeedback, images, migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.store import MilvusStore
 from conftest import _reset_pg, empty_server
 from ingest_world import world
 from test_cli import one_line_error, run
@@ -180,6 +181,7 @@ def test_verify_catches_a_changed_or_missing_file(tmp_path: Path, lite_backup) -
     root, _ = lite_backup
     body = verify(root)
     assert body["tables"]["images"] == 12 and body["images"]["with_files"] is False
+    assert sorted(p.name for p in (root / "db").glob("carsearch.sqlite*")) == ["carsearch.sqlite"]
     npz = next((root / "vectors").glob("*.npz"))
     with np.load(npz) as z:
         arrays = {k: z[k] for k in z.files}
@@ -216,6 +218,13 @@ def test_the_cli_backs_up_verifies_restores_and_refuses(tmp_path: Path, lite_bac
                    "table images holds 12 rows")
     one_line_error(run(["backup", "verify", str(tmp_path / "nowhere")], env, ok=False),
                    "not a backup")
+    held = MilvusStore(str(tmp_path / "cli" / "milvus.db"))  # as a running `serve` would
+    try:
+        one_line_error(run(["backup", "create", "--out", str(tmp_path / "busy")], env,
+                           ok=False), "stop `carsearch serve`")
+    finally:
+        held.close()
+    assert not (tmp_path / "busy").exists()
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'cli' / 'carsearch.db'}")
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM images")).scalar() == 12

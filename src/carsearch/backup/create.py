@@ -37,7 +37,7 @@ from carsearch.platform.db.engine import make_engine
 from carsearch.platform.images import sha256_file
 from carsearch.platform.models.registry import artifact_sha256
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.store import MilvusStore
+from carsearch.platform.vectors.store import MilvusStore, lite_file_in_use
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,20 @@ def create_backup(settings: Settings, out: Path, *, with_images: bool = False,
     revision = migrate.current_revision(url)
     if revision is None:
         raise BackupError("the database has no schema: nothing to back up")
+    if settings.milvus_is_lite and lite_file_in_use(settings.milvus_uri):
+        raise BackupError(f"the Milvus Lite file {settings.milvus_uri} is open in another "
+                          "process (one process may open it at a time): stop `carsearch "
+                          "serve` for the backup")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write(settings, out, url, revision, with_images, hook, progress)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half backup left to be mistaken for one
+        raise
+
+
+def _write(settings: Settings, out: Path, url: str, revision: str, with_images: bool,
+           hook: Hook, progress: bool) -> dict[str, Any]:
     counts = _database(url, out / "db")
     hook("after-database")
     snap = _Snapshot(out / "db")
@@ -91,6 +104,9 @@ def _database(url: str, out: Path) -> dict[str, int]:
         dst = sqlite3.connect(copy)
         try:
             src.backup(dst)
+            # A self-contained file: the copy of a WAL database is in WAL mode, and opening
+            # it would leave -wal / -shm files beside it in the backup.
+            dst.execute("PRAGMA journal_mode=DELETE")
         finally:
             dst.close()
             src.close()
