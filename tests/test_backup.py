@@ -10,6 +10,7 @@ rows. Tampering is caught by `backup verify`; a non-empty target is refused with
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from carsearch.backup.manifest import BackupError, verify
 from carsearch.backup.restore import restore_backup
 from carsearch.ingest.pipeline import IngestItem, ingest_items, platform_writer
 from carsearch.platform.collections import alias_for
-from carsearch.platform.db import QueryFeedback, images, migrate
+from carsearch.platform.db import Lease, QueryFeedback, images, migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectors.store import MilvusStore
@@ -61,6 +62,8 @@ def _source(tmp: Path, model: Path, db_url: str, milvus_uri: str, n: int = 24) -
     assert _ingest(p, tmp / "inbox", 0, n) == n
     with p.db.session() as s:
         s.add(QueryFeedback(image_id=1, vote=1, query="red pickup"))
+        s.add(Lease(name="drift", holder="old-host:1", expires_at=datetime.now(UTC)
+                    + timedelta(hours=1)))
     return p
 
 
@@ -83,6 +86,9 @@ def _check_restored(s: Settings, body: dict, answers: list[list[int]]) -> None:
         assert p.registry.get("v2").status.value == "candidate"
         assert Path(v.artifact_path).parent == s.model_dir.resolve()
         p.registry.verify(v)
+        with p.db.session() as sess:  # the old processes' lease is not restored
+            assert sess.scalar(sa.select(sa.func.count()).select_from(Lease)) == 0
+            assert sess.scalar(sa.select(sa.func.count()).select_from(QueryFeedback)) == 1
         in_db = images.indexed_ids(p.db)
         assert p.store.ids(v.collection) == in_db
         assert len(in_db) == body["collections"][v.collection]["rows"]

@@ -4,7 +4,8 @@ server + PostgreSQL), whatever shape it was taken on.
 Order: the backup is verified; the targets are checked empty (any image or model version
 row, any Milvus collection, or a model folder of the same name makes them non-empty:
 refused unless ``force``, which clears them); the database is migrated to the backup's
-Alembic revision, filled in one transaction, then migrated to this code's head; the model
+Alembic revision, filled in one transaction (all but the writing processes' leases and
+loop states), then migrated to this code's head; the model
 folders are copied and checked against the registry's sha256 (their rows point at the new
 place); the images are copied where the backup holds them; the vectors are written into
 collections of the same names and, on a server, the serving aliases pointed as they were.

@@ -28,6 +28,10 @@ from carsearch.backup.manifest import BackupError
 log = logging.getLogger(__name__)
 
 ALEMBIC = "alembic_version"
+# The state of the processes that wrote the backup (who holds a lease, what their loops
+# were doing): kept in the backup, not restored, so that a restored deployment's processes
+# neither wait for a dead holder's lease nor show its loops.
+PROCESS_STATE = frozenset({"leases", "loop_status"})
 Rewrite = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -112,7 +116,7 @@ def import_tables(conn: Connection, src: Path, counts: dict[str, int], *,
         raise BackupError(f"the target database has no table {', '.join(missing)}")
     rewrite = rewrite or {}
     for table in meta.sorted_tables:
-        if table.name not in counts:
+        if table.name not in counts or table.name in PROCESS_STATE:
             continue
         convert = {c.name: _converter(c) for c in table.columns}
         fix = rewrite.get(table.name)
