@@ -224,6 +224,11 @@ def test_the_cli_backs_up_verifies_restores_and_refuses(tmp_path: Path, lite_bac
                    "table images holds 12 rows")
     one_line_error(run(["backup", "verify", str(tmp_path / "nowhere")], env, ok=False),
                    "not a backup")
+    body["tables"]["images"] -= 1
+    body["models"]["../../escape"] = body["models"].pop("v1")
+    manifest.write_text(json.dumps(body))
+    one_line_error(run(["backup", "verify", str(tmp_path / "again")], env, ok=False),
+                   "not a plain name")
     held = MilvusStore(str(tmp_path / "cli" / "milvus.db"))  # as a running `serve` would
     try:
         one_line_error(run(["backup", "create", "--out", str(tmp_path / "busy")], env,

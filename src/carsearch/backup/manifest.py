@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,21 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return body
 
 
+_NAMES = {"tables": re.compile(r"^[a-z_][a-z0-9_]{0,62}$"),
+          "collections": re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$"),
+          "models": re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")}
+
+
+def _check_names(root: Path, body: dict[str, Any]) -> None:
+    """Names the restore turns into paths: plain names only (a manifest naming
+    ``../x`` must not make the restore read or write outside its folders)."""
+    for part, pattern in _NAMES.items():
+        for name in body.get(part, {}):
+            if not pattern.match(name) or ".." in name:
+                raise BackupError(f"backup {root}: the manifest names {part[:-1]} {name!r}, "
+                                  "which is not a plain name")
+
+
 def verify(root: Path) -> dict[str, Any]:
     """Check every file's sha256 and every count against the manifest; the manifest, or
     BackupError naming the first mismatch."""
@@ -68,6 +84,7 @@ def verify(root: Path) -> dict[str, Any]:
 
     root = Path(root)
     body = read_manifest(root)
+    _check_names(root, body)
     listed: dict[str, str] = body.get("files", {})
     present = file_hashes(root)
     for rel in sorted(set(listed) - set(present)):
