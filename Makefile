@@ -34,7 +34,16 @@ $(CHROMIUM):
 	    || echo "could not install chromium: the browser test will not run"; \
 	else echo "chromium is missing: apt-get install chromium to run the browser test"; fi
 
-test: $(STAMP) | $(CHROMIUM)
+# promtool and prometheus (Debian's prometheus package) check and unit-test the alert
+# rules of deploy/prometheus and scrape a real process in tests/test_alerts.py.
+PROMTOOL := /usr/bin/promtool
+$(PROMTOOL):
+	@if [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) \
+	    || echo "could not install prometheus: the alert rule tests will not run"; \
+	else echo "promtool is missing: apt-get install prometheus to run the alert tests"; fi
+
+test: $(STAMP) | $(CHROMIUM) $(PROMTOOL)
 	$(VENV)/bin/ruff check .
 	OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest
 

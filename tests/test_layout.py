@@ -27,6 +27,7 @@ ALLOWED = {
     "monitoring": {"platform"},
     "ingest": {"platform", "monitoring.scheduler"},
     "ui": {"platform"},
+    "backup": {"platform"},
 }
 HEAVY = ("torch", "transformers", "faiss", "pymilvus", "milvus_lite", "gradio", "peft",
          "accelerate", "alembic", "PIL", "scipy")

@@ -75,6 +75,7 @@ def _register() -> None:
     # that `carsearch --help` starts at once.
     from carsearch.cli import (
         augment,
+        backup,
         base,
         collections,
         data,
@@ -90,6 +91,7 @@ def _register() -> None:
     )
 
     app.add_typer(db.db_app, name="db")
+    app.add_typer(backup.backup_app, name="backup")
     app.add_typer(base.app, name="base")
     app.add_typer(data.app, name="data")
     app.add_typer(collections.collections_app, name="collections")

@@ -89,11 +89,29 @@ def _database_figures(platform: Platform) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("carsearch_drift_isolated_clusters",
                                 "Isolated clusters in the newest drift report",
                                 value=float(drift["n_isolated"]))
+    yield _retrain_requests(platform)
     ann = latest_ann_report(platform.db)
     if ann is not None and ann.get("recall_at_10") is not None:
         yield GaugeMetricFamily("carsearch_ann_recall_at_10",
                                 "Milvus recall@10 against exact search, newest ANN audit",
                                 value=float(ann["recall_at_10"]))
+
+
+RETRAIN_STATES = ("waiting", "ready", "running", "promoted", "candidate", "failed",
+                  "interrupted")
+
+
+def _retrain_requests(platform: Platform) -> GaugeMetricFamily:
+    """Retrain requests by state (what the "retrain failed" and "drift event waiting"
+    alerts of deploy/prometheus/alerts.yml read)."""
+    from carsearch.platform.db import retrains
+
+    found = retrains.counts(platform.db)
+    family = GaugeMetricFamily("carsearch_retrain_requests", "Retrain requests by state",
+                               labels=["state"])
+    for state in sorted(set(RETRAIN_STATES) | set(found)):
+        family.add_metric([state], float(found.get(state, 0)))
+    return family
 
 
 # --- the process's health -----------------------------------------------------------------
