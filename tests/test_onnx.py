@@ -20,7 +20,7 @@ from carsearch.platform.models.onnx import (
     export_onnx,
     sample_inputs,
 )
-from test_cli import env, one_line_error, run  # noqa: F401  (the CLI fixture and helpers)
+from fixtures.cli import one_line_error, run  # the `env` fixture: tests/fixtures/cli.py
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_a_changed_graph_is_refused(exported: Path, tmp_path: Path) -> None:
 
 
 def test_export_command_and_onnx_for_ingest_and_search(
-        env: dict[str, str], tmp_path: Path, compact_model: Path) -> None:  # noqa: F811
+        env: dict[str, str], tmp_path: Path, compact_model: Path) -> None:
     run(["db", "upgrade"], env)
     run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
     out = json.loads(run(["models", "export", "v1", "--onnx", str(tmp_path / "gw"), "--json"],

@@ -48,15 +48,18 @@ from carsearch.platform.db import Image, TrainingRun, labels, migrate, reports, 
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import RetrainSettings, Settings
 from carsearch.training.trainer import TrainConfig, train
-from conftest import _reset_pg, empty_server
-from test_drift import (
+from fixtures.common import empty_server
+from fixtures.common import reset_pg as _reset_pg
+from fixtures.drift_world import (
     World,
+    _fill,
+    _planted,
     marker,  # noqa: F401  (fixture)
 )
-from test_drift import world as _drift_world
-from test_labelling import _fill, _planted
+from fixtures.drift_world import world as _drift_world
 
-world = _drift_world
+world = _drift_world  # the fixtures, under the names the tests use
+
 REPO = Path(__file__).resolve().parents[1]
 
 
