@@ -231,12 +231,11 @@ def _label_all(lp: Loop) -> None:
 
 
 def _top(p: Platform, query: str, k: int = 8) -> list[int]:
-    """The dispatcher's search (the CLI's and the page's): filters read from the text as
-    preferences, then the serving version's ranking."""
-    from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
+    """The dispatcher's search (the CLI's and the page's, one service call): filters read
+    from the text as preferences, then the serving version's ranking."""
+    from carsearch.platform.search.service import SearchRequest
 
-    parsed = parse_query(p.search.clean_query(query), load_vocabulary(p.db))
-    return [h.image_id for h in p.search.search_text(query, k, preferred=parsed.chips).hits]
+    return [h.image_id for h in p.search.search(SearchRequest(query, k)).hits]
 
 
 @pytest.mark.slow

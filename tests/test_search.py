@@ -217,3 +217,42 @@ def test_a_promotion_moves_the_mirror_to_the_new_version(
                 == [h.image_id for h in third.hits])
     finally:
         store.close()
+
+
+def test_one_search_call_reads_filters_from_the_text(service: SearchService, indexed) -> None:
+    """`search(SearchRequest)` is the page's and the CLI's path: it cleans the query,
+    reads its filters, relaxes them and returns the chips and the effective filters, with
+    the same hits as parsing first and passing the chips to `search_text`."""
+    from carsearch.platform.search.nlfilters import (
+        filters_from_chips,
+        load_vocabulary,
+        parse_query,
+    )
+    from carsearch.platform.search.service import SearchRequest
+
+    parsed = parse_query("older model mercedes coupe", load_vocabulary(service.db))
+    res = service.search(SearchRequest("  older model\tmercedes   coupe ", k=5))
+    same = service.search_text(parsed.text, k=5, preferred=parsed.chips)
+    assert res.query == "older model mercedes coupe"
+    assert res.chips == parsed.chips and res.ignored == parsed.ignored
+    assert [h.image_id for h in res.hits] == [h.image_id for h in same.hits]
+    assert [h.unmet for h in res.hits] == [h.unmet for h in same.hits]
+    assert res.relaxed == same.relaxed and res.filters == same.filters
+    assert res.effective == parsed.filters
+    assert res.to_dict()["chips"] == [c.key for c in parsed.chips]
+    # The person removed the make chip and picked a year: theirs overrides the text's.
+    kept = service.search(SearchRequest("older model mercedes coupe", k=5,
+                                        filters=SearchFilters(year_max=2010),
+                                        keep_chips=["body=coupe", "year=1991"]))
+    assert {c.key for c in kept.chips} == {"body=coupe", "year=1991"}
+    assert kept.effective == SearchFilters(body="coupe", year_max=2010)
+    assert kept.filters == {"body": ("coupe",), "year_max": 2010}
+    assert all(h.year is not None and h.year <= 2010 for h in kept.hits)
+    # No parsing: similarity alone, nothing read, nothing relaxed.
+    plain = service.search(SearchRequest("older model mercedes coupe", k=5, parse=False))
+    assert plain.chips == () and plain.relaxed is None and plain.filters == {}
+    assert plain.effective == filters_from_chips(())
+    with pytest.raises(QueryError, match="k must be"):
+        service.search(SearchRequest("red car", k=0))
+    with pytest.raises(QueryError, match="empty query"):
+        service.search(SearchRequest("   "))
