@@ -91,7 +91,7 @@ FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
     "test_ui.py::test_login_is_required_when_auth_is_set",
 }
 # Modules or tests whose single test (with its module's fixtures) can run past the default
-# per-test timeout (pyproject's `timeout`, 300 s) on a loaded 2-core machine, with theirs:
+# per-test timeout (pyproject's `timeout`, 600 s) on a loaded 2-core machine, with theirs:
 # the so400m layout (6-7 min alone), whole pipelines in subprocesses, DDP, training.
 LONG_TESTS = {
     "test_checkpoint_layouts.py": 1200,
