@@ -98,7 +98,7 @@ LONG_TESTS = {
     "test_chaos.py": 900,
     "test_demo_script.py": 900,
     "test_production_shape.py": 900,
-    "test_retrain.py": 900,
+    "test_retrain.py": 1800,
     "test_train_ddp.py": 900,
 }
 
