@@ -1,4 +1,5 @@
-# The two commands a newcomer needs: `make demo` and `make test`.
+# The two commands a newcomer needs: `make demo` and `make test` (the fast tier; CI runs
+# `make test-all`, every test).
 # Both create .venv on first use and install the project into it.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -6,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo serve test lint install clean secrets
+.PHONY: demo serve test test-all lint install clean secrets
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,9 +44,19 @@ $(PROMTOOL):
 	    || echo "could not install prometheus: the alert rule tests will not run"; \
 	else echo "promtool is missing: apt-get install prometheus to run the alert tests"; fi
 
-test: $(STAMP) | $(CHROMIUM) $(PROMTOOL)
+# `make test`: the fast tier (unit tests, the embedded shape, one page smoke), minutes on
+# 2 cores. `make test-all`: every test (server shapes, real photos, browser, training runs),
+# what CI runs. PYTEST_ARGS passes more (PYTEST_ARGS='-k drift -x').
+PYTEST_ARGS ?=
+PYTEST := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest --durations=30
+
+test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest
+	$(PYTEST) -m "not full" $(PYTEST_ARGS)
+
+test-all: $(STAMP) | $(CHROMIUM) $(PROMTOOL)
+	$(VENV)/bin/ruff check .
+	$(PYTEST) $(PYTEST_ARGS)
 
 # Random credentials for docker-compose.yml in the git-ignored secrets/ (kept when they
 # exist; SECRETS_ARGS=--force rewrites them, SECRETS_ARGS='--ui-user NAME' names the login).

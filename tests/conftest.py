@@ -15,6 +15,7 @@ server tests skip, except under CI, where they fail.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,11 @@ import sqlalchemy as sa
 from carsearch.platform.db import Database, migrate
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectors.server import LocalMilvusServer, MilvusServerError
+from fixtures.common import REPO, empty_server, in_ci, reset_pg
 
-REPO = Path(__file__).resolve().parents[1]
+# Fixture modules every test module can use (their fixtures are named as parameters).
+pytest_plugins = ["fixtures.cli", "fixtures.site", "fixtures.search_world"]
+
 PG_SERVER = os.environ.get(
     "CARSEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -36,8 +40,85 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+_in_ci = in_ci  # the names test modules imported from here before tests/fixtures
+_reset_pg = reset_pg
+__all__ = ["REPO", "_in_ci", "_reset_pg", "empty_server"]
+
+
+# ---- Test tiers ----------------------------------------------------------------------
+# `make test` runs `pytest -m "not full"` (the newcomer's loop, a few minutes on 2 cores);
+# `make test-all` runs everything (CI). A test joins the full tier when any of these holds:
+# - it runs on a PostgreSQL or Milvus server shape (a `postgres` or `milvus_server` mark,
+#   which the shape parameters in this file and the modules' own shape fixtures carry);
+# - it needs the real photos (the `stanford_root` fixture) or is marked `slow` or `full`;
+# - its module or its name is in the lists below (measured slow: a CLI subprocess per
+#   step, a page server, a training run, a browser).
+# Everything else stays in the fast tier, so a new test is fast unless it says otherwise.
+FULL_MARKS = {"full", "slow", "postgres", "milvus_server"}
+FULL_FIXTURES = {"stanford_root", "pg_server", "pg_database", "milvus_server"}
+FULL_MODULES = {
+    "test_bench_server.py",
+    "test_chaos.py",
+    "test_checkpoint_layouts.py",
+    "test_demo_script.py",
+    "test_milvus_auth.py",
+    "test_production_shape.py",
+    "test_retrain.py",
+    "test_train_ddp.py",
+    "test_ui_browser.py",
+    "test_ui_ingest.py",
+}
+FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
+    "test_classify.py::test_classify_command",
+    "test_cli.py::test_missing_model_is_one_line",
+    "test_cli.py::test_model_lifecycle_moves_the_serving_alias",
+    "test_cli.py::test_round_trip",
+    "test_cli.py::test_unmigrated_database_is_one_line",
+    "test_collections.py::test_a_general_collection_from_an_unsplash_manifest_end_to_end",
+    "test_download.py::test_ingest_an_unsplash_manifest_twice",
+    "test_drift.py::test_cli_json_and_one_line_errors",
+    "test_fuzz.py::test_the_cli",
+    "test_ingest_worker.py::test_sigkill_and_restart",
+    "test_labelling.py::test_label_cli",
+    "test_labelling.py::test_label_create_makes_a_task_of_the_unlabelled",
+    "test_onnx.py::test_export_command_and_onnx_for_ingest_and_search",
+    "test_security.py::test_a_person_logs_in_through_the_gate_in_chromium",
+    "test_security.py::test_every_route_refuses_a_client_without_credentials",
+    "test_security.py::test_no_auth_starts_on_the_network_and_the_page_says_so",
+    "test_security.py::test_serving_the_network_without_a_login_is_refused",
+    "test_train.py::test_a_tampered_checkpoint_is_refused_before_anything_is_unpickled",
+    "test_train.py::test_resume_continues_exactly",
+    "test_ui.py::test_login_is_required_when_auth_is_set",
+}
+# Modules or tests whose single test (with its module's fixtures) can run past the default
+# per-test timeout (pyproject's `timeout`, 600 s) on a loaded 2-core machine, with theirs:
+# the so400m layout (6-7 min alone), whole pipelines in subprocesses, DDP, training.
+LONG_TESTS = {
+    "test_checkpoint_layouts.py": 1200,
+    "test_chaos.py": 900,
+    "test_demo_script.py": 900,
+    "test_production_shape.py": 900,
+    "test_retrain.py": 1800,
+    "test_train_ddp.py": 900,
+}
+
+
+def _in_full_tier(item: pytest.Item) -> bool:
+    module = item.path.name
+    name = f"{module}::{item.originalname if isinstance(item, pytest.Function) else item.name}"
+    return (module in FULL_MODULES or name in FULL_TESTS
+            or any(m.name in FULL_MARKS for m in item.iter_markers())
+            or bool(FULL_FIXTURES & set(getattr(item, "fixturenames", ()))))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _in_full_tier(item):
+            item.add_marker(pytest.mark.full)
+        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        limit = LONG_TESTS.get(name) or LONG_TESTS.get(item.path.name)
+        if limit and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(limit))
 
 
 @pytest.fixture(scope="session")
@@ -73,18 +154,51 @@ def pg_database(pg_server: str) -> Iterator[str]:
         admin.dispose()
 
 
-def _reset_pg(url: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA public"))
-    engine.dispose()
+def _pg_url(server: str, name: str) -> str:
+    return server.rsplit("/", 1)[0] + "/" + name
+
+
+def _pg_admin(server: str, *statements: str) -> None:
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for statement in statements:
+                conn.execute(sa.text(statement))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to head once per run; `database` copies it."""
+    path = tmp_path_factory.mktemp("db-template") / "template.db"
+    migrate.upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_server: str) -> Iterator[str]:
+    """A PostgreSQL database migrated to head once per run, the template each test's
+    database is made from (`CREATE DATABASE ... TEMPLATE`); dropped at the end."""
+    name = f"carsearch_tmpl_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    _pg_admin(pg_server, f'CREATE DATABASE "{name}"')
+    try:
+        migrate.upgrade(_pg_url(pg_server, name))
+        yield name
+    finally:
+        _pg_admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def db_kind(request: pytest.FixtureRequest) -> str:
+    """Each database kind in turn: SQLite, then the PostgreSQL server."""
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(db_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty database URL of each kind (not migrated)."""
-    if request.param == "sqlite":
+    if db_kind == "sqlite":
         return f"sqlite:///{tmp_path / 'test.db'}"
     url: str = request.getfixturevalue("pg_database")
     _reset_pg(url)
@@ -92,12 +206,26 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def database(db_url: str) -> Iterator[Database]:
-    """A migrated database of each kind."""
-    migrate.upgrade(db_url)
-    db = Database(db_url)
-    yield db
-    db.dispose()
+def database(db_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """A migrated database of each kind: a copy of this run's migrated template (a file
+    copy on SQLite, `CREATE DATABASE ... TEMPLATE` on PostgreSQL), not Alembic per test."""
+    if db_kind == "sqlite":
+        path = tmp_path / "test.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        db = Database(f"sqlite:///{path}")
+        yield db
+        db.dispose()
+        return
+    server: str = request.getfixturevalue("pg_server")
+    template: str = request.getfixturevalue("pg_template")
+    name = f"carsearch_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    _pg_admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    db = Database(_pg_url(server, name))
+    try:
+        yield db
+    finally:
+        db.dispose()
+        _pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -114,18 +242,6 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMil
         yield server
     finally:
         server.stop()
-
-
-def empty_server(uri: str) -> None:
-    """Drop every collection (and so its aliases) on a server between tests."""
-    from carsearch.platform.vectors.store import MilvusStore
-
-    store = MilvusStore(uri)
-    try:
-        for name in store.list_collections():
-            store.drop(name)
-    finally:
-        store.close()
 
 
 @pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
@@ -155,6 +271,12 @@ def compact_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def stanford_root() -> Path:
+    """The real Stanford Cars photos (``../shared/stanford_cars`` or
+    $CARSEARCH_STANFORD_ROOT). Skipped where absent, except under CI, where it fails: CI
+    has ``../shared`` and must run the real-photo tests."""
     if not (STANFORD / "cars_meta.mat").is_file():
-        pytest.skip(f"Stanford Cars is not at {STANFORD} (set CARSEARCH_STANFORD_ROOT)")
+        msg = f"Stanford Cars is not at {STANFORD} (set CARSEARCH_STANFORD_ROOT)"
+        if _in_ci():
+            pytest.fail(msg + " (CI must run the real-photo tests)")
+        pytest.skip(msg)
     return STANFORD

@@ -4,7 +4,6 @@ on the real Stanford Cars labels (skipped, saying so, where the data set is abse
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -31,19 +30,11 @@ from carsearch.platform.search.vocabulary import VehicleLabel, parse_class_name
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _stanford_root() -> Path:
-    env = os.environ.get("CARSEARCH_STANFORD_ROOT")
-    return Path(env) if env else REPO.parent / "shared" / "stanford_cars"
-
-
 @pytest.fixture(scope="module")
-def class_names() -> list[str]:
-    meta = _stanford_root() / "cars_meta.mat"
-    if not meta.exists():
-        pytest.skip(f"Stanford Cars not found at {meta} (set CARSEARCH_STANFORD_ROOT)")
+def class_names(stanford_root: Path) -> list[str]:
     import scipy.io
 
-    mat = scipy.io.loadmat(meta)
+    mat = scipy.io.loadmat(stanford_root / "cars_meta.mat")
     return [str(x[0]) for x in mat["class_names"][0]]
 
 
@@ -53,11 +44,11 @@ def labels(class_names: list[str]) -> dict[str, VehicleLabel]:
 
 
 @pytest.fixture(scope="module")
-def items(class_names: list[str]) -> list[tuple[str, VehicleLabel]]:
+def items(class_names: list[str], stanford_root: Path) -> list[tuple[str, VehicleLabel]]:
     """The first 60 real training images as (image_id, label)."""
     import scipy.io
 
-    annos = scipy.io.loadmat(_stanford_root() / "cars_train_annos.mat")["annotations"][0]
+    annos = scipy.io.loadmat(stanford_root / "cars_train_annos.mat")["annotations"][0]
     out = []
     for row in annos[:60]:
         fname = str(row["fname"][0])
@@ -350,11 +341,11 @@ def _cli() -> Any:
     return app
 
 
-def test_cli_augment_offline_on_real_data(class_names: list[str], tmp_path: Path) -> None:
+def test_cli_augment_offline_on_real_data(stanford_root: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     out = tmp_path / "q.jsonl"
-    args = ["augment", "--root", str(_stanford_root()), "--out", str(out), "--n", "3",
+    args = ["augment", "--root", str(stanford_root), "--out", str(out), "--n", "3",
             "--limit", "25", "--json"]
     result = CliRunner().invoke(_cli(), args)
     assert result.exit_code == 0, result.output
@@ -368,12 +359,12 @@ def test_cli_augment_offline_on_real_data(class_names: list[str], tmp_path: Path
     assert len(_read(out)) == 75
 
 
-def test_cli_rejects_unknown_generator(class_names: list[str], tmp_path: Path) -> None:
+def test_cli_rejects_unknown_generator(stanford_root: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from carsearch.platform.errors import ConfigError
 
-    result = CliRunner().invoke(_cli(), ["augment", "--root", str(_stanford_root()), "--out",
+    result = CliRunner().invoke(_cli(), ["augment", "--root", str(stanford_root), "--out",
                                          str(tmp_path / "q.jsonl"), "--generator", "gpt"])
     assert isinstance(result.exception, ConfigError)
     assert "--generator must be one of offline, ollama" in str(result.exception)

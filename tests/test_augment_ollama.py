@@ -270,16 +270,14 @@ def test_ollama_judge_malformed_verdict_is_a_rejection(server: tuple[str, StandI
     assert not verdict.accepted and verdict.reason is RejectReason.LLM
 
 
-def test_cli_with_ollama_down_is_one_clear_error(tmp_path: Path) -> None:
+def test_cli_with_ollama_down_is_one_clear_error(tmp_path: Path, stanford_root: Path) -> None:
     """`carsearch augment --generator ollama` with nothing listening: a CarsearchError."""
     from typer.testing import CliRunner
 
     from carsearch.cli.augment import augment_command
     from carsearch.platform.settings import Settings
 
-    root = Path(__file__).resolve().parents[1].parent / "shared" / "stanford_cars"
-    if not (root / "cars_meta.mat").exists():
-        pytest.skip(f"Stanford Cars not found at {root}")
+    root = stanford_root
     host = f"http://127.0.0.1:{closed_port()}"
     app = typer.Typer()
 

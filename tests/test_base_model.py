@@ -153,17 +153,6 @@ def test_stanford_class_names_absent_file_gives_none(tmp_path: Path) -> None:
     assert stanford_class_names(tmp_path / "nope.mat") == []
 
 
-@pytest.fixture
-def stanford_root() -> Path:
-    import os
-
-    env = os.environ.get("CARSEARCH_STANFORD_ROOT")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "stanford_cars"
-    if not (root / "cars_meta.mat").is_file():
-        pytest.skip(f"Stanford Cars not found at {root} (set CARSEARCH_STANFORD_ROOT)")
-    return root
-
-
 def test_cli_builds_and_refuses_to_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "cli-model"
     runner = CliRunner()

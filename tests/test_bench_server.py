@@ -12,7 +12,7 @@ import pytest
 
 from carsearch.platform.vectors.server import LocalMilvusServer
 from carsearch.platform.vectors.store import MilvusStore
-from conftest import REPO, empty_server
+from fixtures.common import REPO, empty_server
 
 
 def load_bench() -> ModuleType:

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from conftest import REPO
+from fixtures.common import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def _assert_clean(res: object) -> None:
 def test_chaos_on_postgresql_and_a_milvus_server(tmp_path: Path, pg_database: str,
                                                  compact_model: Path) -> None:
     from carsearch.platform.vectors.server import LocalMilvusServer
-    from conftest import _reset_pg
+    from fixtures.common import reset_pg as _reset_pg
 
     chaos = load_chaos()
     _reset_pg(pg_database)

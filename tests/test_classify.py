@@ -23,8 +23,10 @@ from carsearch.platform.search.classify import (
     probability,
 )
 from carsearch.platform.search.service import SearchService
-from test_cli import env, one_line_error, run  # noqa: F401  (the CLI fixture and helpers)
-from test_search import indexed, service  # noqa: F401  (the search world, on every backend)
+from fixtures.cli import one_line_error, run  # the `env` fixture: tests/fixtures/cli.py
+
+# the `service` and `indexed` fixtures (the search world, on every backend):
+# tests/fixtures/search_world.py
 
 
 def _photo(path: Path, rgb: tuple[int, int, int], seed: int) -> Path:
@@ -80,7 +82,7 @@ def test_probabilities_are_siglips_own_and_independent(compact_model: Path,
     assert float(probability(0.0, 0.0, 0.0)) == 0.5
 
 
-def test_the_cut_off_on_search_results(service: SearchService, indexed) -> None:  # noqa: F811
+def test_the_cut_off_on_search_results(service: SearchService, indexed) -> None:
     res = service.search_text("red pickup", k=6)
     probs = [h.probability for h in res.hits]
     assert all(p is not None and 0.0 < p < 1.0 for p in probs)
@@ -101,7 +103,7 @@ def test_the_cut_off_on_search_results(service: SearchService, indexed) -> None:
     assert all(h.probability is None for h in service.search_image(img, k=3).hits)
 
 
-def test_classify_command(env: dict[str, str], tmp_path: Path,  # noqa: F811
+def test_classify_command(env: dict[str, str], tmp_path: Path,
                           compact_model: Path) -> None:
     run(["db", "upgrade"], env)
     run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)

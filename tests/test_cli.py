@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
+from fixtures.cli import CLI, one_line_error, run  # the `env` fixture: tests/fixtures/cli.py
+
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "carsearch.cli"]
-
-
-def run(args: list[str], env: dict[str, str], ok: bool = True) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
-    if ok:
-        assert p.returncode == 0, p.stderr
-    return p
-
-
-def one_line_error(p: subprocess.CompletedProcess[str], needle: str) -> None:
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and needle in errors[0], p.stderr
-    assert "Traceback" not in p.stderr
-
-
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("CARSEARCH_")}
-    e.update(CARSEARCH_DATA_DIR=str(tmp_path / "data"), CARSEARCH_LOG_LEVEL="WARNING",
-             OMP_NUM_THREADS="1")
-    return e
 
 
 def test_help_lists_every_verb(env: dict[str, str]) -> None:

@@ -24,9 +24,9 @@ from carsearch.platform.images import sha256_file
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
 from carsearch.platform.vectors.store import SearchFilters
+from fixtures.cli import one_line_error, run  # the `env` fixture: tests/fixtures/cli.py
+from fixtures.site import Site  # the `site` fixture: tests/fixtures/site.py
 from ingest_world import make_image, world
-from test_cli import env, one_line_error, run  # noqa: F401  (the CLI fixture and helpers)
-from test_download import Site, site  # noqa: F401  (the loopback image server)
 
 
 def _ingest(p: Platform, collection: str, items: list[IngestItem]) -> int:
@@ -181,7 +181,7 @@ def test_a_collection_without_a_serving_version_says_so(
 
 
 def test_a_general_collection_from_an_unsplash_manifest_end_to_end(
-        site: tuple[str, Site], env: dict[str, str], tmp_path: Path,  # noqa: F811
+        site: tuple[str, Site], env: dict[str, str], tmp_path: Path,
         compact_model: Path) -> None:
     """The issue's done-when: a general collection built from an Unsplash-style manifest
     served on loopback, searched from the CLI and classified zero-shot; vehicles beside it

@@ -7,163 +7,19 @@ manifest` on an Unsplash-style photos.tsv000, twice (the second run fetches noth
 
 from __future__ import annotations
 
-import gzip
-import io
 import ipaddress
 import json
-import threading
-import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from carsearch.ingest.download import Downloader, is_url_manifest, read_url_manifest
 from carsearch.ingest.netguard import REFUSED, AddressPolicy
 from carsearch.platform.errors import CarsearchError
-from test_cli import env, run  # noqa: F401  (the CLI fixture and helpers)
-
-
-def _jpeg(seed: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-class Site:
-    """What the loopback server answers, and how often each path was asked for."""
-
-    def __init__(self) -> None:
-        self.hits: Counter[str] = Counter()
-        self.flaky_left = 1
-        self.images = {f"/img{i}.jpg": _jpeg(i) for i in range(4)}
-        self.redirect_to = ""  # where /away sends a client
-        self.encodings: list[str] = []  # the Accept-Encoding of each request
-
-
-_BOMBS: dict[str, bytes] = {}
-
-
-def _bomb(encoding: str) -> bytes:
-    """Zeros compressed to under the tests' 100 kB cap: 256 MiB in a few hundred bytes
-    of brotli, 64 MiB in 65 kB of gzip."""
-    if encoding not in _BOMBS:
-        if encoding == "br":
-            import brotli
-
-            _BOMBS[encoding] = brotli.compress(b"\0" * 256 * 1024**2, quality=1)
-        else:
-            _BOMBS[encoding] = gzip.compress(b"\0" * 64 * 1024**2, compresslevel=9)
-        assert len(_BOMBS[encoding]) < 100_000
-    return _BOMBS[encoding]
-
-
-def _serve(host: str) -> Iterator[tuple[str, Site]]:
-    state = Site()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:  # quiet
-            pass
-
-        def _send(self, code: int, body: bytes, ctype: str = "image/jpeg",
-                  length: int | None = None) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body) if length is None else length))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            path = self.path
-            state.hits[path] += 1
-            state.encodings.append(self.headers.get("Accept-Encoding", ""))
-            if path in ("/bomb-br.jpg", "/bomb-gzip.jpg"):  # sent encoded, whatever asked
-                encoding = path[6:-4]
-                body = _bomb(encoding)
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Encoding", encoding)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
-            if path == "/away":
-                self.send_response(302)
-                self.send_header("Location", state.redirect_to)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            if path in state.images:
-                self._send(200, state.images[path])
-            elif path == "/flaky.jpg":  # a 503 first, then the image
-                if state.flaky_left > 0:
-                    state.flaky_left -= 1
-                    self._send(503, b"busy", "text/plain")
-                else:
-                    self._send(200, _jpeg(9))
-            elif path == "/missing.jpg":
-                self._send(404, b"no", "text/plain")
-            elif path == "/broken.jpg":
-                self._send(500, b"oops", "text/plain")
-            elif path == "/slow.jpg":
-                time.sleep(1.5)
-                self._send(200, _jpeg(5))
-            elif path == "/truncated.jpg":
-                self._send(200, _jpeg(6)[:200], length=5000)
-            elif path == "/page.html":
-                self._send(200, b"<html>hi</html>", "text/html; charset=utf-8")
-            elif path == "/huge.jpg":  # says so up front
-                self._send(200, b"", length=10**9)
-            elif path == "/endless.jpg":  # says nothing, then sends too much
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.end_headers()
-                try:
-                    for _ in range(200):
-                        self.wfile.write(b"\xff" * 10_000)
-                except OSError:
-                    pass
-            elif path == "/junk.jpg":
-                self._send(200, b"\xff\xd8\xff\xe0 not really a jpeg")
-            elif path == "/loop":
-                self.send_response(302)
-                self.send_header("Location", "/loop")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            elif path == "/moved":
-                self.send_response(301)
-                self.send_header("Location", "/img0.jpg")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            else:
-                self._send(404, b"no", "text/plain")
-
-    server = ThreadingHTTPServer((host, 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{host}:{server.server_address[1]}", state
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture
-def site() -> Iterator[tuple[str, Site]]:
-    yield from _serve("127.0.0.1")
-
-
-@pytest.fixture
-def inner_site() -> Iterator[tuple[str, Site]]:
-    """A second loopback server, at another address (Linux answers all of 127/8)."""
-    yield from _serve("127.0.0.2")
-
+from fixtures.cli import run  # the `env` fixture: tests/fixtures/cli.py
+from fixtures.site import Site, bomb  # the `site` fixtures: tests/fixtures/site.py
 
 FAILS = {
     "/missing.jpg": "HTTP 404", "/broken.jpg": "HTTP 500", "/slow.jpg": "timed out",
@@ -248,7 +104,7 @@ def test_manifests_name_images_by_url(tmp_path: Path) -> None:
     assert not is_url_manifest(tmp_path / "paths.jsonl")
 
 
-def test_ingest_an_unsplash_manifest_twice(site: tuple[str, Site], env: dict[str, str],  # noqa: F811
+def test_ingest_an_unsplash_manifest_twice(site: tuple[str, Site], env: dict[str, str],
                                            tmp_path: Path, compact_model: Path) -> None:
     base, state = site
     env = {**env, "CARSEARCH_DOWNLOAD__ALLOW_NETWORKS": "127.0.0.0/8"}  # the test server
@@ -284,7 +140,7 @@ def test_a_compressed_body_is_refused_unread(site: tuple[str, Site], tmp_path: P
     it (traced memory stays far below what it inflates to), final."""
     base, state = site
     for encoding in ("br", "gzip"):
-        _bomb(encoding)  # compressed before tracing: the server's memory is not counted
+        bomb(encoding)  # compressed before tracing: the server's memory is not counted
     tracemalloc.start()
     try:
         got = _downloader(tmp_path).fetch_all(

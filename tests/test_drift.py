@@ -4,13 +4,10 @@ Milvus Lite files with SQLite and PostgreSQL, the retrain trigger and its cooldo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,56 +18,28 @@ from carsearch.monitoring.drift import detect_drift, knn_density, run_drift
 from carsearch.platform.db import (
     Database,
     DriftReport,
-    ImageStatus,
     ModelVersion,
     VersionStatus,
     migrate,
 )
-from carsearch.platform.db import Image as ImageRow
 from carsearch.platform.db.reports import latest_drift
 from carsearch.platform.errors import ModelNotFoundError
-from carsearch.platform.ids import image_id
-from carsearch.platform.runtime import Platform
-from carsearch.platform.settings import DriftSettings, Settings, SettingsError, load_settings
+from carsearch.platform.settings import SettingsError, load_settings
 from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow
+from fixtures.drift_world import (
+    DIM,
+    Catalogue,
+    World,
+    _settings,
+    _unit,
+)
+from fixtures.drift_world import marker as _marker
+from fixtures.drift_world import world as _drift_world
 
-DIM = 32
-SPREAD = 0.5
+world = _drift_world  # the fixtures, under the names the tests use
+marker = _marker
+
 CLI = [sys.executable, "-m", "carsearch.cli"]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def _around(centre: np.ndarray, n: int, rng: np.random.Generator,
-            spread: float = SPREAD) -> np.ndarray:
-    noise = rng.standard_normal((n, centre.shape[-1])) * (spread / np.sqrt(centre.shape[-1]))
-    return _unit(centre[None, :] + noise)
-
-
-class Catalogue:
-    """Eight known vehicle classes (centres) and draws from them or from new places."""
-
-    def __init__(self, seed: int = 0, n_classes: int = 8) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.centres = _unit(self.rng.standard_normal((n_classes, DIM)))
-
-    def known(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        labels = self.rng.integers(0, len(self.centres), n)
-        noise = self.rng.standard_normal((n, DIM)) * (SPREAD / np.sqrt(DIM))
-        return _unit(self.centres[labels] + noise), labels
-
-    def new_vehicle(self, n: int, spread: float = SPREAD / 2) -> np.ndarray:
-        """A tight group around a fresh centre, far from every known class."""
-        while True:
-            centre = _unit(self.rng.standard_normal(DIM))
-            if float((self.centres @ centre).max()) < 0.3:
-                return _around(centre, n, self.rng, spread)
-
-    def scattered(self, n: int) -> np.ndarray:
-        return _unit(self.rng.standard_normal((n, DIM)))
 
 
 # --- detection ------------------------------------------------------------------------------
@@ -199,65 +168,7 @@ def test_drift_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch,
 # --- the job against Milvus Lite and SQLite / PostgreSQL --------------------------------------
 
 
-class World:
-    """A serving version whose collection holds the vectors of `images` rows."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.platform = Platform(settings)
-        self.db: Database = self.platform.db
-        with self.db.session() as s:
-            s.add(ModelVersion(name="v1", base_model="b", artifact_path="/none",
-                               artifact_sha256="0" * 64, dim=DIM, collection="carsearch_v1",
-                               status=VersionStatus.serving))
-        self.platform.store.ensure_collection("carsearch_v1", DIM)
-        self.n = 0
-
-    def add(self, vectors: np.ndarray, when: datetime, labels: np.ndarray | None = None,
-            *, vector: bool = True) -> list[int]:
-        ids, rows = [], []
-        for j in range(len(vectors)):
-            self.n += 1
-            digest = hashlib.sha256(f"image-{self.n}".encode()).hexdigest()
-            ids.append(image_id(digest))
-            make = f"Make{labels[j]}" if labels is not None else "Unknown"
-            rows.append(ImageRow(id=ids[-1], sha256=digest, path=f"/img/{self.n}.jpg",
-                                 source="test", make=make, class_name=f"{make} Coupe 2012",
-                                 ingested_at=when, status=ImageStatus.indexed))
-        if vector:
-            self.platform.store.upsert("carsearch_v1", ids, vectors,
-                                       [VectorRow(source="test")] * len(ids))
-            self.platform.store.flush("carsearch_v1")
-        with self.db.session() as s:
-            s.add_all(rows)
-        return ids
-
-
-def _settings(tmp_path: Path, url: str | None = None, milvus_uri: str = "",
-              **drift: object) -> Settings:
-    base = {"k": 10, "percentile": 5.0, "min_cluster_size": 5, "min_new": 20}
-    return Settings(data_dir=tmp_path / "data", milvus_uri=milvus_uri,
-                    **({"database_url": url} if url else {}),
-                    drift=DriftSettings(**{**base, **drift}))  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def marker(tmp_path: Path) -> Path:
-    return tmp_path / "retrained.txt"
-
-
-def _marker_command(marker: Path) -> str:
-    """A retrain command that appends its drift report id to a file."""
-    code = ("import os, sys; open(sys.argv[1], 'a').write("
-            "os.environ['CARSEARCH_DRIFT_REPORT_ID'] + '\\n')")
-    return shlex.join([sys.executable, "-c", code, str(marker)])
-
-
-@pytest.fixture
-def world(database: Database, tmp_path: Path, marker: Path, milvus_uri: str) -> Iterator[World]:
-    w = World(_settings(tmp_path, database.url, milvus_uri,
-                        retrain_command=_marker_command(marker)))
-    yield w
-    w.platform.close()
+# World, _settings, the `marker` and `world` fixtures: tests/fixtures/drift_world.py
 
 
 def _row(db: Database, report_id: int | None) -> DriftReport:

@@ -108,11 +108,9 @@ def test_images_of_any_mode_are_converted_to_rgb(encoder: Encoder) -> None:
     assert not np.allclose(vectors[0], vectors[2], atol=1e-3)
 
 
-def test_real_photos_encode(encoder: Encoder) -> None:
-    root = Path(__file__).resolve().parents[2] / "shared" / "stanford_cars" / "cars_train"
-    files = sorted(root.glob("*.jpg"))[:3]
-    if not files:
-        pytest.skip(f"no Stanford Cars photos at {root}")
+def test_real_photos_encode(encoder: Encoder, stanford_root: Path) -> None:
+    files = sorted((stanford_root / "cars_train").glob("*.jpg"))[:3]
+    assert files, f"no Stanford Cars photos in {stanford_root / 'cars_train'}"
     photos = [Image.open(f) for f in files]
     vectors = encoder.encode_images(photos)
     assert vectors.shape == (3, encoder.dim)

@@ -20,29 +20,17 @@ from carsearch.lifecycle.labelling import LabelImportError, export_rows, import_
 from carsearch.monitoring.drift import run_drift
 from carsearch.platform.db import Image, labels
 from carsearch.platform.vectors.store import SearchFilters
-from test_drift import (
+from fixtures.drift_world import (
     Catalogue,
     World,
+    _fill,
+    _planted,
     _settings,
     marker,  # noqa: F401  (fixture)
 )
-from test_drift import world as _drift_world
+from fixtures.drift_world import world as _drift_world
 
-world = _drift_world
-
-
-def _planted(w: World) -> tuple[list[int], datetime]:
-    cat = Catalogue(11)
-    now = datetime.now(UTC)
-    ref, ref_labels = cat.known(400)
-    w.add(ref, now - timedelta(days=3), ref_labels)
-    same, same_labels = cat.known(40)
-    w.add(same, now - timedelta(hours=2), same_labels)
-    return w.add(cat.new_vehicle(12), now - timedelta(hours=1)), now
-
-
-def _fill(rows: list[dict], **values: object) -> list[dict]:
-    return [{**r, **values} for r in rows]
+world = _drift_world  # the fixtures, under the names the tests use
 
 
 def test_a_drift_cluster_is_labelled_and_becomes_a_filter(world: World, tmp_path: Path) -> None:

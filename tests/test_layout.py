@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from fixtures.common import REPO
 
 SRC = REPO / "src" / "carsearch"
 

@@ -22,7 +22,7 @@ from carsearch.platform.models.onnx import (
     export_onnx,
     sample_inputs,
 )
-from test_cli import env, one_line_error, run  # noqa: F401  (the CLI fixture and helpers)
+from fixtures.cli import one_line_error, run  # the `env` fixture: tests/fixtures/cli.py
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_a_changed_graph_is_refused(exported: Path, tmp_path: Path) -> None:
 
 
 def test_export_command_and_onnx_for_ingest_and_search(
-        env: dict[str, str], tmp_path: Path, compact_model: Path) -> None:  # noqa: F811
+        env: dict[str, str], tmp_path: Path, compact_model: Path) -> None:
     run(["db", "upgrade"], env)
     run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
     out = json.loads(run(["models", "export", "v1", "--onnx", str(tmp_path / "gw"), "--json"],
@@ -101,7 +101,7 @@ def test_export_command_and_onnx_for_ingest_and_search(
 
 
 def test_the_export_is_trusted_by_the_database_and_a_cut_short_one_is_made_again(
-        env: dict[str, str], tmp_path: Path, compact_model: Path,  # noqa: F811
+        env: dict[str, str], tmp_path: Path, compact_model: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 22 item 15. A crash in the middle of the parity check (forced by the check's
     hook) leaves the graphs but no onnx.json and no record, and the next use makes the

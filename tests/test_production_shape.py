@@ -126,7 +126,8 @@ def drop(inbox: Path, n0: int, n: int) -> None:
 @pytest.fixture
 def deployment(tmp_path: Path, pg_database: str, milvus_server, compact_model: Path
                ) -> Iterator[Deployment]:
-    from conftest import _reset_pg, empty_server
+    from fixtures.common import empty_server
+    from fixtures.common import reset_pg as _reset_pg
 
     _reset_pg(pg_database)
     empty_server(milvus_server.uri)

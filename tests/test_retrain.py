@@ -48,15 +48,18 @@ from carsearch.platform.db import Image, TrainingRun, labels, migrate, reports, 
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import RetrainSettings, Settings
 from carsearch.training.trainer import TrainConfig, train
-from conftest import _reset_pg, empty_server
-from test_drift import (
+from fixtures.common import empty_server
+from fixtures.common import reset_pg as _reset_pg
+from fixtures.drift_world import (
     World,
+    _fill,
+    _planted,
     marker,  # noqa: F401  (fixture)
 )
-from test_drift import world as _drift_world
-from test_labelling import _fill, _planted
+from fixtures.drift_world import world as _drift_world
 
-world = _drift_world
+world = _drift_world  # the fixtures, under the names the tests use
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -228,12 +231,11 @@ def _label_all(lp: Loop) -> None:
 
 
 def _top(p: Platform, query: str, k: int = 8) -> list[int]:
-    """The dispatcher's search (the CLI's and the page's): filters read from the text as
-    preferences, then the serving version's ranking."""
-    from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
+    """The dispatcher's search (the CLI's and the page's, one service call): filters read
+    from the text as preferences, then the serving version's ranking."""
+    from carsearch.platform.search.service import SearchRequest
 
-    parsed = parse_query(p.search.clean_query(query), load_vocabulary(p.db))
-    return [h.image_id for h in p.search.search_text(query, k, preferred=parsed.chips).hits]
+    return [h.image_id for h in p.search.search(SearchRequest(query, k)).hits]
 
 
 @pytest.mark.slow

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from sqlalchemy import func, select
 
 from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items, read_manifest
@@ -18,70 +17,10 @@ from carsearch.platform.errors import ModelNotFoundError, QueryError
 from carsearch.platform.search.service import SearchService
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import MilvusStore, SearchFilters
+from carsearch.platform.vectors.store import SearchFilters
+from fixtures.search_world import LABELS, _draw
 
-LABELS = [
-    ("Chevrolet Silverado 1500 Regular Cab 2012", "red"),
-    ("Ford F-150 Regular Cab 2007", "blue"),
-    ("BMW M3 Coupe 2012", "black"),
-    ("Mercedes-Benz C-Class Sedan 2012", "silver"),
-    ("Volkswagen Golf Hatchback 1991", "white"),
-    ("Jeep Wrangler SUV 2012", "green"),
-]
-
-
-def _draw(path: Path, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    img = Image.new("RGB", (96, 72), tuple(int(c) for c in rng.integers(0, 255, 3)))
-    d = ImageDraw.Draw(img)
-    for _ in range(4):
-        x, y = rng.integers(0, 60, 2)
-        d.rectangle([int(x), int(y), int(x) + 30, int(y) + 20],
-                    fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    img.save(path)
-
-
-@pytest.fixture(params=["milvus", "mirror",
-                        pytest.param("server", marks=pytest.mark.milvus_server)])
-def service(request: pytest.FixtureRequest, database: Database, tmp_path: Path,
-            compact_model: Path):
-    """The service over Milvus Lite's own search, over the search mirror, and over a
-    Milvus server."""
-    uri = ""
-    if request.param == "server":
-        from conftest import empty_server
-
-        uri = request.getfixturevalue("milvus_server").uri
-        empty_server(uri)
-    settings = Settings(data_dir=tmp_path / "data", database_url=database.url,
-                        milvus_uri=uri)
-    kind = MirroredStore if request.param == "mirror" else MilvusStore
-    store = kind(settings.milvus_uri)
-    svc = SearchService(settings, database, store)
-    yield svc
-    store.close()
-
-
-@pytest.fixture
-def indexed(service: SearchService, compact_model: Path, tmp_path: Path):
-    v = service.registry.publish(compact_model, name="base")
-    service.registry.promote("base")
-    manifest = tmp_path / "manifest.jsonl"
-    lines = []
-    for i, (cls, colour) in enumerate(LABELS):
-        _draw(tmp_path / f"car{i}.png", i)
-        lines.append(json.dumps({"path": f"car{i}.png", "class_name": cls, "colour": colour}))
-    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    lines.append(json.dumps({"path": "broken.jpg"}))
-    manifest.write_text("\n".join(lines) + "\n")
-    writer = BatchWriter.fixed(service.db, service.store, service.encoder_for(v), v)
-    summary = ingest_items(list(read_manifest(manifest)), db=service.db, writer=writer,
-                           max_pixels=10**7, batch_size=4, progress=False)
-    assert (summary.indexed, summary.quarantined) == (len(LABELS), 1)
-    service.warm(wait=True)  # with the mirror: built now, kept in step from here on
-    if isinstance(service.store, MirroredStore):
-        assert service.store.mirror(v.collection) is not None
-    return v
+# LABELS and the `service` / `indexed` fixtures: tests/fixtures/search_world.py
 
 
 def test_text_search_returns_hits_with_metadata(service: SearchService, indexed) -> None:
@@ -278,3 +217,42 @@ def test_a_promotion_moves_the_mirror_to_the_new_version(
                 == [h.image_id for h in third.hits])
     finally:
         store.close()
+
+
+def test_one_search_call_reads_filters_from_the_text(service: SearchService, indexed) -> None:
+    """`search(SearchRequest)` is the page's and the CLI's path: it cleans the query,
+    reads its filters, relaxes them and returns the chips and the effective filters, with
+    the same hits as parsing first and passing the chips to `search_text`."""
+    from carsearch.platform.search.nlfilters import (
+        filters_from_chips,
+        load_vocabulary,
+        parse_query,
+    )
+    from carsearch.platform.search.service import SearchRequest
+
+    parsed = parse_query("older model mercedes coupe", load_vocabulary(service.db))
+    res = service.search(SearchRequest("  older model\tmercedes   coupe ", k=5))
+    same = service.search_text(parsed.text, k=5, preferred=parsed.chips)
+    assert res.query == "older model mercedes coupe"
+    assert res.chips == parsed.chips and res.ignored == parsed.ignored
+    assert [h.image_id for h in res.hits] == [h.image_id for h in same.hits]
+    assert [h.unmet for h in res.hits] == [h.unmet for h in same.hits]
+    assert res.relaxed == same.relaxed and res.filters == same.filters
+    assert res.effective == parsed.filters
+    assert res.to_dict()["chips"] == [c.key for c in parsed.chips]
+    # The person removed the make chip and picked a year: theirs overrides the text's.
+    kept = service.search(SearchRequest("older model mercedes coupe", k=5,
+                                        filters=SearchFilters(year_max=2010),
+                                        keep_chips=["body=coupe", "year=1991"]))
+    assert {c.key for c in kept.chips} == {"body=coupe", "year=1991"}
+    assert kept.effective == SearchFilters(body="coupe", year_max=2010)
+    assert kept.filters == {"body": ("coupe",), "year_max": 2010}
+    assert all(h.year is not None and h.year <= 2010 for h in kept.hits)
+    # No parsing: similarity alone, nothing read, nothing relaxed.
+    plain = service.search(SearchRequest("older model mercedes coupe", k=5, parse=False))
+    assert plain.chips == () and plain.relaxed is None and plain.filters == {}
+    assert plain.effective == filters_from_chips(())
+    with pytest.raises(QueryError, match="k must be"):
+        service.search(SearchRequest("red car", k=0))
+    with pytest.raises(QueryError, match="empty query"):
+        service.search(SearchRequest("   "))

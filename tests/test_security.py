@@ -389,7 +389,7 @@ def test_a_person_logs_in_through_the_gate_in_chromium(second_world: World,
                                                       tmp_path: Path) -> None:
     """What the login page needs is let through the gate: the form, then the page with
     its thumbnails, in a real browser."""
-    from test_ui_browser import ARGS, CHROMIUM, _need
+    from fixtures.browser import ARGS, CHROMIUM, _need
 
     _need(Path(CHROMIUM).is_file() or shutil.which(CHROMIUM) is not None,
           f"no Chromium at {CHROMIUM} (apt-get install chromium)")

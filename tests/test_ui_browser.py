@@ -9,29 +9,14 @@ where both must be present and the test fails instead.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fixtures.browser import ARGS, CHROMIUM, _need
 from ui_world import Server, World, build_world, run_server
-
-CHROMIUM = os.environ.get("CARSEARCH_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
-
-def _need(ok: bool, why: str) -> None:
-    if not ok:
-        if _in_ci():
-            pytest.fail(why + " (CI must run the browser test)")
-        pytest.skip(why)
 
 
 @pytest.fixture(scope="module")

@@ -252,7 +252,7 @@ def test_serving_alias_switches_and_survives_a_drop(store: MilvusStore) -> None:
 
 @pytest.mark.milvus_server
 def test_server_collections_index_the_filter_fields(milvus_server) -> None:
-    from conftest import empty_server
+    from fixtures.common import empty_server
 
     empty_server(milvus_server.uri)
     store = MilvusStore(milvus_server.uri)
@@ -282,7 +282,7 @@ def test_a_second_process_waits_for_the_creators_indexes(milvus_server) -> None:
     import threading
     import time
 
-    from conftest import empty_server
+    from fixtures.common import empty_server
 
     empty_server(milvus_server.uri)
     a, b = MilvusStore(milvus_server.uri), MilvusStore(milvus_server.uri)
@@ -339,7 +339,7 @@ def test_a_second_process_waits_for_the_creators_indexes(milvus_server) -> None:
 def test_a_collection_loaded_before_its_last_index_still_takes_writes(milvus_server) -> None:
     """The fallback for a collection some older process loaded before its last index was
     registered: the load's "can't change the index" is taken as loaded, writes work."""
-    from conftest import empty_server
+    from fixtures.common import empty_server
 
     empty_server(milvus_server.uri)
     raw = MilvusStore(milvus_server.uri)

@@ -21,7 +21,7 @@ from carsearch.platform.errors import ConfigError, QueryError
 
 if TYPE_CHECKING:
     from carsearch.platform.runtime import Platform
-    from carsearch.platform.search.nlfilters import FilterChip, VocabularyCache
+    from carsearch.platform.search.nlfilters import VocabularyCache
     from carsearch.platform.search.service import SearchResult
     from carsearch.platform.vectors.store import SearchFilters
 
@@ -74,7 +74,6 @@ def search_command(
     use_encoder(ctx, encoder)
     p = platform_from(ctx)
     name = collection_from(p, collection)
-    parse = parse and p.search.kind(name).vehicle_labels
     if not interactive:  # the printed latency is the search's, not the model's load
         p.search.encoder_for(p.search.serving(name)).load()
     if image is not None:
@@ -100,19 +99,14 @@ def search_command(
 def _text(p: Platform, query: str, k: int, filters: SearchFilters, parse: bool,
           min_prob: float | None, as_json: bool,
           vocab: VocabularyCache | None = None, collection: str | None = None) -> SearchResult:
-    """One text query: filters read from it (unless --no-parse), searched, the chips and
-    what was relaxed printed (unless --json)."""
-    chips = ""
-    preferred: tuple[FilterChip, ...] = ()
-    if parse:
-        from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
+    """One text query through the search service (filters read from it unless
+    --no-parse); the chips and what was relaxed printed (unless --json)."""
+    from carsearch.platform.search.service import SearchRequest
 
-        known = vocab.get() if vocab is not None else load_vocabulary(p.db)
-        parsed = parse_query(p.search.clean_query(query), known)
-        preferred = parsed.chips
-        chips = ", ".join(c.label for c in parsed.chips)
-    result = p.search.search_text(query, k, filters, preferred=preferred, min_prob=min_prob,
-                                  collection=collection)
+    result = p.search.search(SearchRequest(
+        query, k, filters, parse=parse, min_prob=min_prob, collection=collection,
+        vocabulary=vocab.get() if vocab is not None else None))
+    chips = ", ".join(c.label for c in result.chips)
     if chips and not as_json:
         typer.echo(f"filters read from the query: {chips}")
     if result.relaxed and not as_json:

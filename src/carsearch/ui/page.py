@@ -28,11 +28,11 @@ from carsearch.platform.search.nlfilters import (
     FilterVocabulary,
     ParsedQuery,
     VocabularyCache,
-    merge_filters,
+    filters_from_chips,
     parse_query,
     validate_filters,
 )
-from carsearch.platform.search.service import SearchHit, SearchResult
+from carsearch.platform.search.service import SearchHit, SearchRequest, SearchResult
 from carsearch.platform.vectors.store import SearchFilters
 
 log = logging.getLogger(__name__)
@@ -228,20 +228,15 @@ class SearchPage:
         """Text search; `keep_chips` (keys) drops the parsed filters the person removed. A
         collection without vehicle labels reads no filters from the text."""
         collection = self._collection(picked)
-        parsed = self.parse(query)
-        if keep_chips is not None:
-            parsed = parsed.keep(keep_chips)
-        if not self.service.kind(collection).vehicle_labels:
-            parsed = parsed.keep(())
-        hard = self.picked_filters(picked)
-        k = self.service.check_k(k)
-        cut = picked.min_prob or None
-        result = self._guard(lambda: self.service.search_text(
-            parsed.text, k, hard, preferred=parsed.chips, min_prob=cut,
-            collection=collection))
-        filters = merge_filters(parsed.filters, hard)
-        notes = [f"not filtered on {n}" for n in parsed.ignored]
-        return self._shape(result, filters, parsed=parsed, notes=notes)
+        request = SearchRequest(query, k, self.picked_filters(picked), keep_chips=keep_chips,
+                                min_prob=picked.min_prob or None, collection=collection,
+                                vocabulary=self.vocabulary())
+        result = self._guard(lambda: self.service.search(request))
+        parsed = ParsedQuery(result.query or "", result.chips, result.ignored,
+                             filters_from_chips(result.chips))
+        notes = [f"not filtered on {n}" for n in result.ignored]
+        return self._shape(result, result.effective or SearchFilters(), parsed=parsed,
+                           notes=notes)
 
     def search_upload(self, upload: str | Path | None, k: int, picked: PickedFilters) -> PageResult:
         if upload is None or not isinstance(upload, str | Path):

@@ -1,5 +1,11 @@
 """The search service: text or image in, ranked hits with metadata out.
 
+`SearchService.search(SearchRequest) -> SearchResult` is the one path of a text query:
+cleaning, reading filters from the text, validation, relaxation, the probability cut-off,
+the query log, and the chips and effective filters in the result. The page, the CLI and
+any later API or evaluation are thin adapters over it (`search_text` is the same call for
+callers that pass chips themselves).
+
 Uses the serving model version: its encoder (loaded once per version, after the
 artifact's hash is checked), its Milvus collection, and metadata joined from the
 database. Every query is written to `query_log`.
@@ -13,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +44,12 @@ from carsearch.platform.search.classify import (
 )
 from carsearch.platform.search.nlfilters import (
     FilterChip,
+    FilterVocabulary,
     describe_chips,
     filters_from_chips,
+    load_vocabulary,
     merge_filters,
+    parse_query,
     relaxation_tiers,
 )
 from carsearch.platform.settings import Settings
@@ -100,11 +109,41 @@ class SearchResult:
     # One entry per search run: the chips it kept and dropped, and the hits it added.
     tiers: list[dict[str, Any]] = field(default_factory=list)
     collection: str = DEFAULT_COLLECTION
+    # The filters read from the text that the search used (after the person removed any),
+    # what was read but not used ("'red' (colour red): none indexed"), and the person's
+    # filters merged over the chips (what the page and the CLI show as "filters").
+    chips: tuple[FilterChip, ...] = ()
+    ignored: tuple[str, ...] = ()
+    effective: SearchFilters | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hits"] = [h.to_dict() for h in self.hits]
+        d["chips"] = [c.key for c in self.chips]
+        d["ignored"] = list(self.ignored)
+        d.pop("effective")
         return d
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One text search, as the page, the CLI, an API or an evaluation asks for it.
+
+    ``filters`` are the person's own (hard: never relaxed). With ``parse`` the service
+    reads filters from the text (colour, make, body, year; vehicle collections only) and
+    ``keep_chips`` (chip keys) keeps only those the person left; ``preferred`` gives the
+    chips directly instead. ``vocabulary`` is what the text is read against (default: the
+    indexed values read now; a long-running adapter passes its cache's)."""
+
+    query: str | None
+    k: Any = 10
+    filters: SearchFilters | None = None
+    parse: bool = True
+    keep_chips: Sequence[str] | None = None
+    preferred: Sequence[FilterChip] | None = None
+    min_prob: Any = None
+    collection: str | None = None
+    vocabulary: FilterVocabulary | None = None
 
 
 class _Empty(threading.local):
@@ -339,6 +378,51 @@ class SearchService:
             raise QueryError(f"not an image id: {image_id!r}"[:200])
         return iid
 
+    def search(self, request: SearchRequest) -> SearchResult:
+        """Text search: the one path every adapter takes.
+
+        The query is cleaned and checked (k, min_prob, the filters against the collection's
+        kind); filters are read from the text (``request.parse``; a collection without
+        vehicle labels reads none) or taken from ``request.preferred``. The person's
+        filters are hard; the chips are met where k vehicles meet them, otherwise relaxed
+        in `relaxation_tiers` order until the page is full, exact matches first, and the
+        result says what was relaxed. A chip whose field the hard filters set is overridden
+        by them. ``min_prob`` drops the hits whose calibrated text-image probability is
+        lower. The query is logged (`query_log`) and counted."""
+        with _counted():
+            text = self.clean_query(request.query)
+            k = self.check_k(request.k)
+            cut = self.check_min_prob(request.min_prob)
+            name = self.collection(request.collection)
+            kind = self.kind(name)
+            _check_filters(kind, name, request.filters)
+            chips, ignored = self._chips(request, text, kind.vehicle_labels)
+            t0 = time.perf_counter()
+            version = self.serving(name)
+            vec = self.encoder_for(version).encode_text([text])
+            hard = request.filters or SearchFilters()
+            soft = [c for c in chips if not _overridden(c, hard)]
+            result = self._finish(version, vec, "text", text, k, hard, t0, soft, cut)
+            log.debug("text search %r in %s: %d hits, %d chips", text, name,
+                      len(result.hits), len(chips))
+            return replace(result, chips=chips, ignored=ignored,
+                           effective=merge_filters(filters_from_chips(chips), hard))
+
+    def _chips(self, request: SearchRequest, text: str,
+               vehicle_labels: bool) -> tuple[tuple[FilterChip, ...], tuple[str, ...]]:
+        """The chips a request searches with, and what was read but not used."""
+        if request.preferred is not None:
+            chips, ignored = tuple(request.preferred), ()
+        elif request.parse:
+            vocab = request.vocabulary
+            parsed = parse_query(text, load_vocabulary(self.db) if vocab is None else vocab)
+            if request.keep_chips is not None:
+                parsed = parsed.keep(request.keep_chips)
+            chips, ignored = parsed.chips, parsed.ignored
+        else:
+            chips, ignored = (), ()
+        return (chips if vehicle_labels else ()), ignored
+
     def search_text(
         self,
         query: str,
@@ -349,26 +433,11 @@ class SearchService:
         min_prob: float | None = None,
         collection: str | None = None,
     ) -> SearchResult:
-        """Text search. ``filters`` are hard (picked by the person: never relaxed);
-        ``preferred`` are the chips read from the text: met where k vehicles meet them,
-        otherwise relaxed in `relaxation_tiers` order until the page is full, exact
-        matches first, and the result says what was relaxed. A chip whose field the
-        hard filters set is overridden by them. ``min_prob`` drops the hits whose
-        calibrated text-image probability is lower (a relevance cut-off). ``collection``:
-        which image collection (default: vehicles, or the only one); a collection without
-        vehicle labels ignores ``preferred``."""
-        with _counted():
-            text = self.clean_query(query)
-            k = self.check_k(k)
-            cut = self.check_min_prob(min_prob)
-            kind = self.kind(collection)
-            _check_filters(kind, self.collection(collection), filters)
-            t0 = time.perf_counter()
-            version = self.serving(collection)
-            vec = self.encoder_for(version).encode_text([text])
-            hard = filters or SearchFilters()
-            soft = [c for c in preferred if kind.vehicle_labels and not _overridden(c, hard)]
-            return self._finish(version, vec, "text", text, k, hard, t0, soft, cut)
+        """`search` with the chips given (``preferred``; none read from the text): kept
+        for callers that parse the query themselves."""
+        return self.search(SearchRequest(query, k, filters, parse=False,
+                                         preferred=tuple(preferred), min_prob=min_prob,
+                                         collection=collection))
 
     @staticmethod
     def check_min_prob(value: Any) -> float | None:
