@@ -69,6 +69,8 @@ FULL_MODULES = {
     "test_ui_ingest.py",
 }
 FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
+    "test_alerts.py::test_a_real_prometheus_scrapes_the_ingest_worker",
+    "test_backup.py::test_the_cli_backs_up_verifies_restores_and_refuses",
     "test_classify.py::test_classify_command",
     "test_cli.py::test_missing_model_is_one_line",
     "test_cli.py::test_model_lifecycle_moves_the_serving_alias",
