@@ -69,6 +69,7 @@ from carsearch.platform.artifacts import CHECKPOINT, ArtifactLedger
 from carsearch.platform.db import Database
 from carsearch.platform.errors import ArtifactTamperedError, ConfigError, ModelNotFoundError
 from carsearch.platform.models.encoder import pooled_features, quiet_config_check
+from carsearch.platform.models.image_policy import ImagePolicy, write_policy
 from carsearch.training.feedback import (
     DEFAULT_MAX_PAIRS,
     DEFAULT_MAX_SHARE,
@@ -133,6 +134,11 @@ class TrainConfig:
     class_texts: bool = True  # every step, also every class name as a text column
     scalar_lr_mult: float = 10.0  # the two scalars' lr as a multiple of the peak lr
     min_crop_area: float = 0.95  # random resized crops keep at least this share of the area
+    # the image policy the version is trained with and records (image_policy.json):
+    # "box-to-frame" trains on views from the box out to the whole frame, "box" on crops
+    train_views: str = "box-to-frame"
+    frame_prob: float = 0.25  # share of samples shown the whole frame
+    box_margin: float = 0.0  # served crops widen the box by this share on each side
     feedback_db: str = ""  # database URL whose query_feedback votes train too; "": none
     feedback_weight: float = DEFAULT_WEIGHT  # w of each feedback pair in the loss
     feedback_max: int = DEFAULT_MAX_PAIRS  # at most this many feedback pairs (newest first)
@@ -448,9 +454,15 @@ class _Run:
         _check(config, self.accelerator.num_processes)
         set_seed(config.seed)
         self.model, self.processor, self.full = build_model(config)
+        self.policy = ImagePolicy(
+            framing="box", margin=config.box_margin,
+            train_views=config.train_views,  # type: ignore[arg-type]
+            frame_prob=config.frame_prob,
+        )
         dataset = load_stanford(config.data)
         self.data = TrainSet.from_dataset(
             dataset,
+            policy=self.policy,
             image_size=image_size_of(self.processor),
             queries_path=config.queries,
             seed=config.seed,
@@ -476,7 +488,8 @@ class _Run:
         db = Database(config.feedback_db)
         try:
             found = load_feedback(
-                db, dataset, self.data.image_ids, self.data.images,
+                db, dataset, self.data.image_ids, self.data.served_image,
+                side=image_size_of(self.processor), policy=self.policy,
                 max_pairs=config.feedback_max, max_share=config.feedback_share,
             )
         finally:
@@ -656,6 +669,7 @@ class _Run:
         with quiet_config_check():
             net.save_pretrained(out, safe_serialization=True)
         self.processor.save_pretrained(out)
+        write_policy(out, self.policy, self.processor)  # served as it was trained
         return out
 
 
