@@ -100,11 +100,12 @@ def _year(value: Any) -> int:
 def clean_metadata(meta: dict[str, Any], source: str, *,
                    vehicle_labels: bool = True,
                    size: tuple[int, int] | None = None) -> CleanMeta:
-    """Check every metadata field alone. A ``box`` [x1, y1, x2, y2] (pixels) is clipped
-    to an image of ``size`` or refused with its reason (the image is then embedded whole). A bad value (a year "unknown", a make longer
+    """Check every metadata field alone. A bad value (a year "unknown", a make longer
     than its column, a list where text belongs) costs only that field, recorded with its
     reason; the image and the rest of its batch go on. Without ``vehicle_labels`` (a
-    general collection) nothing is read as a vehicle label: it all stays as metadata."""
+    general collection) nothing is read as a vehicle label: it all stays as metadata.
+    A ``box`` [x1, y1, x2, y2] (pixels) is clipped to an image of ``size``, or refused
+    with its reason (then the whole frame is embedded)."""
     labels: dict[str, Any] = {}
     rejected: dict[str, str] = {}
     for name in LABEL_FIELDS if vehicle_labels else ():
