@@ -25,18 +25,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from carsearch.data.augment.heldout import held_out_query, satisfies
+from carsearch.data.augment.heldout import held_out_query
 from carsearch.data.stanford import LabelledImage, StanfordDataset, load_stanford
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.metrics import QueryScores, query_scores
 from carsearch.platform.models.encoder import Encoder
+from carsearch.platform.search.evaluation import EvalQuery, summarise
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +44,6 @@ KS = (1, 5, 10)
 RESULTS_FILE = "evaluation_results.json"
 _CHUNK = 256
 FRAMINGS = ("box", "whole")
-
-
-@dataclass(frozen=True)
-class EvalQuery:
-    """A query and what makes an image relevant: its class is one of `relevant` (when
-    given) and its labels satisfy every one of `attributes`."""
-
-    text: str
-    relevant: tuple[str, ...] = ()
-    attributes: Mapping[str, Any] = field(default_factory=dict)
-
-    def matches(self, fields: Mapping[str, Any]) -> bool:
-        if self.relevant and fields.get("class_name") not in self.relevant:
-            return False
-        return satisfies(dict(fields), dict(self.attributes))
 
 
 def label_fields(item: LabelledImage) -> dict[str, Any]:
@@ -135,20 +120,6 @@ def scores_from_similarity(sim: np.ndarray, relevant: np.ndarray,
         order = np.argsort(-row, kind="stable")
         ranked.append(rel[order])
     return query_scores(ranked, relevant.sum(axis=1).tolist(), sim.shape[1], ks)
-
-
-def summarise(scores: QueryScores, *, n_boot: int = 2000) -> dict[str, Any]:
-    """Means, chance levels and 95 % bootstrap intervals of one query set."""
-    means = scores.means()
-    return {
-        **means,
-        "chance": scores.chance(),
-        "ci95": {k: list(v) for k, v in scores.intervals(n_boot=n_boot).items()},
-        "n_queries": len(scores.ap),
-        "n_excluded": scores.excluded,
-        "n_items": scores.n_items,
-        "depth": scores.depth,
-    }
 
 
 def image_embeddings(

@@ -17,7 +17,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from carsearch.platform.search.evaluation import satisfies
 from carsearch.platform.search.vocabulary import VehicleLabel
+
+__all__ = ["HELD_OUT_SEED", "HeldOutQuery", "held_out_query", "satisfies"]
 
 HELD_OUT_SEED = 90_210  # never a training seed: the training generator takes --seed
 
@@ -66,17 +69,3 @@ def held_out_query(label: VehicleLabel, key: str, seed: int = HELD_OUT_SEED,
               "b": label.body_category}
     attributes = {names[s]: values[s] for s in names if "{" + s + "}" in template}
     return HeldOutQuery(" ".join(words), attributes)
-
-
-def satisfies(fields: dict[str, Any], attributes: dict[str, Any]) -> bool:
-    """Whether labels (make, model, year, colour, body category) meet every attribute."""
-    for name, want in attributes.items():
-        have = fields.get(name)
-        if have is None:
-            return False
-        if isinstance(want, str) or isinstance(have, str):
-            if str(have).strip().lower() != str(want).strip().lower():
-                return False
-        elif have != want:
-            return False
-    return True
