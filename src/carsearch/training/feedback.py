@@ -192,8 +192,11 @@ class _Resolver:
             return None, None, "image unreadable"
         # the served view of the row: cropped to its stored box under the version's policy
         img = self.policy.frame(img, getattr(row, "box", None))
-        side = self.side
-        return None, img.resize((side, side), Image.Resampling.BICUBIC), None
+        scale = min(1.0, self.side / max(img.size))  # held like a train image: never up
+        if scale < 1.0:
+            img = img.resize((max(1, round(img.width * scale)),
+                              max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+        return None, img, None
 
 
 def _resolved(path: Path) -> str:
@@ -219,13 +222,14 @@ def load_feedback(
 
     `train_images` is the train set's images (or a function of a train index giving the
     image as served); an image outside the data set is framed by `policy` with the box
-    stored on its row, and resized to `side` (0: the first train image's width)."""
+    stored on its row, and scaled (never up) so its longer side is at most `side` (0: the
+    first train image's longer side)."""
     votes = read_votes(db)
     nets, skipped = net_votes(votes)
     cap = feedback_cap(len(train_ids), max_pairs, max_share)
     image_at = train_images if callable(train_images) else train_images.__getitem__
     if side <= 0:
-        side = image_at(0).size[0] if train_ids else 1
+        side = max(image_at(0).size) if train_ids else 1
     resolver = _Resolver(dataset, train_ids, side, policy)
     with db.session() as s:
         rows = {r.id: r for r in s.scalars(

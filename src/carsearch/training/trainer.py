@@ -489,7 +489,7 @@ class _Run:
         try:
             found = load_feedback(
                 db, dataset, self.data.image_ids, self.data.served_image,
-                side=image_size_of(self.processor), policy=self.policy,
+                side=math.ceil(1.5 * image_size_of(self.processor)), policy=self.policy,
                 max_pairs=config.feedback_max, max_share=config.feedback_share,
             )
         finally:
