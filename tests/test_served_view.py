@@ -333,3 +333,20 @@ def test_served_evaluation_scores_the_index_against_the_database(
             [expected_random_ap(sum(1 for x in labels.values() if x == n), 8) for n in names]))
     finally:
         p.close()
+
+
+# -- calibration ---------------------------------------------------------------------------
+def test_reliability_table_and_ece() -> None:
+    from carsearch.platform.metrics import reliability
+
+    # bin 0.9-1.0: 4 pairs at 0.95 of which 2 positive; bin 0.0-0.1: 4 at 0.05, none
+    out = reliability([0.95] * 4 + [0.05] * 4, [1, 1, 0, 0, 0, 0, 0, 0])
+    assert out["n"] == 8 and out["positives"] == 2
+    assert [(b["n"], b["observed"]) for b in out["bins"]] == [(4, 0.0), (4, 0.5)]
+    assert out["ece"] == pytest.approx(0.5 * 0.05 + 0.5 * 0.45)
+    rng = np.random.default_rng(0)
+    p = rng.random(20000)
+    calibrated = reliability(p, rng.random(20000) < p)
+    assert calibrated["ece"] < 0.02
+    with pytest.raises(ValueError):
+        reliability([0.1], [1, 0])

@@ -250,6 +250,21 @@ def _echo_summary(rows: dict[str, dict[str, Any]]) -> None:
     first = next(iter(rows.values()), {})
     typer.echo(f"({first.get('n_queries', 0)} queries over {first.get('n_items', 0)} images; "
                "[95 % bootstrap interval over queries])")
+    for name, m in rows.items():
+        cal = m.get("calibration")
+        if cal and cal.get("n"):
+            _echo_calibration(name, cal)
+
+
+def _echo_calibration(name: str, cal: dict[str, Any]) -> None:
+    """The reliability table of the probability the page shows, and its ECE."""
+    typer.echo(f"calibration of {name}'s probability over {cal['n']} (query, image) pairs "
+               f"({cal['positives']} relevant): ECE {cal['ece']:.4f}, Brier "
+               f"{cal['brier']:.4f}")
+    typer.echo("  probability bin    pairs   mean p   observed")
+    for b in cal["bins"]:
+        typer.echo(f"  {b['lo']:.1f}-{b['hi']:.1f}       {b['n']:>8} {b['predicted']:>8.3f} "
+                   f"{b['observed']:>10.3f}")
 
 
 def served_query_sets(db: Any, collection: str) -> dict[str, list[Any]]:

@@ -41,6 +41,7 @@ __all__ = [
     "random_hit_at_k",
     "random_reciprocal_rank",
     "recall_at_k_vs_exact",
+    "reliability",
     "retrieval_metrics",
     "retrieval_metrics_from_embeddings",
     "score_agreement",
@@ -453,3 +454,34 @@ def bootstrap_interval(
     # clamped so that a degenerate sample (all resampled means on one side) still holds it
     mean = float(arr.mean())
     return min(float(lo), mean), max(float(hi), mean)
+
+
+def reliability(probabilities: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray,
+                n_bins: int = 10) -> dict[str, object]:
+    """A reliability table and the expected calibration error of predicted probabilities.
+
+    Pairs are binned by probability into `n_bins` equal-width bins over [0, 1]; each
+    non-empty bin reports its count, mean predicted probability and observed frequency of
+    positives. ECE = sum over bins of (count / N) * |observed - predicted|; a calibrated
+    model has ECE near 0. Also the Brier score (mean squared error of the probability)."""
+    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} probabilities but {y.size} labels")
+    if p.size == 0:
+        return {"n": 0, "ece": float("nan"), "brier": float("nan"), "bins": []}
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
+    bins = []
+    ece = 0.0
+    for b in range(n_bins):
+        mask = which == b
+        count = int(mask.sum())
+        if not count:
+            continue
+        predicted, observed = float(p[mask].mean()), float(y[mask].mean())
+        ece += count / p.size * abs(observed - predicted)
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": count,
+                     "predicted": predicted, "observed": observed})
+    return {"n": int(p.size), "positives": int(y.sum()), "ece": float(ece),
+            "brier": float(np.mean((p - y) ** 2)), "bins": bins}

@@ -17,7 +17,9 @@ Query sets (each scored apart):
   and/or `"attributes": {"make": "Chevrolet", "colour": "red"}`.
 
 Each set reports R@1/5/10, mAP (over the whole ranking), MRR, the same metrics expected of
-a random ranking (`chance`), and 95 % bootstrap intervals over queries.
+a random ranking (`chance`), 95 % bootstrap intervals over queries, and the calibration
+of the probability the page shows (sigmoid(exp(logit_scale) * cos + logit_bias)) over
+every (query, image) pair of the split: a reliability table and its ECE.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from tqdm import tqdm
 from carsearch.data.augment.heldout import held_out_query
 from carsearch.data.stanford import LabelledImage, StanfordDataset, load_stanford
 from carsearch.platform.errors import ConfigError
-from carsearch.platform.metrics import QueryScores, query_scores
+from carsearch.platform.metrics import QueryScores, query_scores, reliability
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.search.evaluation import EvalQuery, summarise
 
@@ -207,8 +209,13 @@ def evaluate_models(
             per_set = entry["query_sets"].setdefault(framing, {})
             for set_name, queries in sets.items():
                 text_emb = encoder.encode_text([q.text for q in queries])
-                summary = summarise(scores_from_similarity(
-                    text_emb @ image_emb[name].T, relevance[set_name], ks), n_boot=n_boot)
+                sim = text_emb @ image_emb[name].T
+                summary = summarise(scores_from_similarity(sim, relevance[set_name], ks),
+                                    n_boot=n_boot)
+                # the probability the page shows, on every held-out (query, image) pair
+                probs = 1.0 / (1.0 + np.exp(-(sim * np.exp(encoder.logit_scale)
+                                              + encoder.logit_bias)))
+                summary["calibration"] = reliability(probs, relevance[set_name])
                 per_set[set_name] = summary
                 chance[set_name] = summary["chance"]
             log.info("evaluation %s (%s): %s", name, framing, per_set)

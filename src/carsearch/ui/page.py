@@ -106,7 +106,7 @@ class PickedFilters:
     year_from: str | int | None = None
     year_to: str | int | None = None
     # Which image collection (None: vehicles, or the only one) and the relevance cut-off
-    # on text hits' calibrated probability (None or 0: none).
+    # on text hits' model probability (None or 0: none).
     collection: str | None = None
     min_prob: float | None = None
 

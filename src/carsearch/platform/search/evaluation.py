@@ -7,8 +7,9 @@ result is relevant when its database row's labels satisfy the query (`EvalQuery.
 its class is one of `relevant`, when given, and its labels meet every one of
 `attributes`: make, model, year, colour, body category). The metrics are
 `platform.metrics.query_scores`: R@1/5/10, mAP (over the ranking returned, normalised by
-all relevant rows: AP@k), MRR, what a random ranking of the same rows would score, and
-95 % bootstrap intervals over queries.
+all relevant rows: AP@k), MRR, what a random ranking of the same rows would score,
+95 % bootstrap intervals over queries, and the calibration of the probability each hit
+shows on the page (a reliability table and its ECE, `metrics.reliability`).
 
 What is measured is therefore what is served: the vectors ingest stored (each image framed
 by the serving version's image policy), the index (Milvus, or its FAISS mirror), and the
@@ -25,7 +26,7 @@ from typing import Any
 from sqlalchemy import select
 
 from carsearch.platform.db import Image, ImageStatus
-from carsearch.platform.metrics import QueryScores, query_scores
+from carsearch.platform.metrics import QueryScores, query_scores, reliability
 from carsearch.platform.search.vocabulary import body_category
 
 log = logging.getLogger(__name__)
@@ -114,15 +115,23 @@ def evaluate_served(
     for name, queries in query_sets.items():
         ranked: list[list[bool]] = []
         n_relevant: list[int] = []
+        probs: list[float] = []
         for q in queries:
             result = service.search_text(q.text, k=k, collection=collection)
             ranked.append([q.matches(rows.get(h.image_id, {})) for h in result.hits])
+            probs.extend(h.probability if h.probability is not None else float("nan")
+                         for h in result.hits)
             n_relevant.append(sum(1 for f in rows.values() if q.matches(f)))
             done += 1
             if progress is not None:
                 progress(done, total)
         scores = query_scores(ranked, n_relevant, n, ks)
-        out["query_sets"][name] = {**summarise(scores, n_boot=n_boot),
-                                   "queries": [q.text for q in queries]}
+        flags = [f for r in ranked for f in r]
+        known = [(p, f) for p, f in zip(probs, flags, strict=True) if p == p]
+        out["query_sets"][name] = {
+            **summarise(scores, n_boot=n_boot),
+            # the probability on the page's hits, against the database's labels
+            "calibration": reliability([p for p, _ in known], [f for _, f in known]),
+            "queries": [q.text for q in queries]}
         log.info("served evaluation %s: %s", name, scores.means())
     return out

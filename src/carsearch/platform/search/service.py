@@ -70,7 +70,8 @@ class SearchHit:
     # The filters read from the query text that this hit does not meet (it came from a
     # relaxed search); empty for an exact match.
     unmet: tuple[str, ...] = ()
-    # For a text query: SigLIP's calibrated probability that the text matches the image,
+    # For a text query: the model's probability that the text matches the image (its
+    # calibration is measured per version: `carsearch evaluate` prints a reliability table),
     # sigmoid(exp(logit_scale) * score + logit_bias) (platform/search/classify.py).
     probability: float | None = None
     # A description that came with the image (a URL manifest's photo_description).
@@ -337,7 +338,7 @@ class SearchService:
         otherwise relaxed in `relaxation_tiers` order until the page is full, exact
         matches first, and the result says what was relaxed. A chip whose field the
         hard filters set is overridden by them. ``min_prob`` drops the hits whose
-        calibrated text-image probability is lower (a relevance cut-off). ``collection``:
+        model's text-image probability is lower (a relevance cut-off). ``collection``:
         which image collection (default: vehicles, or the only one); a collection without
         vehicle labels ignores ``preferred``."""
         with _counted():
