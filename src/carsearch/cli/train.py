@@ -98,6 +98,13 @@ def train_command(
     stop_after: Annotated[int, typer.Option(min=0, help="Stop (with a checkpoint) after N "
                                             "steps.")] = 0,
     limit: Annotated[int, typer.Option(min=0, help="Only the first N train images.")] = 0,
+    train_views: Annotated[str, typer.Option(help="Image policy: box-to-frame (views from "
+                                             "the box out to the whole frame) or box "
+                                             "(box crops only).")] = "box-to-frame",
+    frame_prob: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of samples "
+                                              "shown the whole frame.")] = 0.25,
+    box_margin: Annotated[float, typer.Option(min=0.0, max=1.0, help="Served crops widen "
+                                              "the box by this share a side.")] = 0.0,
     eval_limit: Annotated[int, typer.Option(min=0, help="Only the first N test images.")] = 0,
     eval_queries: Annotated[Path | None, typer.Option(help="Evaluation queries JSONL.")] = None,
     promote: Annotated[bool, typer.Option(help="Promote if it beats the serving version.")] = (
@@ -120,6 +127,8 @@ def train_command(
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}")
     if resume and out is None:
         raise ConfigError("--resume needs --out (the run directory to continue)")
+    if train_views not in ("box-to-frame", "box"):
+        raise ConfigError(f"--train-views is box-to-frame or box, not {train_views!r}")
     torch.set_num_threads(settings.threads.torch)
     settings.ensure_dirs()
     config = TrainConfig(
@@ -132,6 +141,7 @@ def train_command(
         feedback_db=settings.database_url if feedback else "", feedback_weight=feedback_weight,
         feedback_max=feedback_max, feedback_share=feedback_share, progress=not as_json,
         ledger_db=settings.database_url,  # checkpoint hashes, checked by --resume
+        train_views=train_views, frame_prob=frame_prob, box_margin=box_margin,
     )
     from carsearch.lifecycle.reindex import promote_with_backfill
     from carsearch.platform.runtime import Platform
