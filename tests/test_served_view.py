@@ -350,3 +350,60 @@ def test_reliability_table_and_ece() -> None:
     assert calibrated["ece"] < 0.02
     with pytest.raises(ValueError):
         reliability([0.1], [1, 0])
+
+
+def test_offline_evaluation_reports_sets_chance_intervals_and_calibration(
+    tmp_path: Path, compact_model: Path, catalogue: Path
+) -> None:
+    from carsearch.training.evaluate import evaluate_models, load_eval_queries
+
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"query": "a red car", "attributes": {"colour": "red"}})
+                     + "\n")
+    assert load_eval_queries(qfile)[0].attributes == {"colour": "red"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"query": "x"}) + "\n")
+    with pytest.raises(Exception, match="relevant class names or attributes"):
+        load_eval_queries(bad)
+    res = evaluate_models({"m": compact_model}, catalogue, framings=("box", "whole"),
+                          progress=False, n_boot=100)
+    sets = res["models"]["m"]["query_sets"]
+    assert set(sets) == {"box", "whole"}
+    for framing in sets.values():
+        assert set(framing) == {"class names", "held-out phrasings"}
+        for summary in framing.values():
+            lo, hi = summary["ci95"]["mAP"]
+            assert lo <= summary["mAP"] <= hi
+            assert 0 < summary["chance"]["mAP"] < 1
+            assert summary["calibration"]["n"] == summary["n_queries"] * res["n_images"]
+    assert res["chance_mAP"] == sets["box"]["class names"]["chance"]["mAP"]
+
+
+def test_label_import_sets_a_box_and_re_embeds_the_crop(
+    tmp_path: Path, compact_model: Path, catalogue: Path
+) -> None:
+    from carsearch.lifecycle.labelling import LabelImportError, import_rows
+
+    im = load_stanford(catalogue).split("test")[0]
+    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", compact_model)
+    try:
+        v = p.registry.require_serving()
+        enc = p.search.encoder_for(v)
+        ingest_items([IngestItem(im.path, "t", {})], db=p.db,
+                     writer=BatchWriter.fixed(p.db, p.store, enc, v), max_pixels=10**7,
+                     progress=False)
+        iid = image_id(sha256_file(im.path))
+        with pytest.raises(LabelImportError, match="box"):
+            import_rows(p, [(2, {"image_id": iid, "box": "9,9,1,1"})])
+        with pytest.raises(LabelImportError, match="outside"):
+            import_rows(p, [(2, {"image_id": iid, "box": [900, 900, 990, 990]})])
+        report = import_rows(p, [(2, {"image_id": iid, "make": "Ford",
+                                      "box": ",".join(map(str, im.bbox or ()))})])
+        assert report.applied == 1
+        with p.db.session() as s:
+            assert s.get(ImageRow, iid).box == list(im.bbox or ())
+        _, vec = p.store.vectors(v.collection, [iid])
+        expected = enc.encode_images([Image.open(im.path).convert("RGB")], [im.bbox])
+        assert np.allclose(vec, expected, atol=1e-5)
+    finally:
+        p.close()

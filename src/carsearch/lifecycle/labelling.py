@@ -14,6 +14,11 @@ the scalar fields into every Milvus collection that holds the image (serving and
 candidate versions alike, so a later promotion does not bring old labels back), then the
 database rows and the tasks' progress in one transaction; a failure between the two is
 repaired by importing the same file again (both writes are idempotent).
+
+A row may also give the vehicle's `box` ([x1, y1, x2, y2] pixels, or "x1,y1,x2,y2" in a
+CSV): clipped to the image (one wholly outside, inverted or malformed is a bad row), stored
+on the image row, and the image embedded again from its stored photo by each version that
+holds it, through that version's image policy.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select, update
 
 from carsearch.ingest.pipeline import LABEL_FIELDS, clean_metadata, vector_row
@@ -40,6 +46,8 @@ from carsearch.platform.db import (
     utcnow,
 )
 from carsearch.platform.errors import CarsearchError
+from carsearch.platform.images import load_image
+from carsearch.platform.models.image_policy import BoxError, check_box, parse_box
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.vocabulary import (
     BODY_CATEGORIES,
@@ -159,8 +167,14 @@ def check_row(row: dict[str, Any]) -> dict[str, Any]:
     person left every field empty."""
     given = {k: row.get(k) for k in EDITABLE
              if row.get(k) not in (None, "") and str(row.get(k)).strip()}
+    box = None
+    if row.get("box") not in (None, "", []):
+        try:  # clipped to the image once its row is read (import_rows)
+            box = list(parse_box(row["box"]))
+        except BoxError as exc:
+            raise ValueError(f"box: {exc}") from None
     if not given:
-        return {}
+        return {"box": box} if box is not None else {}
     clean = clean_metadata(given, "label")
     if clean.rejected:
         name, why = next(iter(clean.rejected.items()))
@@ -186,6 +200,8 @@ def check_row(row: dict[str, Any]) -> dict[str, Any]:
     if out.get("make") and out.get("model"):
         bits = [out["make"], out["model"], out.get("year")]
         out["class_name"] = " ".join(str(b) for b in bits if b)
+    if box is not None:
+        out["box"] = box
     return out
 
 
@@ -230,18 +246,29 @@ def import_rows(platform: Platform, parsed: list[tuple[int, dict[str, Any]]]) ->
             problems.append(f"line {n}: no image with id {iid}")
         elif iid in rows and rows[iid].status != ImageStatus.indexed:
             problems.append(f"line {n}: image {iid} is {rows[iid].status.value}, not indexed")
+        elif iid in rows and "box" in wanted.get(iid, {}):
+            r = rows[iid]
+            clipped, why = check_box(wanted[iid]["box"], (r.width or 0, r.height or 0))
+            if why is not None:
+                problems.append(f"line {n}: box: {why}")
+            else:
+                wanted[iid]["box"] = list(clipped)  # type: ignore[arg-type]
     if problems:
         raise LabelImportError(problems)
     if not wanted:
         return report
     merged = {iid: {**{k: getattr(rows[iid], k) for k in LABEL_FIELDS}, **got}
               for iid, got in wanted.items()}
-    report.milvus_updated = _update_milvus(platform, merged, rows)
+    reframed = {iid for iid, got in wanted.items()
+                if "box" in got and got["box"] != rows[iid].box}
+    report.milvus_updated = _update_milvus(platform, merged, rows, reframed)
     now = utcnow()
     with platform.db.session() as s:
         for iid, fields in merged.items():
-            s.execute(update(Image).where(Image.id == iid).values(
-                **{k: fields.get(k) for k in LABEL_FIELDS}))
+            values = {k: fields.get(k) for k in LABEL_FIELDS}
+            if "box" in fields:
+                values["box"] = fields["box"]
+            s.execute(update(Image).where(Image.id == iid).values(**values))
         s.execute(update(LabelTaskImage).where(
             LabelTaskImage.image_id.in_(list(merged)), LabelTaskImage.labelled_at.is_(None))
             .values(labelled_at=now))
@@ -281,9 +308,11 @@ class PlatformLabeller:
 
 
 def _update_milvus(platform: Platform, merged: dict[int, dict[str, Any]],
-                   rows: dict[int, Image]) -> dict[str, int]:
+                   rows: dict[int, Image], reframed: set[int] | None = None) -> dict[str, int]:
     """Re-write the scalar fields of the labelled images in every version's collection
-    that holds them (the vector is read back and upserted with the new fields)."""
+    that holds them (the vector is read back and upserted with the new fields). An image
+    given a new box (`reframed`) is embedded again by each version, through its image
+    policy, from the stored photo."""
     store = platform.store
     with platform.db.session() as s:
         versions = list(s.scalars(select(ModelVersion).where(
@@ -297,6 +326,12 @@ def _update_milvus(platform: Platform, merged: dict[int, dict[str, Any]],
         if not len(found):
             continue
         got = [int(i) for i in found]
+        redo = [j for j, i in enumerate(got) if i in (reframed or set())]
+        if redo:
+            vectors = np.array(vectors, copy=True)
+            encoder = platform.search.encoder_for(v)
+            photos = [load_image(Path(rows[got[j]].path)) for j in redo]
+            vectors[redo] = encoder.encode_images(photos, [merged[got[j]]["box"] for j in redo])
         store.upsert(v.collection, got, vectors,
                      [vector_row(merged[i], rows[i].source) for i in got])
         out[v.name] = len(got)
