@@ -407,3 +407,28 @@ def test_label_import_sets_a_box_and_re_embeds_the_crop(
         assert np.allclose(vec, expected, atol=1e-5)
     finally:
         p.close()
+
+
+def test_training_positives_match_the_colour_a_text_names() -> None:
+    import torch
+
+    from carsearch.training.loss import pair_labels
+    from carsearch.training.train_data import colour_id, named_colour
+
+    assert named_colour("a red 2012 chevy pickup") == "red"
+    assert named_colour("chevy pickup 2012") is None
+    red, blue = colour_id("red"), colour_id("blue")
+    assert red >= 0 and blue >= 0 and colour_id(None) == -1
+    classes = torch.tensor([0, 0, 1])
+    # image 0 red, image 1 blue, image 2 red; text 0 names red, text 1 nothing, text 2 red
+    labels = pair_labels(classes, 3, torch.device("cpu"),
+                         image_colours=torch.tensor([red, blue, red]),
+                         text_colours=torch.tensor([red, -1, red]))
+    assert labels.tolist() == [[1, 1, -1],
+                               [-1, 1, -1],  # the blue image is no "red" text's positive
+                               [-1, -1, 1]]
+    # class-name columns (no colour) stay class-level
+    cols = pair_labels(classes, 3, torch.device("cpu"), text_classes=torch.tensor(
+        [0, 0, 1, 0, 1]), image_colours=torch.tensor([red, blue, red]),
+        text_colours=torch.tensor([red, -1, red, -1, -1]))
+    assert cols[:, 3:].tolist() == [[1, -1], [1, -1], [-1, 1]]

@@ -50,6 +50,16 @@ log = logging.getLogger(__name__)
 QUERIES_PER_IMAGE = 5
 
 
+def named_colour(text: str) -> str | None:
+    """The colour a query names (None: it names none, or several different ones), with
+    the judge's colour words ("charcoal" is grey) outside the class name."""
+    from carsearch.data.augment.rules import colour_terms, has_term, normalise
+
+    low = normalise(text)
+    found = {colour for term, colour in colour_terms().items() if has_term(low, term)}
+    return next(iter(found)) if len(found) == 1 else None
+
+
 def caption(label: VehicleLabel) -> str:
     """The class-name caption of a label (the same text the evaluation queries with)."""
     return label.class_name
@@ -113,6 +123,7 @@ class TrainSet:
     # each image's box in the held image's pixels (None: the whole frame is the vehicle)
     boxes: list[tuple[int, int, int, int] | None] = field(default_factory=list)
     policy: ImagePolicy = DEFAULT_POLICY
+    colours: list[str | None] = field(default_factory=list)  # each image's labelled colour
 
     def box_of(self, i: int) -> tuple[int, int, int, int] | None:
         return self.boxes[i] if self.boxes else None
@@ -169,6 +180,7 @@ class TrainSet:
             meta={"queries_source": source, "with_queries": sum(1 for q in queries.values() if q)},
             boxes=boxes,
             policy=policy,
+            colours=[item.label.colour for item in items],
         )
 
 
@@ -265,7 +277,10 @@ class SampleStream(torch.utils.data.Dataset[dict[str, Any]]):
             text = self.data.captions[i]
         else:
             text = rng.choice(queries)
-        return {"image": image, "text": text, "class_id": self.data.class_ids[i], "index": i}
+        colours = self.data.colours
+        return {"image": image, "text": text, "class_id": self.data.class_ids[i], "index": i,
+                "colour": colour_id(colours[i] if colours else None),
+                "text_colour": colour_id(named_colour(text))}
 
 
 def feedback_samples(
@@ -292,6 +307,13 @@ def feedback_samples(
     return out
 
 
+def colour_id(colour: str | None) -> int:
+    """A colour's index in the vocabulary's colours; -1 for none or an unknown one."""
+    from carsearch.platform.search.vocabulary import COLOURS
+
+    return COLOURS.index(colour) if colour in COLOURS else -1
+
+
 class Collate:
     """Batches samples: the base's image processor, the tokenizer padded to max length."""
 
@@ -316,6 +338,11 @@ class Collate:
         return {
             **self._encode(samples),
             "classes": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
+            # attribute-aware positives: a text that names a colour is a positive only for
+            # images of its class in that colour (an unlabelled colour is not a positive)
+            "colours": torch.tensor([s.get("colour", -1) for s in samples], dtype=torch.long),
+            "text_colours": torch.tensor([s.get("text_colour", -1) for s in samples],
+                                         dtype=torch.long),
         }
 
     def feedback(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -599,18 +599,26 @@ class _Run:
             image, fb_image = image[:n], image[n:]
             text, class_text, fb_text = text[:n], text[n:n + n_class], text[n + n_class:]
             classes = batch["classes"]
+            colours, text_colours = batch.get("colours"), batch.get("text_colours")
             if acc.num_processes > 1:
                 image, text = _gather_with_grad(image), _gather_with_grad(text)
                 classes = acc.gather(classes)
+                if colours is not None and text_colours is not None:
+                    colours, text_colours = acc.gather(colours), acc.gather(text_colours)
             if self.class_tokens is None:
-                loss = siglip_loss(image, text, scale, bias, classes)
+                loss = siglip_loss(image, text, scale, bias, classes,
+                                   image_colours=colours, text_colours=text_colours)
             else:
                 # The class-name columns are computed (identically) in every process, so
-                # every process still computes the loss of the whole global batch.
+                # every process still computes the loss of the whole global batch. A
+                # class name names no colour.
                 class_ids = torch.arange(len(class_text), device=classes.device)
+                column_colours = None if text_colours is None else torch.cat(
+                    [text_colours, torch.full_like(class_ids, -1)])
                 loss = siglip_loss(
                     image, torch.cat([text, class_text]), scale, bias, classes,
                     text_classes=torch.cat([classes, class_ids]),
+                    image_colours=colours, text_colours=column_colours,
                 )
             if fb is not None:
                 # Computed identically in every process, like the class-name columns.
