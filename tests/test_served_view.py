@@ -60,7 +60,7 @@ def policy_model(tmp_path_factory: pytest.TempPathFactory, compact_model: Path) 
 # -- the policy ---------------------------------------------------------------------------
 def test_policy_frames_serves_and_trains_between_box_and_frame(tmp_path: Path) -> None:
     img = Image.new("RGB", (100, 80))
-    policy = ImagePolicy(margin=0.1)
+    policy = ImagePolicy(margin=0.1, train_views="box-to-frame")
     assert policy.served_box(img.size, (20, 20, 60, 50)) == (16, 17, 64, 53)
     assert policy.frame(img, (20, 20, 60, 50)).size == (48, 36)
     assert policy.frame(img, None).size == (100, 80)  # no box: the whole frame
@@ -73,7 +73,8 @@ def test_policy_frames_serves_and_trains_between_box_and_frame(tmp_path: Path) -
     assert ImagePolicy(framing="whole").frame(img, (20, 20, 60, 50)).size == (100, 80)
     # recorded with the version, read back; a folder without one gets the implied policy
     write_policy(tmp_path, policy)
-    assert read_policy(tmp_path) == ImagePolicy(margin=0.1, source="file")
+    assert read_policy(tmp_path) == ImagePolicy(margin=0.1, train_views="box-to-frame",
+                                                source="file")
     assert read_policy(tmp_path / "absent") is IMPLIED_POLICY
     assert IMPLIED_POLICY.framing == "box" and IMPLIED_POLICY.train_views == "box"
 

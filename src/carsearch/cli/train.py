@@ -98,9 +98,10 @@ def train_command(
     stop_after: Annotated[int, typer.Option(min=0, help="Stop (with a checkpoint) after N "
                                             "steps.")] = 0,
     limit: Annotated[int, typer.Option(min=0, help="Only the first N train images.")] = 0,
-    train_views: Annotated[str, typer.Option(help="Image policy: box-to-frame (views from "
-                                             "the box out to the whole frame) or box "
-                                             "(box crops only).")] = "box-to-frame",
+    train_views: Annotated[str, typer.Option(help="Image policy: box (box crops, whole "
+                                             "frames where there is no box) or "
+                                             "box-to-frame (views from the box out to the "
+                                             "whole frame).")] = "box",
     frame_prob: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of samples "
                                               "shown the whole frame.")] = 0.25,
     box_margin: Annotated[float, typer.Option(min=0.0, max=1.0, help="Served crops widen "

@@ -135,8 +135,10 @@ class TrainConfig:
     scalar_lr_mult: float = 10.0  # the two scalars' lr as a multiple of the peak lr
     min_crop_area: float = 0.95  # random resized crops keep at least this share of the area
     # the image policy the version is trained with and records (image_policy.json):
-    # "box-to-frame" trains on views from the box out to the whole frame, "box" on crops
-    train_views: str = "box-to-frame"
+    # "box" trains on box crops (what a photo with a box is served); "box-to-frame" on
+    # views from the box out to the whole frame (measured at chance on the compact demo
+    # base after the demo's 330 steps: docs/BENCHMARKS.md, "What is served, measured")
+    train_views: str = "box"
     frame_prob: float = 0.25  # share of samples shown the whole frame
     box_margin: float = 0.0  # served crops widen the box by this share on each side
     feedback_db: str = ""  # database URL whose query_feedback votes train too; "": none
