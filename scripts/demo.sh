@@ -67,7 +67,7 @@ step "4. build the compact SigLIP base, publish it and make it serve"
 carsearch base build --out "$D/base/compact-siglip"
 carsearch models publish "$D/base/compact-siglip" --name compact-base --promote
 
-step "5. a camera gateway drops the test images (with sidecar labels) into the inbox; the worker ingests them"
+step "5. a camera gateway drops the test images (sidecar labels and each vehicle's box) into the inbox; the worker embeds each box's crop"
 python scripts/demo_inbox.py --root "$D/catalogue" --inbox "$D/inbox"
 carsearch ingest once --inbox "$D/inbox"
 carsearch ingest status
@@ -85,7 +85,10 @@ carsearch search "red 2012 chevy pickup" --k 5
 carsearch search "older model mercedes coupe" --k 5
 carsearch search "jeep" --k 5 --body suv --year-max 2000
 
-step "9. audit Milvus against FAISS exact search, and reconcile the index with the database"
+step "9. what is served, measured: the class names and held-out phrasings through the search service, nothing read from the text, scored on the database's labels"
+carsearch evaluate --served
+
+step "10. audit Milvus against FAISS exact search, and reconcile the index with the database"
 carsearch evaluate ann --n 36
 carsearch reconcile
 

@@ -28,6 +28,8 @@ def main() -> None:
         side = {"class_name": label.class_name, "make": label.make, "model": label.model,
                 "year": label.year, "body_type": label.body_type, "colour": label.colour,
                 "source": a.source}
+        if item.bbox is not None:  # the vehicle's box: ingest embeds the crop
+            side["box"] = list(item.bbox)
         (a.inbox / f"{name}.json").write_text(json.dumps(side))
         tmp = a.inbox / f".{name}"
         shutil.copyfile(item.path, tmp)  # dot-name first: the worker skips it until renamed

@@ -166,3 +166,27 @@ def test_the_worker_embeds_reduced_images_and_records_the_files_size(
     with p.db.session() as s:
         dims = sorted((r.width, r.height) for r in s.scalars(select(Image)))
     assert dims == [(64, 48), (3000, 2000)]  # the size in the file, not the decoded one
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_box_in_the_files_pixels_frames_the_reduced_image(tmp_path: Path, fmt: str) -> None:
+    """Boxes are given in the file's pixels; a photo decoded at a reduced size is framed
+    at the same place (the decoder records the file's size, the policy scales the box)."""
+    from carsearch.platform.models.image_policy import IMPLIED_POLICY
+
+    arr = np.zeros((1500, 3000, 3), dtype=np.uint8)
+    arr[..., 2] = 255  # blue everywhere
+    box = (1800, 300, 2700, 1200)  # red inside the box
+    arr[box[1]:box[3], box[0]:box[2]] = (255, 0, 0)
+    path = tmp_path / f"big.{fmt.lower()}"
+    PILImage.fromarray(arr).save(path, format=fmt)
+    full = load_image(path)
+    reduced = load_image(path, max_side=DECODE_MAX_SIDE)
+    assert max(reduced.size) <= DECODE_MAX_SIDE < max(full.size)
+    crop = np.asarray(IMPLIED_POLICY.frame(reduced, box), dtype=np.float32)
+    scale = reduced.width / full.width
+    assert abs(crop.shape[1] - 900 * scale) <= 2 and abs(crop.shape[0] - 900 * scale) <= 2
+    red = (crop[..., 0] > 128) & (crop[..., 2] < 128)
+    assert red.mean() > 0.97  # the vehicle, not the frame beside it
+    # The same box on the full-size decode frames the same picture.
+    assert IMPLIED_POLICY.frame(full, box).size == (900, 900)

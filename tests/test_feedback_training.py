@@ -140,7 +140,8 @@ def test_feedback_joins_votes_to_images(
     assert got == {(1, "red pickup", -1, 0), (2, "logged query", 1, 1), (5, "q5", 1, None)}
     assert [p.image_id for p in found.pairs] == [5, 2, 1]  # newest first
     outside_pair = found.pairs[0]
-    assert outside_pair.image.size == data.images[0].size  # at the train set's cache size
+    # framed by the policy, held like a train image (longer side at most the train set's)
+    assert max(outside_pair.image.size) <= max(data.images[0].size)
     assert found.stats["skipped"] == {
         "image row gone": 1,
         "image unreadable": 1,

@@ -34,7 +34,7 @@ def exported(compact_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def test_the_export_matches_pytorch(exported: Path, compact_model: Path) -> None:
     manifest = json.loads((exported / MANIFEST).read_text())
-    assert set(manifest["files"]) == {"vision.onnx", "text.onnx"}
+    assert set(manifest["files"]) == {"vision.onnx", "text.onnx", "image_policy.json"}
     parity = manifest["parity"]
     assert max(parity["vision_max_abs"], parity["text_max_abs"]) <= MAX_ABS_DIFF
     assert min(parity["vision_min_cos"], parity["text_min_cos"]) >= MIN_COSINE

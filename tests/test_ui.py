@@ -357,7 +357,10 @@ def test_auth_setting_is_parsed_strictly() -> None:
 def test_captions_and_filter_descriptions() -> None:
     hit = SearchHit(rank=2, score=0.81234, image_id=5, path="/x", make="Ford", model="F-150",
                     year=2007, body_type="Regular Cab", colour=None, source="stanford")
-    assert caption(hit) == "#2 · 0.812 · Ford F-150 2007 · Regular Cab · colour ? · stanford"
+    assert caption(hit) == (
+        "#2 · 0.812 · Ford F-150 2007 · Regular Cab · colour ? · stanford · whole frame")
+    boxed = SearchHit(rank=1, score=0.5, image_id=6, path="/y", box=[3, 4, 90, 60])
+    assert caption(boxed).endswith("· box 3,4,90,60")
     assert describe_filters(SearchFilters()) == "none"
     assert describe_filters(SearchFilters(make=("Ford", "BMW"), year_min=2008)) == (
         "make Ford / BMW, years 2008–…"

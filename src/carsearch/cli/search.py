@@ -42,7 +42,8 @@ def search_command(
         help="Read filters from the query text (colour, make, body, year), as the page does.",
     )] = True,
     min_prob: Annotated[float | None, typer.Option(
-        "--min-prob", help="Drop text hits whose calibrated probability is lower (0-1).",
+        "--min-prob", help="Drop text hits whose model probability is lower (0-1); "
+        "its calibration per version: carsearch evaluate.",
     )] = None,
     interactive: Annotated[bool, typer.Option(
         "--interactive", "-i",

@@ -98,6 +98,14 @@ def train_command(
     stop_after: Annotated[int, typer.Option(min=0, help="Stop (with a checkpoint) after N "
                                             "steps.")] = 0,
     limit: Annotated[int, typer.Option(min=0, help="Only the first N train images.")] = 0,
+    train_views: Annotated[str, typer.Option(help="Image policy: box (box crops, whole "
+                                             "frames where there is no box) or "
+                                             "box-to-frame (views from the box out to the "
+                                             "whole frame).")] = "box",
+    frame_prob: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of samples "
+                                              "shown the whole frame.")] = 0.25,
+    box_margin: Annotated[float, typer.Option(min=0.0, max=1.0, help="Served crops widen "
+                                              "the box by this share a side.")] = 0.0,
     eval_limit: Annotated[int, typer.Option(min=0, help="Only the first N test images.")] = 0,
     eval_queries: Annotated[Path | None, typer.Option(help="Evaluation queries JSONL.")] = None,
     promote: Annotated[bool, typer.Option(help="Promote if it beats the serving version.")] = (
@@ -120,6 +128,8 @@ def train_command(
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}")
     if resume and out is None:
         raise ConfigError("--resume needs --out (the run directory to continue)")
+    if train_views not in ("box-to-frame", "box"):
+        raise ConfigError(f"--train-views is box-to-frame or box, not {train_views!r}")
     torch.set_num_threads(settings.threads.torch)
     settings.ensure_dirs()
     config = TrainConfig(
@@ -132,6 +142,7 @@ def train_command(
         feedback_db=settings.database_url if feedback else "", feedback_weight=feedback_weight,
         feedback_max=feedback_max, feedback_share=feedback_share, progress=not as_json,
         ledger_db=settings.database_url,  # checkpoint hashes, checked by --resume
+        train_views=train_views, frame_prob=frame_prob, box_margin=box_margin,
     )
     from carsearch.lifecycle.reindex import promote_with_backfill
     from carsearch.platform.runtime import Platform
@@ -174,17 +185,32 @@ def evaluate_command(
     data: Annotated[Path | None, typer.Option(help="Stanford Cars layout (default: "
                                               "DATA_DIR/catalogue).")] = None,
     queries: Annotated[Path | None, typer.Option(help="JSONL lines {query, relevant: "
-                                                 "[class names]}.")] = None,
-    limit: Annotated[int, typer.Option(min=0, help="Only the first N test images.")] = 0,
+                                                 "[class names], attributes: {...}}.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Only the first N images.")] = 0,
+    split: Annotated[str, typer.Option(help="test (reported), validation (what recipes "
+                                       "and promotion read) or train.")] = "test",
+    whole: Annotated[bool, typer.Option("--whole-frame", help="Also score every image "
+                                        "embedded whole, without its box.")] = False,
+    served: Annotated[bool, typer.Option("--served", help="Through the search service to "
+                                         "the serving collection, nothing read from the "
+                                         "text, scored on the database's labels.")] = False,
+    collection: Annotated[str | None, typer.Option(help="With --served: the image "
+                                                   "collection (default: vehicles).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
-    """Text→image Recall@K, mAP and MRR on the test split (zero-shot base vs serving)."""
+    """Text→image Recall@K, mAP and MRR, with chance levels and 95 % intervals: offline on
+    a split (zero-shot base vs serving), or --served through the running index."""
     import torch
-
-    from carsearch.training.evaluate import evaluate_models
 
     settings = settings_from(ctx)
     torch.set_num_threads(settings.threads.torch)
+    if served:
+        _served(ctx, queries, collection, as_json)
+        return
+    from carsearch.training.evaluate import evaluate_models
+
+    if split not in ("test", "validation", "train"):
+        raise ConfigError(f"--split is test, validation or train, not {split!r}")
     models: dict[str, str | Path] = {}
     if model:
         models = {f"model{i}" if len(model) > 1 else "model": m for i, m in enumerate(model)}
@@ -200,10 +226,110 @@ def evaluate_command(
         finally:
             platform.close()
     results = evaluate_models(models, _default_data(settings, data), queries_file=queries,
-                              limit=limit, progress=not as_json)
+                              limit=limit, progress=not as_json, split=split,
+                              framings=("box", "whole") if whole else ("box",))
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
-    typer.echo(f"test split: {results['n_images']} images, {results['n_classes']} classes, "
-               f"{results['n_queries']} queries ({results['query_source']})")
-    _echo_table(results["models"])
+    typer.echo(f"{split} split: {results['n_images']} images, {results['n_classes']} classes")
+    for framing in results["framings"]:
+        for set_name in results["query_sets"]:
+            seen = ("framed by each version's image policy (boxes)" if framing == "box"
+                    else "whole frames (no boxes)")
+            typer.echo(f"\n{set_name}, images {seen}:")
+            rows = {name: m["query_sets"][framing][set_name]
+                    for name, m in results["models"].items()}
+            _echo_summary(rows)
+
+
+def _echo_summary(rows: dict[str, dict[str, Any]]) -> None:
+    """Each row's metrics with 95 % intervals, then the chance level of a random ranking."""
+    from carsearch.training.evaluate import KS
+
+    keys = [f"recall@{k}" for k in KS] + ["mAP", "MRR"]
+    typer.echo(f"{'':<12}" + "".join(f"{k:>21}" for k in keys))
+    chance: dict[str, float] = {}
+    for name, m in rows.items():
+        cells = []
+        for k in keys:
+            lo, hi = m["ci95"][k]
+            cells.append(f"{m[k]:.3f} [{lo:.2f}, {hi:.2f}]")
+        typer.echo(f"{name:<12}" + "".join(f"{c:>21}" for c in cells))
+        chance = m.get("chance") or chance
+    if chance:
+        typer.echo(f"{'chance':<12}" + "".join(f"{chance[k]:>21.4f}" for k in keys))
+    first = next(iter(rows.values()), {})
+    typer.echo(f"({first.get('n_queries', 0)} queries over {first.get('n_items', 0)} images; "
+               "[95 % bootstrap interval over queries])")
+    for name, m in rows.items():
+        cal = m.get("calibration")
+        if cal and cal.get("n"):
+            _echo_calibration(name, cal)
+
+
+def _echo_calibration(name: str, cal: dict[str, Any]) -> None:
+    """The reliability table of the probability the page shows, and its ECE."""
+    typer.echo(f"calibration of {name}'s probability over {cal['n']} (query, image) pairs "
+               f"({cal['positives']} relevant): ECE {cal['ece']:.4f}, Brier "
+               f"{cal['brier']:.4f}")
+    typer.echo("  probability bin    pairs   mean p   observed")
+    for b in cal["bins"]:
+        typer.echo(f"  {b['lo']:.1f}-{b['hi']:.1f}       {b['n']:>8} {b['predicted']:>8.3f} "
+                   f"{b['observed']:>10.3f}")
+
+
+def served_query_sets(db: Any, collection: str) -> dict[str, list[Any]]:
+    """The default served queries: every class name the database holds, and one held-out
+    phrasing per class (from its first indexed image), both labelled by the database."""
+    from sqlalchemy import select
+
+    from carsearch.data.augment.heldout import held_out_query
+    from carsearch.platform.db import Image, ImageStatus
+    from carsearch.platform.search.evaluation import EvalQuery
+    from carsearch.platform.search.vocabulary import parse_class_name
+
+    with db.session() as s:
+        rows = list(s.scalars(select(Image).where(
+            Image.status == ImageStatus.indexed, Image.collection == collection,
+            Image.class_name.is_not(None)).order_by(Image.id)))
+    first: dict[str, Any] = {}
+    for r in rows:
+        first.setdefault(r.class_name, r)
+    names = [EvalQuery(n, (n,)) for n in sorted(first)]
+    held = []
+    for n in sorted(first):
+        try:
+            label = parse_class_name(n, first[n].colour)
+        except ValueError:
+            continue
+        q = held_out_query(label, key=str(first[n].id))
+        if q is not None:
+            held.append(EvalQuery(q.text, (), q.attributes))
+    return {"class names": names, "held-out phrasings": held}
+
+
+def _served(ctx: typer.Context, queries: Path | None, collection: str | None,
+            as_json: bool) -> None:
+    from carsearch.cli.context import platform_from
+    from carsearch.platform.search.evaluation import evaluate_served
+    from carsearch.training.evaluate import load_eval_queries
+
+    p = platform_from(ctx)
+    name = p.search.collection(collection)
+    if queries is not None:
+        sets: dict[str, list[Any]] = {str(queries): load_eval_queries(queries)}
+    else:
+        sets = served_query_sets(p.db, name)
+    if not any(sets.values()):
+        raise ConfigError(f"collection {name} has no labelled indexed images to score "
+                          "(pass --queries FILE)")
+    results = evaluate_served(p.search, sets, collection=collection)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    typer.echo(f"served view: version {results['version']}, collection "
+               f"{results['collection']}, {results['n_images']} indexed images, k "
+               f"{results['k']}, filters: {results['filters']}")
+    for set_name, summary in results["query_sets"].items():
+        typer.echo(f"\n{set_name}:")
+        _echo_summary({"served": summary})

@@ -15,7 +15,8 @@ fields are all visible:
 Backgrounds (sky, ground, buildings, trees, road marks), position, scale, facing,
 lighting, blur, and noise vary per image. The output is the Stanford Cars layout
 (cars_meta.mat, cars_train_annos.mat with 1-based boxes, cars_train/NNNNN.jpg) plus
-labels.jsonl with each image's colour, so `load_stanford` reads it unchanged and the
+labels.jsonl with each image's colour and box ([x1, y1, x2, y2] pixels, 0-based, right and
+bottom exclusive), so `load_stanford` reads it unchanged and the
 benchmark split (even file number = test) applies. Output is byte-identical for a seed.
 """
 
@@ -923,7 +924,9 @@ def write_catalogue(
         fname = f"{i + 1:05d}.jpg"
         img.save(images / fname, format="JPEG", quality=90, subsampling=0)
         rows.append((box, classes[i] + 1, fname))
-        sidecar.append(json.dumps({"fname": fname, "colour": colour}, sort_keys=True))
+        # the vehicle's box, [x1, y1, x2, y2] in pixels (0-based, right/bottom exclusive)
+        sidecar.append(json.dumps({"fname": fname, "colour": colour, "box": list(box)},
+                                  sort_keys=True))
     (out / "cars_meta.mat").write_bytes(meta_mat_bytes([c.class_name for c in CATALOGUE]))
     (out / "cars_train_annos.mat").write_bytes(annotations_mat_bytes(rows))
     (out / "labels.jsonl").write_text("\n".join(sidecar) + "\n", encoding="utf-8")

@@ -167,6 +167,30 @@ def benchmark_split(fname: str) -> Split:
     return "test" if int(stem) % 2 == 0 else "train"
 
 
+VALIDATION_SHARE = 0.1
+
+
+def validation_ids(items: list[LabelledImage], share: float = VALIDATION_SHARE) -> set[str]:
+    """The image ids carved from a train split for validation: per class, the first
+    round(share * n) images in sha256(image id) order (at least one of a class of three
+    or more), so every class is represented and the choice never depends on file order."""
+    import hashlib
+
+    if share <= 0:
+        return set()
+    by_class: dict[str, list[str]] = {}
+    for im in items:
+        by_class.setdefault(im.label.class_name, []).append(im.image_id)
+    out: set[str] = set()
+    for ids in by_class.values():
+        ids.sort(key=lambda i: hashlib.sha256(i.encode()).hexdigest())
+        k = round(share * len(ids))
+        if k == 0 and len(ids) >= 3:
+            k = 1
+        out.update(ids[:k])
+    return out
+
+
 def read_colours(path: Path) -> dict[str, str]:
     """The colour sidecar: image id (or bare train file name) -> canonical colour."""
     colours: dict[str, str] = {}
@@ -206,6 +230,25 @@ class StanfordDataset:
 
     def split(self, name: Split) -> list[LabelledImage]:
         return [im for im in self.images if im.split == name]
+
+    def subset(self, name: str, *, share: float | None = None) -> list[LabelledImage]:
+        """"train" (the train split less validation), "validation" (carved from the
+        train split, `validation_ids`), "test", or "train+validation" (the whole train
+        split). Recipes, early stopping and promotion read validation; test is only
+        reported."""
+        share = VALIDATION_SHARE if share is None else share
+        if name == "test":
+            return self.split("test")
+        train = self.split("train")
+        if name == "train+validation":
+            return train
+        held = validation_ids(train, share)
+        if name == "validation":
+            return [im for im in train if im.image_id in held]
+        if name == "train":
+            return [im for im in train if im.image_id not in held]
+        raise ConfigError(f"unknown split {name!r}: train, validation, test or "
+                          "train+validation")
 
     def split_sizes(self) -> dict[str, int]:
         counts = Counter(im.split for im in self.images)

@@ -33,6 +33,7 @@ from carsearch.platform.errors import CarsearchError, ImageRejectedError
 from carsearch.platform.ids import image_id
 from carsearch.platform.images import DECODE_MAX_SIDE, decode_file, sha256_file
 from carsearch.platform.models.encoder import Encoder
+from carsearch.platform.models.image_policy import check_box
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.vocabulary import body_category, parse_class_name
 from carsearch.platform.vectors.store import VectorRow, VectorStore
@@ -68,6 +69,7 @@ class CleanMeta:
     source: str
     extra: dict[str, Any] | None
     rejected: dict[str, str]
+    box: tuple[int, int, int, int] | None = None  # the vehicle's box, clipped to the image
 
 
 def _text(name: str, value: Any) -> str:
@@ -96,11 +98,14 @@ def _year(value: Any) -> int:
 
 
 def clean_metadata(meta: dict[str, Any], source: str, *,
-                   vehicle_labels: bool = True) -> CleanMeta:
+                   vehicle_labels: bool = True,
+                   size: tuple[int, int] | None = None) -> CleanMeta:
     """Check every metadata field alone. A bad value (a year "unknown", a make longer
     than its column, a list where text belongs) costs only that field, recorded with its
     reason; the image and the rest of its batch go on. Without ``vehicle_labels`` (a
-    general collection) nothing is read as a vehicle label: it all stays as metadata."""
+    general collection) nothing is read as a vehicle label: it all stays as metadata.
+    A ``box`` [x1, y1, x2, y2] (pixels) is clipped to an image of ``size``, or refused
+    with its reason (then the whole frame is embedded)."""
     labels: dict[str, Any] = {}
     rejected: dict[str, str] = {}
     for name in LABEL_FIELDS if vehicle_labels else ():
@@ -126,7 +131,15 @@ def clean_metadata(meta: dict[str, Any], source: str, *,
     except ValueError as exc:
         rejected["source"] = str(exc)
         clean_source = "unknown"
-    taken = LABEL_FIELDS if vehicle_labels else ()
+    box = None
+    if meta.get("box") not in (None, "", []):
+        if size is None:
+            rejected["box"] = "box given but the image size is unknown"
+        else:
+            box, reason = check_box(meta["box"], size)
+            if reason is not None:
+                rejected["box"] = reason
+    taken = (*(LABEL_FIELDS if vehicle_labels else ()), "box")
     extra = {k: v for k, v in meta.items() if k not in taken} or None
     problem = storable_problem(extra)
     if problem is not None:
@@ -134,7 +147,7 @@ def clean_metadata(meta: dict[str, Any], source: str, *,
         extra = None
     if rejected:
         extra = {**(extra or {}), "rejected_metadata": rejected}
-    return CleanMeta(labels, clean_source, extra, rejected)
+    return CleanMeta(labels, clean_source, extra, rejected, box)
 
 
 def storable_problem(value: Any, limit: int = MAX_EXTRA_BYTES) -> str | None:
@@ -240,7 +253,7 @@ def prepare(item: IngestItem, max_pixels: int, *, vehicle_labels: bool = True) -
     return Prepared(item=item, sha256=digest, id=image_id(digest, item.collection),
                     image=got.image, size=got.size,
                     meta=clean_metadata(item.meta, item.source,
-                                        vehicle_labels=vehicle_labels))
+                                        vehicle_labels=vehicle_labels, size=got.size))
 
 
 def store_path(image_dir: Path, digest: str, suffix: str) -> Path:
@@ -272,7 +285,9 @@ def keep_copy(p: Prepared, image_dir: Path) -> Path:
 
 
 def embed(encoder: Encoder, batch: Sequence[Prepared]) -> np.ndarray:
-    return encoder.encode_images([p.image for p in batch])
+    """The vectors of a batch under the version's image policy: each image cropped to its
+    box where it has one (the whole photo stays the stored file and the thumbnail)."""
+    return encoder.encode_images([p.image for p in batch], [p.meta.box for p in batch])
 
 
 def vector_rows_now(db: Database, ids: Sequence[int]) -> dict[int, VectorRow]:
@@ -361,8 +376,10 @@ def merge_existing(db: Database, batch: Sequence[Prepared]) -> None:
         extra = {**(row.extra or {}), **(p.meta.extra or {})} or None
         if not p.meta.rejected and extra:
             extra.pop("rejected_metadata", None)
+        box = p.meta.box if p.meta.box is not None else (
+            tuple(row.box) if row.box and "box" not in p.meta.rejected else None)
         p.meta = CleanMeta({**old, **p.meta.labels}, p.meta.source, extra or None,
-                           p.meta.rejected)
+                           p.meta.rejected, box)  # type: ignore[arg-type]
 
 
 def _row_values(p: Prepared, status: ImageStatus) -> dict[str, Any]:
@@ -377,6 +394,7 @@ def _row_values(p: Prepared, status: ImageStatus) -> dict[str, Any]:
         "extra": _with_original(p),
         "status": status.value,
         "error": None,
+        "box": list(p.meta.box) if p.meta.box is not None else None,
         **p.label_fields(),
     }
 
@@ -396,7 +414,8 @@ def write_pending(db: Database, batch: Sequence[Prepared]) -> None:
     if not values:
         return
     ins = _insert(db, values)
-    keep = ("status", "path", "width", "height", "source", "extra", "error", *LABEL_FIELDS)
+    keep = ("status", "path", "width", "height", "source", "extra", "error", "box",
+            *LABEL_FIELDS)
     stmt = ins.on_conflict_do_update(
         index_elements=["id"],
         set_={**{k: ins.excluded[k] for k in keep}, "ingested_at": utcnow()},

@@ -20,6 +20,11 @@ Why the database goes first: a promotion's re-index and a re-delivery of the sam
 read the labels and write Milvus after; each reads the rows again once its vectors are
 written (`sync_labels`). Whoever writes Milvus last has then read the database after the
 other's commit, so a label applied mid-promotion reaches the new serving collection too.
+
+A row may also give the vehicle's `box` ([x1, y1, x2, y2] pixels, or "x1,y1,x2,y2" in a
+CSV): clipped to the image (one wholly outside, inverted or malformed is a bad row), stored
+on the image row, and the image embedded again from its stored photo by each version that
+holds it, through that version's image policy.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select, update
 
 from carsearch.ingest.pipeline import LABEL_FIELDS, clean_metadata, sync_labels, vector_row
@@ -46,6 +52,8 @@ from carsearch.platform.db import (
     utcnow,
 )
 from carsearch.platform.errors import CarsearchError
+from carsearch.platform.images import DECODE_MAX_SIDE, load_image
+from carsearch.platform.models.image_policy import BoxError, check_box, parse_box
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.vocabulary import (
     BODY_CATEGORIES,
@@ -189,8 +197,14 @@ def check_row(row: dict[str, Any]) -> dict[str, Any]:
     person left every field empty."""
     given = {k: row.get(k) for k in EDITABLE
              if row.get(k) not in (None, "") and str(row.get(k)).strip()}
+    box = None
+    if row.get("box") not in (None, "", []):
+        try:  # clipped to the image once its row is read (import_rows)
+            box = list(parse_box(row["box"]))
+        except BoxError as exc:
+            raise ValueError(f"box: {exc}") from None
     if not given:
-        return {}
+        return {"box": box} if box is not None else {}
     clean = clean_metadata(given, "label")
     if clean.rejected:
         name, why = next(iter(clean.rejected.items()))
@@ -216,6 +230,8 @@ def check_row(row: dict[str, Any]) -> dict[str, Any]:
     if out.get("make") and out.get("model"):
         bits = [out["make"], out["model"], out.get("year")]
         out["class_name"] = " ".join(str(b) for b in bits if b)
+    if box is not None:
+        out["box"] = box
     return out
 
 
@@ -260,17 +276,28 @@ def import_rows(platform: Platform, parsed: list[tuple[int, dict[str, Any]]]) ->
             problems.append(f"line {n}: no image with id {iid}")
         elif iid in rows and rows[iid].status != ImageStatus.indexed:
             problems.append(f"line {n}: image {iid} is {rows[iid].status.value}, not indexed")
+        elif iid in rows and "box" in wanted.get(iid, {}):
+            r = rows[iid]
+            clipped, why = check_box(wanted[iid]["box"], (r.width or 0, r.height or 0))
+            if why is not None:
+                problems.append(f"line {n}: box: {why}")
+            else:
+                wanted[iid]["box"] = list(clipped)  # type: ignore[arg-type]
     if problems:
         raise LabelImportError(problems)
     if not wanted:
         return report
     merged = {iid: {**{k: getattr(rows[iid], k) for k in LABEL_FIELDS}, **got}
               for iid, got in wanted.items()}
+    reframed = {iid for iid, got in wanted.items()
+                if "box" in got and got["box"] != rows[iid].box}
     with platform.db.session() as s:
         for iid, fields in merged.items():
-            s.execute(update(Image).where(Image.id == iid).values(
-                **{k: fields.get(k) for k in LABEL_FIELDS}))
-    report.milvus_updated = _update_milvus(platform, merged, rows)
+            values = {k: fields.get(k) for k in LABEL_FIELDS}
+            if "box" in fields:
+                values["box"] = fields["box"]
+            s.execute(update(Image).where(Image.id == iid).values(**values))
+    report.milvus_updated = _update_milvus(platform, merged, rows, reframed)
     now = utcnow()
     with platform.db.session() as s:
         s.execute(update(LabelTaskImage).where(
@@ -312,9 +339,11 @@ class PlatformLabeller:
 
 
 def _update_milvus(platform: Platform, merged: dict[int, dict[str, Any]],
-                   rows: dict[int, Image]) -> dict[str, int]:
+                   rows: dict[int, Image], reframed: set[int] | None = None) -> dict[str, int]:
     """Re-write the scalar fields of the labelled images in every version's collection
-    that holds them (the vector is read back and upserted with the new fields)."""
+    that holds them (the vector is read back and upserted with the new fields). An image
+    given a new box (`reframed`) is embedded again by each version, through its image
+    policy, from the stored photo."""
     store = platform.store
     with platform.db.session() as s:
         versions = list(s.scalars(select(ModelVersion).where(
@@ -328,6 +357,13 @@ def _update_milvus(platform: Platform, merged: dict[int, dict[str, Any]],
         if not len(found):
             continue
         got = [int(i) for i in found]
+        redo = [j for j, i in enumerate(got) if i in (reframed or set())]
+        if redo:
+            vectors = np.array(vectors, copy=True)
+            encoder = platform.search.encoder_for(v)
+            photos = [load_image(Path(rows[got[j]].path), max_side=DECODE_MAX_SIDE)
+                      for j in redo]
+            vectors[redo] = encoder.encode_images(photos, [merged[got[j]]["box"] for j in redo])
         written = [vector_row(merged[i], rows[i].source) for i in got]
         store.upsert(v.collection, got, vectors, written)
         sync_labels(platform.db, store, v.collection, dict(zip(got, written, strict=True)),

@@ -3,11 +3,13 @@
     report = run_job(config, db=db, registry=registry, promote=True, metric="mAP")
 
 The main process records a `TrainingRun` row (running → finished / failed), evaluates
-the zero-shot base and the trained model on the test split (and the serving version,
-when promotion is asked for, so that both are measured on the same images), writes
+the zero-shot base and the trained model (and the serving version, when promotion is
+asked for, so that both are measured on the same images) on the validation split, which
+the promotion decision reads, and on the test split, which is only reported; writes
 `evaluation_results.json` into the run directory, publishes the merged model to the
-registry as a candidate (metrics, base id, data fingerprint, hyperparameters), and with
-`promote=True` promotes it when it beats the serving version on `metric`.
+registry as a candidate (test metrics, validation metrics beside them, base id, data
+fingerprint, hyperparameters), and with `promote=True` promotes it when it is at least as
+good as the serving version on `metric` on validation.
 """
 
 from __future__ import annotations
@@ -93,11 +95,28 @@ def promotion_decision(
     return False, f"{metric} {new:.4f} is below serving {serving_name} ({old:.4f})"
 
 
+_HEADLINE = ("recall@1", "recall@5", "recall@10", "mAP", "MRR", "n_queries", "n_excluded",
+             "n_items", "ci95")
+
+
 def version_metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
-    tuned = {k: v for k, v in evaluation["models"]["fine_tuned"].items() if k != "model"}
-    zero = {k: v for k, v in evaluation["models"]["zero_shot"].items() if k != "model"}
-    keep = ("split", "n_images", "n_classes", "n_queries", "query_source")
-    return {**tuned, "zero_shot": zero, "evaluation": {k: evaluation[k] for k in keep}}
+    """The registry's metrics of a version: the test split's (reported), with the
+    validation split's (what promotion read) beside them."""
+    reported = evaluation.get("test", evaluation)
+
+    def head(ev: dict[str, Any], name: str) -> dict[str, Any]:
+        return {k: v for k, v in ev["models"][name].items() if k in _HEADLINE}
+
+    keep = ("split", "n_images", "n_classes", "n_queries", "query_source", "chance_mAP")
+    out = {**head(reported, "fine_tuned"), "zero_shot": head(reported, "zero_shot"),
+           "evaluation": {k: reported[k] for k in keep if k in reported}}
+    held = reported["models"]["fine_tuned"].get("query_sets", {}).get("box", {}).get(
+        "held-out phrasings")
+    if held is not None:
+        out["held_out"] = {k: v for k, v in held.items() if k in _HEADLINE}
+    if reported is not evaluation:
+        out["validation"] = head(evaluation, "fine_tuned")
+    return out
 
 
 def evaluate_run(
@@ -108,18 +127,33 @@ def evaluate_run(
     with_serving: bool,
     eval_queries: Path | None,
     eval_limit: int,
+    new_classes: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], str | None]:
-    """Zero-shot base, fine-tuned model (and the serving version) on the test split."""
+    """Zero-shot base, fine-tuned model (and the serving version) on the validation split
+    (the decision) and the test split (reported, under "test")."""
     if result.model_dir is None:
         raise ConfigError("the run has not finished; nothing to evaluate")
     models: dict[str, str | Path] = {"zero_shot": config.base, "fine_tuned": result.model_dir}
     serving = registry.serving() if registry is not None and with_serving else None
     if serving is not None and registry is not None:
         models["serving"] = registry.verify(serving)
-    evaluation = evaluate_models(
-        models, config.data, queries_file=eval_queries, limit=eval_limit,
-        progress=config.progress,
+    from carsearch.data.stanford import load_stanford
+
+    dataset = load_stanford(config.data)
+    test = evaluate_models(
+        models, dataset, queries_file=eval_queries, limit=eval_limit,
+        progress=config.progress, split="test", new_classes=new_classes,
     )
+    if dataset.subset("validation"):
+        evaluation = evaluate_models(
+            models, dataset, queries_file=eval_queries, limit=eval_limit,
+            progress=config.progress, split="validation", new_classes=new_classes,
+        )
+        evaluation["test"] = test
+    else:  # too few train images per class to carve any: say so, decide on test
+        log.warning("no validation images (every class has under 3 train images): the "
+                    "promotion decision reads the test split")
+        evaluation = {**test, "decision_note": "no validation images; decided on test"}
     evaluation["training"] = result.summary()
     write_results(result.out, evaluation)
     return evaluation, serving.name if serving is not None else None
@@ -136,6 +170,7 @@ def run_job(
     eval_limit: int = 0,
     version_name: str | None = None,
     promoter: Callable[[str], object] | None = None,
+    new_classes: tuple[str, ...] = (),
 ) -> JobReport:
     """Train, evaluate, publish (see the module docstring). Other processes only train.
 
@@ -157,7 +192,7 @@ def run_job(
             return report
         evaluation, serving = evaluate_run(
             result, config, registry=registry, with_serving=promote,
-            eval_queries=eval_queries, eval_limit=eval_limit,
+            eval_queries=eval_queries, eval_limit=eval_limit, new_classes=new_classes,
         )
         report.evaluation = evaluation
         version_id = _publish(report, result, config, registry, evaluation, serving,

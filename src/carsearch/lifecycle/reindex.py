@@ -75,7 +75,10 @@ class BackfillReport:
 
 
 def _item(row: Image) -> IngestItem:
-    meta = {k: getattr(row, k) for k in LABEL_FIELDS if getattr(row, k) is not None}
+    meta: dict[str, object] = {
+        k: getattr(row, k) for k in LABEL_FIELDS if getattr(row, k) is not None}
+    if row.box:  # re-embedded under the new version's policy, with the stored box
+        meta["box"] = list(row.box)
     return IngestItem(Path(row.path), row.source, meta, row.collection)
 
 

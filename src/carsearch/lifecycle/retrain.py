@@ -12,9 +12,12 @@ The job (`RetrainJob.tick`, run by `carsearch retrain run` or inside `serve
    hard links where the file system allows, else copies;
 2. trains from the serving version (`CARSEARCH_RETRAIN__BASE`) on it, with the page's
    feedback votes (hard negatives, extra positives);
-3. evaluates the candidate and the serving version on the same held-out split and
-   promotes the candidate (re-indexing its collection first) only when it is at least as
-   good on `CARSEARCH_RETRAIN__METRIC`; otherwise it stays a candidate, with the reason.
+3. evaluates the candidate and the serving version on the same validation split (carved
+   from train; every image framed by each version's image policy, as the index serves
+   it), old and new classes also reported apart, and promotes the candidate
+   (re-indexing its collection first) only when it is at least as good on
+   `CARSEARCH_RETRAIN__METRIC`; otherwise it stays a candidate, with the reason. The test
+   split is only reported.
 
 The request ends promoted, candidate or failed (the error), with the training run and
 version it made. The process running it heart-beats; a request whose process died is
@@ -80,6 +83,7 @@ class Labelled:
     path: Path
     class_name: str
     colour: str | None
+    box: tuple[int, int, int, int] | None = None  # the box stored with its image row
 
 
 def labelled_images(platform: Platform, collection: str) -> list[Labelled]:
@@ -93,7 +97,9 @@ def labelled_images(platform: Platform, collection: str) -> list[Labelled]:
             name = row.class_name or " ".join(
                 str(p) for p in (row.make, row.model, row.body_type, row.year) if p)
             if name.strip() and row.make:
-                out[row.id] = Labelled(row.id, Path(row.path), name.strip(), row.colour)
+                box = tuple(row.box) if row.box and len(row.box) == 4 else None
+                out[row.id] = Labelled(row.id, Path(row.path), name.strip(), row.colour,
+                                       box)  # type: ignore[arg-type]
     return list(out.values())
 
 
@@ -117,9 +123,9 @@ def write_training_set(base: Path, extra: list[Labelled], out: Path, *,
                        max_pixels: int = DEFAULT_MAX_PIXELS) -> TrainingSet:
     """The base data set plus ``extra`` as one Stanford layout under ``out`` (replaced).
 
-    Base images keep their boxes (training and evaluation crop to them, as `train`
-    does); a photo labelled through the queue has none and is used whole. The index
-    embeds whole photos, so this carries `train`'s own skew (README, "The retrain job").
+    Every image keeps the box it has (the base's annotation, or the box stored with a
+    queue image's row) and one without gets the whole frame, so new and old classes go
+    through the same image policy in training, evaluation and the index.
     The base keeps its split; of each new class, images whose id hashes under
     ``test_share`` are held out (at least one, when the class has two or more), the rest
     train. Originals that are gone are listed in ``missing`` and left out.
@@ -166,7 +172,7 @@ def write_training_set(base: Path, extra: list[Labelled], out: Path, *,
             folder = f"cars_{split}"
             fname = f"new-{item.image_id}{item.path.suffix.lower() or '.jpg'}"
             _place(item.path, out / folder / fname)
-            rows[split].append((WHOLE_IMAGE, index[name], fname))
+            rows[split].append((item.box or WHOLE_IMAGE, index[name], fname))
             report.new_test += split == "test"
             report.new_train += split == "train"
             if item.colour:
@@ -239,6 +245,7 @@ def run_retrain(platform: Platform, claimed: retrains.Claimed, *,
             config, db=platform.db, registry=platform.registry, promote=True,
             metric=cfg.metric, version_name=None,
             promoter=lambda name: promote_with_backfill(platform, name, progress=progress),
+            new_classes=tuple(tset.new_classes),
         )
     except Exception as exc:  # the request records every failure; the loop goes on
         log.exception("retrain request %d failed", claimed.id)
@@ -248,7 +255,9 @@ def run_retrain(platform: Platform, claimed: retrains.Claimed, *,
     models = (report.evaluation or {}).get("models", {})
     outcome.update(version=report.version, promoted=report.promoted,
                    metric=cfg.metric, reason=report.promotion_reason,
-                   scores={k: m.get(cfg.metric) for k, m in models.items()})
+                   split=(report.evaluation or {}).get("split"),
+                   scores={k: m.get(cfg.metric) for k, m in models.items()},
+                   by_group=_group_scores(models, cfg.metric))
     state = retrains.PROMOTED if report.promoted else retrains.CANDIDATE
     reason = (f"promoted {report.version}: {report.promotion_reason}" if report.promoted
               else f"kept {report.version} as a candidate: {report.promotion_reason}")
@@ -256,6 +265,16 @@ def run_retrain(platform: Platform, claimed: retrains.Claimed, *,
                     version=report.version, result=outcome)
     log.warning("retrain request %d: %s", claimed.id, reason)
     return {**outcome, "state": state, "reason": reason}
+
+
+def _group_scores(models: dict[str, Any], metric: str) -> dict[str, dict[str, Any]]:
+    """Each model's `metric` on old and new classes apart (validation, served framing)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in models.items():
+        sets = (m.get("query_sets") or {}).get("box", {})
+        out[name] = {g: sets[g].get(metric) for g in ("old classes", "new classes")
+                     if g in sets}
+    return out
 
 
 class _Heartbeat:

@@ -37,6 +37,8 @@ DEFAULT_MAX_BYTES = 50_000_000
 # largest SigLIP checkpoints (the compact base takes 64-224 px), a margin for the image
 # processor's own resize. Training decodes at full size (its crops are in file pixels).
 DECODE_MAX_SIDE = 768
+# `Image.info` key of an image reduced at decode: the (width, height) in the file.
+SOURCE_SIZE = "carsearch_source_size"
 _BLOCK_PIXELS = 1 << 20  # pixels converted at once from a wide greyscale mode
 
 REJECTION_KINDS: tuple[str, ...] = (
@@ -202,6 +204,10 @@ def _decode(fp: IO[bytes], name: str, *, max_pixels: int,
             raise ImageRejectedError("too-many-pixels: out of memory decoding it", name) from None
         except Exception as exc:  # an untrusted-input boundary: any decoder failure
             raise ImageRejectedError(_classify(exc), name) from None
+    if rgb.size != size:
+        # Reduced at decode: boxes are in the file's pixels, and the image policy scales
+        # them by this (Pillow keeps `info` through convert, crop and resize).
+        rgb.info[SOURCE_SIZE] = size
     return Decoded(rgb, mode, size)
 
 

@@ -33,8 +33,15 @@ from tqdm.auto import tqdm
 from carsearch.platform.errors import QueryError
 
 __all__ = [
+    "QueryScores",
     "RetrievalMetrics",
+    "bootstrap_interval",
+    "expected_random_ap",
+    "query_scores",
+    "random_hit_at_k",
+    "random_reciprocal_rank",
     "recall_at_k_vs_exact",
+    "reliability",
     "retrieval_metrics",
     "retrieval_metrics_from_embeddings",
     "score_agreement",
@@ -306,3 +313,175 @@ def score_agreement(
 
 def _present(scores: np.ndarray) -> np.ndarray:
     return np.isfinite(scores) & (scores > -1e30)
+
+
+# -- chance levels, per-query scores and intervals (served-view evaluation) -----------------
+def expected_random_ap(n_relevant: int, n_items: int, depth: int | None = None) -> float:
+    """The expected average precision of a uniformly random ranking of `n_items` items of
+    which `n_relevant` are relevant, AP cut at `depth` (None: the whole ranking) and
+    normalised by `n_relevant`.
+
+    With rel_r the indicator at rank r, E[rel_r] = R/N and E[rel_r rel_j] = R(R-1)/(N(N-1))
+    for r != j, so E[AP@K] = (1/R) sum_{r<=K} E[rel_r (1 + sum_{j<r} rel_j)] / r
+    = H_K / N + (R-1) (K - H_K) / (N (N-1)), H_K the K-th harmonic number. It is not R/N:
+    a random ranking still puts some relevant item near the top, which AP rewards."""
+    n, r = int(n_items), int(n_relevant)
+    if n <= 0 or r <= 0:
+        return 0.0
+    r = min(r, n)
+    k = n if depth is None else max(0, min(int(depth), n))
+    h_k = float(np.sum(1.0 / np.arange(1, k + 1))) if k else 0.0
+    if n == 1:
+        return 1.0
+    return h_k / n + (r - 1) * (k - h_k) / (n * (n - 1))
+
+
+def random_hit_at_k(n_relevant: int, n_items: int, k: int) -> float:
+    """P(at least one relevant item in the top k) under a random ranking."""
+    n, r, k = int(n_items), int(n_relevant), min(int(k), int(n_items))
+    if r <= 0 or n <= 0:
+        return 0.0
+    if n - r < k:
+        return 1.0
+    miss = 1.0
+    for i in range(k):  # C(n - r, k) / C(n, k) as a product
+        miss *= (n - r - i) / (n - i)
+    return 1.0 - miss
+
+
+def random_reciprocal_rank(n_relevant: int, n_items: int) -> float:
+    """E[1 / rank of the first relevant item] under a random ranking."""
+    n, r = int(n_items), int(n_relevant)
+    if r <= 0 or n <= 0:
+        return 0.0
+    total, p_none_before = 0.0, 1.0
+    for rank in range(1, n - r + 2):
+        # P(first relevant at `rank`) = P(none in the first rank-1) * r / (n - rank + 1)
+        p_here = p_none_before * r / (n - rank + 1)
+        total += p_here / rank
+        p_none_before *= (n - rank + 1 - r) / (n - rank + 1)
+    return total
+
+
+@dataclass(frozen=True)
+class QueryScores:
+    """Per-query retrieval scores over a ranked list of at most `depth` results.
+
+    `hits[k]` holds 1.0 where a relevant item is in the top k; `ap` is average precision
+    normalised by the query's number of relevant items (so relevant items beyond the
+    list count as missed: AP@depth); `rr` is 1 / rank of the first relevant (0: none in
+    the list). Queries with no relevant item are left out (`excluded`)."""
+
+    hits: dict[int, np.ndarray]
+    ap: np.ndarray
+    rr: np.ndarray
+    n_relevant: np.ndarray
+    n_items: int
+    depth: int
+    excluded: int
+
+    def means(self) -> dict[str, float]:
+        out = {f"recall@{k}": float(np.mean(v)) if len(v) else 0.0
+               for k, v in sorted(self.hits.items())}
+        out["mAP"] = float(np.mean(self.ap)) if len(self.ap) else 0.0
+        out["MRR"] = float(np.mean(self.rr)) if len(self.rr) else 0.0
+        return out
+
+    def chance(self) -> dict[str, float]:
+        """The same metrics expected of a random ranking of the same items."""
+        rel = [int(r) for r in self.n_relevant]
+        if not rel:
+            return {}
+        out = {f"recall@{k}": float(np.mean([random_hit_at_k(r, self.n_items, k)
+                                             for r in rel])) for k in sorted(self.hits)}
+        out["mAP"] = float(np.mean([expected_random_ap(r, self.n_items, self.depth)
+                                    for r in rel]))
+        out["MRR"] = float(np.mean([random_reciprocal_rank(r, self.n_items) for r in rel]))
+        return out
+
+    def intervals(self, level: float = 0.95, n_boot: int = 2000,
+                  seed: int = 0) -> dict[str, tuple[float, float]]:
+        """Percentile bootstrap intervals of every mean, resampling queries."""
+        columns = {f"recall@{k}": v for k, v in sorted(self.hits.items())}
+        columns["mAP"], columns["MRR"] = self.ap, self.rr
+        return {name: bootstrap_interval(v, level=level, n_boot=n_boot, seed=seed)
+                for name, v in columns.items()}
+
+
+def query_scores(
+    ranked_relevance: Sequence[Sequence[bool] | np.ndarray],
+    n_relevant: Sequence[int],
+    n_items: int,
+    ks: Sequence[int] = (1, 5, 10),
+) -> QueryScores:
+    """Per-query scores from each query's ranked list (True where the item at that rank
+    is relevant) and its total number of relevant items among the `n_items` searched."""
+    ks = _check_ks(ks)
+    depth = max((len(r) for r in ranked_relevance), default=0)
+    hits: dict[int, list[float]] = {k: [] for k in ks}
+    aps, rrs, rels = [], [], []
+    excluded = 0
+    for ranked, total in zip(ranked_relevance, n_relevant, strict=True):
+        flags = np.asarray(ranked, dtype=bool)
+        if total <= 0:
+            excluded += 1
+            continue
+        positions = np.flatnonzero(flags) + 1  # 1-based ranks of relevant results
+        for k in ks:
+            hits[k].append(1.0 if len(positions) and positions[0] <= k else 0.0)
+        precisions = np.arange(1, len(positions) + 1) / positions if len(positions) else []
+        aps.append(float(np.sum(precisions)) / total)
+        rrs.append(1.0 / positions[0] if len(positions) else 0.0)
+        rels.append(total)
+    return QueryScores(
+        hits={k: np.asarray(v) for k, v in hits.items()}, ap=np.asarray(aps),
+        rr=np.asarray(rrs), n_relevant=np.asarray(rels, dtype=int), n_items=int(n_items),
+        depth=int(depth), excluded=excluded)
+
+
+def bootstrap_interval(
+    values: Sequence[float] | np.ndarray, *, level: float = 0.95, n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-query `values` (resampling them
+    with replacement `n_boot` times, seeded); (nan, nan) for no values."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, arr.size, size=(n_boot, arr.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    # clamped so that a degenerate sample (all resampled means on one side) still holds it
+    mean = float(arr.mean())
+    return min(float(lo), mean), max(float(hi), mean)
+
+
+def reliability(probabilities: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray,
+                n_bins: int = 10) -> dict[str, object]:
+    """A reliability table and the expected calibration error of predicted probabilities.
+
+    Pairs are binned by probability into `n_bins` equal-width bins over [0, 1]; each
+    non-empty bin reports its count, mean predicted probability and observed frequency of
+    positives. ECE = sum over bins of (count / N) * |observed - predicted|; a calibrated
+    model has ECE near 0. Also the Brier score (mean squared error of the probability)."""
+    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} probabilities but {y.size} labels")
+    if p.size == 0:
+        return {"n": 0, "ece": float("nan"), "brier": float("nan"), "bins": []}
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
+    bins = []
+    ece = 0.0
+    for b in range(n_bins):
+        mask = which == b
+        count = int(mask.sum())
+        if not count:
+            continue
+        predicted, observed = float(p[mask].mean()), float(y[mask].mean())
+        ece += count / p.size * abs(observed - predicted)
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": count,
+                     "predicted": predicted, "observed": observed})
+    return {"n": int(p.size), "positives": int(y.sum()), "ece": float(ece),
+            "brier": float(np.mean((p - y) ** 2)), "bins": bins}

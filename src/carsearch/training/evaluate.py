@@ -1,13 +1,25 @@
-"""Text→image evaluation on the test split, for one or several models side by side.
+"""Text→image evaluation on a held-out split, for one or several models side by side.
 
-Relevance is class-level: every test image of a queried class is relevant. Queries come
-from the class names of the test split (one query per class, the name itself) and, from
-`--queries FILE.jsonl`, from any external set: one JSON object a line,
-`{"query": "red chevy pickup", "relevant": ["Chevrolet Silverado 1500 Regular Cab 2012"]}`.
-Metrics (Recall@K, mAP, MRR) are `carsearch.platform.metrics.retrieval_metrics`.
+Images are embedded exactly as the version serves them: `Encoder.encode_images` with each
+image whole and its box, so the version's image policy (`image_policy.json`) frames them
+as ingest does. `framing="whole"` drops the boxes: what a box-less camera photo gets.
 
-Only test images are ever encoded here (`dataset.split("test")`); images are read once
-and encoded by every model in the same pass.
+Splits: "validation" (carved from the train split, `StanfordDataset.subset`) is what
+recipes, early stopping and promotion read; "test" is only reported.
+
+Query sets (each scored apart):
+- "class names": one query per class, its name, relevant to that class's images;
+- "held-out phrasings" (`data.augment.heldout`): one query per class from a generator
+  configuration training never uses, relevant to every image whose labels satisfy every
+  attribute it names (its colour too);
+- a file (`--queries FILE.jsonl`), one JSON object a line:
+  `{"query": "red chevy pickup", "relevant": ["Chevrolet Silverado 1500 Regular Cab 2012"]}`
+  and/or `"attributes": {"make": "Chevrolet", "colour": "red"}`.
+
+Each set reports R@1/5/10, mAP (over the whole ranking), MRR, the same metrics expected of
+a random ranking (`chance`), 95 % bootstrap intervals over queries, and the calibration
+of the probability the page shows (sigmoid(exp(logit_scale) * cos + logit_bias)) over
+every (query, image) pair of the split: a reliability table and its ECE.
 """
 
 from __future__ import annotations
@@ -15,29 +27,32 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from carsearch.data.augment.heldout import held_out_query
 from carsearch.data.stanford import LabelledImage, StanfordDataset, load_stanford
 from carsearch.platform.errors import ConfigError
-from carsearch.platform.metrics import retrieval_metrics_from_embeddings
+from carsearch.platform.metrics import QueryScores, query_scores, reliability
 from carsearch.platform.models.encoder import Encoder
+from carsearch.platform.search.evaluation import EvalQuery, summarise
 
 log = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
 RESULTS_FILE = "evaluation_results.json"
 _CHUNK = 256
+FRAMINGS = ("box", "whole")
 
 
-@dataclass(frozen=True)
-class EvalQuery:
-    text: str
-    relevant: tuple[str, ...]
+def label_fields(item: LabelledImage) -> dict[str, Any]:
+    """The labels an evaluation query is matched against."""
+    lab = item.label
+    return {"class_name": lab.class_name, "make": lab.make, "model": lab.model,
+            "year": lab.year, "colour": lab.colour, "body": lab.body_category}
 
 
 def class_name_queries(class_names: Sequence[str]) -> list[EvalQuery]:
@@ -45,8 +60,22 @@ def class_name_queries(class_names: Sequence[str]) -> list[EvalQuery]:
     return [EvalQuery(name, (name,)) for name in sorted(set(class_names))]
 
 
+def held_out_queries(items: Sequence[LabelledImage]) -> list[EvalQuery]:
+    """One held-out phrasing per class, written from the first image of that class (by
+    id) so that the colour it may name exists among the images searched."""
+    first: dict[str, LabelledImage] = {}
+    for item in sorted(items, key=lambda im: im.image_id):
+        first.setdefault(item.label.class_name, item)
+    out = []
+    for name in sorted(first):
+        q = held_out_query(first[name].label, key=first[name].image_id)
+        if q is not None:
+            out.append(EvalQuery(q.text, (), q.attributes))
+    return out
+
+
 def load_eval_queries(path: Path) -> list[EvalQuery]:
-    """Queries from a JSONL file of {"query": str, "relevant": [class names]} lines."""
+    """Queries from a JSONL file of {"query", "relevant": [class names], "attributes"}."""
     if not path.is_file():
         raise ConfigError(f"no query file at {path}")
     out: list[EvalQuery] = []
@@ -55,8 +84,10 @@ def load_eval_queries(path: Path) -> list[EvalQuery]:
             continue
         try:
             rec = json.loads(line)
-            text, relevant = rec["query"], rec["relevant"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            text = rec["query"]
+            relevant = rec.get("relevant", [])
+            attributes = rec.get("attributes", {})
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(
                 f"{path} line {n}: not a {{query, relevant}} object ({exc})"
             ) from None
@@ -66,24 +97,53 @@ def load_eval_queries(path: Path) -> list[EvalQuery]:
             relevant = [relevant]
         if not isinstance(relevant, list) or not all(isinstance(r, str) for r in relevant):
             raise ConfigError(f"{path} line {n}: relevant must be a list of class names")
-        out.append(EvalQuery(text, tuple(relevant)))
+        if not isinstance(attributes, dict):
+            raise ConfigError(f"{path} line {n}: attributes must be an object")
+        if not relevant and not attributes:
+            raise ConfigError(f"{path} line {n}: give relevant class names or attributes")
+        out.append(EvalQuery(text, tuple(relevant), attributes))
     if not out:
         raise ConfigError(f"{path} holds no queries")
     return out
 
 
-def _image_embeddings(
+def relevance_matrix(queries: Sequence[EvalQuery],
+                     fields: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """(n_queries, n_items) booleans: item j is relevant to query i."""
+    return np.array([[q.matches(f) for f in fields] for q in queries], dtype=bool).reshape(
+        len(queries), len(fields))
+
+
+def scores_from_similarity(sim: np.ndarray, relevant: np.ndarray,
+                           ks: Sequence[int] = KS) -> QueryScores:
+    """Per-query scores of full rankings (ties broken by item index, as metrics does)."""
+    ranked = []
+    for row, rel in zip(sim, relevant, strict=True):
+        order = np.argsort(-row, kind="stable")
+        ranked.append(rel[order])
+    return query_scores(ranked, relevant.sum(axis=1).tolist(), sim.shape[1], ks)
+
+
+def image_embeddings(
     dataset: StanfordDataset,
     items: Sequence[LabelledImage],
     encoders: Mapping[str, Encoder],
-    progress: bool,
+    *,
+    framing: str = "box",
+    progress: bool = True,
 ) -> dict[str, np.ndarray]:
+    """Every model's vectors of the items, each image whole with its box (framing "box")
+    or without it ("whole"), through the version's image policy, as ingest embeds."""
+    if framing not in FRAMINGS:
+        raise ConfigError(f"framing must be one of {', '.join(FRAMINGS)}, not {framing!r}")
     parts: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
-    bar = tqdm(total=len(items), desc="encoding test images", unit="img", disable=not progress)
+    bar = tqdm(total=len(items), desc="encoding images", unit="img", disable=not progress)
     for lo in range(0, len(items), _CHUNK):
-        images = [dataset.open_image(item) for item in items[lo : lo + _CHUNK]]
+        chunk = items[lo : lo + _CHUNK]
+        images = [dataset.open_image(item, crop=False) for item in chunk]
+        boxes = [item.bbox if framing == "box" else None for item in chunk]
         for name, encoder in encoders.items():
-            parts[name].append(encoder.encode_images(images))
+            parts[name].append(encoder.encode_images(images, boxes))
         bar.update(len(images))
     bar.close()
     return {name: np.concatenate(p) for name, p in parts.items()}
@@ -98,55 +158,82 @@ def evaluate_models(
     batch_size: int = 64,
     ks: Sequence[int] = KS,
     progress: bool = True,
+    split: str = "test",
+    framings: Sequence[str] = ("box",),
+    held_out: bool = True,
+    n_boot: int = 2000,
+    new_classes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Metrics of every model (name → hub id or directory) on the test split of `data`.
+    """Metrics of every model (name → hub id or directory) on one split of `data`.
 
-    `limit` > 0 keeps the first N test images (quick checks). Returns a JSON-ready dict:
-    {"split", "n_images", "n_queries", "query_source", "models": {name: metrics}}.
+    `limit` > 0 keeps the first N images (quick checks). With `new_classes` (a retrain's
+    new classes) the class-name queries are also scored as two sets, "old classes" and
+    "new classes", against the same images. Returns a JSON-ready dict:
+    {"split", "n_images", "n_queries", "query_source", "chance_mAP", "models": {name:
+    metrics of the main query set, with "query_sets": {framing: {set: summary}}}}.
     """
     dataset = data if isinstance(data, StanfordDataset) else load_stanford(data)
-    items = dataset.split("test")
+    items = dataset.subset(split)
     if limit > 0:
         items = items[:limit]
     if not items:
-        raise ConfigError(f"{dataset.root}: no test images to evaluate on")
-    item_classes = [item.label.class_name for item in items]
+        raise ConfigError(f"{dataset.root}: no {split} images to evaluate on")
+    fields = [label_fields(item) for item in items]
+    item_classes = [f["class_name"] for f in fields]
+    sets: dict[str, list[EvalQuery]] = {}
     if queries_file is not None:
-        queries, source = load_eval_queries(queries_file), str(queries_file)
+        sets[str(queries_file)] = load_eval_queries(queries_file)
+        main = str(queries_file)
     else:
-        queries, source = class_name_queries(item_classes), "class names"
-    encoders = {
-        name: Encoder(model, batch_size=batch_size) for name, model in models.items()
-    }
-    image_emb = _image_embeddings(dataset, items, encoders, progress)
+        sets["class names"] = class_name_queries(item_classes)
+        main = "class names"
+    if held_out:
+        sets["held-out phrasings"] = held_out_queries(items)
+    if new_classes and "class names" in sets:
+        new = set(new_classes)
+        sets["old classes"] = [q for q in sets["class names"] if not set(q.relevant) & new]
+        sets["new classes"] = [q for q in sets["class names"] if set(q.relevant) & new]
+        sets = {k: v for k, v in sets.items() if v}
+    relevance = {name: relevance_matrix(qs, fields) for name, qs in sets.items()}
+    encoders = {name: Encoder(model, batch_size=batch_size) for name, model in models.items()}
     results: dict[str, Any] = {}
-    for name, encoder in encoders.items():
-        text_emb = encoder.encode_text([q.text for q in queries])
-        metrics = retrieval_metrics_from_embeddings(
-            text_emb, image_emb[name], [q.relevant for q in queries], item_classes, ks
-        )
-        results[name] = {"model": str(models[name]), **metrics.to_dict()}
-        log.info("evaluation %s: %s", name, results[name])
+    chance: dict[str, Any] = {}
+    for framing in framings:
+        image_emb = image_embeddings(dataset, items, encoders, framing=framing,
+                                     progress=progress)
+        for name, encoder in encoders.items():
+            entry = results.setdefault(name, {"model": str(models[name]),
+                                              "policy": encoder.policy.to_dict(),
+                                              "policy_source": encoder.policy.source,
+                                              "query_sets": {}})
+            per_set = entry["query_sets"].setdefault(framing, {})
+            for set_name, queries in sets.items():
+                text_emb = encoder.encode_text([q.text for q in queries])
+                sim = text_emb @ image_emb[name].T
+                summary = summarise(scores_from_similarity(sim, relevance[set_name], ks),
+                                    n_boot=n_boot)
+                # the probability the page shows, on every held-out (query, image) pair
+                probs = 1.0 / (1.0 + np.exp(-(sim * np.exp(encoder.logit_scale)
+                                              + encoder.logit_bias)))
+                summary["calibration"] = reliability(probs, relevance[set_name])
+                per_set[set_name] = summary
+                chance[set_name] = summary["chance"]
+            log.info("evaluation %s (%s): %s", name, framing, per_set)
+    for entry in results.values():  # the headline: the main set, the first framing
+        head = entry["query_sets"][framings[0]][main]
+        entry.update({k: v for k, v in head.items() if k != "chance"})
     return {
-        "split": "test",
+        "split": split,
+        "framings": list(framings),
         "n_images": len(items),
         "n_classes": len(set(item_classes)),
-        "n_queries": len(queries),
-        "query_source": source,
-        "chance_mAP": _chance_map(item_classes, queries),
+        "n_queries": len(sets[main]),
+        "query_source": main,
+        "query_sets": {name: [q.text for q in qs] for name, qs in sets.items()},
+        "chance": chance,
+        "chance_mAP": chance[main]["mAP"],
         "models": results,
     }
-
-
-def _chance_map(item_classes: Sequence[str], queries: Sequence[EvalQuery]) -> float:
-    """The expected AP of a random ranking is about the fraction of relevant items."""
-    n = len(item_classes)
-    counts: dict[str, int] = {}
-    for c in item_classes:
-        counts[c] = counts.get(c, 0) + 1
-    fractions = [sum(counts.get(r, 0) for r in set(q.relevant)) / n for q in queries]
-    valid = [f for f in fractions if f > 0]
-    return float(np.mean(valid)) if valid else 0.0
 
 
 def write_results(out: Path, results: Mapping[str, Any]) -> Path:

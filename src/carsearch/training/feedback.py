@@ -14,7 +14,7 @@ The page stores every thumbs-up (+1) and thumbs-down (-1) on a result in
 - The image: the `images` row of the vote (a row that is gone is skipped), of the
   trained collection (`vehicles`; others are skipped). It is joined to the data set by
   its path (resolved) or, failing that, its file's sha256: a train image of this run is
-  used as the trainer holds it (cropped to its box); an image of the data set that is not
+  used as the version serves it (framed by its image policy); an image of the data set that is not
   one of this run's train images (the test split, or beyond `--limit`) is skipped, since
   evaluation must not see trained-on images; an image outside the data set is read from
   its path (skipped when unreadable).
@@ -29,7 +29,7 @@ import hashlib
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +43,7 @@ from carsearch.platform.db import Database, QueryFeedback, QueryLog, as_utc
 from carsearch.platform.db import Image as ImageRow
 from carsearch.platform.errors import ImageRejectedError
 from carsearch.platform.images import DECODE_MAX_SIDE, load_image, sha256_file
+from carsearch.platform.models.image_policy import IMPLIED_POLICY, ImagePolicy
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,9 @@ class _Resolver:
     """Finds the image of a vote: a train image of the run, another image of the data
     set (skipped), or a file outside it."""
 
-    def __init__(self, dataset: StanfordDataset, train_ids: Sequence[str], side: int) -> None:
+    def __init__(self, dataset: StanfordDataset, train_ids: Sequence[str], side: int,
+                 policy: ImagePolicy = IMPLIED_POLICY) -> None:
+        self.policy = policy
         self.dataset = dataset
         self.train_index = {image_id: i for i, image_id in enumerate(train_ids)}
         self.by_path = {_resolved(item.path): item.image_id for item in dataset.images}
@@ -187,8 +190,13 @@ class _Resolver:
         except (ImageRejectedError, OSError) as exc:
             log.warning("feedback: cannot read image %d at %s: %s", row.id, row.path, exc)
             return None, None, "image unreadable"
-        side = self.side
-        return None, img.resize((side, side), Image.Resampling.BICUBIC), None
+        # the served view of the row: cropped to its stored box under the version's policy
+        img = self.policy.frame(img, getattr(row, "box", None))
+        scale = min(1.0, self.side / max(img.size))  # held like a train image: never up
+        if scale < 1.0:
+            img = img.resize((max(1, round(img.width * scale)),
+                              max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
+        return None, img, None
 
 
 def _resolved(path: Path) -> str:
@@ -202,18 +210,27 @@ def load_feedback(
     db: Database,
     dataset: StanfordDataset,
     train_ids: Sequence[str],
-    train_images: Sequence[Image.Image],
+    train_images: Sequence[Image.Image] | Callable[[int], Image.Image],
     *,
     max_pairs: int = DEFAULT_MAX_PAIRS,
     max_share: float = DEFAULT_MAX_SHARE,
     collection: str = COLLECTION,
+    side: int = 0,
+    policy: ImagePolicy = IMPLIED_POLICY,
 ) -> FeedbackSet:
-    """The feedback pairs of a run (see the module docstring for the rules)."""
+    """The feedback pairs of a run (see the module docstring for the rules).
+
+    `train_images` is the train set's images (or a function of a train index giving the
+    image as served); an image outside the data set is framed by `policy` with the box
+    stored on its row, and scaled (never up) so its longer side is at most `side` (0: the
+    first train image's longer side)."""
     votes = read_votes(db)
     nets, skipped = net_votes(votes)
     cap = feedback_cap(len(train_ids), max_pairs, max_share)
-    side = train_images[0].size[0] if train_images else 1
-    resolver = _Resolver(dataset, train_ids, side)
+    image_at = train_images if callable(train_images) else train_images.__getitem__
+    if side <= 0:
+        side = max(image_at(0).size) if train_ids else 1
+    resolver = _Resolver(dataset, train_ids, side, policy)
     with db.session() as s:
         rows = {r.id: r for r in s.scalars(
             select(ImageRow).where(ImageRow.id.in_({n.image_id for n in nets})))}
@@ -235,7 +252,7 @@ def load_feedback(
         if reason is not None:
             skipped[reason] += net.votes
             continue
-        image = train_images[index] if index is not None else img
+        image = image_at(index) if index is not None else img
         assert image is not None
         pairs.append(FeedbackPair(net.query, image, net.label, net.image_id, index))
     stats: dict[str, Any] = {

@@ -27,11 +27,17 @@ def pair_labels(
     n: int,
     device: torch.device,
     text_classes: torch.Tensor | None = None,
+    image_colours: torch.Tensor | None = None,
+    text_colours: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The matrix of +1 (same class, or the diagonal) and -1 (otherwise).
 
     (n, n) for paired images and texts; (n, m) when `text_classes` (m,) gives the classes
-    of the text columns separately (texts that pair with no image of the batch).
+    of the text columns separately (texts that pair with no image of the batch). With
+    `image_colours` (n,) and `text_colours` (m,) (colour ids, -1: none), a text that names
+    a colour is a positive only for same-class images of that colour: the label matches
+    every attribute the text names. The diagonal (a text written for its own image)
+    stays positive.
     """
     if classes is None:
         if text_classes is not None:
@@ -44,6 +50,12 @@ def pair_labels(
         if columns.ndim != 1:
             raise ValueError(f"text classes must be 1-d, got {tuple(columns.shape)}")
         same = classes.view(-1, 1) == columns.view(1, -1)
+        if image_colours is not None and text_colours is not None:
+            named = text_colours.view(1, -1) >= 0
+            agree = image_colours.view(-1, 1) == text_colours.view(1, -1)
+            same = same & (~named | agree)
+            k = min(same.shape)
+            same[torch.arange(k), torch.arange(k)] |= classes[:k] == columns[:k]
     return same.to(torch.float32) * 2.0 - 1.0
 
 
@@ -64,6 +76,8 @@ def siglip_loss(
     logit_bias: torch.Tensor,
     classes: torch.Tensor | None = None,
     text_classes: torch.Tensor | None = None,
+    image_colours: torch.Tensor | None = None,
+    text_colours: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pairwise sigmoid loss of a batch (see the module docstring).
 
@@ -88,7 +102,8 @@ def siglip_loss(
     logits = siglip_logits(
         image_emb.float(), text_emb.float(), logit_scale.float(), logit_bias.float()
     )
-    labels = pair_labels(classes, n, logits.device, text_classes)
+    labels = pair_labels(classes, n, logits.device, text_classes, image_colours,
+                         text_colours)
     return -F.logsigmoid(labels * logits).sum() / n
 
 

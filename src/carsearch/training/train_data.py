@@ -1,8 +1,12 @@
 """Training data: train-split images (augmented) paired with their queries and captions.
 
 Only the train split of a data set reaches training: `TrainSet.from_dataset` takes
-`dataset.split("train")` and keeps only the queries of those images, whatever the
-query file holds.
+`dataset.subset("train")` (the train split less the validation images carved from it)
+and keeps only the queries of those images, whatever the query file holds.
+
+Images are held whole, with their boxes, and each sample is framed by the image policy
+of the version being trained (`platform.models.image_policy`): a view between the box
+and the whole frame, so the model learns every framing it is served.
 
 The sample stream is a pure function of (seed, position): position p of the stream is
 image `perm_e[p mod n]` of epoch e = p div n, where perm_e is a permutation seeded by
@@ -37,12 +41,23 @@ from carsearch.data.augment import OfflineGenerator, RuleJudge, load_queries
 from carsearch.data.stanford import LabelledImage, StanfordDataset
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.images import sha256_file
+from carsearch.platform.models.image_policy import DEFAULT_POLICY, ImagePolicy
 from carsearch.platform.search.vocabulary import VehicleLabel
 from carsearch.training.feedback import FeedbackPair
 
 log = logging.getLogger(__name__)
 
 QUERIES_PER_IMAGE = 5
+
+
+def named_colour(text: str) -> str | None:
+    """The colour a query names (None: it names none, or several different ones), with
+    the judge's colour words ("charcoal" is grey) outside the class name."""
+    from carsearch.data.augment.rules import colour_terms, has_term, normalise
+
+    low = normalise(text)
+    found = {colour for term, colour in colour_terms().items() if has_term(low, term)}
+    return next(iter(found)) if len(found) == 1 else None
 
 
 def caption(label: VehicleLabel) -> str:
@@ -105,6 +120,17 @@ class TrainSet:
     fingerprint: str
     caption_prob: float = 0.5
     meta: dict[str, Any] = field(default_factory=dict)
+    # each image's box in the held image's pixels (None: the whole frame is the vehicle)
+    boxes: list[tuple[int, int, int, int] | None] = field(default_factory=list)
+    policy: ImagePolicy = DEFAULT_POLICY
+    colours: list[str | None] = field(default_factory=list)  # each image's labelled colour
+
+    def box_of(self, i: int) -> tuple[int, int, int, int] | None:
+        return self.boxes[i] if self.boxes else None
+
+    def served_image(self, i: int) -> Image.Image:
+        """Image i framed as the policy serves it (feedback pairs, checks)."""
+        return self.policy.frame(self.images[i], self.box_of(i))
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -119,9 +145,15 @@ class TrainSet:
         seed: int = 0,
         limit: int = 0,
         progress: bool = True,
+        policy: ImagePolicy = DEFAULT_POLICY,
+        split: str = "train",
     ) -> TrainSet:
-        """Load the train split (the first `limit` images where limit > 0)."""
-        items = dataset.split("train")
+        """Load the train split (the first `limit` images where limit > 0).
+
+        Each image is held whole, scaled so its longer side is at most 1.5x the model's
+        image size times the share of the frame its box spans (so a box crop keeps about
+        the resolution the model reads), with its box scaled alike."""
+        items = dataset.subset(split)
         if limit > 0:
             items = items[:limit]
         if not items:
@@ -129,11 +161,13 @@ class TrainSet:
         queries, source = train_queries(items, queries_path, seed)
         names = sorted({item.label.class_name for item in items})
         index = {name: i for i, name in enumerate(names)}
-        side = max(image_size, math.ceil(image_size * 1.25))
-        images = [
-            dataset.open_image(item).resize((side, side), Image.Resampling.BICUBIC)
-            for item in tqdm(items, desc="loading train images", unit="img", disable=not progress)
-        ]
+        images: list[Image.Image] = []
+        boxes: list[tuple[int, int, int, int] | None] = []
+        for item in tqdm(items, desc="loading train images", unit="img",
+                         disable=not progress):
+            img, box = held_image(dataset.open_image(item, crop=False), item.bbox, image_size)
+            images.append(img)
+            boxes.append(box)
         ids = [item.image_id for item in items]
         return cls(
             image_ids=ids,
@@ -144,7 +178,30 @@ class TrainSet:
             queries=[queries.get(item.image_id, []) for item in items],
             fingerprint=data_fingerprint(ids, source),
             meta={"queries_source": source, "with_queries": sum(1 for q in queries.values() if q)},
+            boxes=boxes,
+            policy=policy,
+            colours=[item.label.colour for item in items],
         )
+
+
+def held_image(
+    img: Image.Image, bbox: Sequence[float] | None, image_size: int
+) -> tuple[Image.Image, tuple[int, int, int, int] | None]:
+    """A whole image scaled for the train set (never up), and its box in those pixels."""
+    from carsearch.platform.models.image_policy import clip_box
+
+    box = clip_box(bbox, img.size) if bbox is not None else None
+    span = 1.0
+    if box is not None:
+        span = max((box[2] - box[0]) / img.width, (box[3] - box[1]) / img.height, 0.25)
+    limit = math.ceil(1.5 * image_size / span)
+    scale = min(1.0, limit / max(img.size))
+    if scale < 1.0:
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC)
+        if box is not None:
+            box = clip_box([v * scale for v in box], img.size)
+    return img, box
 
 
 def augment_image(img: Image.Image, rng: random.Random, min_area: float = 0.95) -> Image.Image:
@@ -208,13 +265,22 @@ class SampleStream(torch.utils.data.Dataset[dict[str, Any]]):
         i = self.item_at(position)
         rng = random.Random(f"{self.seed}:{position}")
         image = self.data.images[i]
-        image = augment_image(image, rng, self.min_crop_area) if self.augment else image
+        if self.augment:
+            policy = self.data.policy
+            t = 1.0 if rng.random() < policy.frame_prob else rng.random()
+            image = policy.train_view(image, self.data.box_of(i), t)
+            image = augment_image(image, rng, self.min_crop_area)
+        else:
+            image = self.data.served_image(i)
         queries = self.data.queries[i]
         if not queries or rng.random() < self.data.caption_prob:
             text = self.data.captions[i]
         else:
             text = rng.choice(queries)
-        return {"image": image, "text": text, "class_id": self.data.class_ids[i], "index": i}
+        colours = self.data.colours
+        return {"image": image, "text": text, "class_id": self.data.class_ids[i], "index": i,
+                "colour": colour_id(colours[i] if colours else None),
+                "text_colour": colour_id(named_colour(text))}
 
 
 def feedback_samples(
@@ -241,6 +307,13 @@ def feedback_samples(
     return out
 
 
+def colour_id(colour: str | None) -> int:
+    """A colour's index in the vocabulary's colours; -1 for none or an unknown one."""
+    from carsearch.platform.search.vocabulary import COLOURS
+
+    return COLOURS.index(colour) if colour in COLOURS else -1
+
+
 class Collate:
     """Batches samples: the base's image processor, the tokenizer padded to max length."""
 
@@ -265,6 +338,11 @@ class Collate:
         return {
             **self._encode(samples),
             "classes": torch.tensor([s["class_id"] for s in samples], dtype=torch.long),
+            # attribute-aware positives: a text that names a colour is a positive only for
+            # images of its class in that colour (an unlabelled colour is not a positive)
+            "colours": torch.tensor([s.get("colour", -1) for s in samples], dtype=torch.long),
+            "text_colours": torch.tensor([s.get("text_colour", -1) for s in samples],
+                                         dtype=torch.long),
         }
 
     def feedback(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -69,6 +69,7 @@ from carsearch.platform.artifacts import CHECKPOINT, ArtifactLedger
 from carsearch.platform.db import Database
 from carsearch.platform.errors import ArtifactTamperedError, ConfigError, ModelNotFoundError
 from carsearch.platform.models.encoder import pooled_features, quiet_config_check
+from carsearch.platform.models.image_policy import ImagePolicy, write_policy
 from carsearch.training.feedback import (
     DEFAULT_MAX_PAIRS,
     DEFAULT_MAX_SHARE,
@@ -133,6 +134,13 @@ class TrainConfig:
     class_texts: bool = True  # every step, also every class name as a text column
     scalar_lr_mult: float = 10.0  # the two scalars' lr as a multiple of the peak lr
     min_crop_area: float = 0.95  # random resized crops keep at least this share of the area
+    # the image policy the version is trained with and records (image_policy.json):
+    # "box" trains on box crops (what a photo with a box is served); "box-to-frame" on
+    # views from the box out to the whole frame (measured at chance on the compact demo
+    # base after the demo's 330 steps: docs/BENCHMARKS.md, "What is served, measured")
+    train_views: str = "box"
+    frame_prob: float = 0.25  # share of samples shown the whole frame
+    box_margin: float = 0.0  # served crops widen the box by this share on each side
     feedback_db: str = ""  # database URL whose query_feedback votes train too; "": none
     feedback_weight: float = DEFAULT_WEIGHT  # w of each feedback pair in the loss
     feedback_max: int = DEFAULT_MAX_PAIRS  # at most this many feedback pairs (newest first)
@@ -448,9 +456,15 @@ class _Run:
         _check(config, self.accelerator.num_processes)
         set_seed(config.seed)
         self.model, self.processor, self.full = build_model(config)
+        self.policy = ImagePolicy(
+            framing="box", margin=config.box_margin,
+            train_views=config.train_views,  # type: ignore[arg-type]
+            frame_prob=config.frame_prob,
+        )
         dataset = load_stanford(config.data)
         self.data = TrainSet.from_dataset(
             dataset,
+            policy=self.policy,
             image_size=image_size_of(self.processor),
             queries_path=config.queries,
             seed=config.seed,
@@ -476,7 +490,8 @@ class _Run:
         db = Database(config.feedback_db)
         try:
             found = load_feedback(
-                db, dataset, self.data.image_ids, self.data.images,
+                db, dataset, self.data.image_ids, self.data.served_image,
+                side=math.ceil(1.5 * image_size_of(self.processor)), policy=self.policy,
                 max_pairs=config.feedback_max, max_share=config.feedback_share,
             )
         finally:
@@ -586,18 +601,26 @@ class _Run:
             image, fb_image = image[:n], image[n:]
             text, class_text, fb_text = text[:n], text[n:n + n_class], text[n + n_class:]
             classes = batch["classes"]
+            colours, text_colours = batch.get("colours"), batch.get("text_colours")
             if acc.num_processes > 1:
                 image, text = _gather_with_grad(image), _gather_with_grad(text)
                 classes = acc.gather(classes)
+                if colours is not None and text_colours is not None:
+                    colours, text_colours = acc.gather(colours), acc.gather(text_colours)
             if self.class_tokens is None:
-                loss = siglip_loss(image, text, scale, bias, classes)
+                loss = siglip_loss(image, text, scale, bias, classes,
+                                   image_colours=colours, text_colours=text_colours)
             else:
                 # The class-name columns are computed (identically) in every process, so
-                # every process still computes the loss of the whole global batch.
+                # every process still computes the loss of the whole global batch. A
+                # class name names no colour.
                 class_ids = torch.arange(len(class_text), device=classes.device)
+                column_colours = None if text_colours is None else torch.cat(
+                    [text_colours, torch.full_like(class_ids, -1)])
                 loss = siglip_loss(
                     image, torch.cat([text, class_text]), scale, bias, classes,
                     text_classes=torch.cat([classes, class_ids]),
+                    image_colours=colours, text_colours=column_colours,
                 )
             if fb is not None:
                 # Computed identically in every process, like the class-name columns.
@@ -656,6 +679,7 @@ class _Run:
         with quiet_config_check():
             net.save_pretrained(out, safe_serialization=True)
         self.processor.save_pretrained(out)
+        write_policy(out, self.policy, self.processor)  # served as it was trained
         return out
 
 

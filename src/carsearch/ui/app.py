@@ -343,7 +343,12 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
                                   label="Results (top-k)", elem_id="top-k")
                     min_prob = gr.Slider(
                         0.0, 1.0, value=0.0, step=0.01, elem_id="min-prob",
-                        label="Minimum probability (text queries; 0: no cut-off)")
+                        label="Minimum probability (text queries; 0: no cut-off)",
+                        info="Hides hits whose model probability that the text describes "
+                             "the photo, sigmoid(scale * cosine + bias), is lower. How "
+                             "well p matches the observed share of right hits is measured "
+                             "per version (`carsearch evaluate` prints ECE): read it as a "
+                             "score, not a guarantee.")
                     make = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Make")
                     body = gr.Dropdown([], multiselect=True, allow_custom_value=True,
                                        label="Body type")

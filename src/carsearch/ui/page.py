@@ -106,7 +106,7 @@ class PickedFilters:
     year_from: str | int | None = None
     year_to: str | int | None = None
     # Which image collection (None: vehicles, or the only one) and the relevance cut-off
-    # on text hits' calibrated probability (None or 0: none).
+    # on text hits' model probability (None or 0: none).
     collection: str | None = None
     min_prob: float | None = None
 
@@ -142,7 +142,8 @@ class PageResult:
 def caption(hit: SearchHit) -> str:
     """"#1 · 0.812 · Chevrolet Silverado 1500 2012 · red · stanford", and for a hit of a
     relaxed search what it does not meet ("· not body: coupe"), then for a text query the
-    calibrated probability ("· p=0.031"), the photographer and description if any."""
+    model's probability ("· p=0.031"), the photographer, what was embedded ("box
+    12,30,200,150" or "whole frame") and the description if any."""
     name = " ".join(str(p) for p in (hit.make, hit.model, hit.year) if p) or "unlabelled"
     parts = [f"#{hit.rank}", f"{hit.score:.3f}", name]
     if hit.body_type:
@@ -156,6 +157,8 @@ def caption(hit: SearchHit) -> str:
         parts.append(f"p={hit.probability:.3g}")  # three significant digits
     if hit.photographer:
         parts.append(f"by {hit.photographer}")
+    # what the vector was embedded from: the vehicle's box, or the whole frame
+    parts.append("box " + ",".join(str(v) for v in hit.box) if hit.box else "whole frame")
     if hit.description:
         text = " ".join(hit.description.split())
         parts.append(text if len(text) <= 90 else text[:89] + "…")

@@ -113,6 +113,9 @@ class Image(Base):
     colour: Mapped[str | None] = mapped_column(String(32))
     class_name: Mapped[str | None] = mapped_column(String(256), index=True)
     extra: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # The vehicle's box [x1, y1, x2, y2] in pixels (clipped to the image), or None: the
+    # whole frame. The image policy of the version crops to it before embedding.
+    box: Mapped[list[int] | None] = mapped_column(JSONType)
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     status: Mapped[ImageStatus] = mapped_column(
         _enum(ImageStatus, "image_status"), nullable=False, default=ImageStatus.pending

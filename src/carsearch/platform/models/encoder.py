@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from carsearch.platform.errors import ConfigError, ModelNotFoundError
+from carsearch.platform.models.image_policy import ImagePolicy, frame_images, read_policy
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class _Loaded:
     text_max_length: int
     logit_scale: float
     logit_bias: float
+    policy: ImagePolicy
 
 
 def resolve_device(device: str, *, cuda_available: bool | None = None) -> str:
@@ -253,7 +255,20 @@ class Encoder:
             text_max_length=_text_max_length(net, processor),
             logit_scale=_scalar(net, "logit_scale", 0.0),
             logit_bias=_scalar(net, "logit_bias", 0.0),
+            policy=self._policy_locked(),
         )
+
+    def _policy_locked(self) -> ImagePolicy:
+        ref = self._model_ref
+        policy = read_policy(Path(str(ref)).expanduser() if _looks_like_path(ref) else None)
+        if policy.source != "file":
+            log.info("encoder %s: %s", self.model_id, policy.source)
+        return policy
+
+    @property
+    def policy(self) -> ImagePolicy:
+        """The version's image policy (image_policy.json, or the implied one)."""
+        return self._load().policy
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors (n, dim) for the texts, padded to the model's length as SigLIP is."""
@@ -273,17 +288,24 @@ class Encoder:
 
         return self._encode(list(texts), run, loaded.dim)
 
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Unit vectors (n, dim) for the images (converted to RGB first)."""
+    def encode_images(
+        self,
+        images: Sequence[Image.Image],
+        boxes: Sequence[Sequence[float] | None] | None = None,
+    ) -> np.ndarray:
+        """Unit vectors (n, dim) for the images under the version's image policy: each
+        framed (cropped to its box, where `boxes` gives one), then sized and normalised by
+        the version's processor. Every caller embeds images through here."""
         loaded = self._load()
+        framed = frame_images(loaded.policy, images, boxes)
 
         def run(batch: Sequence[Image.Image]) -> torch.Tensor:
-            rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in batch]
+            rgb = list(batch)
             inputs = loaded.processor.image_processor(images=rgb, return_tensors="pt")
             pixels = inputs["pixel_values"].to(self._device)
             return pooled_features(loaded.model.get_image_features(pixel_values=pixels))
 
-        return self._encode(list(images), run, loaded.dim)
+        return self._encode(framed, run, loaded.dim)
 
     def _encode(
         self, items: list[T], run: Callable[[Sequence[T]], torch.Tensor], dim: int

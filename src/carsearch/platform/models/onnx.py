@@ -7,6 +7,7 @@ gateway runs the vision tower and sends vectors. `export_onnx` writes
     DIR/text.onnx        input_ids (n, L)           -> unit text embeddings (n, dim)
     DIR/onnx.json        the manifest: sha256 of each graph, dim, text length, image
                          size, logit_scale / logit_bias, the parity measured at export
+    DIR/image_policy.json the version's framing (see image_policy), hashed in the manifest
     DIR/<processor files> the tokenizer and image preprocessor (save_pretrained: JSON and
                          the tokenizer's own files, no pickles)
 
@@ -47,6 +48,13 @@ from PIL import Image
 
 from carsearch.platform.errors import ModelNotFoundError
 from carsearch.platform.images import sha256_file
+from carsearch.platform.models.image_policy import (
+    POLICY_FILE,
+    ImagePolicy,
+    frame_images,
+    read_policy,
+    write_policy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +153,11 @@ def export_onnx(model: str | Path, out_dir: Path, *, adapter: str | Path | None 
                           dynamic_axes={"input_ids": {0: "n"}, "embeds": {0: "n"}},
                           opset_version=OPSET, dynamo=False)
     processor.save_pretrained(str(out_dir))
+    write_policy(out_dir, loaded.policy)  # the gateway frames images as the version does
     manifest: dict[str, Any] = {
         "source": enc.model_id,
-        "files": {name: sha256_file(out_dir / name) for name in ("vision.onnx", "text.onnx")},
+        "files": {name: sha256_file(out_dir / name)
+                  for name in ("vision.onnx", "text.onnx", POLICY_FILE)},
         "dim": loaded.dim, "text_max_length": loaded.text_max_length,
         "image_size": list(size), "logit_scale": loaded.logit_scale,
         "logit_bias": loaded.logit_bias, "opset": OPSET,
@@ -286,12 +296,21 @@ class OnnxEncoder:
             out.append(text.run(None, {"input_ids": ids.astype(np.int64)})[0])
         return _stack(out, int(manifest["dim"]))
 
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+    @property
+    def policy(self) -> ImagePolicy:
+        """The exported version's image policy (copied beside the graphs at export)."""
+        return read_policy(self.export_dir)
+
+    def encode_images(
+        self,
+        images: Sequence[Image.Image],
+        boxes: Sequence[Sequence[float] | None] | None = None,
+    ) -> np.ndarray:
         vision, _text, processor, manifest = self._load()
+        framed = frame_images(self.policy, images, boxes)
         out = []
-        for start in range(0, len(images), self._batch_size):
-            rgb = [im if im.mode == "RGB" else im.convert("RGB")
-                   for im in images[start:start + self._batch_size]]
+        for start in range(0, len(framed), self._batch_size):
+            rgb = framed[start:start + self._batch_size]
             pixels = processor.image_processor(images=rgb, return_tensors="np")["pixel_values"]
             out.append(vision.run(None, {"pixel_values": pixels.astype(np.float32)})[0])
         return _stack(out, int(manifest["dim"]))

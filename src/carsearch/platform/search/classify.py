@@ -31,7 +31,8 @@ MAX_LABEL_CHARS = 100
 
 @dataclass(frozen=True)
 class LabelScore:
-    """One label's calibrated probability for one image, with its parts."""
+    """One label's probability for one image (its calibration is measured, not assumed:
+    `platform.metrics.reliability`), with its parts."""
 
     label: str
     probability: float

@@ -79,13 +79,17 @@ class SearchHit:
     # The filters read from the query text that this hit does not meet (it came from a
     # relaxed search); empty for an exact match.
     unmet: tuple[str, ...] = ()
-    # For a text query: SigLIP's calibrated probability that the text matches the image,
+    # For a text query: the model's probability that the text matches the image (its
+    # calibration is measured per version: `carsearch evaluate` prints a reliability table),
     # sigmoid(exp(logit_scale) * score + logit_bias) (platform/search/classify.py).
     probability: float | None = None
     # A description that came with the image (a URL manifest's photo_description).
     description: str | None = None
     # Who took it, where the manifest said (Unsplash's photographer_username).
     photographer: str | None = None
+    # The vehicle's box [x1, y1, x2, y2] in pixels that the vector was embedded from
+    # (None: the whole frame); the thumbnail is always the whole photo.
+    box: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -387,7 +391,7 @@ class SearchService:
         filters are hard; the chips are met where k vehicles meet them, otherwise relaxed
         in `relaxation_tiers` order until the page is full, exact matches first, and the
         result says what was relaxed. A chip whose field the hard filters set is overridden
-        by them. ``min_prob`` drops the hits whose calibrated text-image probability is
+        by them. ``min_prob`` drops the hits whose model text-image probability is
         lower. The query is logged (`query_log`) and counted."""
         with _counted():
             text = self.clean_query(request.query)
@@ -454,25 +458,29 @@ class SearchService:
     def classify(
         self, images: Sequence[PILImage.Image], labels: str | Sequence[str],
         template: str = DEFAULT_TEMPLATE, collection: str | None = None,
+        boxes: Sequence[Sequence[float] | None] | None = None,
     ) -> list[list[LabelScore]]:
         """Zero-shot: each label's independent probability for each image, with the
-        model serving ``collection`` (platform/search/classify.py)."""
+        model serving ``collection`` (platform/search/classify.py); each image framed by
+        that version's image policy (cropped to its box where ``boxes`` gives one)."""
         encoder = self.encoder_for(self.serving(collection))
         parse_labels(labels)  # a bad label list fails before any image is encoded
         check_template(template)
-        vectors = encoder.encode_images([im.convert("RGB") for im in images])
+        vectors = encoder.encode_images([im.convert("RGB") for im in images], boxes)
         return classify_vectors(encoder, vectors, labels, template)
 
     def search_image(
         self, image: PILImage.Image, k: int = 10, filters: SearchFilters | None = None,
-        collection: str | None = None,
+        collection: str | None = None, box: Sequence[float] | None = None,
     ) -> SearchResult:
+        """Image search: the query image framed by the serving version's image policy
+        (cropped to ``box`` where given, else the whole frame), as indexed images are."""
         with _counted():
             k = self.check_k(k)
             _check_filters(self.kind(collection), self.collection(collection), filters)
             t0 = time.perf_counter()
             version = self.serving(collection)
-            vec = self.encoder_for(version).encode_images([image.convert("RGB")])
+            vec = self.encoder_for(version).encode_images([image.convert("RGB")], [box])
             return self._finish(version, vec, "image", None, k, filters, t0)
 
     def search_similar(
@@ -504,7 +512,7 @@ class SearchService:
             raise QueryError(f"no image with id {image_id}")
         img = load_image(Path(row.path), max_pixels=self.settings.max_image_pixels,
                          max_side=DECODE_MAX_SIDE)
-        return self.search_image(img, k, filters, collection)
+        return self.search_image(img, k, filters, collection, box=row.box)
 
     def _finish(
         self,
@@ -562,6 +570,7 @@ class SearchService:
                     probability=None if prob is None else round(prob, 6),
                     description=_extra_text(row.extra, "description"),
                     photographer=_extra_text(row.extra, "photographer"),
+                    box=list(row.box) if getattr(row, "box", None) else None,
                 ))
             ran.append({"kept": [c.key for c in kept], "dropped": [c.key for c in dropped],
                         "hits": added})
