@@ -19,7 +19,8 @@ from ingest_world import world
                                      marks=[pytest.mark.postgres, pytest.mark.milvus_server])])
 def shape(request: pytest.FixtureRequest, tmp_path: Path, compact_model: Path
           ) -> Iterator[Platform]:
-    from conftest import _reset_pg, empty_server
+    from fixtures.common import empty_server
+    from fixtures.common import reset_pg as _reset_pg
 
     if request.param == "lite-sqlite":
         url, uri = f"sqlite:///{tmp_path / 'test.db'}", str(tmp_path / "milvus.db")

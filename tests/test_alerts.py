@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, _in_ci
+from fixtures.common import REPO
+from fixtures.common import in_ci as _in_ci
 
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 ALERT_TESTS = REPO / "deploy" / "prometheus" / "alerts_test.yml"

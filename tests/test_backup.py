@@ -26,9 +26,10 @@ from carsearch.platform.db import Lease, QueryFeedback, images, migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectors.store import MilvusStore
-from conftest import _reset_pg, empty_server
+from fixtures.cli import one_line_error, run
+from fixtures.common import empty_server
+from fixtures.common import reset_pg as _reset_pg
 from ingest_world import world
-from test_cli import one_line_error, run
 from ui_world import draw_car
 
 CLASSES = [("Chevrolet Silverado 1500 Regular Cab 2012", (200, 20, 20)),

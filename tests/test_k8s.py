@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from fixtures.common import REPO
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
