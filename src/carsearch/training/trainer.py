@@ -269,6 +269,8 @@ def load_base(base: str) -> tuple[Any, Any]:
     """The SigLIP model and processor of a base (directory, or hub id in the local cache)."""
     from transformers import AutoModel, AutoProcessor
 
+    import carsearch.platform.models.compact  # noqa: F401  (registers the compact type)
+
     path = Path(base).expanduser()
     source = str(path) if path.is_dir() else base
     kwargs: dict[str, Any] = {} if path.is_dir() else {"local_files_only": True}
