@@ -172,3 +172,59 @@ def test_pretrained_image_tower_groups_a_class_random_weights_do_not(
                                         spec=PretrainedSpec())
     agree_random, _ = _nearest_neighbour_same_class(random_base)
     assert agree_random <= 1.5 * chance
+
+
+# -- training in two stages (the real loops, a few rendered images) ----------------------
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_pretrained_base(tmp_path_factory.mktemp("small") / "base",
+                                 spec=PretrainedSpec(image_size=64))
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from train_helpers import tiny_catalogue
+
+    return tiny_catalogue(tmp_path_factory.mktemp("cat") / "catalogue", n=24)
+
+
+def test_two_stage_training_smoke(small_base: Path, catalogue: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from carsearch.training.stage1 import Stage1Config, train_stage1
+    from carsearch.training.trainer import TrainConfig, lora_wrapped_modules, train
+
+    cache = tmp_path / "cache"
+    cfg = Stage1Config(data=catalogue, base=str(small_base), out=tmp_path / "s1",
+                       cache_dir=cache, steps=3, batch_size=4, progress=False)
+    first = train_stage1(cfg)
+    assert first.cache["computed"] == first.n_train > 0 and first.cache["hits"] == 0
+    again = train_stage1(Stage1Config(**{**cfg.__dict__, "out": tmp_path / "s1b"}))
+    assert again.cache == {"hits": first.n_train, "computed": 0, "seconds": 0.0}
+
+    before, after = (load_file(str(small_base / "model.safetensors")),
+                     load_file(str(first.model_dir / "model.safetensors")))
+    frozen = [k for k in before if ".backbone." in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    for name in ("text_model.layers.0.q_proj.weight", "vision_model.projection.weight",
+                 "logit_scale", "logit_bias"):
+        assert not torch.equal(before[name], after[name]), name
+
+    from carsearch.training.trainer import apply_lora, load_base
+
+    wrapped = lora_wrapped_modules(apply_lora(load_base(str(first.model_dir))[0], 4))
+    assert any(".text_model.layers.0.q_proj" in n for n in wrapped)
+    assert any("._blocks.3._project_conv" in n for n in wrapped)
+
+    result = train(TrainConfig(data=catalogue, base=str(first.model_dir), out=tmp_path / "s2",
+                               steps=2, batch_size=4, limit=8, lora_rank=4, progress=False))
+    assert not result.full and result.model_dir is not None
+    stage2 = load_file(str(result.model_dir / "model.safetensors"))
+    assert set(stage2) == set(after)  # LoRA merged: the same plain model
+    conv = "vision_model.backbone._blocks.3._project_conv.weight"
+    assert not torch.equal(stage2[conv], after[conv])  # the image tower adapted
+    assert not torch.equal(stage2["logit_bias"], after["logit_bias"])
+    vectors = Encoder(result.model_dir).encode_text(TEXTS)
+    assert vectors.shape == (len(TEXTS), 256) and np.isfinite(vectors).all()

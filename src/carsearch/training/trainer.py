@@ -289,14 +289,20 @@ def load_base(base: str) -> tuple[Any, Any]:
 
 
 def apply_lora(net: nn.Module, rank: int, alpha: int = 0) -> Any:
-    """Wrap q_proj and v_proj of both towers with LoRA; unfreeze the two scalars."""
+    """Wrap both towers with LoRA; unfreeze the two scalars.
+
+    SigLIP: q_proj and v_proj of every attention layer. A model that names its own
+    targets (`lora_target_modules`, the compact pretrained base: its text tower's linears
+    and its image tower's 1x1 convolutions) gets those.
+    """
     from peft import LoraConfig, get_peft_model
 
+    targets: Any = getattr(net, "lora_target_modules", None) or list(LORA_TARGETS)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha or 2 * rank,
         lora_dropout=0.0,
-        target_modules=list(LORA_TARGETS),
+        target_modules=targets,
         bias="none",
     )
     model = get_peft_model(net, config)  # type: ignore[arg-type]

@@ -153,7 +153,24 @@ def efficientnet(image_size: int, name: str = BACKBONE) -> nn.Module:
     net = EfficientNet.from_name(name, image_size=image_size)
     net._fc = nn.Identity()
     net.set_swish(memory_efficient=False)  # plain ops: exportable to ONNX
+    _plain_pointwise_convs(net)
     return net
+
+
+def _plain_pointwise_convs(net: nn.Module) -> None:
+    """1x1 stride-1 "same" convolutions pad nothing: make them plain `nn.Conv2d`.
+
+    The same weights and state-dict keys; peft can wrap a plain Conv2d with LoRA (it
+    builds its LoRA convolutions from the wrapped layer's class, which the package's
+    static-padding class refuses without an image size).
+    """
+    for parent in list(net.modules()):
+        for child_name, child in list(parent.named_children()):
+            if (isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d
+                    and child.kernel_size == (1, 1) and tuple(child.stride) == (1, 1)):
+                plain = nn.Conv2d(child.in_channels, child.out_channels, 1,
+                                  groups=child.groups, bias=child.bias is not None)
+                setattr(parent, child_name, plain)
 
 
 class CompactVisionModel(nn.Module):
@@ -177,6 +194,7 @@ class CompactModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     _no_split_modules: ClassVar[list[str]] = []
+    lora_target_modules: ClassVar[str] = LORA_TARGETS
 
     def __init__(self, config: CompactConfig) -> None:
         super().__init__(config)
