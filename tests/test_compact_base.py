@@ -218,9 +218,13 @@ def test_two_stage_training_smoke(small_base: Path, catalogue: Path, tmp_path: P
     assert any(".text_model.layers.0.q_proj" in n for n in wrapped)
     assert any("._blocks.3._project_conv" in n for n in wrapped)
 
-    result = train(TrainConfig(data=catalogue, base=str(first.model_dir), out=tmp_path / "s2",
-                               steps=2, batch_size=4, limit=8, lora_rank=4, progress=False))
+    # The trainer's own path: stage 1 (cache hits now), then LoRA from its result.
+    result = train(TrainConfig(data=catalogue, base=str(small_base), out=tmp_path / "s2",
+                               steps=2, batch_size=4, limit=8, lora_rank=4, progress=False,
+                               stage1_steps=3, stage1_batch_size=4, feature_cache=cache))
     assert not result.full and result.model_dir is not None
+    assert (tmp_path / "s2" / "stage1" / "model" / "model.safetensors").is_file()
+    after = load_file(str(tmp_path / "s2" / "stage1" / "model" / "model.safetensors"))
     stage2 = load_file(str(result.model_dir / "model.safetensors"))
     assert set(stage2) == set(after)  # LoRA merged: the same plain model
     conv = "vision_model.backbone._blocks.3._project_conv.weight"

@@ -48,7 +48,7 @@ from carsearch.training.feature_cache import (
 )
 from carsearch.training.loss import siglip_loss
 from carsearch.training.query_metrics import per_query
-from carsearch.training.train_data import generated_queries
+from carsearch.training.train_data import train_queries
 from carsearch.training.trainer import load_base, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Stage1Config:
     base: str
     out: Path
     cache_dir: Path
+    queries: Path | None = None  # augmented queries (JSONL); None: generated offline
     steps: int = 1500
     batch_size: int = 128
     lr: float = 1e-3
@@ -138,8 +139,9 @@ def tokenize(processor: Any, texts: Sequence[str], max_length: int) -> torch.Ten
                                max_length=max_length, return_tensors="pt")["input_ids"]
 
 
-def _texts_per_image(items: Sequence[LabelledImage], seed: int) -> list[list[str]]:
-    queries = generated_queries(items, seed)
+def _texts_per_image(items: Sequence[LabelledImage], seed: int,
+                     queries_path: Path | None) -> list[list[str]]:
+    queries, _ = train_queries(items, queries_path, seed)
     return [queries.get(item.image_id, []) for item in items]
 
 
@@ -164,7 +166,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     classes = torch.tensor([index[x.label.class_name] for x in train_items])
     max_len = int(net.config.text_config.max_position_embeddings)
     class_ids = tokenize(processor, names, max_len)
-    queries = _texts_per_image(train_items, config.seed)
+    queries = _texts_per_image(train_items, config.seed, config.queries)
     freeze_image_backbone(net)
     module = Stage1Module(net)
     optimizer = make_optimizer(module, config.lr, config.weight_decay,

@@ -142,10 +142,16 @@ class TrainConfig:
     # "": none, and then the run cannot be resumed
     ledger_db: str = ""
     progress: bool = True
+    # Stage 1 (training/stage1.py) before this loop, for a base with a cached-feature
+    # image tower (the compact pretrained base): this many steps with the image tower
+    # frozen; then this loop (LoRA) continues from its result. 0: none.
+    stage1_steps: int = 0
+    stage1_batch_size: int = 128
+    feature_cache: Path | None = None  # stage 1's feature cache; None: out/feature-cache
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("data", "out", "queries"):
+        for key in ("data", "out", "queries", "feature_cache"):
             d[key] = str(d[key]) if d[key] is not None else None
         for key in ("feedback_db", "ledger_db"):  # recorded in the registry: no password
             if d[key]:
@@ -690,11 +696,32 @@ def _parameter_counts(model: nn.Module) -> tuple[int, int]:
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run; the main process saves the merged model."""
     config.out.mkdir(parents=True, exist_ok=True)
+    if config.stage1_steps > 0:
+        config = _run_stage1(config)
     run = _Run(config)
     try:
         return _train(run, config)
     finally:
         run.close()
+
+
+def _run_stage1(config: TrainConfig) -> TrainConfig:
+    """Stage 1 into out/stage1 (skipped when a resumed run finds it done); the returned
+    config trains on from its model, with LoRA unless `full` says otherwise."""
+    from dataclasses import replace
+
+    from carsearch.training.stage1 import Stage1Config, train_stage1
+
+    stage1_out = config.out / "stage1"
+    model_dir = stage1_out / "model"
+    if not (config.resume and (model_dir / "config.json").is_file()):
+        train_stage1(Stage1Config(
+            data=config.data, base=config.base, out=stage1_out,
+            cache_dir=config.feature_cache or config.out / "feature-cache",
+            queries=config.queries, steps=config.stage1_steps,
+            batch_size=config.stage1_batch_size, seed=config.seed, progress=config.progress,
+        ))
+    return replace(config, base=str(model_dir), full=config.full or False)
 
 
 def _train(run: _Run, config: TrainConfig) -> TrainResult:
