@@ -232,3 +232,16 @@ def test_two_stage_training_smoke(small_base: Path, catalogue: Path, tmp_path: P
     assert not torch.equal(stage2["logit_bias"], after["logit_bias"])
     vectors = Encoder(result.model_dir).encode_text(TEXTS)
     assert vectors.shape == (len(TEXTS), 256) and np.isfinite(vectors).all()
+
+
+def test_onnx_export_parity(pretrained_base: Path, tmp_path: Path) -> None:
+    from carsearch.platform.models.onnx import OnnxEncoder, export_onnx
+
+    manifest = export_onnx(pretrained_base, tmp_path / "onnx")
+    parity = manifest["parity"]
+    assert parity["vision_min_cos"] > 0.9999 and parity["text_min_cos"] > 0.9999
+    onnx, torch_enc = OnnxEncoder(tmp_path / "onnx"), Encoder(pretrained_base)
+    assert onnx.dim == 256
+    assert np.allclose(onnx.encode_text(TEXTS), torch_enc.encode_text(TEXTS), atol=1e-4)
+    assert np.allclose(onnx.encode_images(_images()), torch_enc.encode_images(_images()),
+                       atol=1e-4)
