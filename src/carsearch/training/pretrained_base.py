@@ -90,8 +90,15 @@ def image_processor(image_size: int) -> SiglipImageProcessorPil:
     )
 
 
+# The bias starts near the prior log-odds of a positive pair in a stage-1 step (a batch of
+# 128 images against its 128 texts and ~200 class names: about 1 in 200), not at the
+# SigLIP paper's -10, which suits 32k-pair batches.
+INIT_LOGIT_BIAS = -5.0
+
+
 def pretrained_config(spec: PretrainedSpec, vocab_size: int, pad_id: int) -> CompactConfig:
     return CompactConfig(
+        logit_bias_init=INIT_LOGIT_BIAS,
         text_config={
             "vocab_size": vocab_size,
             "hidden_size": 256,
