@@ -107,13 +107,43 @@ def subset(items: list[LabelledImage], per_class: int) -> list[LabelledImage]:
     return out
 
 
+def speed(args: argparse.Namespace, sizes: list[int], n: int = 64) -> dict[str, Any]:
+    """Images/s and texts/s of the Encoder (batch 32, inference mode, channels-last)."""
+    import statistics
+
+    from carsearch.platform.models.encoder import Encoder
+
+    dataset = load_stanford(args.root, split="test")
+    photos = [dataset.open_image(x) for x in dataset.images[:n]]
+    texts = [x.label.class_name for x in dataset.images[:n]]
+    out: dict[str, Any] = {}
+    for size in sizes:
+        base = args.work / f"speed-base-{size}"
+        if not (base / "config.json").is_file():
+            build_pretrained_base(base, spec=PretrainedSpec(image_size=size))
+        enc = Encoder(base, batch_size=32, torch_threads=args.threads)
+        enc.encode_images(photos[:8])  # warm-up
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            enc.encode_images(photos)
+            runs.append(n / (time.perf_counter() - t))
+        t = time.perf_counter()
+        enc.encode_text(texts * 4)
+        out[str(size)] = {"images_per_s_median": round(statistics.median(runs), 1),
+                          "images_per_s_runs": [round(r, 1) for r in runs],
+                          "texts_per_s": round(4 * n / (time.perf_counter() - t), 1)}
+        log.info("speed %d px: %s", size, out[str(size)])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2]
                    / "shared" / "stanford_cars")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_pretrained"))
     p.add_argument("--cache", type=Path, default=None)
-    p.add_argument("--mode", choices=("val", "test"), default="val")
+    p.add_argument("--mode", choices=("val", "test", "both"), default="val")
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=128)
@@ -126,22 +156,31 @@ def main() -> None:
     p.add_argument("--stage2-eval-per-class", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--speed", type=str, default="",
+                   help="only measure encoder speed at these sizes (comma separated)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.speed:
+        result = speed(args, [int(x) for x in args.speed.split(",")])
+        print(json.dumps({"threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+                          "speed": result}, indent=2))
+        return
     cache = args.cache or args.work / "featcache"
     tag = f"s{args.size}-l{args.text_layers}"
     base = args.work / f"base-{tag}"
     if not (base / "config.json").is_file():
         build_pretrained_base(base, spec=PretrainedSpec(image_size=args.size,
                                                         text_layers=args.text_layers))
-    val_share = 0.2 if args.mode == "val" else 0.0
+    val_share = 0.0 if args.mode == "test" else 0.2
     dataset = load_stanford(args.root)
     train_items, val_items = split_train(dataset.split("train"), val_share)
-    scored = val_items if args.mode == "val" else dataset.split("test")
     seen = {x.label.class_name.lower() for x in train_items}
     seen |= {q.lower() for qs in generated_queries(train_items, 0).values() for q in qs}
-    heldout = heldout_phrasings(scored, seen)
+    splits = {"val": val_items, "test": dataset.split("test")}
+    if args.mode != "both":
+        splits = {args.mode: splits[args.mode]}
+    heldouts = {name: heldout_phrasings(items, seen) for name, items in splits.items()}
     report: dict[str, Any] = {"mode": args.mode, "args": {k: str(v) for k, v in
                                                           vars(args).items()},
                               "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
@@ -150,9 +189,11 @@ def main() -> None:
     net.eval()
     stats = CacheStats()
     t0 = time.perf_counter()
-    features = features_for(net, processor, dataset, scored, cache, stats=stats)
+    features = {name: features_for(net, processor, dataset, items, cache, stats=stats)
+                for name, items in splits.items()}
     report["scored_features"] = {"computed": stats.computed, "seconds": round(stats.seconds, 1)}
-    report["zero_shot"] = score(net, processor, features, scored, heldout)
+    report["zero_shot"] = {name: score(net, processor, features[name], items, heldouts[name])
+                           for name, items in splits.items()}
     log.info("zero-shot: %s", report["zero_shot"])
 
     s1 = train_stage1(Stage1Config(
@@ -165,7 +206,8 @@ def main() -> None:
                               "n_train": s1.n_train}
     net1, proc1 = load_base(str(s1.model_dir))
     net1.eval()
-    report["stage1"] = score(net1, proc1, features, scored, heldout)
+    report["stage1"] = {name: score(net1, proc1, features[name], items, heldouts[name])
+                        for name, items in splits.items()}
     log.info("stage 1: %s", report["stage1"])
     report["wall_seconds"] = round(time.perf_counter() - t0, 1)
 
@@ -177,10 +219,11 @@ def main() -> None:
             steps=args.stage2_steps, batch_size=args.stage2_batch, lr=args.stage2_lr,
             full=False, progress=True))
         report["stage2_train"] = result.summary()
+        scored = splits["test"]  # stage 2 trains on every train image, the carve included
         few = subset(scored, args.stage2_eval_per_class)
         few_ids = {x.image_id for x in few}
-        few_feats = features[[i for i, x in enumerate(scored) if x.image_id in few_ids]]
-        few_heldout = heldout
+        few_feats = features["test"][[i for i, x in enumerate(scored) if x.image_id in few_ids]]
+        few_heldout = heldouts["test"]
         report["stage1_subset"] = score(net1, proc1, few_feats, few, few_heldout)
         assert result.model_dir is not None
         report["stage2_subset"] = score_full_model(result.model_dir, dataset, few, few_heldout)
