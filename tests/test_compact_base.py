@@ -164,10 +164,10 @@ def test_pretrained_image_tower_groups_a_class_random_weights_do_not(
     pretrained_base: Path, tmp_path: Path
 ) -> None:
     """Before any training, a photo's nearest other photo is of its own class far more
-    often than chance (measured 0.25 against 0.085); with the same architecture on random
+    often than chance (measured 0.44 against 0.085); with the same architecture on random
     weights it is not (0.083: every photo maps to nearly one vector)."""
     agree, chance = _nearest_neighbour_same_class(pretrained_base)
-    assert agree > 2 * chance
+    assert agree > 3 * chance
     random_base = build_pretrained_base(tmp_path / "random", random_weights=True,
                                         spec=PretrainedSpec())
     agree_random, _ = _nearest_neighbour_same_class(random_base)

@@ -7,7 +7,7 @@ view taken of it), so they are computed once and kept on disk:
     <root>/<tower key>/features.npy   float32 (n, d), row i for keys.txt line i
     <root>/<tower key>/keys.txt       one content key per line
 
-The tower key is a sha256 over the backbone's weights and the image processor's
+The tower key is a sha256 over the backbone's architecture, weights and the image processor's
 configuration; the content key a sha256 over the file's bytes plus the view (the box it
 is cropped to, and any other policy tag the caller passes). A changed photo, box, size or
 weight therefore never reads a stale row. Epochs over cached features take seconds.
@@ -33,8 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def tower_key(model: Any, processor: Any) -> str:
-    """sha256 over the image backbone's weights and the image processor's config."""
+    """sha256 over the image backbone's architecture and weights and the image
+    processor's config."""
     h = hashlib.sha256()
+    # the architecture too (activations are not weights): its config and module layout
+    h.update(json.dumps(model.config.vision_config.to_dict(), sort_keys=True,
+                        default=str).encode())
+    h.update(repr(model.vision_model.backbone).encode())
     for name, tensor in sorted(model.vision_model.backbone.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -152,7 +152,8 @@ def efficientnet(image_size: int, name: str = BACKBONE) -> nn.Module:
 
     net = EfficientNet.from_name(name, image_size=image_size)
     net._fc = nn.Identity()
-    net.set_swish(memory_efficient=False)  # plain ops: exportable to ONNX
+    # Lite models use ReLU6 (exportable as is); the package's set_swish() would replace it
+    # with swish and ruin the pretrained features, so it is never called.
     _plain_pointwise_convs(net)
     return net
 
