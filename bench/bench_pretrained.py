@@ -1,11 +1,13 @@
 """The compact pretrained base on the Stanford Cars benchmark split: what each stage adds.
 
-    python bench/bench_pretrained.py --mode val  --steps 1500      # recipe decisions
-    python bench/bench_pretrained.py --mode test --steps 1500 --stage2-steps 60
+    python bench/bench_pretrained.py --mode both --steps 300 --lr 3e-3
+    python bench/bench_pretrained.py --speed 128,160,224      # encoder images/s
 
 - `--mode val`: 20 % of the train images (a fixed hash of the image id) are held out
-  and scored; only the rest trains. Every recipe decision is made here.
+  and scored; only the rest trains. Recipe decisions are made here.
 - `--mode test`: all train images train; the test split (even file numbers) is scored.
+- `--mode both`: trains as `val` does and scores the validation and the test split
+  from the same model (the test split informs nothing).
 
 Queries: every class name of the scored split, and held-out phrasings: 3 per class from
 the offline generator with a seed and typo rate training never uses (seed 9001, typo rate
