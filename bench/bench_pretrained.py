@@ -153,6 +153,8 @@ def main() -> None:
     p.add_argument("--caption-prob", type=float, default=0.5)
     p.add_argument("--text-layers", type=int, default=1)
     p.add_argument("--stage2-steps", type=int, default=0)
+    p.add_argument("--stage1-model", type=Path, default=None,
+                   help="a stage-1 model of an earlier run: skip stage 1")
     p.add_argument("--stage2-batch", type=int, default=32)
     p.add_argument("--stage2-lr", type=float, default=2e-4)
     p.add_argument("--stage2-eval-per-class", type=int, default=5)
@@ -198,15 +200,19 @@ def main() -> None:
                            for name, items in splits.items()}
     log.info("zero-shot: %s", report["zero_shot"])
 
-    s1 = train_stage1(Stage1Config(
-        data=args.root, base=str(base), out=args.work / f"run-{args.mode}-{tag}",
-        cache_dir=cache, steps=args.steps, batch_size=args.batch, lr=args.lr,
-        caption_prob=args.caption_prob, val_share=val_share))
-    report["stage1_train"] = {"steps": s1.steps, "seconds": round(s1.seconds, 1),
-                              "ms_per_step": round(s1.step_ms, 1), "cache": s1.cache,
-                              "first_loss": s1.losses[0], "final_loss": s1.losses[-1],
-                              "n_train": s1.n_train}
-    net1, proc1 = load_base(str(s1.model_dir))
+    if args.stage1_model is None:
+        s1 = train_stage1(Stage1Config(
+            data=args.root, base=str(base), out=args.work / f"run-{args.mode}-{tag}",
+            cache_dir=cache, steps=args.steps, batch_size=args.batch, lr=args.lr,
+            caption_prob=args.caption_prob, val_share=val_share))
+        report["stage1_train"] = {"steps": s1.steps, "seconds": round(s1.seconds, 1),
+                                  "ms_per_step": round(s1.step_ms, 1), "cache": s1.cache,
+                                  "first_loss": s1.losses[0], "final_loss": s1.losses[-1],
+                                  "n_train": s1.n_train}
+        stage1_model = s1.model_dir
+    else:
+        stage1_model = args.stage1_model
+    net1, proc1 = load_base(str(stage1_model))
     net1.eval()
     report["stage1"] = {name: score(net1, proc1, features[name], items, heldouts[name])
                         for name, items in splits.items()}
@@ -217,7 +223,7 @@ def main() -> None:
         from carsearch.training.trainer import TrainConfig, train
 
         result = train(TrainConfig(
-            data=args.root, base=str(s1.model_dir), out=args.work / f"run2-{args.mode}-{tag}",
+            data=args.root, base=str(stage1_model), out=args.work / f"run2-{args.mode}-{tag}",
             steps=args.stage2_steps, batch_size=args.stage2_batch, lr=args.stage2_lr,
             full=False, progress=True))
         report["stage2_train"] = result.summary()
