@@ -8,8 +8,8 @@ checkpoint and exposes what the project uses of `SiglipModel`: `get_text_feature
 and `config.text_config.max_position_embeddings`.
 
 - Image tower: EfficientNet-Lite0 (`efficientnet_lite_pytorch`'s architecture) up to its
-  last convolution, global average pooling (1280-d), a linear projection. Its batch norms
-  always run with their running statistics (`train()` keeps them in eval mode): the
+  last convolution, global average pooling (1280-d), a layer norm, a linear projection.
+  Its batch norms always run with their running statistics (`train()` keeps them in eval mode): the
   batches two CPU cores afford are too small to re-estimate them.
 - Text tower: token embeddings (the WordLlama 256-d Llama-2 token embeddings at build
   time), learned positions, a few pre-norm transformer layers whose residual branches
@@ -178,6 +178,9 @@ class CompactVisionModel(nn.Module):
     def __init__(self, config: CompactVisionConfig) -> None:
         super().__init__()
         self.backbone = efficientnet(config.image_size, config.backbone)
+        # ReLU6 features are non-negative with a large common component; normalising
+        # them first keeps the projection from starting (and collapsing) on that component
+        self.norm = nn.LayerNorm(config.hidden_size)
         self.projection = nn.Linear(config.hidden_size, config.projection_size)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -185,8 +188,11 @@ class CompactVisionModel(nn.Module):
         x = pixel_values.contiguous(memory_format=torch.channels_last)
         return self.backbone.extract_features(x).mean((2, 3))
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.norm(features))
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projection(self.features(pixel_values))
+        return self.project(self.features(pixel_values))
 
 
 class CompactModel(PreTrainedModel):
@@ -223,7 +229,7 @@ class CompactModel(PreTrainedModel):
         return self.vision_model.features(pixel_values)
 
     def project_image(self, features: torch.Tensor) -> torch.Tensor:
-        return self.vision_model.projection(features)
+        return self.vision_model.project(features)
 
     def forward(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor, **_: Any
