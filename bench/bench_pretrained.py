@@ -1,6 +1,6 @@
 """The compact pretrained base on the Stanford Cars benchmark split: what each stage adds.
 
-    python bench/bench_pretrained.py --mode both --steps 300 --lr 3e-3
+    python bench/bench_pretrained.py --mode both --steps 400 --lr 5e-4
     python bench/bench_pretrained.py --speed 128,160,224      # encoder images/s
 
 - `--mode val`: 20 % of the train images (a fixed hash of the image id) are held out
@@ -149,7 +149,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--caption-prob", type=float, default=0.5)
     p.add_argument("--text-layers", type=int, default=1)
     p.add_argument("--stage2-steps", type=int, default=0)
