@@ -64,7 +64,9 @@ step "3. write messy search queries for the train split, each checked by the gua
 carsearch augment --root "$D/catalogue" --out "$D/queries.jsonl" --n 5
 
 step "4. build the compact SigLIP base, publish it and make it serve"
-carsearch base build --out "$D/base/compact-siglip"
+# --kind siglip-random: the compact pretrained base (the CLI's default) is not the demo's
+# base until its stage-1 training is shown to learn (issue 24, docs/BENCHMARKS.md)
+carsearch base build --kind siglip-random --out "$D/base/compact-siglip"
 carsearch models publish "$D/base/compact-siglip" --name compact-base --promote
 
 step "5. a camera gateway drops the test images (sidecar labels and each vehicle's box) into the inbox; the worker embeds each box's crop"

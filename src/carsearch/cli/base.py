@@ -1,4 +1,9 @@
-"""`carsearch base build`: build the compact SigLIP base model into a directory."""
+"""`carsearch base build`: build the compact base model into a directory.
+
+`--kind pretrained` (the default): the compact dual encoder on packaged pretrained
+weights (ImageNet EfficientNet-Lite0, WordLlama token embeddings); `--kind siglip-random`:
+the randomly initialised compact SigLIP.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +15,27 @@ import typer
 
 from carsearch.platform.errors import CarsearchError, ConfigError
 
-app = typer.Typer(help="Build the compact SigLIP base model.", no_args_is_help=True)
+app = typer.Typer(help="Build the compact base model.", no_args_is_help=True)
+
+KINDS = ("pretrained", "siglip-random")
 
 
 @app.callback()
 def _base() -> None:
-    """Build the compact SigLIP base model."""
+    """Build the compact base model."""
 
 
 @app.command("build")
 def build(
     out: Annotated[Path, typer.Option("--out", help="Directory to write the model into.")],
+    kind: Annotated[str, typer.Option(
+        "--kind", help="pretrained (EfficientNet-Lite0 + WordLlama weights from pip "
+        "packages) or siglip-random (a SigLIP from random weights).")] = "pretrained",
     seed: Annotated[int, typer.Option("--seed", help="Seed for the initialisation.")] = 0,
     image_size: Annotated[
-        int, typer.Option("--image-size", min=8, help="Input image side in pixels.")
-    ] = 64,
+        int, typer.Option("--image-size", min=0, help="Input image side in pixels "
+                          "(default: 160 pretrained, 64 siglip-random).")
+    ] = 0,
     patch_size: Annotated[
         int, typer.Option("--patch-size", min=1, help="Vision patch side in pixels.")
     ] = 16,
@@ -32,10 +43,12 @@ def build(
         bool, typer.Option("--force", help="Write into a non-empty directory.")
     ] = False,
 ) -> None:
-    """Build a randomly initialised compact SigLIP (model, tokenizer, processor).
+    """Build the compact base (model, tokenizer, processor) with save_pretrained.
 
     With --force the files a build writes are overwritten; other files stay.
     """
+    if kind not in KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if out.exists() and not out.is_dir():
         raise CarsearchError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -43,7 +56,14 @@ def build(
     from carsearch.training.base_model import BUILD_INFO, build_compact_base
 
     try:
-        build_compact_base(out, seed=seed, image_size=image_size, patch_size=patch_size)
+        if kind == "pretrained":
+            from carsearch.training.pretrained_base import PretrainedSpec, build_pretrained_base
+
+            spec = PretrainedSpec(**({"image_size": image_size} if image_size else {}))
+            build_pretrained_base(out, seed=seed, spec=spec)
+        else:
+            build_compact_base(out, seed=seed, image_size=image_size or 64,
+                               patch_size=patch_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     info = json.loads((out / BUILD_INFO).read_text())

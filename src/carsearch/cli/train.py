@@ -72,6 +72,10 @@ def train_command(
                                       "2e-4 LoRA).")] = 0.0,
     warmup: Annotated[int, typer.Option(min=-1, help="Warmup steps (-1: 5 %).")] = -1,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    stage1_steps: Annotated[int, typer.Option(min=0, help="First train the compact "
+                                              "pretrained base's text side on cached image "
+                                              "features for N steps (stage 1), then LoRA "
+                                              "(stage 2); 0: no stage 1.")] = 0,
     full: Annotated[bool | None, typer.Option("--full/--lora", help="Train every weight, or "
                                               "LoRA (default: full for a base with no "
                                               "pre-training).")] = None,
@@ -143,6 +147,7 @@ def train_command(
         feedback_max=feedback_max, feedback_share=feedback_share, progress=not as_json,
         ledger_db=settings.database_url,  # checkpoint hashes, checked by --resume
         train_views=train_views, frame_prob=frame_prob, box_margin=box_margin,
+        stage1_steps=stage1_steps, feature_cache=settings.data_dir / "feature-cache",
     )
     from carsearch.lifecycle.reindex import promote_with_backfill
     from carsearch.platform.runtime import Platform

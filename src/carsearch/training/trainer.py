@@ -150,10 +150,16 @@ class TrainConfig:
     # "": none, and then the run cannot be resumed
     ledger_db: str = ""
     progress: bool = True
+    # Stage 1 (training/stage1.py) before this loop, for a base with a cached-feature
+    # image tower (the compact pretrained base): this many steps with the image tower
+    # frozen; then this loop (LoRA) continues from its result. 0: none.
+    stage1_steps: int = 0
+    stage1_batch_size: int = 128
+    feature_cache: Path | None = None  # stage 1's feature cache; None: out/feature-cache
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("data", "out", "queries"):
+        for key in ("data", "out", "queries", "feature_cache"):
             d[key] = str(d[key]) if d[key] is not None else None
         for key in ("feedback_db", "ledger_db"):  # recorded in the registry: no password
             if d[key]:
@@ -277,6 +283,8 @@ def load_base(base: str) -> tuple[Any, Any]:
     """The SigLIP model and processor of a base (directory, or hub id in the local cache)."""
     from transformers import AutoModel, AutoProcessor
 
+    import carsearch.platform.models.compact  # noqa: F401  (registers the compact type)
+
     path = Path(base).expanduser()
     source = str(path) if path.is_dir() else base
     kwargs: dict[str, Any] = {} if path.is_dir() else {"local_files_only": True}
@@ -295,14 +303,20 @@ def load_base(base: str) -> tuple[Any, Any]:
 
 
 def apply_lora(net: nn.Module, rank: int, alpha: int = 0) -> Any:
-    """Wrap q_proj and v_proj of both towers with LoRA; unfreeze the two scalars."""
+    """Wrap both towers with LoRA; unfreeze the two scalars.
+
+    SigLIP: q_proj and v_proj of every attention layer. A model that names its own
+    targets (`lora_target_modules`, the compact pretrained base: its text tower's linears
+    and its image tower's 1x1 convolutions) gets those.
+    """
     from peft import LoraConfig, get_peft_model
 
+    targets: Any = getattr(net, "lora_target_modules", None) or list(LORA_TARGETS)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha or 2 * rank,
         lora_dropout=0.0,
-        target_modules=list(LORA_TARGETS),
+        target_modules=targets,
         bias="none",
     )
     model = get_peft_model(net, config)  # type: ignore[arg-type]
@@ -706,11 +720,32 @@ def _parameter_counts(model: nn.Module) -> tuple[int, int]:
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run; the main process saves the merged model."""
     config.out.mkdir(parents=True, exist_ok=True)
+    if config.stage1_steps > 0:
+        config = _run_stage1(config)
     run = _Run(config)
     try:
         return _train(run, config)
     finally:
         run.close()
+
+
+def _run_stage1(config: TrainConfig) -> TrainConfig:
+    """Stage 1 into out/stage1 (skipped when a resumed run finds it done); the returned
+    config trains on from its model, with LoRA unless `full` says otherwise."""
+    from dataclasses import replace
+
+    from carsearch.training.stage1 import Stage1Config, train_stage1
+
+    stage1_out = config.out / "stage1"
+    model_dir = stage1_out / "model"
+    if not (config.resume and (model_dir / "config.json").is_file()):
+        train_stage1(Stage1Config(
+            data=config.data, base=config.base, out=stage1_out,
+            cache_dir=config.feature_cache or config.out / "feature-cache",
+            queries=config.queries, steps=config.stage1_steps,
+            batch_size=config.stage1_batch_size, seed=config.seed, progress=config.progress,
+        ))
+    return replace(config, base=str(model_dir), full=config.full or False)
 
 
 def _train(run: _Run, config: TrainConfig) -> TrainResult:

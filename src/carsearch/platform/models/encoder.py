@@ -85,6 +85,8 @@ def quiet_config_check() -> Iterator[None]:
 def _from_pretrained(source: str, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoProcessor
 
+    import carsearch.platform.models.compact  # noqa: F401  (registers the compact type)
+
     with quiet_config_check():
         processor = AutoProcessor.from_pretrained(source, **kwargs)
         net = AutoModel.from_pretrained(source, **kwargs)

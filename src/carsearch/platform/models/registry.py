@@ -67,7 +67,8 @@ def embedding_dim(artifact: Path) -> int:
     cfg = json.loads(cfg_path.read_text())
     vision = cfg.get("vision_config", {})
     text = cfg.get("text_config", {})
-    dim = int(vision.get("hidden_size", 768))
+    # The compact base projects its 1280-d backbone features to projection_size.
+    dim = int(vision.get("projection_size") or vision.get("hidden_size", 768))
     text_dim = int(text.get("projection_size") or text.get("hidden_size", dim))
     if text_dim != dim:
         raise RegistryError(f"text ({text_dim}) and image ({dim}) embeddings differ in size")

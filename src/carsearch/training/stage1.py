@@ -1,0 +1,295 @@
+"""Stage 1 of training the compact pretrained base: the image tower frozen, features cached.
+
+    result = train_stage1(Stage1Config(data=root, base=base_dir, out=out_dir))
+
+The image backbone does not change, so its pooled features are computed once per photo
+(`feature_cache`) and every step trains only the text tower, the image projection and
+the two scalars with the sigmoid loss, under Accelerate (`prepare` once, AdamW, cosine
+schedule with warmup). Each step scores the batch's images against the batch's texts
+(the class name with probability `caption_prob`, else one of the image's generated
+queries) and against every class name of the train set, with class-level labels, as the
+trainer does. The result is saved with `save_pretrained` (plus the processor): an
+ordinary base for stage 2 (LoRA on both towers, `trainer.train`) or for publishing.
+
+`val_share` carves a validation split out of the train images (by a hash of the image
+id, so it is the same in every run); only the rest trains, and `evaluate_cached` scores
+the validation images, so recipes are chosen without the test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm import tqdm
+
+from carsearch.data.stanford import LabelledImage, StanfordDataset, load_stanford
+from carsearch.platform.errors import ConfigError
+from carsearch.platform.models.encoder import quiet_config_check
+from carsearch.training.feature_cache import (
+    CacheStats,
+    FeatureCache,
+    cached_features,
+    content_key,
+    tower_key,
+)
+from carsearch.training.loss import siglip_loss
+from carsearch.training.query_metrics import per_query
+from carsearch.training.train_data import train_queries
+from carsearch.training.trainer import load_base
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage1Config:
+    data: Path
+    base: str
+    out: Path
+    cache_dir: Path
+    queries: Path | None = None  # augmented queries (JSONL); None: generated offline
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 5e-4  # 2e-3 and 3e-3 stayed at the loss floor on Stanford (validation)
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    caption_prob: float = 0.5
+    scalar_lr_mult: float = 10.0
+    val_share: float = 0.0
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Stage1Result:
+    model_dir: Path
+    steps: int
+    seconds: float
+    step_ms: float
+    losses: list[float]
+    cache: dict[str, Any]
+    n_train: int
+    n_val: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def is_validation(image_id: str, share: float) -> bool:
+    """The carved validation split: a fixed hash of the image id below `share`."""
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(f"val|{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def split_train(items: Sequence[LabelledImage], share: float
+                ) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    train = [x for x in items if not is_validation(x.image_id, share)]
+    val = [x for x in items if is_validation(x.image_id, share)]
+    return train, val
+
+
+def image_keys(items: Sequence[LabelledImage]) -> list[str]:
+    return [content_key(item.path, repr(item.bbox)) for item in items]
+
+
+def features_for(net: Any, processor: Any, dataset: StanfordDataset,
+                 items: Sequence[LabelledImage], cache_dir: Path, *, progress: bool = True,
+                 stats: CacheStats | None = None) -> np.ndarray:
+    cache = FeatureCache(cache_dir, tower_key(net, processor))
+    return cached_features(net, processor, image_keys(items),
+                           lambda i: dataset.open_image(items[i]), cache,
+                           progress=progress, stats=stats)
+
+
+class Stage1Module(nn.Module):
+    """What Accelerate prepares: projected cached image features and the text tower."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: torch.Tensor, input_ids: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        net: Any = self.net
+        image = F.normalize(net.project_image(features), dim=-1)
+        text = F.normalize(net.get_text_features(input_ids=input_ids), dim=-1)
+        return image, text, net.logit_scale.reshape(()), net.logit_bias.reshape(())
+
+
+def freeze_image_backbone(net: Any) -> None:
+    net.requires_grad_(True)
+    net.vision_model.backbone.requires_grad_(False)
+
+
+def tokenize_longest(processor: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
+    return processor.tokenizer(list(texts), padding="longest", truncation=True,
+                               max_length=max_length, return_tensors="pt")["input_ids"]
+
+
+def stage1_optimizers(net: Any, config: Stage1Config) -> list[torch.optim.Optimizer]:
+    """AdamW for the dense weights (the scalars at `scalar_lr_mult` x lr); SparseAdam for
+    the token embeddings, whose gradient is made sparse: a step touches the few hundred
+    tokens its texts hold, not all 32,000 rows (a dense update of the 8.2 M-parameter
+    table cost more than the rest of the step)."""
+    embedding = net.text_model.token_embedding
+    embedding.sparse = True
+    dense, scalars = [], []
+    for name, param in net.named_parameters():
+        if not param.requires_grad or param is embedding.weight:
+            continue
+        (scalars if name in ("logit_scale", "logit_bias") else dense).append(param)
+    adamw = torch.optim.AdamW(
+        [{"params": dense, "weight_decay": config.weight_decay},
+         {"params": scalars, "weight_decay": 0.0, "lr": config.lr * config.scalar_lr_mult}],
+        lr=config.lr, betas=(0.9, 0.98))
+    return [adamw, torch.optim.SparseAdam([embedding.weight], lr=config.lr, betas=(0.9, 0.98))]
+
+
+def tokenize(processor: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
+    return processor.tokenizer(list(texts), padding="max_length", truncation=True,
+                               max_length=max_length, return_tensors="pt")["input_ids"]
+
+
+def _texts_per_image(items: Sequence[LabelledImage], seed: int,
+                     queries_path: Path | None) -> list[list[str]]:
+    queries, _ = train_queries(items, queries_path, seed)
+    return [queries.get(item.image_id, []) for item in items]
+
+
+def train_stage1(config: Stage1Config) -> Stage1Result:
+    if config.steps < 1 or config.batch_size < 2:
+        raise ConfigError("stage 1 needs at least one step and a batch of two")
+    set_seed(config.seed)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    net, processor = load_base(config.base)
+    if not hasattr(net, "image_backbone_features"):
+        raise ConfigError(f"{config.base} is not a compact pretrained base (no cached-feature "
+                          "image tower); stage 1 needs one")
+    net.eval()
+    dataset = load_stanford(config.data)
+    if config.val_share > 0:  # a benchmark's own carve (bench/bench_pretrained.py)
+        train_items, val_items = split_train(dataset.split("train"), config.val_share)
+    else:  # the data set's validation carve stays out of training: promotion reads it
+        train_items, val_items = dataset.subset("train"), dataset.subset("validation")
+    stats = CacheStats()
+    feats = torch.from_numpy(features_for(net, processor, dataset, train_items,
+                                          config.cache_dir, progress=config.progress,
+                                          stats=stats))
+    names = sorted({x.label.class_name for x in train_items})
+    index = {n: i for i, n in enumerate(names)}
+    classes = torch.tensor([index[x.label.class_name] for x in train_items])
+    max_len = int(net.config.text_config.max_position_embeddings)
+    queries = _texts_per_image(train_items, config.seed, config.queries)
+    freeze_image_backbone(net)
+    module = Stage1Module(net)
+    optimizers = stage1_optimizers(net, config)
+    from transformers import get_cosine_schedule_with_warmup
+
+    warmup = round(config.warmup * config.steps)
+    schedulers = [get_cosine_schedule_with_warmup(o, warmup, config.steps) for o in optimizers]
+    module, *prepared = acc.prepare(module, *optimizers, *schedulers)
+    optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
+    module.train()
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    start = time.perf_counter()
+    for _ in tqdm(range(config.steps), desc="stage 1", unit="step",
+                  disable=not config.progress):
+        if len(order) < config.batch_size:
+            fresh = list(range(len(train_items)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch, order = order[:config.batch_size], order[config.batch_size:]
+        texts = [
+            queries[i][rng.randrange(len(queries[i]))]
+            if queries[i] and rng.random() >= config.caption_prob
+            else train_items[i].label.class_name
+            for i in batch
+        ]
+        # Each distinct text once (a caption is also a class-name column), padded to the
+        # longest: the model reads its mask from the pad id, so padding changes nothing.
+        columns = list(dict.fromkeys([*names, *texts]))
+        column_of = {t: j for j, t in enumerate(columns)}
+        ids = tokenize_longest(processor, columns, max_len)
+        image, text, scale, bias = module(feats[batch].to(acc.device), ids.to(acc.device))
+        batch_classes = classes[batch]
+        column_classes = torch.tensor(
+            [index[t] if j < len(names) else -1 for j, t in enumerate(columns)])
+        # a query text is a positive for its own image's class (class-level labels)
+        for t, c in zip(texts, batch_classes.tolist(), strict=True):
+            if column_of[t] >= len(names):
+                column_classes[column_of[t]] = c
+        loss = siglip_loss(image, text, scale, bias, batch_classes.to(acc.device),
+                           text_classes=column_classes.to(acc.device))
+        acc.backward(loss)
+        for opt, sched in zip(optimizers, schedulers, strict=True):
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - start
+    out = config.out / "model"
+    unwrapped: Any = acc.unwrap_model(module).net
+    unwrapped.text_model.token_embedding.sparse = False
+    unwrapped.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    with quiet_config_check():
+        unwrapped.save_pretrained(out)
+    processor.save_pretrained(out)
+    result = Stage1Result(
+        model_dir=out, steps=config.steps, seconds=seconds,
+        step_ms=1000 * seconds / config.steps, losses=losses,
+        cache={"hits": stats.hits, "computed": stats.computed,
+               "seconds": round(stats.seconds, 1)},
+        n_train=len(train_items), n_val=len(val_items),
+        config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+    )
+    (config.out / "stage1.json").write_text(json.dumps(
+        {**{k: v for k, v in asdict(result).items() if k != "losses"},
+         "model_dir": str(out), "first_loss": losses[0], "final_loss": losses[-1]},
+        indent=2) + "\n")
+    log.info("stage 1: %d steps in %.1f s (%.1f ms/step), loss %.4f -> %.4f",
+             config.steps, seconds, result.step_ms, losses[0], losses[-1])
+    return result
+
+
+def text_embeddings(net: Any, processor: Any, texts: Sequence[str]) -> np.ndarray:
+    max_len = int(net.config.text_config.max_position_embeddings)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), 256):
+            ids = tokenize(processor, texts[i:i + 256], max_len)
+            out.append(F.normalize(net.get_text_features(input_ids=ids), dim=-1).numpy())
+    return np.concatenate(out)
+
+
+def image_embeddings_from_features(net: Any, features: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        x = net.project_image(torch.from_numpy(features))
+        return F.normalize(x, dim=-1).numpy()
+
+
+def evaluate_cached(net: Any, processor: Any, features: np.ndarray,
+                    item_classes: Sequence[str], queries: Sequence[tuple[str, str]]
+                    ) -> dict[str, np.ndarray]:
+    """Per-query metrics of (text, class name) queries against cached image features."""
+    names = sorted(set(item_classes))
+    index = {n: i for i, n in enumerate(names)}
+    images = image_embeddings_from_features(net, features)
+    texts = text_embeddings(net, processor, [q for q, _ in queries])
+    return per_query(texts @ images.T, [index[c] for _, c in queries],
+                     [index[c] for c in item_classes])
