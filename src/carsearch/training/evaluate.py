@@ -38,6 +38,7 @@ from carsearch.data.stanford import LabelledImage, StanfordDataset, load_stanfor
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.metrics import QueryScores, query_scores, reliability
 from carsearch.platform.models.encoder import Encoder
+from carsearch.platform.search.classify import probability
 from carsearch.platform.search.evaluation import EvalQuery, summarise
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,7 @@ def evaluate_models(
                 summary = summarise(scores_from_similarity(sim, relevance[set_name], ks),
                                     n_boot=n_boot)
                 # the probability the page shows, on every held-out (query, image) pair
-                probs = 1.0 / (1.0 + np.exp(-(sim * np.exp(encoder.logit_scale)
-                                              + encoder.logit_bias)))
+                probs = probability(sim, encoder.logit_scale, encoder.logit_bias)
                 summary["calibration"] = reliability(probs, relevance[set_name])
                 per_set[set_name] = summary
                 chance[set_name] = summary["chance"]

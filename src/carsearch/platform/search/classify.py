@@ -83,8 +83,15 @@ def pair_logits(cosine: np.ndarray | float, logit_scale: float, logit_bias: floa
 
 def probability(cosine: np.ndarray | float, logit_scale: float, logit_bias: float
                 ) -> np.ndarray:
-    """SigLIP's pair probability from cosine similarities (any shape)."""
-    return np.asarray(1.0 / (1.0 + np.exp(-pair_logits(cosine, logit_scale, logit_bias))))
+    """SigLIP's pair probability from cosine similarities (any shape); the logistic
+    without overflow for very negative logits."""
+    return _logistic(pair_logits(cosine, logit_scale, logit_bias))
+
+
+def _logistic(logits: np.ndarray) -> np.ndarray:
+    from scipy.special import expit
+
+    return np.asarray(expit(logits))
 
 
 def classify_vectors(
@@ -97,7 +104,7 @@ def classify_vectors(
     text = encoder.encode_text(prompts)
     cos = np.asarray(image_vectors, dtype=np.float32) @ text.T
     logits = pair_logits(cos, encoder.logit_scale, encoder.logit_bias)
-    probs = 1.0 / (1.0 + np.exp(-logits))
+    probs = _logistic(logits)
     out: list[list[LabelScore]] = []
     for i in range(len(cos)):
         row = [LabelScore(names[j], round(float(probs[i, j]), 6), round(float(cos[i, j]), 6),
