@@ -278,16 +278,19 @@ def init_model(config: SiglipConfig, seed: int) -> SiglipModel:
     return model.eval()
 
 
-def image_processor(image_size: int) -> SiglipImageProcessorPil:
-    """SigLIP's preprocessing at `image_size`: bicubic resize, scale to [-1, 1]."""
+def image_processor(image_size: int, mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+                    ) -> SiglipImageProcessorPil:
+    """Resize to a square of `image_size`, scale to [0, 1], normalise by `mean` / `std`
+    (SigLIP's own: 0.5 / 0.5, i.e. [-1, 1])."""
     return SiglipImageProcessorPil(
         do_resize=True,
         size={"height": image_size, "width": image_size},
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
+        image_mean=list(mean),
+        image_std=list(std),
     )
 
 

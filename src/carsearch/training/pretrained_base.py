@@ -28,6 +28,7 @@ from carsearch.platform.models.compact import (
     CompactModel,
 )
 from carsearch.platform.models.encoder import quiet_config_check
+from carsearch.training.base_model import image_processor as siglip_image_processor
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +80,7 @@ def llama_tokenizer(tokenizer_json: Path, max_length: int) -> PreTrainedTokenize
 
 def image_processor(image_size: int) -> SiglipImageProcessorPil:
     """Resize to a square, scale to [0, 1], ImageNet mean / std (the backbone's training)."""
-    return SiglipImageProcessorPil(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-    )
+    return siglip_image_processor(image_size, IMAGENET_MEAN, IMAGENET_STD)
 
 
 # The bias starts near the prior log-odds of a positive pair in a stage-1 step (a batch of

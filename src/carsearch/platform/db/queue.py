@@ -202,15 +202,18 @@ def complete(db: Database, worker: str, ids: Sequence[int], note: str | None = N
         )
 
 
+def _held(s: Session, worker: str, ids: Sequence[int]) -> list[IngestJob]:
+    """The jobs of ``ids`` that ``worker`` still holds (payloads not loaded)."""
+    return [j for j in s.scalars(select(IngestJob).options(defer(IngestJob.payload))
+                                 .where(IngestJob.id.in_(ids))) if j.locked_by == worker]
+
+
 def fail(db: Database, worker: str, ids: Sequence[int], error: str) -> None:
     """Send jobs back with backoff, or to the dead letters after max_attempts."""
     if not ids:
         return
     with db.session() as s:
-        for j in s.scalars(select(IngestJob).options(defer(IngestJob.payload))
-                           .where(IngestJob.id.in_(ids))):
-            if j.locked_by != worker:
-                continue
+        for j in _held(s, worker, ids):
             j.last_error = error[:4000]
             j.locked_by = None
             if j.attempts >= j.max_attempts:
@@ -229,10 +232,7 @@ def release(db: Database, worker: str, ids: Sequence[int], reason: str,
     if not ids:
         return
     with db.session() as s:
-        for j in s.scalars(select(IngestJob).options(defer(IngestJob.payload))
-                           .where(IngestJob.id.in_(ids))):
-            if j.locked_by != worker:
-                continue
+        for j in _held(s, worker, ids):
             j.state, j.locked_by = JobState.queued, None
             j.attempts = max(0, j.attempts - 1)
             j.last_error = f"waiting: {reason}"[:4000]
