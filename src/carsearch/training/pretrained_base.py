@@ -28,11 +28,11 @@ from carsearch.platform.models.compact import (
     CompactModel,
 )
 from carsearch.platform.models.encoder import quiet_config_check
+from carsearch.training.base_model import BUILD_INFO
 from carsearch.training.base_model import image_processor as siglip_image_processor
 
 log = logging.getLogger(__name__)
 
-BUILD_INFO = "build_info.json"
 PAD_TOKEN = "<unk>"  # Llama-2 has no padding token; its <unk> (id 0) pads, masked out
 
 
