@@ -144,6 +144,34 @@ def test_reindexing_holds_one_chunk_of_decoded_images_at_once(
         p.registry.require_serving().collection)
 
 
+def test_the_worker_holds_one_chunk_of_decoded_images_at_once(
+    shape: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One claimed batch of 12 jobs, decoded and stored 4 at a time. Before: the whole
+    claimed batch was decoded before the first write (12 alive at once)."""
+    from carsearch.ingest import worker as worker_mod
+
+    p = shape
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(12):
+        make_image(inbox / f"w{i}.png", i)
+    live = _Live()
+    real_prepare = worker_mod.prepare
+
+    def counting(*args: Any, **kwargs: Any) -> pipeline.Prepared:
+        got = real_prepare(*args, **kwargs)
+        live.track(got.image)
+        return got
+
+    monkeypatch.setattr(worker_mod, "prepare", counting)
+    w = IngestWorker(p, inbox=inbox, batch_size=32, decode_chunk=4)
+    w.run_once()
+    assert w.stats.batches == 1  # one claim held all 12 jobs
+    assert len(assert_invariant(p)) == 12
+    assert live.now == 0 and 1 <= live.most <= 4
+
+
 def test_the_worker_embeds_reduced_images_and_records_the_files_size(
     shape: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -66,6 +66,11 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Images decoded and embedded at a time inside a claimed batch: the worker's peak memory
+# is this many reduced images (at most DECODE_MAX_SIDE a side), whatever the batch size.
+DECODE_CHUNK = 8
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -272,8 +277,10 @@ class IngestWorker:
         visibility_timeout: float = 60.0,
         poll_interval: float = 1.0,
         inbox_collection: str = DEFAULT_COLLECTION,
+        decode_chunk: int = DECODE_CHUNK,
     ) -> None:
         self.p = platform
+        self.decode_chunk = max(1, decode_chunk)
         self.inbox_collection = inbox_collection
         self.worker_id = worker_id or default_worker_id()
         self.inbox = inbox
@@ -414,33 +421,47 @@ class IngestWorker:
     def process(self, jobs: Sequence[queue.ClaimedJob]) -> None:
         """Run one claimed batch. Whatever goes wrong with one job (a payload of the
         wrong shape, a path that cannot be looked at) costs that job alone: it fails
-        with its reason (retried, then dead) and the rest of the batch goes on."""
-        db = self.p.db
+        with its reason (retried, then dead) and the rest of the batch goes on.
+
+        Jobs are decoded and stored ``decode_chunk`` at a time: at most that many decoded
+        images are alive at once, whatever the batch size. The whole batch is heart-beaten
+        until it is over, so jobs waiting for a later chunk are not reclaimed."""
         self.stats.batches += 1
-        good: list[tuple[queue.ClaimedJob, Prepared]] = []
         serving: dict[str, bool] = {}
-        for n, job in enumerate(jobs):
-            if n == 1:
-                crash_point("mid_batch")
-            self.stats.summary.seen += 1
-            try:
-                prepared = self._prepare_job(job, serving)
-            except Exception as exc:  # this job alone
-                log.warning("job %d failed: %s: %s", job.id, type(exc).__name__, exc)
-                queue.fail(db, self.worker_id, [job.id], f"{type(exc).__name__}: {exc}")
-                continue
-            if prepared is not None:
-                good.append((job, prepared))
+        chunk: list[tuple[queue.ClaimedJob, Prepared]] = []
+        with self._heartbeating([j.id for j in jobs]):
+            for n, job in enumerate(jobs):
+                if n == 1:
+                    crash_point("mid_batch")
+                self.stats.summary.seen += 1
+                if self.pause is not None:  # an earlier chunk met a lasting failure
+                    queue.release(self.p.db, self.worker_id, [job.id], self.pause.reason)
+                    continue
+                try:
+                    prepared = self._prepare_job(job, serving)
+                except Exception as exc:  # this job alone
+                    log.warning("job %d failed: %s: %s", job.id, type(exc).__name__, exc)
+                    queue.fail(self.p.db, self.worker_id, [job.id],
+                               f"{type(exc).__name__}: {exc}")
+                    continue
+                if prepared is not None:
+                    chunk.append((job, prepared))
+                if len(chunk) >= self.decode_chunk:
+                    self._store_chunk(chunk)
+                    chunk = []  # the decoded images go before the next chunk is decoded
+            self._store_chunk(chunk)
+
+    def _store_chunk(self, chunk: list[tuple[queue.ClaimedJob, Prepared]]) -> None:
         by_collection: dict[str, list[tuple[queue.ClaimedJob, Prepared]]] = {}
-        for job, p in good:
+        for job, p in chunk:
             by_collection.setdefault(p.item.collection, []).append((job, p))
+        chunk.clear()
         for name, part in by_collection.items():
             ids = [j.id for j, _ in part]
             if self.pause is not None:  # a lasting failure seen in this batch
-                queue.release(db, self.worker_id, ids, self.pause.reason)
+                queue.release(self.p.db, self.worker_id, ids, self.pause.reason)
                 continue
-            with self._heartbeating(ids):
-                self._store_batch(part, ids, name)
+            self._store_batch(part, ids, name)
 
     def _prepare_job(self, job: queue.ClaimedJob, serving: dict[str, bool]) -> Prepared | None:
         """Decode and check one job's image; a job that cannot go on is settled here
