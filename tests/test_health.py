@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 
 from carsearch.cli.monitor import health_command
 from carsearch.monitoring.health import Health, HealthServer
-from carsearch.monitoring.scheduler import LoopState, run_every, supervise
 from carsearch.platform.db import migrate
 from carsearch.platform.db.reports import loop_statuses
 from carsearch.platform.runtime import Platform
+from carsearch.platform.scheduler import LoopState, run_every, supervise
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
 

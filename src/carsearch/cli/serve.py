@@ -17,8 +17,8 @@ from carsearch.cli.context import HealthPort, serving_health, settings_from
 
 if TYPE_CHECKING:
     from carsearch.monitoring.health import Health
-    from carsearch.monitoring.scheduler import LoopState
     from carsearch.platform.runtime import Platform
+    from carsearch.platform.scheduler import LoopState
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _start_worker(jobs: BackgroundJobs, platform: Platform, inbox: Path | None) 
 
 def _start_drift(jobs: BackgroundJobs, platform: Platform, every_s: float) -> None:
     from carsearch.monitoring.drift import run_drift
-    from carsearch.monitoring.scheduler import run_every
+    from carsearch.platform.scheduler import run_every
 
     stop = threading.Event()
 
@@ -205,7 +205,7 @@ def _start_drift(jobs: BackgroundJobs, platform: Platform, every_s: float) -> No
 
 def _start_retrain(jobs: BackgroundJobs, platform: Platform, every_s: float) -> None:
     from carsearch.lifecycle.retrain import RetrainJob
-    from carsearch.monitoring.scheduler import run_every
+    from carsearch.platform.scheduler import run_every
 
     stop = threading.Event()
     job = RetrainJob(platform)

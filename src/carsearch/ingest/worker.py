@@ -36,13 +36,13 @@ from carsearch.ingest.pipeline import (
     storable_problem,
     store_path,
 )
-from carsearch.monitoring.scheduler import LoopState, install_stop_handlers, supervise
 from carsearch.platform import collections
 from carsearch.platform.collections import DEFAULT_COLLECTION
 from carsearch.platform.db import queue
 from carsearch.platform.errors import ImageRejectedError
 from carsearch.platform.images import sha256_file
 from carsearch.platform.runtime import Platform
+from carsearch.platform.scheduler import LoopState, install_stop_handlers, supervise
 from carsearch.platform.telemetry import METRICS
 
 log = logging.getLogger(__name__)

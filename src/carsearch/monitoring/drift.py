@@ -31,7 +31,6 @@ from carsearch.monitoring.drift_detect import (
     detect_drift,
     knn_density,
 )
-from carsearch.monitoring.scheduler import process_name
 from carsearch.platform.db import (
     Database,
     Image,
@@ -44,6 +43,7 @@ from carsearch.platform.db import (
     retrains,
 )
 from carsearch.platform.errors import ConfigError
+from carsearch.platform.scheduler import process_name
 from carsearch.platform.search.vocabulary import parse_class_name
 from carsearch.platform.settings import DriftSettings
 from carsearch.platform.telemetry import METRICS

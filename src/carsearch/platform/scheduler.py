@@ -1,4 +1,4 @@
-"""The scheduler every long-running process runs its work with: supervised loops.
+"""The platform's scheduler: the supervised loops every long-running process runs its work on.
 
 A loop is started through :func:`supervise`, which keeps it alive: an exception in a
 round is logged with its trace, the loop waits with exponential backoff (1, 2, 4 ... s,
