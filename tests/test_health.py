@@ -205,7 +205,7 @@ def test_run_every_goes_on_after_an_unexpected_error() -> None:
 
 
 def test_background_job_that_ends_on_its_own_is_dead(tmp_path: Path) -> None:
-    from carsearch.cli.serve import BackgroundJobs
+    from carsearch.platform.scheduler import BackgroundJobs
 
     settings = Settings(data_dir=tmp_path / "d")
     migrate.upgrade(settings.database_url)
