@@ -7,6 +7,7 @@ the Milvus adapter, the exact in-memory mirror, the FAISS exact index, a local M
 server); models (`models`: the SigLIP encoder and the registry of versions); search
 (`search`: the service, natural-language filters, the label vocabulary); retrieval metrics;
 the supervised loops every long-running process runs its work on (`scheduler`);
+thumbnails of indexed images (`thumbnails`);
 telemetry (Prometheus counters); trusted artifacts (`artifacts`: the sha256 the
 database recorded for each file of an exact index or training checkpoint, checked
 before loading); and `runtime`, which wires them for one process.

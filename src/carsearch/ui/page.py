@@ -11,7 +11,6 @@ parses, validates, calls and formats. Errors a person can fix come back as
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from pydantic import ValidationError
 
 from carsearch.platform.db import QueryFeedback, QueryLog
 from carsearch.platform.errors import CarsearchError, ImageRejectedError, QueryError
-from carsearch.platform.images import DECODE_MAX_SIDE, load_image, load_image_bytes
+from carsearch.platform.images import DECODE_MAX_SIDE, load_image_bytes
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.nlfilters import (
     FilterVocabulary,
@@ -33,12 +32,12 @@ from carsearch.platform.search.nlfilters import (
     validate_filters,
 )
 from carsearch.platform.search.service import SearchHit, SearchRequest, SearchResult
+from carsearch.platform.thumbnails import ThumbnailCache
 from carsearch.platform.vectors.store import SearchFilters
 
 log = logging.getLogger(__name__)
 
 ANY = "any"
-THUMB_SIZE = 320
 DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
 
 
@@ -53,46 +52,6 @@ class Labeller(Protocol):
     def open_tasks(self) -> list[dict[str, Any]]: ...
 
     def apply(self, task_id: int, fields: dict[str, Any]) -> Any: ...
-
-
-class ThumbnailCache:
-    """JPEG thumbnails of result images, made once with the safe decoder.
-
-    They live in `root` (inside the image directory, the only folder the page serves),
-    named by image id, so photos indexed from anywhere on disk are shown without that
-    folder ever being opened to the web.
-    """
-
-    def __init__(self, root: Path, size: int = THUMB_SIZE, max_pixels: int = 40_000_000) -> None:
-        self.root = Path(root)
-        self.size = size
-        self.max_pixels = max_pixels
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._missing = self.root / "missing.jpg"
-
-    def path_for(self, image_id: int) -> Path:
-        return self.root / f"{image_id & 0xFF:02x}" / f"{image_id}.jpg"
-
-    def get(self, image_id: int, source: str) -> Path:
-        out = self.path_for(image_id)
-        if out.is_file():
-            return out
-        try:
-            img = load_image(Path(source), max_pixels=self.max_pixels, max_side=self.size)
-        except ImageRejectedError as exc:
-            log.warning("no thumbnail for image %d: %s", image_id, exc)
-            return self.missing()
-        img.thumbnail((self.size, self.size))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{threading.get_ident()}.part")
-        img.save(tmp, format="JPEG", quality=85)
-        tmp.replace(out)
-        return out
-
-    def missing(self) -> Path:
-        if not self._missing.is_file():
-            PILImage.new("RGB", (self.size, self.size), (200, 200, 200)).save(self._missing)
-        return self._missing
 
 
 @dataclass(frozen=True)
@@ -193,9 +152,7 @@ class SearchPage:
         self.settings = platform.settings
         self.service = platform.search
         self.vocab_cache = VocabularyCache(platform.db, ttl_s=vocab_ttl_s)
-        self.thumbs = ThumbnailCache(
-            self.settings.image_dir / "_thumbs", max_pixels=self.settings.max_image_pixels
-        )
+        self.thumbs = ThumbnailCache.for_settings(self.settings)
         self.max_upload_bytes = max_upload_bytes
 
     def warm_up(self) -> None:
