@@ -44,11 +44,11 @@ from carsearch.platform.db import (
 )
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.scheduler import process_name
-from carsearch.platform.search.vocabulary import parse_class_name
 from carsearch.platform.settings import DriftSettings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.exact import set_threads
 from carsearch.platform.vectors.store import STRONG
+from carsearch.platform.vehicles import parse_class_name
 
 __all__ = [
     "DriftDetection",

@@ -4,8 +4,9 @@ Owns: settings, errors, ids and safe image decoding; the image collections and t
 kinds (`collections`); the metadata database (`db`: tables,
 sessions, migrations, the queries of each table); vectors (`vectors`: the store Protocol,
 the Milvus adapter, the exact in-memory mirror, the FAISS exact index, a local Milvus
-server); models (`models`: the SigLIP encoder and the registry of versions); search
-(`search`: the service, natural-language filters, the label vocabulary); retrieval metrics;
+server); models (`models`: the SigLIP encoder and the registry of versions); the domain
+(`vehicles`: makes, models, bodies, colours, years and how a class name reads); search
+(`search`: the service, natural-language filters); retrieval metrics;
 the supervised loops every long-running process runs its work on (`scheduler`);
 thumbnails of indexed images (`thumbnails`);
 telemetry (Prometheus counters); trusted artifacts (`artifacts`: the sha256 the
