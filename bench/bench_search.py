@@ -40,8 +40,9 @@ from carsearch.platform.db import Image, ImageStatus, migrate
 from carsearch.platform.ids import collection_name
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
 from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow, VectorStoreError
+from carsearch.platform.vectors.protocol import VectorRow, VectorStoreError
 from carsearch.platform.vehicles import COLOURS, MAKE_ALIASES
 from carsearch.training.base_model import build_compact_base
 from carsearch.ui.page import PickedFilters, SearchPage

@@ -22,7 +22,7 @@ from carsearch.platform.search.nlfilters import (
     vague_years,
     validate_filters,
 )
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 
 VOCAB = FilterVocabulary(
     makes=frozenset({"Chevrolet", "Ford", "BMW", "Mercedes-Benz", "MINI", "Aston Martin",

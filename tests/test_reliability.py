@@ -32,7 +32,7 @@ from carsearch.platform.db import (
 from carsearch.platform.db.images import indexed_ids
 from carsearch.platform.models.registry import RegistryError
 from carsearch.platform.runtime import Platform
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 from ingest_world import assert_invariant, make_image, world
 
 

@@ -16,8 +16,8 @@ from carsearch.platform.db import Image as ImageRow
 from carsearch.platform.errors import ModelNotFoundError, QueryError
 from carsearch.platform.search.service import SearchService
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.filters import SearchFilters
 from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import SearchFilters
 from fixtures.search_world import LABELS, _draw
 
 # LABELS and the `service` / `indexed` fixtures: tests/fixtures/search_world.py

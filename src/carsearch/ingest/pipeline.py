@@ -35,7 +35,7 @@ from carsearch.platform.images import DECODE_MAX_SIDE, decode_file, sha256_file
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.models.image_policy import check_box
 from carsearch.platform.runtime import Platform
-from carsearch.platform.vectors.store import VectorRow, VectorStore
+from carsearch.platform.vectors.protocol import VectorRow, VectorStore
 from carsearch.platform.vehicles import body_category, parse_class_name
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,8 @@ from carsearch.platform.errors import (
 )
 from carsearch.platform.metrics import recall_at_k_vs_exact, score_agreement
 from carsearch.platform.vectors.exact import ExactIndex, GpuMode, exact_dir
-from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorStore
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
+from carsearch.platform.vectors.protocol import VectorStore
 
 __all__ = [
     "AnnAuditReport",

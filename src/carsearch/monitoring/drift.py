@@ -47,7 +47,7 @@ from carsearch.platform.scheduler import process_name
 from carsearch.platform.settings import DriftSettings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.exact import set_threads
-from carsearch.platform.vectors.store import STRONG
+from carsearch.platform.vectors.protocol import STRONG
 from carsearch.platform.vehicles import parse_class_name
 
 __all__ = [

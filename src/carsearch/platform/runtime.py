@@ -9,8 +9,9 @@ from carsearch.platform.errors import ConfigError
 from carsearch.platform.models.registry import Registry
 from carsearch.platform.search.service import SearchService
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.milvus import MilvusStore
 from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import MilvusStore, VectorStore
+from carsearch.platform.vectors.protocol import VectorStore
 
 
 class Platform:

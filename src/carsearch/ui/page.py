@@ -33,7 +33,7 @@ from carsearch.platform.search.nlfilters import (
 )
 from carsearch.platform.search.service import SearchHit, SearchRequest, SearchResult
 from carsearch.platform.thumbnails import ThumbnailCache
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from carsearch.platform.db import (
 )
 from carsearch.platform.models.registry import Registry
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.store import VectorStore
+from carsearch.platform.vectors.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 
 from carsearch.platform.db import Database, Image, images
 from carsearch.platform.errors import QueryError
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 from carsearch.platform.vehicles import (
     BODY_ALIASES,
     BODY_CATEGORY,

@@ -54,8 +54,9 @@ from carsearch.platform.search.nlfilters import (
 )
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
+from carsearch.platform.vectors.filters import SearchFilters
 from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import SearchFilters, VectorStore
+from carsearch.platform.vectors.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 
