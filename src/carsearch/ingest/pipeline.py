@@ -647,6 +647,5 @@ def ingest_items(
             summary.indexed += writer.write(batch)
             batch = []
     summary.indexed += writer.write(batch)
-    if writer.store.needs_flush:
-        writer.store.flush(writer.serving().collection)
+    writer.store.settle(writer.serving().collection)
     return summary

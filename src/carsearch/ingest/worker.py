@@ -394,12 +394,13 @@ class IngestWorker:
             if not jobs:
                 break
             self.process(jobs)
-        if self.stats.summary.indexed > indexed_before and self.p.store.needs_flush:
-            # Drained: seal the growing segment so searches stay fast (Milvus Lite
-            # searches unflushed rows by brute force, far slower; a server seals itself).
+        if self.stats.summary.indexed > indexed_before:
+            # Drained: let the store seal what was written so searches stay fast (Milvus
+            # Lite searches unflushed rows by brute force, far slower; a server seals
+            # itself).
             for version in self.p.registry.all_serving():
                 if self.p.store.has_collection(version.collection):
-                    self.p.store.flush(version.collection)
+                    self.p.store.settle(version.collection)
         return self.stats
 
     def run_forever(self, state: LoopState | None = None) -> WorkerStats:

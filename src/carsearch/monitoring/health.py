@@ -200,7 +200,7 @@ def readiness(platform: Platform) -> dict[str, dict[str, Any]]:
 
     def milvus() -> str:
         platform.store.list_collections()
-        return "lite" if platform.store.is_lite else "server"
+        return "lite" if platform.admin.is_lite else "server"
 
     def serving() -> str:
         version = platform.registry.require_serving()

@@ -55,7 +55,6 @@ from carsearch.platform.search.nlfilters import (
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.filters import SearchFilters
-from carsearch.platform.vectors.mirror import MirroredStore
 from carsearch.platform.vectors.protocol import VectorStore
 
 log = logging.getLogger(__name__)
@@ -266,8 +265,7 @@ class SearchService:
         if cached is not None and cached[1].name != version.name:
             log.info("serving version of %s is now %s (was %s)", name, version.name,
                      cached[1].name)
-            if isinstance(self.store, MirroredStore):
-                self.store.keep_only(v.collection for _, v in self._serving.values())
+            self.store.retain(v.collection for _, v in self._serving.values())
         return version
 
     # -- model -----------------------------------------------------------------------
@@ -337,10 +335,7 @@ class SearchService:
         others = [v for v in self.registry.all_serving() if v.name != version.name]
         for v in [version, *others]:
             self.encoder_for(v).encode_text(["warm up"])
-            if isinstance(self.store, MirroredStore):
-                self.store.auto_build = True
-                if self.store.has_collection(v.collection):
-                    self.store.warm(v.collection, wait=wait)
+            self.store.prepare([v.collection], wait=wait)
         return version
 
     # -- queries ---------------------------------------------------------------------
@@ -576,7 +571,7 @@ class SearchService:
             ran.append({"kept": [c.key for c in kept], "dropped": [c.key for c in dropped],
                         "hits": added})
         latency = (time.perf_counter() - t0) * 1000.0
-        METRICS.search_latency.labels(kind, self._path(version.collection)).observe(
+        METRICS.search_latency.labels(kind, self.store.search_path(version.collection)).observe(
             latency / 1000.0)
         if not out:
             _EMPTY.flag = True
@@ -590,12 +585,6 @@ class SearchService:
         qid = self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
         return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid,
                             note, ran if soft else [], version.image_collection)
-
-    def _path(self, collection: str) -> str:
-        """What answered a search, for the latency histogram."""
-        if isinstance(self.store, MirroredStore) and self.store.mirror(collection) is not None:
-            return "mirror"
-        return "milvus_lite" if self.store.is_lite else "milvus_server"
 
     def _metadata(self, ids: list[int]) -> dict[int, Image]:
         return images.by_ids(self.db, ids)
