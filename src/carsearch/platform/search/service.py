@@ -7,8 +7,9 @@ any later API or evaluation are thin adapters over it (`search_text` is the same
 callers that pass chips themselves).
 
 Uses the serving model version: its encoder (loaded once per version, after the
-artifact's hash is checked), its Milvus collection, and metadata joined from the
-database. Every query is written to `query_log`.
+artifact's hash is checked, and released when the version stops serving), its
+collection in the vector store (through the VectorStore Protocol only), and metadata
+joined from the database. Every query is written to `query_log`.
 """
 
 from __future__ import annotations
@@ -265,8 +266,19 @@ class SearchService:
         if cached is not None and cached[1].name != version.name:
             log.info("serving version of %s is now %s (was %s)", name, version.name,
                      cached[1].name)
-            self.store.retain(v.collection for _, v in self._serving.values())
+            now_serving = [v for _, v in self._serving.values()]
+            self.store.retain(v.collection for v in now_serving)
+            self._release_encoders({v.name for v in now_serving})
         return version
+
+    def _release_encoders(self, keep: set[str]) -> None:
+        """Forget the encoders of versions that no longer serve (after a promotion or a
+        rollback), so that a long-running page does not hold every version it ever
+        served: their weights are freed once no caller holds them either."""
+        with self._lock:
+            for name in [n for n in self._encoders if n not in keep]:
+                log.info("releasing the encoder of %s: it no longer serves", name)
+                del self._encoders[name]
 
     # -- model -----------------------------------------------------------------------
     def encoder_for(self, version: ModelVersion) -> Encoder:
