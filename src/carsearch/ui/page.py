@@ -28,7 +28,6 @@ from carsearch.platform.search.nlfilters import (
     ParsedQuery,
     VocabularyCache,
     filters_from_chips,
-    parse_query,
     validate_filters,
 )
 from carsearch.platform.search.service import SearchHit, SearchRequest, SearchResult
@@ -173,10 +172,6 @@ class SearchPage:
         except QueryError as exc:
             raise PageError(f"filter: {exc}") from None
 
-    def parse(self, query: str) -> ParsedQuery:
-        text = self.service.clean_query(query)
-        return parse_query(text, self.vocabulary())
-
     # -- searches --------------------------------------------------------------------------
     def search_text(
         self,
@@ -201,7 +196,6 @@ class SearchPage:
     def search_upload(self, upload: str | Path | None, k: int, picked: PickedFilters) -> PageResult:
         if upload is None or not isinstance(upload, str | Path):
             raise PageError("choose an image file to search with")
-        k = self.service.check_k(k)
         img = self._read_upload(upload)
         filters = self.picked_filters(picked)
         collection = self._collection(picked)
@@ -252,11 +246,10 @@ class SearchPage:
     ) -> PageResult:
         if image_id in (None, "", 0):
             raise PageError("select a result first, then ask for more like it")
-        iid = self.service.check_image_id(image_id)
-        k = self.service.check_k(k)
         filters = self.picked_filters(picked)
         collection = self._collection(picked)
-        result = self._guard(lambda: self.service.search_similar(iid, k, filters, collection))
+        result = self._guard(lambda: self.service.search_similar(image_id, k, filters,
+                                                                 collection))
         return self._shape(result, filters)
 
     def collections(self) -> tuple[list[str], str | None]:
@@ -270,13 +263,14 @@ class SearchPage:
             default = names[0] if names else None
         return names, default
 
-    def _collection(self, picked: PickedFilters) -> str | None:
+    @staticmethod
+    def _collection(picked: PickedFilters) -> str | None:
+        """The picked collection's name (None: the service's default); the service
+        resolves and checks it, with k, the cut-off and the filters' kinds."""
         name = picked.collection or None
         if name is not None and not isinstance(name, str):
             raise PageError("pick a collection from the list")
-        if not (picked.min_prob is None or isinstance(picked.min_prob, int | float)):
-            raise PageError("the minimum probability is a number from 0 to 1")
-        return self.service.collection(name)
+        return name
 
     def _guard(self, call: Any) -> SearchResult:
         try:
