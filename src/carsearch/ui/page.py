@@ -156,7 +156,7 @@ class SearchPage:
 
     def warm_up(self) -> None:
         """Load the serving encoder now, so the first query does not wait for it, and
-        start building the search mirror (platform/mirror.py) where one is used."""
+        start building the search mirror (platform/vectors/mirror.py) where one is used."""
         try:
             self.service.warm()
         except CarsearchError as exc:  # no model yet: the page says so on each search
