@@ -266,7 +266,9 @@ class SearchService:
         if cached is not None and cached[1].name != version.name:
             log.info("serving version of %s is now %s (was %s)", name, version.name,
                      cached[1].name)
-            now_serving = [v for _, v in self._serving.values()]
+            # Every collection's serving version, not only those searched here yet
+            # (`warm` readied them all).
+            now_serving = [*self.registry.all_serving(), version]
             self.store.retain(v.collection for v in now_serving)
             self._release_encoders({v.name for v in now_serving})
         return version
