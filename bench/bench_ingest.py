@@ -38,7 +38,8 @@ from carsearch.ingest.pipeline import (
 from carsearch.platform.db import Database, migrate
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.models.registry import Registry
-from carsearch.platform.vectors.store import MilvusStore, VectorRow
+from carsearch.platform.vectors.milvus import MilvusStore
+from carsearch.platform.vectors.protocol import VectorRow
 from carsearch.training.base_model import CompactSpec, TowerSize, build_compact_base
 from machine import cpu_name
 

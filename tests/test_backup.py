@@ -25,7 +25,7 @@ from carsearch.platform.collections import alias_for
 from carsearch.platform.db import Lease, QueryFeedback, images, migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.store import MilvusStore
+from carsearch.platform.vectors.milvus import MilvusStore
 from fixtures.cli import one_line_error, run
 from fixtures.common import empty_server
 from fixtures.common import reset_pg as _reset_pg

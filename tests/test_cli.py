@@ -112,7 +112,7 @@ def test_model_lifecycle_moves_the_serving_alias(
 ) -> None:
     """publish -> ingest -> promote (re-index) -> rollback -> retire --drop -> reconcile,
     as separate processes, with the Milvus alias following the database's serving version."""
-    from carsearch.platform.vectors.store import MilvusStore
+    from carsearch.platform.vectors.milvus import MilvusStore
 
     env = dict(env, CARSEARCH_MILVUS_URI=milvus_uri)
     run(["db", "upgrade"], env)

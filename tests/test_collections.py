@@ -23,7 +23,7 @@ from carsearch.platform.ids import image_id
 from carsearch.platform.images import sha256_file
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 from fixtures.cli import one_line_error, run  # the `env` fixture: tests/fixtures/cli.py
 from fixtures.site import Site  # the `site` fixture: tests/fixtures/site.py
 from ingest_world import make_image, world

@@ -24,7 +24,7 @@ from carsearch.lifecycle.reindex import promote_with_backfill
 from carsearch.platform.db import Image, ImageStatus, IngestJob, JobState, queue
 from carsearch.platform.db.images import indexed_ids
 from carsearch.platform.runtime import Platform
-from carsearch.platform.vectors.store import VectorRow, VectorStoreError
+from carsearch.platform.vectors.protocol import VectorRow, VectorStoreError
 from ingest_world import assert_invariant, make_image, world
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from carsearch.lifecycle.labelling import LabelImportError, export_rows, import_labels, write_rows
 from carsearch.monitoring.drift import run_drift
 from carsearch.platform.db import Image, labels
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 from fixtures.drift_world import (
     Catalogue,
     World,

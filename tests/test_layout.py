@@ -25,7 +25,7 @@ ALLOWED = {
     "training": {"platform", "data"},
     "lifecycle": {"platform", "data", "ingest", "training"},
     "monitoring": {"platform"},
-    "ingest": {"platform", "monitoring.scheduler"},
+    "ingest": {"platform"},
     "ui": {"platform"},
     "backup": {"platform"},
 }

@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from carsearch.platform.vectors.store import (
-    SERVING_ALIAS,
-    IndexSpec,
-    MilvusStore,
-    SearchFilters,
-    VectorRow,
-    VectorStoreError,
-    build_filter_expression,
-)
+from carsearch.platform.vectors.filters import SearchFilters, build_filter_expression
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
+from carsearch.platform.vectors.protocol import SERVING_ALIAS, VectorRow, VectorStoreError
 
 DIM = 16
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from carsearch.platform.runtime import Platform
     from carsearch.platform.search.nlfilters import VocabularyCache
     from carsearch.platform.search.service import SearchResult
-    from carsearch.platform.vectors.store import SearchFilters
+    from carsearch.platform.vectors.filters import SearchFilters
 
 
 def search_command(
@@ -63,7 +63,7 @@ def search_command(
     """
     from pydantic import ValidationError
 
-    from carsearch.platform.vectors.store import SearchFilters
+    from carsearch.platform.vectors.filters import SearchFilters
 
     try:
         filters = SearchFilters(
@@ -116,7 +116,7 @@ def _text(p: Platform, query: str, k: int, filters: SearchFilters, parse: bool,
 
 
 def _print_hits(result: SearchResult, filters: SearchFilters) -> None:
-    from carsearch.platform.vectors.store import SearchFilters
+    from carsearch.platform.vectors.filters import SearchFilters
 
     typer.echo(f"{len(result.hits)} hits in {result.latency_ms:.1f} ms ({result.collection}, "
                f"{result.version})")

@@ -291,7 +291,7 @@ def served_query_sets(db: Any, collection: str) -> dict[str, list[Any]]:
     from carsearch.data.augment.heldout import held_out_query
     from carsearch.platform.db import Image, ImageStatus
     from carsearch.platform.search.evaluation import EvalQuery
-    from carsearch.platform.search.vocabulary import parse_class_name
+    from carsearch.platform.vehicles import parse_class_name
 
     with db.session() as s:
         rows = list(s.scalars(select(Image).where(

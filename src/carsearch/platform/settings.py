@@ -321,7 +321,7 @@ class Settings(BaseSettings):
 
     @property
     def mirror_enabled(self) -> bool:
-        """Whether searches are served from the in-memory mirror (platform/mirror.py).
+        """Whether searches are served from the in-memory mirror (platform/vectors/mirror.py).
 
         Only a process that sees every write may mirror: true of a Milvus Lite file,
         which one process opens at a time, not of a server that others write to.

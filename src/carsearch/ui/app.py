@@ -33,6 +33,7 @@ from starlette.middleware import Middleware
 
 from carsearch.platform.errors import CarsearchError, ConfigError
 from carsearch.platform.runtime import Platform
+from carsearch.platform.thumbnails import THUMB_DIR
 from carsearch.ui.guard import ClientLimits, GateConfig, LoginThrottle, RequestGate, parse_size
 from carsearch.ui.page import ANY, Labeller, PageResult, PickedFilters, SearchPage
 from carsearch.ui.render import evaluation_table, page_header, status_markdown
@@ -451,7 +452,7 @@ def served_roots(settings: Any) -> tuple[Path, ...]:
     """What the file routes may serve: the thumbnail store, and the originals in
     image_dir only when CARSEARCH_UI_SERVE_ORIGINALS allows it."""
     image_dir = Path(settings.image_dir).resolve()
-    return (image_dir,) if settings.ui_serve_originals else (image_dir / "_thumbs",)
+    return (image_dir,) if settings.ui_serve_originals else (image_dir / THUMB_DIR,)
 
 
 def trust_forwarded_from(proxies: str) -> None:

@@ -11,7 +11,6 @@ parses, validates, calls and formats. Errors a person can fix come back as
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,23 +21,22 @@ from pydantic import ValidationError
 
 from carsearch.platform.db import QueryFeedback, QueryLog
 from carsearch.platform.errors import CarsearchError, ImageRejectedError, QueryError
-from carsearch.platform.images import DECODE_MAX_SIDE, load_image, load_image_bytes
+from carsearch.platform.images import DECODE_MAX_SIDE, load_image_bytes
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.nlfilters import (
     FilterVocabulary,
     ParsedQuery,
     VocabularyCache,
     filters_from_chips,
-    parse_query,
     validate_filters,
 )
 from carsearch.platform.search.service import SearchHit, SearchRequest, SearchResult
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.thumbnails import ThumbnailCache
+from carsearch.platform.vectors.filters import SearchFilters
 
 log = logging.getLogger(__name__)
 
 ANY = "any"
-THUMB_SIZE = 320
 DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
 
 
@@ -53,46 +51,6 @@ class Labeller(Protocol):
     def open_tasks(self) -> list[dict[str, Any]]: ...
 
     def apply(self, task_id: int, fields: dict[str, Any]) -> Any: ...
-
-
-class ThumbnailCache:
-    """JPEG thumbnails of result images, made once with the safe decoder.
-
-    They live in `root` (inside the image directory, the only folder the page serves),
-    named by image id, so photos indexed from anywhere on disk are shown without that
-    folder ever being opened to the web.
-    """
-
-    def __init__(self, root: Path, size: int = THUMB_SIZE, max_pixels: int = 40_000_000) -> None:
-        self.root = Path(root)
-        self.size = size
-        self.max_pixels = max_pixels
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._missing = self.root / "missing.jpg"
-
-    def path_for(self, image_id: int) -> Path:
-        return self.root / f"{image_id & 0xFF:02x}" / f"{image_id}.jpg"
-
-    def get(self, image_id: int, source: str) -> Path:
-        out = self.path_for(image_id)
-        if out.is_file():
-            return out
-        try:
-            img = load_image(Path(source), max_pixels=self.max_pixels, max_side=self.size)
-        except ImageRejectedError as exc:
-            log.warning("no thumbnail for image %d: %s", image_id, exc)
-            return self.missing()
-        img.thumbnail((self.size, self.size))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{threading.get_ident()}.part")
-        img.save(tmp, format="JPEG", quality=85)
-        tmp.replace(out)
-        return out
-
-    def missing(self) -> Path:
-        if not self._missing.is_file():
-            PILImage.new("RGB", (self.size, self.size), (200, 200, 200)).save(self._missing)
-        return self._missing
 
 
 @dataclass(frozen=True)
@@ -193,14 +151,12 @@ class SearchPage:
         self.settings = platform.settings
         self.service = platform.search
         self.vocab_cache = VocabularyCache(platform.db, ttl_s=vocab_ttl_s)
-        self.thumbs = ThumbnailCache(
-            self.settings.image_dir / "_thumbs", max_pixels=self.settings.max_image_pixels
-        )
+        self.thumbs = ThumbnailCache.for_settings(self.settings)
         self.max_upload_bytes = max_upload_bytes
 
     def warm_up(self) -> None:
         """Load the serving encoder now, so the first query does not wait for it, and
-        start building the search mirror (platform/mirror.py) where one is used."""
+        start building the search mirror (platform/vectors/mirror.py) where one is used."""
         try:
             self.service.warm()
         except CarsearchError as exc:  # no model yet: the page says so on each search
@@ -215,10 +171,6 @@ class SearchPage:
             return validate_filters(picked.as_dict(), self.vocabulary())
         except QueryError as exc:
             raise PageError(f"filter: {exc}") from None
-
-    def parse(self, query: str) -> ParsedQuery:
-        text = self.service.clean_query(query)
-        return parse_query(text, self.vocabulary())
 
     # -- searches --------------------------------------------------------------------------
     def search_text(
@@ -244,7 +196,6 @@ class SearchPage:
     def search_upload(self, upload: str | Path | None, k: int, picked: PickedFilters) -> PageResult:
         if upload is None or not isinstance(upload, str | Path):
             raise PageError("choose an image file to search with")
-        k = self.service.check_k(k)
         img = self._read_upload(upload)
         filters = self.picked_filters(picked)
         collection = self._collection(picked)
@@ -295,11 +246,10 @@ class SearchPage:
     ) -> PageResult:
         if image_id in (None, "", 0):
             raise PageError("select a result first, then ask for more like it")
-        iid = self.service.check_image_id(image_id)
-        k = self.service.check_k(k)
         filters = self.picked_filters(picked)
         collection = self._collection(picked)
-        result = self._guard(lambda: self.service.search_similar(iid, k, filters, collection))
+        result = self._guard(lambda: self.service.search_similar(image_id, k, filters,
+                                                                 collection))
         return self._shape(result, filters)
 
     def collections(self) -> tuple[list[str], str | None]:
@@ -313,13 +263,14 @@ class SearchPage:
             default = names[0] if names else None
         return names, default
 
-    def _collection(self, picked: PickedFilters) -> str | None:
+    @staticmethod
+    def _collection(picked: PickedFilters) -> str | None:
+        """The picked collection's name (None: the service's default); the service
+        resolves and checks it, with k, the cut-off and the filters' kinds."""
         name = picked.collection or None
         if name is not None and not isinstance(name, str):
             raise PageError("pick a collection from the list")
-        if not (picked.min_prob is None or isinstance(picked.min_prob, int | float)):
-            raise PageError("the minimum probability is a number from 0 to 1")
-        return self.service.collection(name)
+        return name
 
     def _guard(self, call: Any) -> SearchResult:
         try:

@@ -67,7 +67,8 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 
 from carsearch.platform.db import Database, Image, images
 from carsearch.platform.errors import QueryError
-from carsearch.platform.search.vocabulary import (
+from carsearch.platform.vectors.filters import SearchFilters
+from carsearch.platform.vehicles import (
     BODY_ALIASES,
     BODY_CATEGORY,
     COLOUR_ALIASES,
@@ -76,7 +77,6 @@ from carsearch.platform.search.vocabulary import (
     YEAR,
     body_category,
 )
-from carsearch.platform.vectors.store import SearchFilters
 
 FieldName = Literal["make", "colour", "body", "year"]
 

@@ -7,8 +7,9 @@ any later API or evaluation are thin adapters over it (`search_text` is the same
 callers that pass chips themselves).
 
 Uses the serving model version: its encoder (loaded once per version, after the
-artifact's hash is checked), its Milvus collection, and metadata joined from the
-database. Every query is written to `query_log`.
+artifact's hash is checked, and released when the version stops serving), its
+collection in the vector store (through the VectorStore Protocol only), and metadata
+joined from the database. Every query is written to `query_log`.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ from carsearch.platform.search.nlfilters import (
 )
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
-from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import SearchFilters, VectorStore
+from carsearch.platform.vectors.filters import SearchFilters
+from carsearch.platform.vectors.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +266,21 @@ class SearchService:
         if cached is not None and cached[1].name != version.name:
             log.info("serving version of %s is now %s (was %s)", name, version.name,
                      cached[1].name)
-            if isinstance(self.store, MirroredStore):
-                self.store.keep_only(v.collection for _, v in self._serving.values())
+            # Every collection's serving version, not only those searched here yet
+            # (`warm` readied them all).
+            now_serving = [*self.registry.all_serving(), version]
+            self.store.retain(v.collection for v in now_serving)
+            self._release_encoders({v.name for v in now_serving})
         return version
+
+    def _release_encoders(self, keep: set[str]) -> None:
+        """Forget the encoders of versions that no longer serve (after a promotion or a
+        rollback), so that a long-running page does not hold every version it ever
+        served: their weights are freed once no caller holds them either."""
+        with self._lock:
+            for name in [n for n in self._encoders if n not in keep]:
+                log.info("releasing the encoder of %s: it no longer serves", name)
+                del self._encoders[name]
 
     # -- model -----------------------------------------------------------------------
     def encoder_for(self, version: ModelVersion) -> Encoder:
@@ -336,10 +349,7 @@ class SearchService:
         others = [v for v in self.registry.all_serving() if v.name != version.name]
         for v in [version, *others]:
             self.encoder_for(v).encode_text(["warm up"])
-            if isinstance(self.store, MirroredStore):
-                self.store.auto_build = True
-                if self.store.has_collection(v.collection):
-                    self.store.warm(v.collection, wait=wait)
+            self.store.prepare([v.collection], wait=wait)
         return version
 
     # -- queries ---------------------------------------------------------------------
@@ -575,7 +585,7 @@ class SearchService:
             ran.append({"kept": [c.key for c in kept], "dropped": [c.key for c in dropped],
                         "hits": added})
         latency = (time.perf_counter() - t0) * 1000.0
-        METRICS.search_latency.labels(kind, self._path(version.collection)).observe(
+        METRICS.search_latency.labels(kind, self.store.search_path(version.collection)).observe(
             latency / 1000.0)
         if not out:
             _EMPTY.flag = True
@@ -589,12 +599,6 @@ class SearchService:
         qid = self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
         return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid,
                             note, ran if soft else [], version.image_collection)
-
-    def _path(self, collection: str) -> str:
-        """What answered a search, for the latency histogram."""
-        if isinstance(self.store, MirroredStore) and self.store.mirror(collection) is not None:
-            return "mirror"
-        return "milvus_lite" if self.store.is_lite else "milvus_server"
 
     def _metadata(self, ids: list[int]) -> dict[int, Image]:
         return images.by_ids(self.db, ids)
