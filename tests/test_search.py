@@ -142,6 +142,13 @@ def test_replaying_an_ingest_doubles_nothing(service: SearchService, indexed,
     assert service.store.count(indexed.collection) == len(LABELS)
 
 
+# What does not depend on the shape (a query's checks run before any store or database is
+# asked) runs on the cheapest shape only: SQLite and Milvus Lite's own search.
+cheapest_shape = pytest.mark.parametrize(("db_kind", "service"), [("sqlite", "milvus")],
+                                         indirect=["service"])
+
+
+@cheapest_shape
 @pytest.mark.parametrize("query", ["", "   ", "x" * 10_000])
 def test_bad_queries_get_a_message(service: SearchService, indexed, query: str) -> None:
     with pytest.raises(QueryError) as err:
@@ -149,6 +156,7 @@ def test_bad_queries_get_a_message(service: SearchService, indexed, query: str) 
     assert "query" in str(err.value)
 
 
+@cheapest_shape
 def test_bad_k_and_no_serving_version(service: SearchService) -> None:
     with pytest.raises(QueryError):
         service.search_text("red car", k=0)
