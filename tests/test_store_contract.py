@@ -27,10 +27,10 @@ import pytest
 
 # The store's public names, as imported today (one place to change when the module moves).
 from carsearch.platform.errors import QueryError
-from carsearch.platform.vectors.memory import ExactStore
-from carsearch.platform.vectors.mirror import MirroredStore
 from carsearch.platform.vectors.filters import SearchFilters
+from carsearch.platform.vectors.memory import ExactStore
 from carsearch.platform.vectors.milvus import MilvusStore
+from carsearch.platform.vectors.mirror import MirroredStore
 from carsearch.platform.vectors.protocol import Hit, VectorRow, VectorStore, VectorStoreError
 
 DIM = 16
