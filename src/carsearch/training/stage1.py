@@ -73,6 +73,7 @@ class Stage1Config:
     progress: bool = True
     loss: str = "sigmoid"  # or "softmax" (training/loss.py)
     grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    class_texts: bool = True  # every class name as a text column of every step
 
 
 @dataclass
@@ -227,16 +228,17 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         ]
         # Each distinct text once (a caption is also a class-name column), padded to the
         # longest: the model reads its mask from the pad id, so padding changes nothing.
-        columns = list(dict.fromkeys([*names, *texts]))
+        shown = names if config.class_texts else []
+        columns = list(dict.fromkeys([*shown, *texts]))
         column_of = {t: j for j, t in enumerate(columns)}
         ids = tokenize_longest(processor, columns, max_len)
         image, text, scale, bias = module(feats[batch].to(acc.device), ids.to(acc.device))
         batch_classes = classes[batch]
         column_classes = torch.tensor(
-            [index[t] if j < len(names) else -1 for j, t in enumerate(columns)])
+            [index[t] if j < len(shown) else -1 for j, t in enumerate(columns)])
         # a query text is a positive for its own image's class (class-level labels)
         for t, c in zip(texts, batch_classes.tolist(), strict=True):
-            if column_of[t] >= len(names):
+            if column_of[t] >= len(shown):
                 column_classes[column_of[t]] = c
         loss = contrastive_loss(config.loss, image, text, scale, bias,
                                 batch_classes.to(acc.device),
