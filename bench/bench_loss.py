@@ -60,6 +60,40 @@ METRICS = {"R@1": ("class_names", "recall@1"), "mAP": ("class_names", "AP"),
            "held-out R@5": ("heldout", "recall@5")}
 
 
+def memoise_stage1_setup() -> None:
+    """Every run of the grid reads the same data set, cached features and generated
+    queries (per seed): computed once here, not in each of the grid's runs (the setup,
+    not the training loop, which `train_seconds` times, is what this saves)."""
+    import carsearch.training.stage1 as s1
+
+    datasets: dict[Any, Any] = {}
+    feats: dict[Any, np.ndarray] = {}
+    texts: dict[Any, list[list[str]]] = {}
+    load, features, per_image = s1.load_stanford, s1.features_for, s1._texts_per_image
+
+    def load_memo(root: Path, *a: Any, **k: Any) -> Any:
+        if (root, a) not in datasets:
+            datasets[root, a] = load(root, *a, **k)
+        return datasets[root, a]
+
+    def features_memo(net: Any, processor: Any, dataset: Any, items: Any, cache_dir: Path,
+                      **k: Any) -> np.ndarray:
+        ident = (tuple(x.image_id for x in items), cache_dir)
+        if ident not in feats:
+            feats[ident] = features(net, processor, dataset, items, cache_dir, **k)
+        return feats[ident]
+
+    def texts_memo(items: Any, seed: int, path: Path | None) -> list[list[str]]:
+        ident = (tuple(x.image_id for x in items), seed, path)
+        if ident not in texts:
+            texts[ident] = per_image(items, seed, path)
+        return texts[ident]
+
+    s1.load_stanford = load_memo  # type: ignore[assignment]
+    s1.features_for = features_memo  # type: ignore[assignment]
+    s1._texts_per_image = texts_memo  # type: ignore[assignment]
+
+
 def configs(batches: list[int], effective: int, losses: list[str]) -> list[dict[str, Any]]:
     out = []
     for loss in losses:
@@ -148,7 +182,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--class-texts", action="store_true")
     p.add_argument("--eval-per-class", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 on a shared, loaded machine)")
     p.add_argument("--json", type=Path, default=None, help="results, written after each run; "
                    "runs already in it are skipped")
     p.add_argument("--table", type=Path, default=None, help="only print the table of a JSON")
@@ -174,6 +209,7 @@ def main() -> None:
     features = features_for(net, processor, dataset, scored, cache, stats=stats)
     features_for(net, processor, dataset, train_items, cache, stats=stats)  # warm
     classes = [x.label.class_name for x in scored]
+    memoise_stage1_setup()
     report = load_report(args.json)
     report.update({"date": time.strftime("%Y-%m-%d"), "pairs": args.pairs, "lr": args.lr,
                    "class_texts": args.class_texts, "n_train": len(train_items),
