@@ -54,6 +54,7 @@ from carsearch.training.stage1 import (
 )
 from carsearch.training.train_data import generated_queries
 from carsearch.training.trainer import load_base
+from machine import machine_line
 
 log = logging.getLogger("bench_loss")
 METRICS = {"R@1": ("class_names", "recall@1"), "mAP": ("class_names", "AP"),
@@ -215,7 +216,7 @@ def main() -> None:
                    "class_texts": args.class_texts, "n_train": len(train_items),
                    "n_scored": len(scored), "n_class_queries": len(set(classes)),
                    "n_heldout_queries": len(heldout), "threads": args.threads,
-                   "cpus": os.cpu_count(), "view": "evaluation (cached features)"})
+                   "machine": machine_line(), "view": "evaluation (cached features)"})
     zero = per_query_metrics(net, processor, features, classes, heldout)
     report["zero_shot"] = {k: float(np.mean(v)) for k, v in zero.items()}
     grid = configs([int(x) for x in args.batches.split(",")], args.effective,
