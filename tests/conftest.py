@@ -88,6 +88,7 @@ FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
     "test_security.py::test_no_auth_starts_on_the_network_and_the_page_says_so",
     "test_security.py::test_serving_the_network_without_a_login_is_refused",
     "test_train.py::test_a_tampered_checkpoint_is_refused_before_anything_is_unpickled",
+    "test_train.py::test_each_loss_trains_through_the_real_loops",
     "test_train.py::test_resume_continues_exactly",
     "test_ui.py::test_login_is_required_when_auth_is_set",
 }
