@@ -70,6 +70,7 @@ FULL_MODULES = {
 }
 FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
     "test_alerts.py::test_a_real_prometheus_scrapes_the_ingest_worker",
+    "test_api.py::test_the_served_api_needs_the_page_login",
     "test_backup.py::test_the_cli_backs_up_verifies_restores_and_refuses",
     "test_classify.py::test_classify_command",
     "test_cli.py::test_missing_model_is_one_line",

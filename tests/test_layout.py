@@ -26,8 +26,9 @@ ALLOWED = {
     "lifecycle": {"platform", "data", "ingest", "training"},
     "monitoring": {"platform"},
     "ingest": {"platform", "monitoring.scheduler"},
-    "ui": {"platform"},
+    "ui": {"platform", "client"},
     "backup": {"platform"},
+    "client": set(),
 }
 HEAVY = ("torch", "transformers", "faiss", "pymilvus", "milvus_lite", "gradio", "peft",
          "accelerate", "alembic", "PIL", "scipy")

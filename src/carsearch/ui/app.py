@@ -12,6 +12,8 @@ uploads are held to per-client limits (ui/guard.py), and the app runs behind
 served, body size cap). A client's address is the connection's peer; forwarded headers
 count only from the proxies CARSEARCH_UI_TRUSTED_PROXIES names.
 
+The JSON API (ui/api.py) is mounted at /api/v1 on the same server, behind the same gate.
+
 API names (for `gradio_client`): /search, /refine, /image_search, /more_like_this,
 /select_result, /classify, /vote_up, /vote_down, /page_info, /status, /evaluation.
 """
@@ -30,9 +32,12 @@ from typing import Any
 
 import gradio as gr
 from starlette.middleware import Middleware
+from starlette.routing import Mount
 
 from carsearch.platform.errors import CarsearchError, ConfigError
 from carsearch.platform.runtime import Platform
+from carsearch.ui.api import PREFIX as API_PREFIX
+from carsearch.ui.api import build_api
 from carsearch.ui.guard import ClientLimits, GateConfig, LoginThrottle, RequestGate, parse_size
 from carsearch.ui.page import ANY, Labeller, PageResult, PickedFilters, SearchPage
 from carsearch.ui.render import evaluation_table, page_header, status_markdown
@@ -483,6 +488,8 @@ def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
         root.mkdir(parents=True, exist_ok=True)
     login = LoginThrottle(settings.ui_login_failures, settings.ui_login_window_s)
     gate = Middleware(RequestGate, config=GateConfig(roots, max_bytes, limits, login=login))
+    # The JSON API beside the page, behind the same gate (login, caps, limits).
+    api = Mount(API_PREFIX, app=build_api(page, limits))
     trust_forwarded_from(settings.ui_trusted_proxies)
     demo.queue(default_concurrency_limit=4)
     log.info("search page on http://%s:%d (serving files only from %s)",
@@ -500,6 +507,6 @@ def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
         css=CSS,
         inbrowser=False,
         share=False,
-        app_kwargs={"middleware": [gate]},
+        app_kwargs={"middleware": [gate], "routes": [api]},
     )
     return demo
