@@ -1,6 +1,6 @@
 """A typed Python client for the JSON API under /api/v1 (`Client`), and the wire models
-the server and the client share (`models`: pydantic only). Imports no other carsearch
-package and nothing heavy: httpx and pydantic."""
+the server and the client share (`models`: pydantic only). It may import no other
+carsearch package and nothing heavy: httpx and pydantic only."""
 
 from __future__ import annotations
 
