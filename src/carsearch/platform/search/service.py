@@ -60,6 +60,16 @@ from carsearch.platform.vectors.store import SearchFilters, VectorStore
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+SORTS = ("score", "year", "arrival")
+# The image vector's share in an image + text query (measured: docs/BENCHMARKS.md).
+IMAGE_WEIGHT = 0.5
+# The weight of a negated concept's text vector subtracted from the query vector.
+NEGATIVE_WEIGHT = 0.3
+# Cosine at or above which two images are near-duplicates (measured: docs/BENCHMARKS.md).
+DUPLICATE_COSINE = 0.95
+# Rocchio: query, liked-centroid and disliked-centroid weights, and the most ids of each.
+ROCCHIO = (1.0, 0.75, 0.25)
+MAX_FEEDBACK_IDS = 50
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -90,10 +100,15 @@ class SearchHit:
     # The vehicle's box [x1, y1, x2, y2] in pixels that the vector was embedded from
     # (None: the whole frame); the thumbnail is always the whole photo.
     box: list[int] | None = None
+    # With ``collapse_duplicates``: how many near-duplicates of this hit were folded into
+    # it (cosine at or above `DUPLICATE_COSINE`, or the same content), and their ids.
+    duplicates: int = 0
+    duplicate_ids: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["unmet"] = list(self.unmet)
+        d["duplicate_ids"] = list(self.duplicate_ids)
         return d
 
 
@@ -119,11 +134,22 @@ class SearchResult:
     chips: tuple[FilterChip, ...] = ()
     ignored: tuple[str, ...] = ()
     effective: SearchFilters | None = None
+    # The next page's cursor (pass it back as ``SearchRequest.cursor`` with the same
+    # query), None on the last page or at the `search_max_results` setting.
+    next_cursor: str | None = None
+    # Exclusions read from the text ("not red", "no pickups", "except Ford"), as chips
+    # the person can untick (keys "colour!=red", distinct from the filter chips' "="),
+    # and negated words with no facet ("no roof rack") that were subtracted from the
+    # query vector.
+    exclusions: tuple[FilterChip, ...] = ()
+    negative_terms: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hits"] = [h.to_dict() for h in self.hits]
         d["chips"] = [c.key for c in self.chips]
+        d["exclusions"] = [c.key for c in self.exclusions]
+        d["negative_terms"] = list(self.negative_terms)
         d["ignored"] = list(self.ignored)
         d.pop("effective")
         return d
@@ -148,6 +174,29 @@ class SearchRequest:
     min_prob: Any = None
     collection: str | None = None
     vocabulary: FilterVocabulary | None = None
+    # The person's own exclusions (colours, makes, body types, sources, a year range):
+    # hard, never relaxed, never contradicted by a filter read from the text.
+    exclude: SearchFilters | None = None
+    # Exclusion chips read from the text that the person unticked (their keys,
+    # "colour!=red"); every other exclusion read from the text applies.
+    drop_exclusions: Sequence[str] = ()
+    # Image + text: an indexed image (its stored vector) or an uploaded one, combined
+    # with the text's words that are not filters; ``query`` may then be None or empty.
+    image_id: Any = None
+    image: PILImage.Image | None = None
+    # The image vector's share of the combined query vector (0-1; the rest is the text's).
+    image_weight: Any = IMAGE_WEIGHT
+    # The cursor of the previous page (SearchResult.next_cursor); None: the first page.
+    cursor: str | None = None
+    # The order of what passed the cut-off: "score" (best first), "year" (newest first)
+    # or "arrival" (latest ingested first).
+    sort: str = "score"
+    # Fold near-duplicates into one hit (SearchHit.duplicates / duplicate_ids).
+    collapse_duplicates: bool = False
+    # In-session feedback: image ids the person liked / disliked; the query vector moves
+    # toward the liked and away from the disliked (Rocchio, bounded) at once.
+    liked: Sequence[int] = ()
+    disliked: Sequence[int] = ()
 
 
 class _Empty(threading.local):
@@ -394,6 +443,10 @@ class SearchService:
         by them. ``min_prob`` drops the hits whose model text-image probability is
         lower. The query is logged (`query_log`) and counted."""
         with _counted():
+            if (request.image_id is not None or request.image is not None or request.cursor
+                    or request.sort != "score" or request.collapse_duplicates
+                    or request.liked or request.disliked or request.exclude is not None):
+                raise QueryError("not yet")
             text = self.clean_query(request.query)
             k = self.check_k(request.k)
             cut = self.check_min_prob(request.min_prob)
