@@ -54,6 +54,14 @@ class SearchOptions(_Request):
         default=False, description="near-duplicates as one hit with a count")
     collection: Annotated[str, Field(max_length=64)] | None = Field(
         default=None, description="image collection (default: vehicles, or the only one)")
+    keep_chips: Annotated[list[Annotated[str, Field(max_length=100)]],
+                          Field(max_length=32)] | None = Field(
+        default=None, description="filter chips read from the text to keep, by key "
+        "(make=Ford); None: all of them")
+    drop_exclusions: Annotated[list[Annotated[str, Field(max_length=100)]],
+                               Field(max_length=32)] = Field(
+        default_factory=list, description="exclusions read from the text to ignore, by "
+        "key (colour!=red)")
     liked: Annotated[list[StrictInt], Field(max_length=100)] = Field(
         default_factory=list, description="image ids marked thumbs-up in this session")
     disliked: Annotated[list[StrictInt], Field(max_length=100)] = Field(

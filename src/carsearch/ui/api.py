@@ -168,7 +168,7 @@ class SearchApi:
     def _run(self, body: SearchOptions, query: str | None, *, image_id: int | None = None,
              image: Any = None) -> SearchResponse:
         try:
-            if query is None and "image" not in _request_fields():  # an older service
+            if query is None and _plain_image_search(body):  # as the page's image search
                 filters = self._filters(body.filters, "filter")
                 collection = self.service.collection(body.collection)
                 if image is not None:
@@ -196,6 +196,7 @@ class SearchApi:
             "cursor": body.cursor,
             "sort": body.sort,
             "collapse_duplicates": body.collapse_duplicates,
+            "drop_exclusions": tuple(body.drop_exclusions),
             "liked": tuple(body.liked),
             "disliked": tuple(body.disliked),
         }
@@ -203,7 +204,8 @@ class SearchApi:
         if weight is not None:
             options["image_weight"] = float(weight)
         return SearchRequest(query, body.k, self._filters(body.filters, "filter"),
-                             min_prob=body.min_prob, collection=collection,
+                             keep_chips=body.keep_chips, min_prob=body.min_prob,
+                             collection=collection,
                              vocabulary=vocab, **_supported(options))
 
     def _filters(self, filters: Filters | None, what: str) -> SearchFilters | None:
@@ -277,6 +279,14 @@ class SearchApi:
                           api=API_VERSION)
         return Health(status="ok", version=version.name,
                       collection=version.image_collection, api=API_VERSION)
+
+
+def _plain_image_search(body: SearchOptions) -> bool:
+    """An image alone with none of the options only `SearchService.search` takes: the
+    page's image search ("more like this", an upload), the same service calls."""
+    return (body.exclude is None and body.cursor is None and body.sort == "score"
+            and not body.drop_exclusions
+            and not body.collapse_duplicates and not body.liked and not body.disliked)
 
 
 def _request_fields() -> set[str]:
