@@ -18,31 +18,19 @@ from typing import Any
 import pytest
 from PIL import Image as PILImage
 from sqlalchemy import select
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.routing import Mount
 from starlette.testclient import TestClient
 
 from carsearch.client import ApiError, Client
 from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items
 from carsearch.platform.db import QueryFeedback
 from carsearch.platform.runtime import Platform
-from carsearch.ui.api import PREFIX, build_api
-from carsearch.ui.guard import ClientLimits, GateConfig, RequestGate
+from carsearch.ui.guard import ClientLimits
 from carsearch.ui.page import PickedFilters, SearchPage
+from fixtures.api import api_app
 from shapes import shape as _shape
 from ui_world import CARS, World, build_world, draw_car, run_server
 
 shape = _shape
-
-
-def api_app(page: SearchPage, limits: ClientLimits | None = None,
-            max_upload: int = 2_000_000) -> Starlette:
-    """The API as `launch` mounts it: at /api/v1, behind the page's gate."""
-    limits = limits or ClientLimits(1000.0, 1000, 4)
-    roots = (page.settings.image_dir / "_thumbs",)
-    gate = Middleware(RequestGate, config=GateConfig(roots, max_upload, limits))  # type: ignore[arg-type]
-    return Starlette(routes=[Mount(PREFIX, app=build_api(page, limits))], middleware=[gate])
 
 
 @pytest.fixture(scope="module")

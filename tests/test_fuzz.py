@@ -123,3 +123,62 @@ def test_the_cli(cli_world: World, query: str, k: int, make: str, year: int) -> 
         assert isinstance(exc, CarsearchError | SystemExit), repr(exc)
         if isinstance(exc, CarsearchError):
             assert "\n" not in str(exc)
+
+
+# -- the JSON API ------------------------------------------------------------------------
+API_KEYS = ["query", "k", "cursor", "filters", "exclude", "image_id", "min_prob", "sort",
+            "collapse_duplicates", "collection", "liked", "disliked", "keep_chips",
+            "drop_exclusions", "image_weight", "bogus"]
+FILTER_KEYS = ["make", "body", "colour", "source", "year_min", "year_max", "exclude", "x"]
+odd_filters = st.one_of(odd_value, st.dictionaries(st.sampled_from(FILTER_KEYS), odd_list,
+                                                   max_size=4))
+api_body = st.one_of(
+    st.dictionaries(st.sampled_from(API_KEYS), st.one_of(odd_list, odd_filters), max_size=6),
+    odd_list)
+
+
+@pytest.fixture(scope="module")
+def api_http(page: SearchPage) -> Any:
+    from starlette.testclient import TestClient
+
+    from fixtures.api import api_app
+
+    with TestClient(api_app(page), raise_server_exceptions=False) as tc:
+        yield tc
+
+
+def _json_answer(r: Any) -> None:
+    """Any answer but a crash: 2xx, or a refusal that is JSON with a request id."""
+    assert r.status_code in (200, 400, 404, 405, 413, 422, 429), (r.status_code, r.text)
+    if r.status_code >= 400:
+        body = r.json()
+        assert body["request_id"] == r.headers["x-request-id"]
+        assert isinstance(body["detail"], str) and "\n" not in body["detail"]
+
+
+@FUZZ
+@given(body=api_body, options=any_text, blob=st.binary(max_size=200), path=any_text)
+def test_the_json_api_answers_every_input(api_http: Any, body: Any, options: str,
+                                          blob: bytes, path: str) -> None:
+    import json as _json
+
+    try:
+        content = _json.dumps(body)
+    except ValueError:  # NaN and friends: sent as Python writes them, not strict JSON
+        content = repr(body)
+    _json_answer(api_http.post("/api/v1/search", content=content.encode("utf-8", "replace"),
+                               headers={"content-type": "application/json"}))
+    _json_answer(api_http.post("/api/v1/search/image",
+                               files={"image": ("x.png", blob)},
+                               data={"options": options.encode("utf-8", "replace")}))
+    opts = _json.dumps(body) if isinstance(body, dict) and "image_id" not in body else "{}"
+    _json_answer(api_http.post("/api/v1/search/image", files={"image": ("x.png", blob)},
+                               data={"options": opts}))
+    feedback = body if isinstance(body, dict) else {"image_id": 1, "vote": 1,
+                                                    "query": str(body)}
+    _json_answer(api_http.post("/api/v1/feedback", content=_json.dumps(feedback),
+                               headers={"content-type": "application/json"}))
+    from urllib.parse import quote
+
+    _json_answer(api_http.get("/api/v1/images/" + quote(path.encode("utf-8", "replace"),
+                                                        safe="")))

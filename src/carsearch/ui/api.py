@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import uuid
 from typing import Annotated, Any
 
@@ -33,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Mount
 
 from carsearch.client.models import (
     ErrorBody,
@@ -316,6 +318,15 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
+
+
+class ApiMount(Mount):
+    """The API at /api/v1: every path under it, newlines included (Starlette's pattern
+    stops at one, which would hand such a path to the page's app and its plain 404)."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(PREFIX, app=app)
+        self.path_regex = re.compile(self.path_regex.pattern, re.DOTALL)
 
 
 def build_api(page: SearchPage, limits: ClientLimits | None = None) -> FastAPI:

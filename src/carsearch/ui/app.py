@@ -32,12 +32,10 @@ from typing import Any
 
 import gradio as gr
 from starlette.middleware import Middleware
-from starlette.routing import Mount
 
 from carsearch.platform.errors import CarsearchError, ConfigError
 from carsearch.platform.runtime import Platform
-from carsearch.ui.api import PREFIX as API_PREFIX
-from carsearch.ui.api import build_api
+from carsearch.ui.api import ApiMount, build_api
 from carsearch.ui.guard import ClientLimits, GateConfig, LoginThrottle, RequestGate, parse_size
 from carsearch.ui.page import ANY, Labeller, PageResult, PickedFilters, SearchPage
 from carsearch.ui.render import evaluation_table, page_header, status_markdown
@@ -489,7 +487,7 @@ def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
     login = LoginThrottle(settings.ui_login_failures, settings.ui_login_window_s)
     gate = Middleware(RequestGate, config=GateConfig(roots, max_bytes, limits, login=login))
     # The JSON API beside the page, behind the same gate (login, caps, limits).
-    api = Mount(API_PREFIX, app=build_api(page, limits))
+    api = ApiMount(build_api(page, limits))
     trust_forwarded_from(settings.ui_trusted_proxies)
     demo.queue(default_concurrency_limit=4)
     log.info("search page on http://%s:%d (serving files only from %s)",
