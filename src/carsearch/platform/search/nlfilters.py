@@ -786,6 +786,8 @@ def merge_filters(parsed: SearchFilters, picked: SearchFilters) -> SearchFilters
             out[name] = chosen[name]
     if chosen["year_min"] is not None or chosen["year_max"] is not None:
         out["year_min"], out["year_max"] = chosen["year_min"], chosen["year_max"]
+    if chosen["exclude"] is not None:
+        out["exclude"] = chosen["exclude"]
     return SearchFilters(**out)
 
 
