@@ -540,7 +540,7 @@ def parse_query(text: str, vocab: FilterVocabulary) -> ParsedQuery:
     positive = text if len(words) == len(all_words) else " ".join(words)
     return replace(parsed, exclusions=exclusions, ignored=parsed.ignored + ignored,
                    negative=negative, positive=positive,
-                   remaining=_remaining(words, extra))
+                   remaining=_remaining(words, vocab, extra))
 
 
 def _parse_positive(text: str, words: list[str], vocab: FilterVocabulary,
@@ -711,13 +711,16 @@ def _exclusions(negated: Sequence[_Candidate | _NegYear], vocab: FilterVocabular
     return tuple(chips), tuple(ignored)
 
 
-def _remaining(words: Sequence[str],
+def _remaining(words: Sequence[str], vocab: FilterVocabulary,
                extra: dict[tuple[str, ...], tuple[FieldName, str]]) -> str:
-    """The words that are not a facet, a year, a vague time word or filler."""
+    """The words that are not a facet with an indexed value, a year, a vague time word
+    or filler."""
     out: list[str] = []
     i = 0
     while i < len(words):
-        used = _facet_at(words, i, extra)[0]
+        used, what = _facet_at(words, i, extra)
+        if isinstance(what, _Candidate) and what.value not in vocab.values(what.field):
+            used = 0  # nothing indexed filters on it: its words still rank
         if not used:
             used = _vague_at(words, i)[0]
         if used:

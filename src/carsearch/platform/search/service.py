@@ -29,7 +29,14 @@ from PIL import Image as PILImage
 
 from carsearch.platform import collections
 from carsearch.platform.collections import DEFAULT_COLLECTION, Kind
-from carsearch.platform.db import Database, Image, ModelVersion, QueryLog, images
+from carsearch.platform.db import (
+    Database,
+    Image,
+    ModelVersion,
+    QueryFeedback,
+    QueryLog,
+    images,
+)
 from carsearch.platform.errors import ImageRejectedError, QueryError
 from carsearch.platform.ids import MAX_ID
 from carsearch.platform.images import DECODE_MAX_SIDE, load_image
@@ -956,6 +963,38 @@ class SearchService:
         return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid,
                             note, ran if soft else [], version.image_collection,
                             next_cursor=cursor)
+
+    # -- feedback ----------------------------------------------------------------------
+    def record_feedback(self, query_log_id: Any, image_id: Any, vote: Any,
+                        query: Any = None) -> int:
+        """Store a thumbs-up (+1) / thumbs-down (-1) on a result for training
+        (`query_feedback`, what training/feedback.py reads); returns the row id. The text
+        is the logged query's where ``query_log_id`` names one. Re-ranking in the session
+        is the next search's ``liked`` / ``disliked``."""
+        if isinstance(vote, bool) or vote not in (1, -1):
+            raise QueryError("a vote is +1 or -1")
+        if image_id in (None, "", 0):
+            raise QueryError("select a result first, then vote on it")
+        iid = self.check_image_id(image_id)
+        qid: int | None = None
+        if query_log_id is not None:
+            try:
+                qid = self.check_image_id(query_log_id)  # the same id range
+            except QueryError:
+                qid = None  # a stale or odd client state: the vote is kept without it
+        if not isinstance(query, str):
+            query = None
+        else:
+            query = query.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:2000]
+        with self.db.session() as s:
+            logged = s.get(QueryLog, qid) if qid is not None else None
+            if logged is not None and logged.query:
+                query = logged.query  # the text that produced the result
+            row = QueryFeedback(query_log_id=qid if logged is not None else None,
+                                image_id=iid, vote=int(vote), query=query)
+            s.add(row)
+            s.flush()
+            return int(row.id)
 
     def _path(self, collection: str) -> str:
         """What answered a search, for the latency histogram."""
