@@ -705,9 +705,17 @@ def _exclusions(negated: Sequence[_Candidate | _NegYear], vocab: FilterVocabular
             ignored.append(f"'not {c.phrase}' ({c.field} {c.value}): none indexed")
     if years:
         lo, hi = _merge_years([(y.lo, y.hi) for y in years])
+        # Within the years a filter can name (1886-2100): beyond them nothing is excluded.
+        lo = None if lo is None or lo <= 1886 else min(lo, 2100)
+        hi = None if hi is None or hi >= 2100 else max(hi, 1886)
         label = _year_label(lo, hi)
-        chips.append(FilterChip("year", label, " ".join(y.phrase for y in years),
-                                negated=True))
+        phrase = " ".join(y.phrase for y in years)
+        if not vocab.has_year_in(lo, hi):
+            ignored.append(f"'not {phrase}': no indexed vehicle from then")
+        elif lo is None and hi is None:
+            ignored.append(f"'not {phrase}': that would exclude every year")
+        else:
+            chips.append(FilterChip("year", label, phrase, negated=True))
     return tuple(chips), tuple(ignored)
 
 
