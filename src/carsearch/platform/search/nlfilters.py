@@ -540,7 +540,7 @@ def parse_query(text: str, vocab: FilterVocabulary) -> ParsedQuery:
     positive = text if len(words) == len(all_words) else " ".join(words)
     return replace(parsed, exclusions=exclusions, ignored=parsed.ignored + ignored,
                    negative=negative, positive=positive,
-                   remaining=_remaining(words, extra))
+                   remaining=_remaining(words, vocab, extra))
 
 
 def _parse_positive(text: str, words: list[str], vocab: FilterVocabulary,
@@ -705,19 +705,30 @@ def _exclusions(negated: Sequence[_Candidate | _NegYear], vocab: FilterVocabular
             ignored.append(f"'not {c.phrase}' ({c.field} {c.value}): none indexed")
     if years:
         lo, hi = _merge_years([(y.lo, y.hi) for y in years])
+        # Within the years a filter can name (1886-2100): beyond them nothing is excluded.
+        lo = None if lo is None or lo <= 1886 else min(lo, 2100)
+        hi = None if hi is None or hi >= 2100 else max(hi, 1886)
         label = _year_label(lo, hi)
-        chips.append(FilterChip("year", label, " ".join(y.phrase for y in years),
-                                negated=True))
+        phrase = " ".join(y.phrase for y in years)
+        if not vocab.has_year_in(lo, hi):
+            ignored.append(f"'not {phrase}': no indexed vehicle from then")
+        elif lo is None and hi is None:
+            ignored.append(f"'not {phrase}': that would exclude every year")
+        else:
+            chips.append(FilterChip("year", label, phrase, negated=True))
     return tuple(chips), tuple(ignored)
 
 
-def _remaining(words: Sequence[str],
+def _remaining(words: Sequence[str], vocab: FilterVocabulary,
                extra: dict[tuple[str, ...], tuple[FieldName, str]]) -> str:
-    """The words that are not a facet, a year, a vague time word or filler."""
+    """The words that are not a facet with an indexed value, a year, a vague time word
+    or filler."""
     out: list[str] = []
     i = 0
     while i < len(words):
-        used = _facet_at(words, i, extra)[0]
+        used, what = _facet_at(words, i, extra)
+        if isinstance(what, _Candidate) and what.value not in vocab.values(what.field):
+            used = 0  # nothing indexed filters on it: its words still rank
         if not used:
             used = _vague_at(words, i)[0]
         if used:
@@ -786,6 +797,8 @@ def merge_filters(parsed: SearchFilters, picked: SearchFilters) -> SearchFilters
             out[name] = chosen[name]
     if chosen["year_min"] is not None or chosen["year_max"] is not None:
         out["year_min"], out["year_max"] = chosen["year_min"], chosen["year_max"]
+    if chosen["exclude"] is not None:
+        out["exclude"] = chosen["exclude"]
     return SearchFilters(**out)
 
 
