@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import faulthandler
 import os
+import signal
 import statistics
 import tempfile
 import time
@@ -56,6 +58,7 @@ def p50_p95(ms: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID`: where it is stuck, if it is
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=160, help="timed queries per path")
@@ -97,10 +100,15 @@ def main() -> None:
                     res = api.search(q, k=args.k)
                     http.append((time.perf_counter() - t0) * 1000.0)
                     assert len(res.hits) == args.k
+            report(args, load_before, svc, http)  # before the shutdown, which may be slow
         finally:
             if demo is not None:
                 demo.close()
             plat.close()
+
+
+def report(args: argparse.Namespace, load_before: str, svc: list[float],
+           http: list[float]) -> None:
     s50, s95 = p50_p95(svc)
     a50, a95 = p50_p95(http)
     print(f"machine: {load_before} before, {machine_line().split(', ')[-1]} after · "
@@ -111,7 +119,7 @@ def main() -> None:
     print("|---|---:|---:|")
     print(f"| service: SearchService.search | {s50:.2f} | {s95:.2f} |")
     print(f"| API: POST /api/v1/search through carsearch.client | {a50:.2f} | {a95:.2f} |")
-    print(f"\nAPI p50 - service p50: {a50 - s50:+.2f} ms (goal: within 2 ms)")
+    print(f"\nAPI p50 - service p50: {a50 - s50:+.2f} ms (goal: within 2 ms)", flush=True)
 
 
 if __name__ == "__main__":

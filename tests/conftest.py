@@ -81,6 +81,7 @@ FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
     "test_download.py::test_ingest_an_unsplash_manifest_twice",
     "test_drift.py::test_cli_json_and_one_line_errors",
     "test_fuzz.py::test_the_cli",
+    "test_fuzz.py::test_the_json_api_answers_every_input",
     "test_ingest_worker.py::test_sigkill_and_restart",
     "test_labelling.py::test_label_cli",
     "test_labelling.py::test_label_create_makes_a_task_of_the_unlabelled",

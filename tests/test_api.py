@@ -122,6 +122,47 @@ def test_feedback_is_stored_against_the_query(api: Client, page: SearchPage) -> 
             res.hits[0].image_id, -1, res.query_log_id, "white convertible")
 
 
+def test_negation_pages_sort_duplicates_feedback_and_image_text(api: Client) -> None:
+    """The search features through the API: the same service's behaviour, as JSON."""
+    n = len(CARS)
+    res = api.search("pickup not red", k=n)
+    assert [c.key for c in res.exclusions] == ["colour!=red"]
+    assert res.hits and all(h.colour != "red" for h in res.hits)
+    assert res.filters["exclude"]["colour"] == ["red"]
+    back = api.search("pickup not red", k=n, drop_exclusions=["colour!=red"])
+    assert any(h.colour == "red" for h in back.hits) and back.exclusions == []
+    with pytest.raises(ApiError) as err:
+        api.search("red 2012 chevy pickup not red")
+    assert err.value.status == 400 and "red" in err.value.detail
+    # Pages: the second never repeats the first; the last has no cursor.
+    first = api.search("a car", k=3)
+    assert first.next_cursor
+    second = api.more(first, "a car", k=3)
+    assert second is not None and second.hits
+    assert not {h.image_id for h in first.hits} & {h.image_id for h in second.hits}
+    seen, page = [h.image_id for h in first.hits], second
+    while page is not None:
+        seen += [h.image_id for h in page.hits]
+        page = api.more(page, "a car", k=3)
+    assert len(seen) == len(set(seen)) == n
+    # Sort by model year (newest first) among what passed.
+    years = [h.year for h in api.search("a car", k=n, sort="year").hits]
+    assert years == sorted(years, reverse=True)
+    # Folding duplicates (none among distinct drawings): counts are there, all zero.
+    folded = api.search("a car", k=n, collapse_duplicates=True)
+    assert all(h.duplicates == len(h.duplicate_ids) for h in folded.hits)
+    # Thumbs in the session move the ranking: the liked hit rises.
+    plain = api.search("a car", k=n)
+    last = plain.hits[-1].image_id
+    moved = api.search("a car", k=n, liked=[last], disliked=[plain.hits[0].image_id])
+    assert [h.image_id for h in moved.hits].index(last) < n - 1
+    # Image + text: the red pickup "but blue" puts the blue pickup first.
+    red = next(h for h in api.search("red chevy pickup", k=n).hits if h.colour == "red"
+               and h.make == "Chevrolet")
+    blue = api.search("but blue", image_id=red.image_id, k=3)
+    assert blue.hits[0].colour == "blue" and blue.kind != "text"
+
+
 def test_health_and_the_openapi_document(api: Client) -> None:
     h = api.health()
     assert (h.status, h.version, h.collection, h.api) == ("ok", "base", "vehicles", "v1")

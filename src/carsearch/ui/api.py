@@ -22,7 +22,6 @@ model serves, 500 with only the id for anything else (the trace is logged under 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -169,18 +168,9 @@ class SearchApi:
 
     def _run(self, body: SearchOptions, query: str | None, *, image_id: int | None = None,
              image: Any = None) -> SearchResponse:
+        request = self.request(body, query, image_id=image_id, image=image)
         try:
-            if query is None and _plain_image_search(body):  # as the page's image search
-                filters = self._filters(body.filters, "filter")
-                collection = self.service.collection(body.collection)
-                if image is not None:
-                    result = self.service.search_image(image, body.k, filters, collection)
-                else:
-                    result = self.service.search_similar(image_id, body.k, filters,
-                                                         collection)
-            else:
-                request = self.request(body, query, image_id=image_id, image=image)
-                result = self.service.search(request)
+            result = self.service.search(request)
         except ValidationError as exc:
             raise QueryError(f"filter: {exc.errors()[0]['msg']}") from None
         return self.response(result)
@@ -208,7 +198,7 @@ class SearchApi:
         return SearchRequest(query, body.k, self._filters(body.filters, "filter"),
                              keep_chips=body.keep_chips, min_prob=body.min_prob,
                              collection=collection,
-                             vocabulary=vocab, **_supported(options))
+                             vocabulary=vocab, **options)
 
     def _filters(self, filters: Filters | None, what: str) -> SearchFilters | None:
         if filters is None:
@@ -249,7 +239,8 @@ class SearchApi:
 
     # -- the rest ----------------------------------------------------------------------
     def feedback(self, body: Feedback) -> FeedbackResult:
-        row = self.page.feedback(body.query_log_id, body.image_id, body.vote, body.query)
+        row = self.service.record_feedback(body.query_log_id, body.image_id, body.vote,
+                                           body.query)
         return FeedbackResult(id=row)
 
     def image_row(self, image_id: int) -> Image | None:
@@ -281,31 +272,6 @@ class SearchApi:
                           api=API_VERSION)
         return Health(status="ok", version=version.name,
                       collection=version.image_collection, api=API_VERSION)
-
-
-def _plain_image_search(body: SearchOptions) -> bool:
-    """An image alone with none of the options only `SearchService.search` takes: the
-    page's image search ("more like this", an upload), the same service calls."""
-    return (body.exclude is None and body.cursor is None and body.sort == "score"
-            and not body.drop_exclusions
-            and not body.collapse_duplicates and not body.liked and not body.disliked)
-
-
-def _request_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(SearchRequest)}
-
-
-def _supported(options: dict[str, Any]) -> dict[str, Any]:
-    """The options this service's SearchRequest has; asking for one it lacks (a value
-    other than its default) is a clear error rather than silently nothing."""
-    fields = _request_fields()
-    out: dict[str, Any] = {}
-    for name, value in options.items():
-        if name in fields:
-            out[name] = value
-        elif value not in (None, False, (), "score"):
-            raise QueryError(f"{name} is not available on this server")
-    return out
 
 
 def _chip(c: FilterChip) -> dict[str, str]:
