@@ -269,7 +269,7 @@ class PageHandlers:
             self._admit(request)
             controls = _controls(exclusions, read, sort, collapse, liked, disliked)
             res = self.page.search_text(query, k, _picked(*picked),
-                                        keep_chips=list(chips or []), controls=controls)
+                                        keep_chips=self._kept(query, chips), controls=controls)
         except Exception as exc:
             return self._failed(exc, "controlled")
         return self._outputs(res)
@@ -293,12 +293,22 @@ class PageHandlers:
             controls = replace(_controls(exclusions, read, sort, collapse, liked, disliked),
                                cursor=str(cursor))
             res = self.page.search_text(query, k, _picked(*picked),
-                                        keep_chips=list(chips or []), controls=controls)
+                                        keep_chips=self._kept(query, chips), controls=controls)
         except Exception as exc:
             return shown, _error(exc, "more_results"), hits, gr.update(), cursor, shown
         items = shown + list(res.items)
         status = f"{len(items)} results shown · " + res.status
         return items, status, hits + res.hits, res.query_log_id, res.next_cursor, items
+
+    def _kept(self, query: str, chips: list[str] | None) -> list[str] | None:
+        """The chips ticked, or None while every chip read from the query is: the same
+        request as the new search's, whose cursor "more results" continues."""
+        ticked = [str(c) for c in chips or []] if isinstance(chips, list) else []
+        try:
+            read = set(self.page.parse(query).keys())
+        except CarsearchError:
+            return ticked
+        return None if read <= set(ticked) else ticked
 
     def rerank(self, vote: int) -> Callable[..., tuple[Any, ...]]:
         """After a thumbs-up or -down: the selected result joins the session's liked or
