@@ -10,9 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from PIL import Image
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from carsearch.cli.search import duplicates_command, search_command
 from carsearch.ingest.pipeline import BatchWriter, ingest_items, read_manifest
 from carsearch.platform.db import QueryFeedback
 from carsearch.platform.errors import QueryError
@@ -21,6 +24,7 @@ from carsearch.platform.search.service import SearchRequest, SearchService
 from carsearch.platform.search.vocabulary import body_category
 from carsearch.platform.vectors.store import SearchFilters, build_filter_expression
 from fixtures.search_world import LABELS, _draw
+from ui_world import build_world
 
 # LABELS and the `service` / `indexed` fixtures: tests/fixtures/search_world.py
 N = len(LABELS)
@@ -242,3 +246,45 @@ def test_rocchio_is_bounded() -> None:
     # However many ids: alpha * q dominates beta * (a unit vector), so the cosine to q
     # stays above (1 - 0.75) / 1.75.
     assert (out @ q.T).item() > (1 - 0.75) / 1.75
+
+
+def test_the_cli_search_options(tmp_path: Path, compact_model: Path) -> None:
+    """`carsearch search` with --not, --image-id, --cursor, --sort, --like and
+    --collapse-duplicates, and `carsearch duplicates`, over the service (Milvus Lite)."""
+    world = build_world(tmp_path, compact_model)
+    app = typer.Typer()
+
+    @app.callback()
+    def root(ctx: typer.Context) -> None:
+        ctx.obj = world.settings
+
+    app.command("search")(search_command)
+    app.command("duplicates")(duplicates_command)
+
+    def cli(*args: str) -> dict:
+        res = CliRunner().invoke(app, [*args, "--json"])
+        assert res.exit_code == 0, (res.output, res.exception)
+        return json.loads(res.stdout)
+
+    out = cli("search", "pickup not red", "--k", "4")
+    assert out["exclusions"] == ["colour!=red"] and out["chips"] == ["body=pickup"]
+    assert len(out["hits"]) == 4 and all(h["colour"] != "red" for h in out["hits"])
+    out = cli("search", "vehicle", "--k", "8", "--not", "make=BMW", "--not", "year=1991-1997")
+    assert out["hits"] and all(h["make"] != "BMW" and h["year"] > 1997 for h in out["hits"])
+    red = next(h for h in cli("search", "red pickup", "--k", "1")["hits"])
+    out = cli("search", "like this but blue", "--image-id", str(red["image_id"]), "--k", "2")
+    assert out["hits"][0]["colour"] == "blue" and out["kind"] == "image"
+    one = cli("search", "vehicle", "--k", "3", "--sort", "year")
+    two = cli("search", "vehicle", "--k", "3", "--sort", "year", "--cursor", one["next_cursor"])
+    assert not {h["image_id"] for h in one["hits"]} & {h["image_id"] for h in two["hits"]}
+    years = [h["year"] for h in one["hits"] + two["hits"]]
+    assert years == sorted(years, reverse=True)
+    liked = cli("search", "vehicle", "--k", "8", "--like", str(red["image_id"]),
+                "--collapse-duplicates")
+    assert liked["hits"]
+    text = CliRunner().invoke(app, ["search", "vehicle", "--k", "2"]).output
+    assert "more: --cursor " in text
+    bad = CliRunner().invoke(app, ["search", "vehicle", "--not", "price=3"])
+    assert isinstance(bad.exception, QueryError) and "FIELD=VALUE" in str(bad.exception)
+    report = cli("duplicates")
+    assert report["groups"] == len(report["top"]) and report["threshold"] > 0.5

@@ -47,6 +47,15 @@ vague year, colour, year, body, make (colours are the sparsest and least reliabl
 labels, a stated year is often off by one, a body type is visible in the photo, and a
 make is named on purpose).
 
+Negation (`split_negations`): "not", "no", "non", "without", "except", "excluding",
+"minus" and "other than" ("but not", "except for" read the same) take the facet phrases or
+year expressions right after them, joined by "or" ("pickup not red or blue", "no
+pickups", "except Ford", "not before 2005"): those become exclusion chips (negated, key
+"colour!=red"), which the search never relaxes; a filter the same query asks for and
+excludes is refused as contradictory. When no facet follows, up to three words up to a
+boundary ("no roof rack") are a negated concept, subtracted from the query vector. The
+negated words never reach the query vector.
+
 Ambiguous single words that are also plain English ("mini", "smart", "ram", "eagle",
 "caddy", "estate", "hatch", "tan", ...) count only when the same query names something
 unambiguous too ("red mini" filters on MINI; "mini" alone stays a vector search). "am"
