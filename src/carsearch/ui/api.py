@@ -179,26 +179,18 @@ class SearchApi:
                 image: Any = None) -> SearchRequest:
         """The service's request for an API body: the filters checked against the
         vocabulary the page uses, the collection resolved as the page does."""
-        vocab = self.page.vocabulary()
-        collection = self.service.collection(body.collection)
-        options: dict[str, Any] = {
-            "exclude": self._filters(body.exclude, "exclude"),
-            "image_id": None if image_id is None else self.service.check_image_id(image_id),
-            "image": image,
-            "cursor": body.cursor,
-            "sort": body.sort,
-            "collapse_duplicates": body.collapse_duplicates,
-            "drop_exclusions": tuple(body.drop_exclusions),
-            "liked": tuple(body.liked),
-            "disliked": tuple(body.disliked),
-        }
         weight = getattr(body, "image_weight", None)
-        if weight is not None:
-            options["image_weight"] = float(weight)
-        return SearchRequest(query, body.k, self._filters(body.filters, "filter"),
-                             keep_chips=body.keep_chips, min_prob=body.min_prob,
-                             collection=collection,
-                             vocabulary=vocab, **options)
+        extra = {} if weight is None else {"image_weight": float(weight)}
+        return SearchRequest(
+            query, body.k, self._filters(body.filters, "filter"),
+            keep_chips=body.keep_chips, min_prob=body.min_prob,
+            collection=self.service.collection(body.collection),
+            vocabulary=self.page.vocabulary(), exclude=self._filters(body.exclude, "exclude"),
+            drop_exclusions=tuple(body.drop_exclusions),
+            image_id=None if image_id is None else self.service.check_image_id(image_id),
+            image=image, cursor=body.cursor, sort=body.sort,
+            collapse_duplicates=body.collapse_duplicates, liked=tuple(body.liked),
+            disliked=tuple(body.disliked), **extra)
 
     def _filters(self, filters: Filters | None, what: str) -> SearchFilters | None:
         if filters is None:
