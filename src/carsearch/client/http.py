@@ -125,7 +125,7 @@ class Client:
         self._logged_in = True
 
     def _call(self, method: str, path: str, model: type[T], **kwargs: Any) -> T:
-        return model.model_validate(self._send(method, path, **kwargs).json())
+        return model.model_validate_json(self._send(method, path, **kwargs).content)
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         if self.auth is not None and not self._logged_in:

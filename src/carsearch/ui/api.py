@@ -30,8 +30,8 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
-from pydantic import ValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Mount
 
@@ -316,16 +316,16 @@ def build_api(page: SearchPage, limits: ClientLimits | None = None) -> FastAPI:
         return _error(exc.status_code, str(exc.detail), _rid(request))
 
     @app.post("/search", response_model=SearchResponse, responses=_ERRORS)
-    def search(body: SearchQuery, request: Request) -> SearchResponse:
+    def search(body: SearchQuery, request: Request) -> Response:
         """Search with a text, an indexed image (``image_id``) or both."""
-        return api.search(body, client_of(request.scope))
+        return _json(api.search(body, client_of(request.scope)))
 
     @app.post("/search/image", response_model=SearchResponse, responses=_ERRORS)
     def search_image(
         request: Request,
         image: Annotated[UploadFile, File(description="the image to search with")],
         options: Annotated[str, Form(description="ImageSearchOptions as JSON")] = "{}",
-    ) -> SearchResponse:
+    ) -> Response:
         """Search with an uploaded image, optionally with a text ("but blue")."""
         try:
             opts = ImageSearchOptions.model_validate(json.loads(options))
@@ -335,8 +335,8 @@ def build_api(page: SearchPage, limits: ClientLimits | None = None) -> FastAPI:
         data = image.file.read(limit + 1)
         if len(data) > limit:
             raise QueryError(f"upload rejected: over the limit of {limit} bytes")
-        return api.search_image(data, image.filename or "upload", opts,
-                                client_of(request.scope))
+        return _json(api.search_image(data, image.filename or "upload", opts,
+                                      client_of(request.scope)))
 
     @app.post("/feedback", response_model=FeedbackResult, responses=_ERRORS)
     def feedback(body: Feedback) -> FeedbackResult:
@@ -366,6 +366,12 @@ def build_api(page: SearchPage, limits: ClientLimits | None = None) -> FastAPI:
         return api.health()
 
     return app
+
+
+def _json(model: BaseModel) -> Response:
+    """A response model as JSON, serialised once (FastAPI would validate it again against
+    the route's response_model, which stays for the OpenAPI document)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def _first_error(exc: Exception) -> str:
