@@ -36,13 +36,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Mount
 
 from carsearch.client.models import (
+    Chip,
     ErrorBody,
     Feedback,
     FeedbackResult,
     Filters,
     Health,
+    Hit,
     ImageInfo,
     ImageSearchOptions,
+    RelaxedTier,
     SearchOptions,
     SearchQuery,
     SearchResponse,
@@ -66,6 +69,9 @@ log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
 IMAGE_SEARCH_PATH = PREFIX + "/search/image"
 API_VERSION = "v1"
+# The hit's fields copied as they are (the rest are converted in `SearchApi.response`).
+_HIT_FIELDS = ("rank", "score", "image_id", "make", "model", "year", "body_type", "colour",
+               "class_name", "source", "probability", "description", "photographer", "box")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": what}
     for code, what in ((400, "input the platform refuses"), (401, "not logged in"),
@@ -202,32 +208,22 @@ class SearchApi:
 
     @staticmethod
     def response(result: SearchResult) -> SearchResponse:
-        hits = []
-        for h in result.hits:
-            d = h.to_dict()
-            d.pop("path", None)
-            d["duplicate_ids"] = list(d.get("duplicate_ids") or ())
-            d["thumbnail_url"] = f"{PREFIX}/images/{h.image_id}/thumbnail"
-            hits.append(d)
-        relaxed = [{"kept": t["kept"], "dropped": t["dropped"], "hits": t["hits"]}
-                   for t in result.tiers[1:]]
-        return SearchResponse.model_validate({
-            "hits": hits,
-            "next_cursor": getattr(result, "next_cursor", None),
-            "filters": _plain(result.filters),
-            "relaxed": relaxed,
-            "relaxed_note": result.relaxed,
-            "chips": [_chip(c) for c in result.chips],
-            "exclusions": [_chip(c) for c in getattr(result, "exclusions", ())],
-            "negative_terms": list(getattr(result, "negative_terms", ())),
-            "ignored": list(result.ignored),
-            "version": result.version,
-            "collection": result.collection,
-            "query": result.query,
-            "kind": result.kind,
-            "query_log_id": result.query_log_id,
-            "latency_ms": result.latency_ms,
-        })
+        """The service's result as the API's answer. Built without validation: every
+        value comes from the service, typed (this runs on every search)."""
+        hits = [Hit.model_construct(
+            **{name: getattr(h, name, None) for name in _HIT_FIELDS},
+            unmet=list(h.unmet), duplicates=h.duplicates, duplicate_ids=list(h.duplicate_ids),
+            thumbnail_url=f"{PREFIX}/images/{h.image_id}/thumbnail") for h in result.hits]
+        return SearchResponse.model_construct(
+            hits=hits, next_cursor=result.next_cursor, filters=_plain(result.filters),
+            relaxed=[RelaxedTier.model_construct(kept=t["kept"], dropped=t["dropped"],
+                                                 hits=t["hits"]) for t in result.tiers[1:]],
+            relaxed_note=result.relaxed, chips=[_chip(c) for c in result.chips],
+            exclusions=[_chip(c) for c in result.exclusions],
+            negative_terms=list(result.negative_terms), ignored=list(result.ignored),
+            version=result.version, collection=result.collection, query=result.query,
+            kind=result.kind, query_log_id=result.query_log_id,
+            latency_ms=result.latency_ms)
 
     # -- the rest ----------------------------------------------------------------------
     def feedback(self, body: Feedback) -> FeedbackResult:
@@ -266,8 +262,8 @@ class SearchApi:
                       collection=version.image_collection, api=API_VERSION)
 
 
-def _chip(c: FilterChip) -> dict[str, str]:
-    return {"key": c.key, "label": c.label, "field": c.field, "value": c.value}
+def _chip(c: FilterChip) -> Chip:
+    return Chip.model_construct(key=c.key, label=c.label, field=c.field, value=c.value)
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
