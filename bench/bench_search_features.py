@@ -140,7 +140,7 @@ def _ap(ranked: Sequence[bool], n_rel: int) -> float:
 
 
 def image_weight(svc: SearchService, rows: dict[int, Image], half: int,
-                 weights: Sequence[float], per_class: int = 3) -> tuple[list[str], dict]:
+                 weights: Sequence[float], per_class: int = 1) -> tuple[list[str], dict]:
     by_class: dict[str, list[int]] = {}
     for i, r in rows.items():
         if i % 2 == half and r.class_name:
@@ -193,7 +193,7 @@ def _pcts(v: np.ndarray) -> str:
             f"{np.percentile(v, 99):.3f}")
 
 
-def duplicates(p: Platform, rows: dict[int, Image], n: int = 200) -> tuple[list[str], float]:
+def duplicates(p: Platform, rows: dict[int, Image], n: int = 120) -> tuple[list[str], float]:
     version = p.search.serving()
     enc = p.search.encoder_for(version)
     ids = sorted(rows)[:n]
@@ -249,7 +249,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path,
                     default=Path(os.environ.get("CARSEARCH_DATA_DIR", "demo-data")))
+    ap.add_argument("--parts", default="12345", help="Which parts to run (digits).")
     args = ap.parse_args()
+    parts = set(args.parts)
     settings = Settings(data_dir=args.data_dir)
     p = Platform(settings)
     try:
@@ -259,31 +261,36 @@ def main() -> None:
         print(f"# search features on {args.data_dir} ({len(rows)} indexed, "
               f"model {svc.serving().name}); {machine_line()}; "
               f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC\n")
-        print("## 1. exclusions\n")
-        print("\n".join(facet_exclusions(svc, rows)))
-        print("\n## 2. negative terms (choose on A, report on B)\n")
-        weights = [0.0, 0.15, 0.3, 0.5, 0.8]
-        lines_a, viol = negative_terms(svc, rows, 0, weights)
-        chosen = min(weights[1:], key=lambda w: (round(viol[w], 3), w))
-        lines_b, _ = negative_terms(svc, rows, 1, [0.0, chosen])
-        print("\n".join(lines_a + lines_b[2:]))
-        print(f"\nchosen on A: {chosen}")
-        service_mod.NEGATIVE_WEIGHT = chosen
-        print("\n## 3. image + text (choose on A, report on B)\n")
-        iw = [0.0, 0.25, 0.5, 0.75, 1.0]
-        la, res_a = image_weight(svc, rows, 0, iw)
-        best = max(iw, key=lambda w: res_a[w])
-        lb, _ = image_weight(svc, rows, 1, sorted({0.0, best, 1.0}))
-        print("\n".join(la + lb[2:]))
-        print(f"\nchosen on A: {best}\n")
-        print("\n".join(like_this_but(svc, rows)))
-        print("\n## 4. near-duplicates\n")
-        lines, _ = duplicates(p, rows)
-        print("\n".join(lines))
-        print("\n## 5. feedback in the session\n")
-        print("\n".join(feedback(svc, rows)))
-        lat = [svc.search(SearchRequest("pickup not red", k=10)).latency_ms for _ in range(20)]
-        print(f"\n'pickup not red' latency median {statistics.median(lat):.1f} ms (20 runs)")
+        if "1" in parts:
+            print("## 1. exclusions\n")
+            print("\n".join(facet_exclusions(svc, rows)))
+        if "2" in parts:
+            print("\n## 2. negative terms (choose on A, report on B)\n")
+            weights = [0.0, 0.3, 0.6]
+            lines_a, viol = negative_terms(svc, rows, 0, weights)
+            chosen = min(weights[1:], key=lambda w: (round(viol[w], 3), w))
+            lines_b, _ = negative_terms(svc, rows, 1, [0.0, chosen])
+            print("\n".join(lines_a + lines_b[2:]))
+            print(f"\nchosen on A: {chosen}")
+            service_mod.NEGATIVE_WEIGHT = chosen
+        if "3" in parts:
+            print("\n## 3. image + text (choose on A, report on B)\n")
+            iw = [0.0, 0.25, 0.5, 0.75, 1.0]
+            la, res_a = image_weight(svc, rows, 0, iw)
+            best = max(iw, key=lambda w: res_a[w])
+            lb, _ = image_weight(svc, rows, 1, sorted({0.0, best, 1.0}))
+            print("\n".join(la + lb[2:]))
+            print(f"\nchosen on A: {best}\n")
+            print("\n".join(like_this_but(svc, rows)))
+        if "4" in parts:
+            print("\n## 4. near-duplicates\n")
+            lines, _ = duplicates(p, rows)
+            print("\n".join(lines))
+        if "5" in parts:
+            print("\n## 5. feedback in the session\n")
+            print("\n".join(feedback(svc, rows)))
+        lat = [svc.search(SearchRequest("pickup not red", k=10)).latency_ms for _ in range(10)]
+        print(f"\n'pickup not red' latency median {statistics.median(lat):.1f} ms (10 runs)")
     finally:
         p.close()
 
