@@ -74,6 +74,7 @@ FULL_MODULES = {
 }
 FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
     "test_alerts.py::test_a_real_prometheus_scrapes_the_ingest_worker",
+    "test_api.py::test_the_served_api_needs_the_page_login",
     "test_backup.py::test_the_cli_backs_up_verifies_restores_and_refuses",
     "test_cli.py::test_model_lifecycle_moves_the_serving_alias",
     "test_cli.py::test_round_trip",
@@ -81,8 +82,12 @@ FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
     "test_collections.py::test_a_general_collection_from_an_unsplash_manifest_end_to_end",
     "test_drift.py::test_cli_json_and_one_line_errors",
     "test_fuzz.py::test_the_cli",
+    "test_fuzz.py::test_the_json_api_answers_every_input",
+    "test_fuzz.py::test_the_search_options",
     "test_ingest_worker.py::test_sigkill_and_restart",
     "test_onnx.py::test_export_command_and_onnx_for_ingest_and_search",
+    "test_search_features.py::test_page_two_of_a_100_result_query_while_the_worker_ingests",
+    "test_search_features.py::test_the_cli_search_options",
     "test_security.py::test_a_person_logs_in_through_the_gate_in_chromium",
     "test_security.py::test_every_route_refuses_a_client_without_credentials",
     "test_security.py::test_no_auth_starts_on_the_network_and_the_page_says_so",

@@ -24,6 +24,7 @@ from carsearch.platform.errors import CarsearchError, ImageRejectedError, QueryE
 from carsearch.platform.images import DECODE_MAX_SIDE, load_image_bytes
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.nlfilters import (
+    FilterChip,
     FilterVocabulary,
     ParsedQuery,
     VocabularyCache,
@@ -95,6 +96,39 @@ class PageResult:
     query_log_id: int | None = None
     parsed: ParsedQuery | None = None
     notes: list[str] = field(default_factory=list)
+    # Exclusions read from the text (chips the person can untick), and the cursor of the
+    # next page (None: the last one).
+    exclusions: tuple[FilterChip, ...] = ()
+    next_cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchControls:
+    """The page's controls beyond the query and the filters: the exclusion chips the
+    person unticked, the order, folding near-duplicates, the thumbs given in this
+    session (re-ranking at once), the next page's cursor, and the image's weight in an
+    image + text query. The defaults are the plain search."""
+
+    drop_exclusions: tuple[str, ...] = ()
+    sort: str = "score"
+    collapse_duplicates: bool = False
+    liked: tuple[int, ...] = ()
+    disliked: tuple[int, ...] = ()
+    cursor: str | None = None
+    image_weight: float | None = None
+
+    def is_plain(self) -> bool:
+        return self == SearchControls()
+
+    def options(self) -> dict[str, Any]:
+        """The SearchRequest fields these set."""
+        out: dict[str, Any] = {
+            "drop_exclusions": self.drop_exclusions, "sort": self.sort,
+            "collapse_duplicates": self.collapse_duplicates, "liked": self.liked,
+            "disliked": self.disliked, "cursor": self.cursor}
+        if self.image_weight is not None:
+            out["image_weight"] = self.image_weight
+        return out
 
 
 def caption(hit: SearchHit) -> str:
@@ -113,6 +147,8 @@ def caption(hit: SearchHit) -> str:
         parts.append("not " + ", ".join(hit.unmet))
     if hit.probability is not None:
         parts.append(f"p={hit.probability:.3g}")  # three significant digits
+    if hit.duplicates:
+        parts.append(f"+{hit.duplicates} duplicate{'s' if hit.duplicates > 1 else ''}")
     if hit.photographer:
         parts.append(f"by {hit.photographer}")
     # what the vector was embedded from: the vehicle's box, or the whole frame
@@ -179,13 +215,16 @@ class SearchPage:
         k: int,
         picked: PickedFilters,
         keep_chips: list[str] | None = None,
+        controls: SearchControls | None = None,
     ) -> PageResult:
         """Text search; `keep_chips` (keys) drops the parsed filters the person removed. A
-        collection without vehicle labels reads no filters from the text."""
+        collection without vehicle labels reads no filters from the text. ``controls``:
+        the exclusions unticked, sort, duplicates, thumbs, next page (search_controls)."""
         collection = self._collection(picked)
+        extra = (controls or SearchControls()).options()
         request = SearchRequest(query, k, self.picked_filters(picked), keep_chips=keep_chips,
                                 min_prob=picked.min_prob or None, collection=collection,
-                                vocabulary=self.vocabulary())
+                                vocabulary=self.vocabulary(), **extra)
         result = self._guard(lambda: self.service.search(request))
         parsed = ParsedQuery(result.query or "", result.chips, result.ignored,
                              filters_from_chips(result.chips))
@@ -252,6 +291,39 @@ class SearchPage:
                                                                  collection))
         return self._shape(result, filters)
 
+    def search_image_text(
+        self, text: str | None, k: int, picked: PickedFilters, *,
+        upload: str | Path | None = None, image_id: int | str | None = None,
+        controls: SearchControls | None = None,
+    ) -> PageResult:
+        """An upload or a selected result, with a text ("but blue", "newer") and the
+        controls, as one query: the text's facets filter or exclude, its other words
+        move the image's vector (SearchService.search). Without text or controls it is
+        the plain image search."""
+        controls = controls or SearchControls()
+        text = text.strip() if isinstance(text, str) else ""
+        if not text and controls.is_plain():
+            if upload is not None:
+                return self.search_upload(upload, k, picked)
+            return self.more_like_this(image_id, k, picked)
+        k = self.service.check_k(k)
+        img = iid = None
+        if upload is not None:
+            if not isinstance(upload, str | Path):
+                raise PageError("choose an image file to search with")
+            img = self._read_upload(upload)
+        elif image_id in (None, "", 0):
+            raise PageError("select a result or upload an image first")
+        else:
+            iid = self.service.check_image_id(image_id)
+        request = SearchRequest(text or None, k, self.picked_filters(picked),
+                                min_prob=picked.min_prob or None,
+                                collection=self._collection(picked),
+                                vocabulary=self.vocabulary(), image=img, image_id=iid,
+                                **controls.options())
+        result = self._guard(lambda: self.service.search(request))
+        return self._shape(result, result.effective or self.picked_filters(picked))
+
     def collections(self) -> tuple[list[str], str | None]:
         """The collections' names and the default one (for the page's picker)."""
         from carsearch.platform import collections
@@ -307,8 +379,15 @@ class SearchPage:
             status += f" · {result.relaxed}"
         if notes:
             status += " · " + "; ".join(notes)
+        exclusions = tuple(getattr(result, "exclusions", ()))
+        if exclusions:
+            status += " · excluding " + ", ".join(c.label for c in exclusions)
+        negative = tuple(getattr(result, "negative_terms", ()))
+        if negative:
+            status += " · away from " + ", ".join(f"'{t}'" for t in negative)
         hits = [h.to_dict() for h in result.hits]
-        return PageResult(items, hits, status, qid, parsed, list(notes or []))
+        return PageResult(items, hits, status, qid, parsed, list(notes or []),
+                          exclusions, getattr(result, "next_cursor", None))
 
     # -- feedback --------------------------------------------------------------------------
     def feedback(

@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from carsearch.platform.errors import QueryError
+
 SCALAR_FIELDS: dict[str, int] = {"make": 64, "body": 32, "colour": 32, "source": 64}
 # Letters (any script), digits, space and a few joiners: everything a make, body type,
 # colour or source name needs, and nothing an expression could be built from.
@@ -34,6 +36,9 @@ class SearchFilters(BaseModel):
     source: tuple[str, ...] = ()
     year_min: int | None = Field(default=None, ge=1886, le=2100)
     year_max: int | None = Field(default=None, ge=1886, le=2100)
+    # Values no row may have (each field on its own: "not red, no pickups" drops red
+    # vehicles and pickups), and a year range no row may fall in. Hard: never relaxed.
+    exclude: SearchFilters | None = None
 
     @field_validator("make", "body", "colour", "source", mode="before")
     @classmethod
@@ -62,12 +67,31 @@ class SearchFilters(BaseModel):
         lo, hi = self.year_min, self.year_max
         if lo is not None and hi is not None and lo > hi:
             raise ValueError("year_min is after year_max")
+        if self.exclude is not None and self.exclude.exclude is not None:
+            raise ValueError("an exclusion has no exclusions of its own")
         return self
 
     def is_empty(self) -> bool:
         return not (self.make or self.body or self.colour or self.source) and (
             self.year_min is None and self.year_max is None
-        )
+        ) and (self.exclude is None or self.exclude.is_empty())
+
+    def excluding(self, other: SearchFilters | None) -> SearchFilters:
+        """These filters with ``other``'s values added to the exclusions."""
+        if other is None or other.is_empty():
+            return self
+        mine = self.exclude.model_dump() if self.exclude is not None else {}
+        theirs = other.model_dump()
+        merged: dict[str, Any] = {}
+        for name in ("make", "body", "colour", "source"):
+            merged[name] = tuple(dict.fromkeys([*mine.get(name, ()), *theirs[name]]))
+        ranges = [(d.get("year_min"), d.get("year_max")) for d in (mine, theirs)
+                  if d.get("year_min") is not None or d.get("year_max") is not None]
+        if len(ranges) > 1:
+            raise QueryError("one year range can be excluded at a time")
+        if ranges:
+            merged["year_min"], merged["year_max"] = ranges[0]
+        return self.model_copy(update={"exclude": SearchFilters(**merged)})
 
 
 def _quote(value: str) -> str:
@@ -89,4 +113,16 @@ def build_filter_expression(filters: SearchFilters | None) -> str:
         clauses.append(f"year >= {int(filters.year_min)}")
     if filters.year_max is not None:
         clauses.append(f"year <= {int(filters.year_max)}")
+    ex = filters.exclude
+    if ex is not None:
+        for name in ("make", "body", "colour", "source"):
+            values = getattr(ex, name)
+            if values:
+                clauses.append(f"{name} not in [{', '.join(_quote(v) for v in values)}]")
+        if ex.year_min is not None and ex.year_max is not None:
+            clauses.append(f"(year < {int(ex.year_min)} or year > {int(ex.year_max)})")
+        elif ex.year_min is not None:
+            clauses.append(f"year < {int(ex.year_min)}")
+        elif ex.year_max is not None:
+            clauses.append(f"year > {int(ex.year_max)}")
     return " and ".join(clauses)

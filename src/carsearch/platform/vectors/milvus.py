@@ -649,6 +649,9 @@ class MilvusStore:
         if k < 1:
             raise QueryError("k must be at least 1")
         arr = check_vectors(vectors, self.dimension(name))
+        params = dict(self.index.search_params)
+        if "ef" in params:  # HNSW answers at most ef hits: a deep page asks for more
+            params["ef"] = max(int(params["ef"]), int(k))
         res = self._loaded_call(
             name, self.client.search,
             name,
@@ -656,7 +659,7 @@ class MilvusStore:
             limit=int(k),
             filter=build_filter_expression(filters),
             output_fields=[*SCALAR_FIELDS, "year"],
-            search_params={"metric_type": "IP", "params": dict(self.index.search_params)},
+            search_params={"metric_type": "IP", "params": params},
             consistency_level=self._read_consistency(name, consistency),
         )
         fields = (*SCALAR_FIELDS, "year")

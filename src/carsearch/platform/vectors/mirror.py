@@ -157,6 +157,16 @@ class VectorMirror:
             m &= self.year >= int(filters.year_min)
         if filters.year_max is not None:
             m &= self.year <= int(filters.year_max)
+        ex = filters.exclude
+        if ex is not None:
+            for name in _COLUMNS:
+                values = getattr(ex, name)
+                if values:
+                    m &= ~self.columns[name].mask([v[:SCALAR_FIELDS[name]] for v in values])
+            if ex.year_min is not None or ex.year_max is not None:
+                lo = int(ex.year_min) if ex.year_min is not None else -(2**62)
+                hi = int(ex.year_max) if ex.year_max is not None else 2**62
+                m &= (self.year < lo) | (self.year > hi)
         return m
 
     def search(
