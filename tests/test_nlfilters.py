@@ -245,7 +245,10 @@ def test_relaxation_drops_the_least_certain_first() -> None:
     red, blue, year = _chip("colour", "red"), _chip("colour", "blue"), _chip("year", "2012")
     tiers = relaxation_tiers([red, blue, year])
     assert tiers == [(red, blue, year), (year,), (red, blue), ()]  # colours go together
-    assert CERTAINTY == ("make", "body", "year", "colour", "vague year")
+    assert CERTAINTY == ("make", "body", "year", "colour", "vague year", "inferred")
+    # A body type taken from a query image ("like this") goes before anything typed.
+    like = FilterChip("body", "pickup", "like this", inferred=True)
+    assert relaxation_tiers([red, like]) == [(red, like), (red,), (like,), ()]
 
 
 def test_relaxed_tiers_are_described_in_words() -> None:

@@ -99,7 +99,9 @@ def test_image_and_text(service: SearchService, indexed, tmp_path: Path) -> None
     red_pickup = _id_of(service, LABELS[0][0])
     # "like this but blue" from the red pickup: blue pickups first.
     res = service.search(SearchRequest("like this but blue", k=3, image_id=red_pickup))
-    assert res.kind == "image" and [c.key for c in res.chips] == ["colour=blue"]
+    # The image's own body type comes along, relaxed first ("like this").
+    assert res.kind == "image" and [c.key for c in res.chips] == ["colour=blue", "body=pickup"]
+    assert [c.inferred for c in res.chips] == [False, True]
     assert (res.hits[0].colour, body_category(res.hits[0].body_type)) == ("blue", "pickup")
     # The image alone: itself first; an upload with words mixed in.
     alone = service.search(SearchRequest(None, k=2, image_id=red_pickup))

@@ -250,6 +250,9 @@ class FilterChip:
     phrase: str  # the words of the query it came from
     vague: bool = False  # a year range from a vague word ("older model")
     negated: bool = False  # an exclusion ("not red"): rows with this value are left out
+    # Taken from the query image's labels ("like this but blue": its body type), not the
+    # text: the first relaxed.
+    inferred: bool = False
 
     @property
     def key(self) -> str:
@@ -264,7 +267,9 @@ class FilterChip:
 
     @property
     def unit(self) -> str:
-        """What relaxation drops together: a field, or "vague year"."""
+        """What relaxation drops together: a field, "vague year" or "inferred"."""
+        if self.inferred:
+            return "inferred"
         return "vague year" if self.vague else self.field
 
     def matches(self, make: str | None, body_type: str | None, colour: str | None,
@@ -813,7 +818,7 @@ def merge_filters(parsed: SearchFilters, picked: SearchFilters) -> SearchFilters
 
 # -- relaxation --------------------------------------------------------------------------
 # Most certain first; relaxation drops from the end (see the module docstring).
-CERTAINTY: tuple[str, ...] = ("make", "body", "year", "colour", "vague year")
+CERTAINTY: tuple[str, ...] = ("make", "body", "year", "colour", "vague year", "inferred")
 
 
 def relaxation_tiers(chips: Sequence[FilterChip]) -> list[tuple[FilterChip, ...]]:
@@ -832,7 +837,7 @@ def relaxation_tiers(chips: Sequence[FilterChip]) -> list[tuple[FilterChip, ...]
 
 
 _ANY = {"make": "make", "body": "body", "colour": "colour", "year": "year",
-        "vague year": "year"}
+        "vague year": "year", "inferred": "body"}
 
 
 def describe_chips(chips: Sequence[FilterChip], dropped: Sequence[FilterChip] = ()) -> str:

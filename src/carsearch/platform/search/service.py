@@ -66,6 +66,7 @@ from carsearch.platform.search.nlfilters import (
 )
 from carsearch.platform.search.paging import decode_cursor, encode_cursor, fingerprint
 from carsearch.platform.search.querymix import combine, normalise, rocchio, subtract
+from carsearch.platform.search.vocabulary import body_category
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.filters import SearchFilters
@@ -76,7 +77,7 @@ log = logging.getLogger(__name__)
 MAX_K = 1000
 SORTS = ("score", "year", "arrival")
 # The image vector's share in an image + text query (measured: docs/BENCHMARKS.md).
-IMAGE_WEIGHT = 0.5
+IMAGE_WEIGHT = 0.75
 # The weight of a negated concept's text vector subtracted from the query vector.
 NEGATIVE_WEIGHT = 0.3
 # Cosine at or above which two images are near-duplicates (measured: docs/BENCHMARKS.md).
@@ -672,6 +673,8 @@ class SearchService:
         ex = hard.exclude or SearchFilters()
         check_contradictions(chips, ex)
         _check_hard_contradictions(hard, ex)
+        if image_id is not None and labels:
+            chips = chips + self._like_this(image_id, chips, hard)
         if has_image:
             vector_text = parsed.remaining or None
         else:
@@ -683,6 +686,20 @@ class SearchService:
             ignored=parsed.ignored, exclusions=exclusions, negative=parsed.negative,
             vector_text=vector_text, image_id=image_id, image=request.image, weight=weight,
             liked=liked, disliked=disliked, plan=plan)
+
+    def _like_this(self, image_id: int, chips: tuple[FilterChip, ...],
+                   hard: SearchFilters) -> tuple[FilterChip, ...]:
+        """"Like this": the query image's body type as a chip relaxed before any other,
+        where neither the text nor the person's filters name a body and the image has a
+        labelled one ("like this but blue" from a pickup: blue pickups first)."""
+        if any(c.field == "body" for c in chips) or hard.body:
+            return ()
+        with self.db.session() as s:
+            row = s.get(Image, image_id)
+        category = body_category(row.body_type) if row is not None and row.body_type else None
+        if not category or category in (hard.exclude.body if hard.exclude else ()):
+            return ()
+        return (FilterChip("body", category, "like this", inferred=True),)
 
     def _parse(self, request: SearchRequest, text: str | None) -> ParsedQuery:
         """The text read for filters, exclusions and negated terms (nothing read with
