@@ -66,11 +66,11 @@ from carsearch.platform.search.nlfilters import (
 )
 from carsearch.platform.search.paging import decode_cursor, encode_cursor, fingerprint
 from carsearch.platform.search.querymix import combine, normalise, rocchio, subtract
-from carsearch.platform.vehicles import body_category
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.filters import SearchFilters
 from carsearch.platform.vectors.protocol import VectorStore
+from carsearch.platform.vehicles import body_category
 
 log = logging.getLogger(__name__)
 
