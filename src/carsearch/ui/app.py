@@ -302,14 +302,10 @@ class PageHandlers:
         return items, status, hits + res.hits, res.query_log_id, res.next_cursor, items
 
     def _kept(self, query: str, chips: list[str] | None) -> list[str] | None:
-        """The chips ticked, or None while every chip read from the query is: the same
-        request as the new search's, whose cursor "more results" continues."""
-        ticked = [str(c) for c in chips or []] if isinstance(chips, list) else []
-        try:
-            read = set(self.page.parse(query).keys())
-        except CarsearchError:
-            return ticked
-        return None if read <= set(ticked) else ticked
+        """The chips ticked (None before any were read). The cursor belongs to the chips
+        the search used, so every chip ticked continues the new search's pages."""
+        del query  # the service reads the chips from the query itself
+        return [str(c) for c in chips] if isinstance(chips, list) else None
 
     def rerank(self, vote: int) -> Callable[..., tuple[Any, ...]]:
         """After a thumbs-up or -down: the selected result joins the session's liked or

@@ -679,7 +679,8 @@ class SearchService:
             vector_text = parsed.remaining or None
         else:
             vector_text = parsed.positive or ("a photo of a vehicle" if labels else "a photo")
-        plan = self._plan(request, name, k, sort, image_id, weight, liked, disliked)
+        plan = self._plan(request, name, k, sort, image_id, weight, liked, disliked,
+                          kept=tuple(sorted(parsed.keys())))
         return _Prepared(
             name=name, text=text, kind="image" if has_image else "text", k=k, cut=cut,
             hard=hard, soft=[c for c in chips if not _overridden(c, hard)], chips=chips,
@@ -718,8 +719,10 @@ class SearchService:
 
     def _plan(self, request: SearchRequest, name: str, k: int, sort: str,
               image_id: int | None, weight: float, liked: tuple[int, ...],
-              disliked: tuple[int, ...]) -> _Plan:
-        """Paging, order and folding of a request; the cursor checked against it."""
+              disliked: tuple[int, ...], kept: tuple[str, ...] = ()) -> _Plan:
+        """Paging, order and folding of a request; the cursor checked against it. The
+        cursor belongs to the chips the search used (``kept``), not to how the request
+        named them: every chip ticked and no ``keep_chips`` are the same query."""
         limit = self.settings.search_max_results
         image_hash = None
         if request.image is not None:
@@ -727,7 +730,7 @@ class SearchService:
         fp = fingerprint({
             "q": request.query, "f": (request.filters or SearchFilters()).model_dump(),
             "x": (request.exclude or SearchFilters()).model_dump(),
-            "keep": sorted(request.keep_chips) if request.keep_chips is not None else None,
+            "keep": list(kept),
             "pref": [c.key for c in request.preferred or ()], "parse": bool(request.parse),
             "drop": sorted(request.drop_exclusions), "c": name, "p": request.min_prob,
             "i": image_id, "ih": image_hash, "w": weight, "s": sort,
