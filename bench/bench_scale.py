@@ -475,8 +475,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             wait_for_index(platform.store, coll, ingest.done)  # type: ignore[arg-type]
             settle_s = time.perf_counter() - t0
             milvus_n = platform.store.count(coll)
-            from carsearch.platform.db import Image, ImageStatus
             import sqlalchemy as sa
+
+            from carsearch.platform.db import Image, ImageStatus
 
             with platform.db.session() as s:
                 db_n = s.scalar(sa.select(sa.func.count()).select_from(Image).where(
@@ -502,7 +503,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "load_start": load_start, "load_end": os.getloadavg()[0],
         "nice": os.nice(0), "n": a.n, "size": a.size, "batch": a.batch,
-        "model": "compact (random, 64 px, dim %d)" % version.dim,
+        "model": f"compact (random, 64 px, dim {version.dim})",
         "generate_s": gen_s, "enqueue_s": enq_s, "settle_s": settle_s,
         "ingest": asdict(ingest) | {"phases": [asdict(p) | {"images_per_s": p.images_per_s}
                                                for p in ingest.phases]},
@@ -526,8 +527,9 @@ def markdown(r: dict[str, Any]) -> str:
     for p in ing["phases"]:
         lines.append(f"| {p['workers']} | {p['started_s']:.0f} | {p['ended_s']:.0f} | "
                      f"{p['done_end'] - p['done_start']:,} | {p['images_per_s']:.1f} |")
+    early = " (stopped at the deadline)" if ing["stopped_early"] else ""
     lines += ["", f"Ingested {ing['done']:,} of {r['n']:,} ({ing['dead']} dead) in "
-              f"{ing['seconds']:.0f} s{' (stopped at the deadline)' if ing['stopped_early'] else ''}"
+              f"{ing['seconds']:.0f} s{early}"
               f"; Milvus holds {r['milvus_count']:,}, the database {r['db_indexed']:,} indexed "
               f"rows; flush + index {r['settle_s']:.0f} s.", "",
               "| search | clients | queries | QPS | p50 ms | p95 ms | p99 ms |",
