@@ -403,7 +403,9 @@ class SearchService:
             chips, ignored = self._chips(request, text, kind.vehicle_labels)
             t0 = time.perf_counter()
             version = self.serving(name)
+            t_enc = time.perf_counter()
             vec = self.encoder_for(version).encode_text([text])
+            METRICS.search_stage.labels("encode").observe(time.perf_counter() - t_enc)
             hard = request.filters or SearchFilters()
             soft = [c for c in chips if not _overridden(c, hard)]
             result = self._finish(version, vec, "text", text, k, hard, t0, soft, cut)
@@ -480,7 +482,9 @@ class SearchService:
             _check_filters(self.kind(collection), self.collection(collection), filters)
             t0 = time.perf_counter()
             version = self.serving(collection)
+            t_enc = time.perf_counter()
             vec = self.encoder_for(version).encode_images([image.convert("RGB")], [box])
+            METRICS.search_stage.labels("encode").observe(time.perf_counter() - t_enc)
             return self._finish(version, vec, "image", None, k, filters, t0)
 
     def search_similar(
@@ -535,6 +539,7 @@ class SearchService:
         out: list[SearchHit] = []
         seen: set[int] = set()
         ran: list[dict[str, Any]] = []
+        ann_s = meta_s = 0.0
         for kept in tiers:
             if len(out) >= k:
                 break
@@ -542,9 +547,13 @@ class SearchService:
             # Earlier tiers' hits come back too (a tier's vehicles include the ones that
             # also meet what it dropped): ask for enough to still find k new ones.
             limit = min(k + len(seen), MAX_K + k)
+            t_ann = time.perf_counter()
             hits = self.store.search(version.collection, vec, limit, tier_filters)[0]
             fresh = [h for h in hits if h.id not in seen]
+            t_meta = time.perf_counter()
             rows = self._metadata([h.id for h in fresh])
+            ann_s += t_meta - t_ann
+            meta_s += time.perf_counter() - t_meta
             dropped = [c for c in soft if c not in kept]
             added = 0
             for h in fresh:
@@ -575,6 +584,8 @@ class SearchService:
             ran.append({"kept": [c.key for c in kept], "dropped": [c.key for c in dropped],
                         "hits": added})
         latency = (time.perf_counter() - t0) * 1000.0
+        METRICS.search_stage.labels("vector_search").observe(ann_s)
+        METRICS.search_stage.labels("metadata").observe(meta_s)
         METRICS.search_latency.labels(kind, self._path(version.collection)).observe(
             latency / 1000.0)
         if not out:
