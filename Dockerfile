@@ -14,6 +14,14 @@ COPY src ./src
 # editable) install: the Alembic migrations ship inside the package.
 RUN pip install .
 
+# Processes run as an unprivileged user (uid/gid 10001, the runAsUser of deploy/k8s),
+# which owns /data; Kubernetes also mounts the root filesystem read-only.
+RUN groupadd --system --gid 10001 carsearch \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/carsearch \
+       --shell /usr/sbin/nologin carsearch \
+    && mkdir -p /data && chown carsearch:carsearch /data
+USER 10001:10001
+
 VOLUME ["/data"]
 EXPOSE 7860
 ENTRYPOINT ["carsearch"]

@@ -175,8 +175,11 @@ def test_a_real_prometheus_scrapes_the_ingest_worker(tmp_path: Path, compact_mod
               "carsearch_ingest_lag_seconds", "carsearch_ingest_dead_jobs",
               "carsearch_ingest_throughput_per_second", "carsearch_ingest_images_total",
               "carsearch_ingest_batches_total", "carsearch_ann_recall_at_10",
-              "carsearch_drift_isolated_clusters", "carsearch_retrain_requests"}
-    assert wanted <= {_base(m) for e in _dashboard_exprs() for m in METRIC.findall(e)}
+              "carsearch_drift_isolated_clusters", "carsearch_retrain_requests",
+              # per-stage timing histograms (queried by a series they export)
+              "carsearch_ingest_stage_seconds_count", "carsearch_search_stage_seconds_count"}
+    assert {_base(w) for w in wanted} <= {_base(m) for e in _dashboard_exprs()
+                                          for m in METRIC.findall(e)}
     seen: set[str] = set()
     try:
         deadline = time.monotonic() + 240
@@ -196,6 +199,9 @@ def test_a_real_prometheus_scrapes_the_ingest_worker(tmp_path: Path, compact_mod
         assert up and up[0]["value"][1] == "1"
         ok = _query(web, 'carsearch_ingest_images_total{outcome="indexed"}')
         assert ok and float(ok[0]["value"][1]) >= 1
+        for stage in ("read", "decode", "embed", "write"):  # observed before it counted
+            got = _query(web, f'carsearch_ingest_stage_seconds_count{{stage="{stage}"}}')
+            assert got and float(got[0]["value"][1]) >= 1, stage
     finally:
         _stop(prom)
         _stop(worker)

@@ -102,3 +102,46 @@ def test_every_command_is_one_the_cli_has() -> None:
         assert res.exit_code == 0, (d["metadata"]["name"], res.output)
         for flag in (a for a in args if a.startswith("--")):
             assert flag in res.output, (d["metadata"]["name"], flag)
+
+
+def _pods() -> list[tuple[str, dict]]:
+    return [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for _, d in _docs()
+            if d["kind"] in ("Deployment", "Job")]
+
+
+def _dockerfile_user() -> str:
+    users = [line.split(None, 1)[1].strip() for line in
+             (REPO / "Dockerfile").read_text().splitlines() if line.startswith("USER ")]
+    assert users, "the Dockerfile sets no USER: its processes would run as root"
+    return users[-1]
+
+
+def test_every_pod_runs_as_non_root_without_privileges() -> None:
+    """Every pod and container: non-root (a numeric uid, the Dockerfile's user), no
+    privilege escalation, every capability dropped, a read-only root filesystem with a
+    writable /tmp, the runtime's default seccomp profile."""
+    pods = _pods()
+    assert {name for name, _ in pods} >= {"carsearch-page", "carsearch-ingest",
+                                          "carsearch-migrate"}
+    uid, _, gid = _dockerfile_user().partition(":")
+    assert uid.isdigit() and int(uid) != 0, uid
+    for name, spec in pods:
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, name
+        assert pod["runAsUser"] == int(uid), name
+        assert pod["fsGroup"] == int(gid or uid), name  # the PVC and secrets readable
+        assert pod["seccompProfile"]["type"] == "RuntimeDefault", name
+        tmp = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc.get("runAsUser", pod["runAsUser"]) != 0
+            assert sc["allowPrivilegeEscalation"] is False, (name, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"], (name, c["name"])
+            assert "add" not in sc["capabilities"], (name, c["name"])
+            assert sc.get("privileged", False) is False, (name, c["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (name, c["name"])
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert mounts.get("/tmp") in tmp, (name, c["name"], "no writable /tmp")
+        for v in spec["volumes"]:
+            if "secret" in v:  # group-readable: fsGroup 10001 owns the files, not the uid
+                assert v["secret"]["defaultMode"] & 0o040, (name, v["name"])

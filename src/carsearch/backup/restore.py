@@ -3,13 +3,15 @@ server + PostgreSQL), whatever shape it was taken on.
 
 Order: the backup is verified; the targets are checked empty (any image or model version
 row, any Milvus collection, or a model folder of the same name makes them non-empty:
-refused unless ``force``, which clears them); the database is migrated to the backup's
+refused unless ``force``, which clears them); the vectors are written into collections
+of the same names, flushed once, and, on a server, the serving aliases pointed as they
+were (the index builds meanwhile); the database is migrated to the backup's
 Alembic revision, filled in one transaction (all but the writing processes' leases and
 loop states), then migrated to this code's head; the model
 folders are copied and checked against the registry's sha256 (their rows point at the new
-place); the images are copied where the backup holds them; the vectors are written into
-collections of the same names and, on a server, the serving aliases pointed as they were.
-It ends by checking the ingest invariant of every serving collection.
+place); the images are copied where the backup holds them. It ends by checking the
+ingest invariant of every serving collection (on Lite, closing the store waits for the
+index build).
 """
 
 from __future__ import annotations
@@ -50,10 +52,13 @@ def restore_backup(settings: Settings, root: Path, *, force: bool = False,
                               "empty targets, or pass --force to replace what is there")
         if busy:
             _clear(settings, store, body)
+        # The vectors first: once flushed, Milvus (Lite in a background thread of this
+        # process, a server on its own) builds each collection's index while the
+        # database, the model folders and the images are restored.
+        rows = _vectors(store, root, body, progress, batch)
         _database(settings, root, body)
         _models(settings, root, body)
         images = _images(settings, root, body)
-        rows = _vectors(store, root, body, progress, batch)
         _check_invariant(settings, store, body)
     finally:
         store.close()

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from carsearch.platform.images import DECODE_MAX_SIDE, decode_file, sha256_file
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.models.image_policy import check_box
 from carsearch.platform.runtime import Platform
+from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.protocol import VectorRow, VectorStore
 from carsearch.platform.vehicles import body_category, parse_class_name
 
@@ -246,10 +248,12 @@ def prepare(item: IngestItem, max_pixels: int, *, vehicle_labels: bool = True) -
     if not item.path.is_file():
         raise ImageRejectedError("file not found", str(item.path))
     try:
-        digest = sha256_file(item.path)
+        with METRICS.ingest_timer("read"):
+            digest = sha256_file(item.path)
     except OSError as exc:
         raise ImageRejectedError(f"unreadable: {exc.strerror or exc}", str(item.path)) from None
-    got = decode_file(item.path, max_pixels=max_pixels, max_side=DECODE_MAX_SIDE)
+    with METRICS.ingest_timer("decode"):
+        got = decode_file(item.path, max_pixels=max_pixels, max_side=DECODE_MAX_SIDE)
     return Prepared(item=item, sha256=digest, id=image_id(digest, item.collection),
                     image=got.image, size=got.size,
                     meta=clean_metadata(item.meta, item.source,
@@ -537,6 +541,8 @@ class BatchWriter:
     hook: Hook = _no_hook
     collection: str = DEFAULT_COLLECTION
     vehicle_labels: bool = True
+    # Seconds the current write spent embedding: the rest of it is the "write" stage.
+    _embed_s: float = field(default=0.0, init=False, repr=False)
 
     @classmethod
     def fixed(cls, db: Database, store: VectorStore, encoder: Encoder, version: ModelVersion,
@@ -554,6 +560,15 @@ class BatchWriter:
         if strays:
             raise CarsearchError(f"a batch for {self.collection} holds images of "
                                  f"{', '.join(sorted(strays))}")
+        t0, self._embed_s = time.perf_counter(), 0.0
+        try:
+            self._write(batch)
+        finally:  # the write stage: everything but the embedding (timed in _upsert)
+            METRICS.ingest_stage.labels("write").observe(
+                max(0.0, time.perf_counter() - t0 - self._embed_s))
+        return len(batch)
+
+    def _write(self, batch: Sequence[Prepared]) -> None:
         if self.image_dir is not None:
             for p in batch:
                 keep_copy(p, self.image_dir)
@@ -566,12 +581,14 @@ class BatchWriter:
         self.hook("after_rows")
         self._sync(version, batch, written)
         self._follow_promotion(version, batch)
-        return len(batch)
 
     def _upsert(self, version: ModelVersion,
                 batch: Sequence[Prepared]) -> tuple[np.ndarray, list[VectorRow]]:
         self.store.ensure_collection(version.collection, version.dim)
-        vectors = embed(self.encoder_for(version), batch)
+        t0 = time.perf_counter()
+        with METRICS.ingest_timer("embed"):  # the model's first (lazy) load counts here
+            vectors = embed(self.encoder_for(version), batch)
+        self._embed_s += time.perf_counter() - t0
         rows = vector_rows(batch)
         self.store.upsert(version.collection, [p.id for p in batch], vectors, rows)
         return vectors, rows

@@ -764,7 +764,15 @@ class SearchService:
 
     def _query_vector(self, version: ModelVersion, prep: _Prepared) -> np.ndarray:
         """The text's vector, or the image's combined with the remaining words'; negated
-        concepts subtracted; liked / disliked images applied (platform/search/querymix)."""
+        concepts subtracted; liked / disliked images applied (platform/search/querymix).
+        Its time is the search's "encode" stage."""
+        t_enc = time.perf_counter()
+        try:
+            return self._mixed_vector(version, prep)
+        finally:
+            METRICS.search_stage.labels("encode").observe(time.perf_counter() - t_enc)
+
+    def _mixed_vector(self, version: ModelVersion, prep: _Prepared) -> np.ndarray:
         encoder = self.encoder_for(version)
         image = None
         if prep.image_id is not None:
@@ -858,7 +866,9 @@ class SearchService:
             _check_filters(self.kind(collection), self.collection(collection), filters)
             t0 = time.perf_counter()
             version = self.serving(collection)
+            t_enc = time.perf_counter()
             vec = self.encoder_for(version).encode_images([image.convert("RGB")], [box])
+            METRICS.search_stage.labels("encode").observe(time.perf_counter() - t_enc)
             return self._finish(version, vec, "image", None, k, filters, t0)
 
     def search_similar(
@@ -920,11 +930,29 @@ class SearchService:
         picked: list[_Picked] = []
         seen: set[int] = set(plan.seen)
         ran: list[dict[str, Any]] = []
+<<<<<<< HEAD
         reps = _Reps(version.collection, self.store) if plan.collapse else None
         for tier, kept in enumerate(tiers):
             if len(picked) >= want:
                 break
             tier_filters = merge_filters(filters_from_chips(kept), hard)
+=======
+        ann_s = meta_s = 0.0
+        for kept in tiers:
+            if len(out) >= k:
+                break
+            tier_filters = merge_filters(filters_from_chips(kept), hard)
+            # Earlier tiers' hits come back too (a tier's vehicles include the ones that
+            # also meet what it dropped): ask for enough to still find k new ones.
+            limit = min(k + len(seen), MAX_K + k)
+            t_ann = time.perf_counter()
+            hits = self.store.search(version.collection, vec, limit, tier_filters)[0]
+            fresh = [h for h in hits if h.id not in seen]
+            t_meta = time.perf_counter()
+            rows = self._metadata([h.id for h in fresh])
+            ann_s += t_meta - t_ann
+            meta_s += time.perf_counter() - t_meta
+>>>>>>> h27
             dropped = [c for c in soft if c not in kept]
             added = 0
             # Earlier tiers' and pages' hits come back too (a tier's vehicles include the
@@ -972,7 +1000,13 @@ class SearchService:
         page = picked[:page_k]
         out = [p.hit(plan.shown + n + 1) for n, p in enumerate(page)]
         latency = (time.perf_counter() - t0) * 1000.0
+<<<<<<< HEAD
         METRICS.search_latency.labels(kind, self.store.search_path(version.collection)).observe(
+=======
+        METRICS.search_stage.labels("vector_search").observe(ann_s)
+        METRICS.search_stage.labels("metadata").observe(meta_s)
+        METRICS.search_latency.labels(kind, self._path(version.collection)).observe(
+>>>>>>> h27
             latency / 1000.0)
         if not out:
             _EMPTY.flag = True
