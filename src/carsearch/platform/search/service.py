@@ -930,29 +930,12 @@ class SearchService:
         picked: list[_Picked] = []
         seen: set[int] = set(plan.seen)
         ran: list[dict[str, Any]] = []
-<<<<<<< HEAD
         reps = _Reps(version.collection, self.store) if plan.collapse else None
+        ann_s = meta_s = 0.0
         for tier, kept in enumerate(tiers):
             if len(picked) >= want:
                 break
             tier_filters = merge_filters(filters_from_chips(kept), hard)
-=======
-        ann_s = meta_s = 0.0
-        for kept in tiers:
-            if len(out) >= k:
-                break
-            tier_filters = merge_filters(filters_from_chips(kept), hard)
-            # Earlier tiers' hits come back too (a tier's vehicles include the ones that
-            # also meet what it dropped): ask for enough to still find k new ones.
-            limit = min(k + len(seen), MAX_K + k)
-            t_ann = time.perf_counter()
-            hits = self.store.search(version.collection, vec, limit, tier_filters)[0]
-            fresh = [h for h in hits if h.id not in seen]
-            t_meta = time.perf_counter()
-            rows = self._metadata([h.id for h in fresh])
-            ann_s += t_meta - t_ann
-            meta_s += time.perf_counter() - t_meta
->>>>>>> h27
             dropped = [c for c in soft if c not in kept]
             added = 0
             # Earlier tiers' and pages' hits come back too (a tier's vehicles include the
@@ -960,9 +943,13 @@ class SearchService:
             # and more while folded duplicates leave the page short.
             limit = min(want + len(seen), _TOPK)
             while True:
+                t_ann = time.perf_counter()
                 hits = self.store.search(version.collection, vec, limit, tier_filters)[0]
                 fresh = [h for h in hits if h.id not in seen]
+                t_meta = time.perf_counter()
                 rows = self._metadata([h.id for h in fresh])
+                ann_s += t_meta - t_ann
+                meta_s += time.perf_counter() - t_meta
                 if reps is not None:
                     reps.load([h.id for h in fresh])
                 stop = False
@@ -1000,13 +987,9 @@ class SearchService:
         page = picked[:page_k]
         out = [p.hit(plan.shown + n + 1) for n, p in enumerate(page)]
         latency = (time.perf_counter() - t0) * 1000.0
-<<<<<<< HEAD
-        METRICS.search_latency.labels(kind, self.store.search_path(version.collection)).observe(
-=======
         METRICS.search_stage.labels("vector_search").observe(ann_s)
         METRICS.search_stage.labels("metadata").observe(meta_s)
-        METRICS.search_latency.labels(kind, self._path(version.collection)).observe(
->>>>>>> h27
+        METRICS.search_latency.labels(kind, self.store.search_path(version.collection)).observe(
             latency / 1000.0)
         if not out:
             _EMPTY.flag = True
