@@ -151,6 +151,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--caption-prob", type=float, default=0.5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--text-layers", type=int, default=1)
     p.add_argument("--stage2-steps", type=int, default=0)
     p.add_argument("--stage1-model", type=Path, default=None,
@@ -172,6 +173,7 @@ def main() -> None:
         return
     cache = args.cache or args.work / "featcache"
     tag = f"s{args.size}-l{args.text_layers}"
+    run_tag = f"{tag}-lr{args.lr:g}-st{args.steps}-wd{args.weight_decay:g}-cp{args.caption_prob:g}"
     base = args.work / f"base-{tag}"
     if not (base / "config.json").is_file():
         build_pretrained_base(base, spec=PretrainedSpec(image_size=args.size,
@@ -202,9 +204,10 @@ def main() -> None:
 
     if args.stage1_model is None:
         s1 = train_stage1(Stage1Config(
-            data=args.root, base=str(base), out=args.work / f"run-{args.mode}-{tag}",
+            data=args.root, base=str(base), out=args.work / f"run-{args.mode}-{run_tag}",
             cache_dir=cache, steps=args.steps, batch_size=args.batch, lr=args.lr,
-            caption_prob=args.caption_prob, val_share=val_share))
+            caption_prob=args.caption_prob, weight_decay=args.weight_decay,
+            val_share=val_share))
         report["stage1_train"] = {"steps": s1.steps, "seconds": round(s1.seconds, 1),
                                   "ms_per_step": round(s1.step_ms, 1), "cache": s1.cache,
                                   "first_loss": s1.losses[0], "final_loss": s1.losses[-1],

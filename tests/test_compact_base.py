@@ -245,3 +245,14 @@ def test_onnx_export_parity(pretrained_base: Path, tmp_path: Path) -> None:
     assert np.allclose(onnx.encode_text(TEXTS), torch_enc.encode_text(TEXTS), atol=1e-4)
     assert np.allclose(onnx.encode_images(_images()), torch_enc.encode_images(_images()),
                        atol=1e-4)
+
+
+def test_token_table_pads_as_the_tokenizer_does(pretrained_base: Path) -> None:
+    """Stage 1 tokenizes every text once; a step's ids equal tokenizing the step's texts."""
+    from carsearch.training.stage1 import TokenTable, tokenize_longest
+
+    processor = Encoder(pretrained_base)._load().processor
+    texts = [*TEXTS, "a very long query " * 20, "Chevrolet Silverado 1500 Extended Cab 2012"]
+    table = TokenTable(processor, texts, 32)
+    for chosen in (texts, texts[:2], [texts[-2], texts[0]], [texts[4]]):
+        assert torch.equal(table.ids(chosen), tokenize_longest(processor, chosen, 32))

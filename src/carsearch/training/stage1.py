@@ -139,6 +139,25 @@ def tokenize_longest(processor: Any, texts: Sequence[str], max_length: int) -> t
                                max_length=max_length, return_tensors="pt")["input_ids"]
 
 
+class TokenTable:
+    """Every text of a run tokenized once (truncated, unpadded); `ids` pads a step's
+    texts to the longest of them with the pad id, as `tokenize_longest` would."""
+
+    def __init__(self, processor: Any, texts: Sequence[str], max_length: int) -> None:
+        unique = list(dict.fromkeys(texts))
+        encoded = processor.tokenizer(unique, padding=False, truncation=True,
+                                      max_length=max_length)["input_ids"]
+        self._ids = dict(zip(unique, encoded, strict=True))
+        self._pad = int(processor.tokenizer.pad_token_id)
+
+    def ids(self, texts: Sequence[str]) -> torch.Tensor:
+        rows = [self._ids[t] for t in texts]
+        out = torch.full((len(rows), max(map(len, rows))), self._pad, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+
 def stage1_optimizers(net: Any, config: Stage1Config) -> list[torch.optim.Optimizer]:
     """AdamW for the dense weights (the scalars at `scalar_lr_mult` x lr); SparseAdam for
     the token embeddings, whose gradient is made sparse: a step touches the few hundred
@@ -193,6 +212,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     classes = torch.tensor([index[x.label.class_name] for x in train_items])
     max_len = int(net.config.text_config.max_position_embeddings)
     queries = _texts_per_image(train_items, config.seed, config.queries)
+    tokens = TokenTable(processor, [*names, *(q for qs in queries for q in qs)], max_len)
     freeze_image_backbone(net)
     module = Stage1Module(net)
     optimizers = stage1_optimizers(net, config)
@@ -224,7 +244,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         # longest: the model reads its mask from the pad id, so padding changes nothing.
         columns = list(dict.fromkeys([*names, *texts]))
         column_of = {t: j for j, t in enumerate(columns)}
-        ids = tokenize_longest(processor, columns, max_len)
+        ids = tokens.ids(columns)
         image, text, scale, bias = module(feats[batch].to(acc.device), ids.to(acc.device))
         batch_classes = classes[batch]
         column_classes = torch.tensor(
