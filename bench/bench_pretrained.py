@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -197,7 +198,8 @@ def main() -> None:
     t0 = time.perf_counter()
     features = {name: features_for(net, processor, dataset, items, cache, stats=stats)
                 for name, items in splits.items()}
-    report["scored_features"] = {"computed": stats.computed, "seconds": round(stats.seconds, 1)}
+    report["scored_features"] = {"computed": stats.computed, "seconds": round(stats.seconds, 1),
+                                 "cpu_seconds": round(stats.cpu_seconds, 1)}
     report["zero_shot"] = {name: score(net, processor, features[name], items, heldouts[name])
                            for name, items in splits.items()}
     log.info("zero-shot: %s", report["zero_shot"])
@@ -209,6 +211,8 @@ def main() -> None:
             caption_prob=args.caption_prob, weight_decay=args.weight_decay,
             val_share=val_share))
         report["stage1_train"] = {"steps": s1.steps, "seconds": round(s1.seconds, 1),
+                                  "cpu_seconds": s1.cpu_seconds,
+                                  "load_average_end": os.getloadavg()[0],
                                   "ms_per_step": round(s1.step_ms, 1), "cache": s1.cache,
                                   "first_loss": s1.losses[0], "final_loss": s1.losses[-1],
                                   "n_train": s1.n_train}

@@ -48,7 +48,8 @@ from carsearch.training.feature_cache import (
 )
 from carsearch.training.loss import siglip_loss
 from carsearch.training.query_metrics import per_query
-from carsearch.training.train_data import train_queries
+from carsearch.training.recipe import STAGE1_BATCH, STAGE1_LR, STAGE1_STEPS
+from carsearch.training.train_data import data_fingerprint, train_queries
 from carsearch.training.trainer import load_base
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,9 @@ class Stage1Config:
     out: Path
     cache_dir: Path
     queries: Path | None = None  # augmented queries (JSONL); None: generated offline
-    steps: int = 1500
-    batch_size: int = 128
-    lr: float = 5e-4  # 2e-3 and 3e-3 stayed at the loss floor on Stanford (validation)
+    steps: int = STAGE1_STEPS
+    batch_size: int = STAGE1_BATCH
+    lr: float = STAGE1_LR  # chosen on validation (training/recipe.py)
     warmup: float = 0.05
     weight_decay: float = 0.0
     caption_prob: float = 0.5
@@ -84,6 +85,9 @@ class Stage1Result:
     n_train: int
     n_val: int
     config: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""  # the trainer's data fingerprint of the images trained on
+    cpu_seconds: float = 0.0  # CPU time of the steps (all threads); on a shared machine
+    n_classes: int = 0
 
 
 def is_validation(image_id: str, share: float) -> bool:
@@ -183,9 +187,9 @@ def tokenize(processor: Any, texts: Sequence[str], max_length: int) -> torch.Ten
 
 
 def _texts_per_image(items: Sequence[LabelledImage], seed: int,
-                     queries_path: Path | None) -> list[list[str]]:
-    queries, _ = train_queries(items, queries_path, seed)
-    return [queries.get(item.image_id, []) for item in items]
+                     queries_path: Path | None) -> tuple[list[list[str]], str]:
+    queries, source = train_queries(items, queries_path, seed)
+    return [queries.get(item.image_id, []) for item in items], source
 
 
 def train_stage1(config: Stage1Config) -> Stage1Result:
@@ -211,7 +215,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     index = {n: i for i, n in enumerate(names)}
     classes = torch.tensor([index[x.label.class_name] for x in train_items])
     max_len = int(net.config.text_config.max_position_embeddings)
-    queries = _texts_per_image(train_items, config.seed, config.queries)
+    queries, source = _texts_per_image(train_items, config.seed, config.queries)
     tokens = TokenTable(processor, [*names, *(q for qs in queries for q in qs)], max_len)
     freeze_image_backbone(net)
     module = Stage1Module(net)
@@ -226,7 +230,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     rng = random.Random(config.seed)
     order: list[int] = []
     losses: list[float] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in tqdm(range(config.steps), desc="stage 1", unit="step",
                   disable=not config.progress):
         if len(order) < config.batch_size:
@@ -262,6 +266,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
             opt.zero_grad()
         losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start  # every thread's: what the steps cost
     out = config.out / "model"
     unwrapped: Any = acc.unwrap_model(module).net
     unwrapped.text_model.token_embedding.sparse = False
@@ -276,6 +281,9 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         cache={"hits": stats.hits, "computed": stats.computed,
                "seconds": round(stats.seconds, 1)},
         n_train=len(train_items), n_val=len(val_items),
+        fingerprint=data_fingerprint([x.image_id for x in train_items], source),
+        cpu_seconds=round(cpu_seconds, 1),
+        n_classes=len(names),
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
     )
     (config.out / "stage1.json").write_text(json.dumps(
