@@ -2,7 +2,9 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_drift_model.py --model DIR [--model DIR2]
 
-For each model (a base or a trained version: anything `Encoder` loads) and each world:
+For each compact pretrained model (a base, or a version trained with its image backbone
+frozen: stage 1), the frozen backbone's features come from the feature cache (computed
+once for every model), then each model's projection; and each world:
 
 - `catalogue`: references are rendered catalogue photos (`write_catalogue`, the demo's
   data); the new images are more catalogue photos plus `--novel` photos of the rendered
@@ -35,38 +37,45 @@ from carsearch.data.catalogue import NOVEL, write_catalogue, write_vehicles
 from carsearch.data.stanford import load_stanford
 from carsearch.monitoring.drift import detect_drift
 from carsearch.monitoring.drift_detect import knn_density
-from carsearch.platform.models.encoder import Encoder
+from carsearch.training.feature_cache import FeatureCache, cached_features, content_key, tower_key
+from carsearch.training.stage1 import image_embeddings_from_features, image_keys
+from carsearch.training.trainer import load_base
 from machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-Opener = Callable[[], Image.Image]
+Photo = tuple[str, Callable[[], Image.Image]]  # (content key, opener)
 
 
-def embed(enc: Encoder, photos: list[Opener]) -> np.ndarray:
-    out = []
-    for i in range(0, len(photos), 64):
-        out.append(enc.encode_images([open_() for open_ in photos[i:i + 64]]))
-    return np.concatenate(out)
+def embed(net: Any, processor: Any, photos: list[Photo], cache_dir: Path) -> np.ndarray:
+    """Unit image embeddings: the frozen backbone's features through the feature cache
+    (shared by every model with the same image tower), then the model's projection."""
+    cache = FeatureCache(cache_dir, tower_key(net, processor))
+    feats = cached_features(net, processor, [k for k, _ in photos],
+                            lambda i: photos[i][1](), cache, progress=False)
+    return image_embeddings_from_features(net, feats)
 
 
 def worlds(root: Path, stanford: Path, n_ref: int, n_new: int, n_novel: int
-           ) -> dict[str, tuple[list[Opener], list[Opener], list[Opener]]]:
+           ) -> dict[str, tuple[list[Photo], list[Photo], list[Photo]]]:
     """name -> (reference photos, new known photos, novel photos). Catalogue and Stanford
     photos are cropped to their boxes (the served view); the novel photos arrive whole."""
     paths = write_vehicles(root / "novel", NOVEL, n_novel, seed=3, size=(320, 240))
-    novel: list[Opener] = [lambda p=p: Image.open(p).convert("RGB") for p in paths]
-    out: dict[str, tuple[list[Opener], list[Opener], list[Opener]]] = {}
+    novel: list[Photo] = [(content_key(p, "whole"),
+                           lambda p=p: Image.open(p).convert("RGB")) for p in paths]
+    out: dict[str, tuple[list[Photo], list[Photo], list[Photo]]] = {}
     write_catalogue(root / "cat", n_ref + n_new, seed=11, size=(320, 240), progress=False)
     cat = load_stanford(root / "cat")
     items = sorted(cat.images, key=lambda x: x.image_id)
-    cat_open: list[Opener] = [lambda x=x: cat.open_image(x) for x in items]
-    out["catalogue"] = (cat_open[:n_ref], cat_open[n_ref:n_ref + n_new], novel)
+    cat_photos: list[Photo] = [(k, lambda x=x: cat.open_image(x))
+                               for k, x in zip(image_keys(items), items, strict=True)]
+    out["catalogue"] = (cat_photos[:n_ref], cat_photos[n_ref:n_ref + n_new], novel)
     if (stanford / "cars_meta.mat").is_file():
         ds = load_stanford(stanford, split="test")
         test = ds.images[::max(1, len(ds.images) // (n_ref + n_new))]
-        real: list[Opener] = [lambda x=x: ds.open_image(x) for x in test]
+        real: list[Photo] = [(k, lambda x=x: ds.open_image(x))
+                             for k, x in zip(image_keys(test), test, strict=True)]
         out["stanford"] = (real[:n_ref], real[n_ref:n_ref + n_new], novel)
     return out
 
@@ -79,6 +88,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=200)
     ap.add_argument("--novel", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/bench_pretrained/featcache"),
+                    help="the feature cache (bench_pretrained's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -86,10 +97,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-drift-model-") as tmp:
         data = worlds(Path(tmp), args.stanford, args.references, args.new, args.novel)
         for model in args.model:
-            enc = Encoder(model, batch_size=32, torch_threads=args.threads)
+            net, processor = load_base(str(model))
+            net.eval()
             for name, (ref_p, new_p, novel_p) in data.items():
                 t0 = time.perf_counter()
-                ref, known, novel = embed(enc, ref_p), embed(enc, new_p), embed(enc, novel_p)
+                ref, known, novel = (embed(net, processor, x, args.cache)
+                                     for x in (ref_p, new_p, novel_p))
                 new = np.vstack([known, novel])
                 ids = np.arange(len(new))
                 det = detect_drift(ref, new, new_ids=ids)

@@ -110,6 +110,25 @@ def subset(items: list[LabelledImage], per_class: int) -> list[LabelledImage]:
     return out
 
 
+def centroid_probe(train: np.ndarray, train_classes: list[str], test: np.ndarray,
+                   test_classes: list[str]) -> dict[str, Any]:
+    """A probe of the frozen features, not a text model: each class's query is the
+    centroid of its standardised train features; test photos ranked by cosine to it."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        z = (x - mean) / std
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    names = sorted(set(test_classes))
+    index = {n: i for i, n in enumerate(names)}
+    tr, labels = unit(train), np.array([index.get(c, -1) for c in train_classes])
+    cents = np.stack([tr[labels == i].mean(0) for i in range(len(names))])
+    cents /= np.linalg.norm(cents, axis=1, keepdims=True)
+    return summary(per_query(cents @ unit(test).T, list(range(len(names))),
+                             [index[c] for c in test_classes]))
+
+
 def speed(args: argparse.Namespace, sizes: list[int], n: int = 64) -> dict[str, Any]:
     """Images/s and texts/s of the Encoder (batch 32, inference mode, channels-last)."""
     import statistics
@@ -162,6 +181,8 @@ def main() -> None:
     p.add_argument("--stage2-eval-per-class", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--probe", action="store_true",
+                   help="only the class-centroid probe of the cached features at --size")
     p.add_argument("--speed", type=str, default="",
                    help="only measure encoder speed at these sizes (comma separated)")
     args = p.parse_args()
@@ -181,6 +202,15 @@ def main() -> None:
                                                         text_layers=args.text_layers))
     val_share = 0.0 if args.mode == "test" else 0.2
     dataset = load_stanford(args.root)
+    if args.probe:
+        net, processor = load_base(str(base))
+        train_all, test_all = dataset.split("train"), dataset.split("test")
+        tr = features_for(net, processor, dataset, train_all, cache)
+        te = features_for(net, processor, dataset, test_all, cache)
+        probe = centroid_probe(tr, [x.label.class_name for x in train_all], te,
+                               [x.label.class_name for x in test_all])
+        print(json.dumps({"size": args.size, "probe": probe}, indent=2))
+        return
     train_items, val_items = split_train(dataset.split("train"), val_share)
     seen = {x.label.class_name.lower() for x in train_items}
     seen |= {q.lower() for qs in generated_queries(train_items, 0).values() for q in qs}
