@@ -205,7 +205,7 @@ def test_two_stage_training_smoke(small_base: Path, catalogue: Path, tmp_path: P
     first = train_stage1(cfg)
     assert first.cache["computed"] == first.n_train > 0 and first.cache["hits"] == 0
     again = train_stage1(Stage1Config(**{**cfg.__dict__, "out": tmp_path / "s1b"}))
-    assert again.cache == {"hits": first.n_train, "computed": 0, "seconds": 0.0}
+    assert (again.cache["hits"], again.cache["computed"]) == (first.n_train, 0)
 
     before, after = (load_file(str(small_base / "model.safetensors")),
                      load_file(str(first.model_dir / "model.safetensors")))
