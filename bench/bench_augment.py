@@ -19,7 +19,7 @@ from pathlib import Path
 
 from carsearch.data.augment import OfflineGenerator, RuleJudge, augment
 from carsearch.data.stanford import load_stanford
-from carsearch.platform.search.vocabulary import VehicleLabel
+from carsearch.platform.vehicles import VehicleLabel
 from machine import cpu_name
 
 

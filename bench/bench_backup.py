@@ -33,7 +33,7 @@ from carsearch.backup.restore import restore_backup
 from carsearch.platform.db import Image, ImageStatus, migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.store import VectorRow
+from carsearch.platform.vectors.protocol import VectorRow
 from machine import machine_line
 
 PG = os.environ.get("CARSEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

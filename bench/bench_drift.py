@@ -24,8 +24,9 @@ import faiss
 import numpy as np
 
 from carsearch.monitoring.drift import detect_drift
+from carsearch.platform.vectors.milvus import MilvusStore
 from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import MilvusStore, VectorRow
+from carsearch.platform.vectors.protocol import VectorRow
 from machine import cpu_name
 
 DIM = 192

@@ -40,7 +40,8 @@ from carsearch.platform.db import Database, migrate
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.models.onnx import OnnxEncoder, export_onnx
 from carsearch.platform.models.registry import Registry
-from carsearch.platform.vectors.store import MilvusStore, VectorRow
+from carsearch.platform.vectors.milvus import MilvusStore
+from carsearch.platform.vectors.protocol import VectorRow
 from carsearch.training.base_model import CompactSpec, TowerSize, build_compact_base
 from carsearch.training.pretrained_base import PretrainedSpec, build_pretrained_base
 from machine import cpu_name

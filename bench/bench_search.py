@@ -39,10 +39,12 @@ from tqdm import tqdm
 from carsearch.platform.db import Image, ImageStatus, migrate
 from carsearch.platform.ids import collection_name
 from carsearch.platform.runtime import Platform
-from carsearch.platform.search.vocabulary import COLOURS, MAKE_ALIASES
+from carsearch.platform.search.nlfilters import parse_query
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
 from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow, VectorStoreError
+from carsearch.platform.vectors.protocol import VectorRow, VectorStoreError
+from carsearch.platform.vehicles import COLOURS, MAKE_ALIASES
 from carsearch.training.base_model import build_compact_base
 from carsearch.ui.page import PickedFilters, SearchPage
 from machine import cpu_name
@@ -132,7 +134,7 @@ def time_paths(page: SearchPage, collection: str, args: argparse.Namespace,
 
     timed(page_fn, QUERIES)  # warm: caches, thumbnails, vocabulary
     encoder = page.service.encoder_for(page.service.serving())
-    parsed = {q: page.parse(q) for q in QUERIES}
+    parsed = {q: parse_query(page.service.clean_query(q), page.vocabulary()) for q in QUERIES}
     relaxed = [page.service.search_text(q, args.k, preferred=parsed[q].chips) for q in QUERIES]
     return {
         # The filters read from the text as hard filters (before issue 14) and as

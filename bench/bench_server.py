@@ -49,9 +49,10 @@ from tqdm.auto import tqdm
 from carsearch.monitoring.ann_audit import ordered_ids
 from carsearch.platform.metrics import recall_at_k_vs_exact
 from carsearch.platform.vectors.exact import ExactIndex, set_threads
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
 from carsearch.platform.vectors.mirror import VectorMirror
+from carsearch.platform.vectors.protocol import VectorRow, VectorStoreError
 from carsearch.platform.vectors.server import LocalMilvusServer
-from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow, VectorStoreError
 from vector_bench import (
     clustered_vectors,
     label_of,

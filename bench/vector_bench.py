@@ -35,12 +35,8 @@ from tqdm.auto import tqdm
 
 from carsearch.platform.metrics import recall_at_k_vs_exact
 from carsearch.platform.vectors.exact import ExactIndex
-from carsearch.platform.vectors.store import (
-    IndexSpec,
-    MilvusStore,
-    VectorRow,
-    lite_index_params,
-)
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore, lite_index_params
+from carsearch.platform.vectors.protocol import VectorRow
 from machine import cpu_name
 
 __all__ = [

@@ -25,13 +25,14 @@ from carsearch.monitoring.ann_audit import (
     record_report,
     sync_exact_index,
 )
-from carsearch.monitoring.scheduler import run_every
 from carsearch.platform.artifacts import ArtifactLedger
 from carsearch.platform.db import Database, ModelVersion, QueryLog
 from carsearch.platform.db.reports import latest_ann_report
+from carsearch.platform.scheduler import run_every
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectors.exact import ExactIndex
-from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
+from carsearch.platform.vectors.protocol import VectorRow
 from vector_bench import clustered_vectors
 
 

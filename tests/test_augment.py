@@ -25,7 +25,7 @@ from carsearch.data.augment import (
     load_queries,
 )
 from carsearch.data.augment.rules import MAX_QUERY_CHARS
-from carsearch.platform.search.vocabulary import VehicleLabel, parse_class_name
+from carsearch.platform.vehicles import VehicleLabel, parse_class_name
 
 REPO = Path(__file__).resolve().parents[1]
 

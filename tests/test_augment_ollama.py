@@ -35,7 +35,7 @@ from carsearch.data.augment import (
 )
 from carsearch.data.augment.ollama import GeneratedQueries
 from carsearch.platform.errors import CarsearchError
-from carsearch.platform.search.vocabulary import parse_class_name
+from carsearch.platform.vehicles import parse_class_name
 
 SILVERADO = parse_class_name("Chevrolet Silverado 1500 Extended Cab 2012", colour="red")
 ACCORD = parse_class_name("Honda Accord Sedan 2012")

@@ -25,8 +25,8 @@ from carsearch.platform.collections import alias_for
 from carsearch.platform.db import Lease, QueryFeedback, images, migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.store import MilvusStore
-from fixtures.cli import one_line_error, run
+from carsearch.platform.vectors.milvus import MilvusStore
+from fixtures.cli import invoke, one_line_error, run
 from fixtures.common import empty_server
 from fixtures.common import reset_pg as _reset_pg
 from ingest_world import world
@@ -208,27 +208,27 @@ def test_the_cli_backs_up_verifies_restores_and_refuses(tmp_path: Path, lite_bac
     root, _ = lite_backup
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARSEARCH_")}
     env.update(CARSEARCH_DATA_DIR=str(tmp_path / "cli"), CARSEARCH_LOG_LEVEL="WARNING")
-    out = json.loads(run(["backup", "verify", str(root), "--json"], env).stdout)
+    out = json.loads(invoke(["backup", "verify", str(root), "--json"], env).stdout)
     assert out["ok"] is True
-    restored = run(["backup", "restore", str(root)], env).stdout
+    restored = invoke(["backup", "restore", str(root)], env).stdout
     assert "serving: vehicles: v1" in restored
-    one_line_error(run(["backup", "restore", str(root)], env, ok=False), "not empty")
-    second = run(["backup", "create", "--out", str(tmp_path / "again")], env).stdout
+    one_line_error(invoke(["backup", "restore", str(root)], env, ok=False), "not empty")
+    second = invoke(["backup", "create", "--out", str(tmp_path / "again")], env).stdout
     assert "collections:" in second and "guarantee:" in second
-    one_line_error(run(["backup", "create", "--out", str(tmp_path / "again")], env, ok=False),
+    one_line_error(invoke(["backup", "create", "--out", str(tmp_path / "again")], env, ok=False),
                    "not an empty folder")
     manifest = tmp_path / "again" / "manifest.json"
     body = json.loads(manifest.read_text())
     body["tables"]["images"] += 1
     manifest.write_text(json.dumps(body))
-    one_line_error(run(["backup", "verify", str(tmp_path / "again")], env, ok=False),
+    one_line_error(invoke(["backup", "verify", str(tmp_path / "again")], env, ok=False),
                    "table images holds 12 rows")
-    one_line_error(run(["backup", "verify", str(tmp_path / "nowhere")], env, ok=False),
+    one_line_error(invoke(["backup", "verify", str(tmp_path / "nowhere")], env, ok=False),
                    "not a backup")
     body["tables"]["images"] -= 1
     body["models"]["../../escape"] = body["models"].pop("v1")
     manifest.write_text(json.dumps(body))
-    one_line_error(run(["backup", "verify", str(tmp_path / "again")], env, ok=False),
+    one_line_error(invoke(["backup", "verify", str(tmp_path / "again")], env, ok=False),
                    "not a plain name")
     held = MilvusStore(str(tmp_path / "cli" / "milvus.db"))  # as a running `serve` would
     try:

@@ -10,8 +10,8 @@ from types import ModuleType
 
 import pytest
 
+from carsearch.platform.vectors.milvus import MilvusStore
 from carsearch.platform.vectors.server import LocalMilvusServer
-from carsearch.platform.vectors.store import MilvusStore
 from fixtures.common import REPO, empty_server
 
 

@@ -23,7 +23,7 @@ from carsearch.platform.search.classify import (
     probability,
 )
 from carsearch.platform.search.service import SearchService
-from fixtures.cli import one_line_error, run  # the `env` fixture: tests/fixtures/cli.py
+from fixtures.cli import invoke, one_line_error  # `env`: tests/fixtures/cli.py (in-process)
 
 # the `service` and `indexed` fixtures (the search world, on every backend):
 # tests/fixtures/search_world.py
@@ -105,12 +105,12 @@ def test_the_cut_off_on_search_results(service: SearchService, indexed) -> None:
 
 def test_classify_command(env: dict[str, str], tmp_path: Path,
                           compact_model: Path) -> None:
-    run(["db", "upgrade"], env)
-    run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
+    invoke(["db", "upgrade"], env)
+    invoke(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
     red = _photo(tmp_path / "red.png", (200, 20, 20), 1)
     blue = _photo(tmp_path / "blue.png", (20, 20, 200), 2)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-    p = run(["classify", str(red), str(tmp_path / "broken.jpg"), str(blue), "--labels",
+    p = invoke(["classify", str(red), str(tmp_path / "broken.jpg"), str(blue), "--labels",
              "sedan, pickup,suv", "--json"], env, ok=False)
     assert p.returncode == 1, p.stderr  # one image rejected; the others classified
     out = json.loads(p.stdout)
@@ -119,10 +119,10 @@ def test_classify_command(env: dict[str, str], tmp_path: Path,
     assert all(sorted(s["label"] for s in r["labels"]) == ["pickup", "sedan", "suv"]
                for r in out["results"])
     assert [r["image"] for r in out["rejected"]] == [str(tmp_path / "broken.jpg")]
-    text = run(["classify", str(red), "--labels", "sedan,pickup", "--top", "1"], env).stdout
+    text = invoke(["classify", str(red), "--labels", "sedan,pickup", "--top", "1"], env).stdout
     assert text.splitlines()[0] == str(red) and len(text.splitlines()) == 2
-    one_line_error(run(["classify", str(red), "--labels", " , "], env, ok=False),
+    one_line_error(invoke(["classify", str(red), "--labels", " , "], env, ok=False),
                    "at least one label")
-    one_line_error(run(["classify", str(red), "--labels", "a", "--template", "no slot"], env,
+    one_line_error(invoke(["classify", str(red), "--labels", "a", "--template", "no slot"], env,
                        ok=False), "template")
-    one_line_error(run(["search", "red car", "--min-prob", "2"], env, ok=False), "min-prob")
+    one_line_error(invoke(["search", "red car", "--min-prob", "2"], env, ok=False), "min-prob")

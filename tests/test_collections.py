@@ -23,8 +23,8 @@ from carsearch.platform.ids import image_id
 from carsearch.platform.images import sha256_file
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
-from carsearch.platform.vectors.store import SearchFilters
-from fixtures.cli import one_line_error, run  # the `env` fixture: tests/fixtures/cli.py
+from carsearch.platform.vectors.filters import SearchFilters
+from fixtures.cli import invoke, one_line_error  # `env`: tests/fixtures/cli.py (in-process)
 from fixtures.site import Site  # the `site` fixture: tests/fixtures/site.py
 from ingest_world import make_image, world
 
@@ -188,13 +188,13 @@ def test_a_general_collection_from_an_unsplash_manifest_end_to_end(
     keep working, and a command that names no collection uses vehicles."""
     base, state = site
     env = {**env, "CARSEARCH_DOWNLOAD__ALLOW_NETWORKS": "127.0.0.0/8"}  # the test server
-    run(["db", "upgrade"], env)
-    run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
-    assert "collection photos (general)" in run(
+    invoke(["db", "upgrade"], env)
+    invoke(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
+    assert "collection photos (general)" in invoke(
         ["collections", "create", "photos", "--kind", "general"], env).stdout
-    one_line_error(run(["search", "street", "--collection", "photos"], env, ok=False),
+    one_line_error(invoke(["search", "street", "--collection", "photos"], env, ok=False),
                    "no serving model version for collection photos")
-    out = run(["models", "publish", str(compact_model), "--name", "p1", "--collection",
+    out = invoke(["models", "publish", str(compact_model), "--name", "p1", "--collection",
                "photos", "--promote"], env).stdout
     assert "published p1 for photos" in out and "p1 is serving" in out
     lines = ["photo_id\tphoto_image_url\tphoto_description\tphotographer_username"]
@@ -202,31 +202,31 @@ def test_a_general_collection_from_an_unsplash_manifest_end_to_end(
         lines.append(f"p{i}\t{base}{path}\tphoto number {i} of a street\tuser{i}")
     tsv = tmp_path / "photos.tsv000"
     tsv.write_text("\n".join(lines) + "\n")
-    got = json.loads(run(["ingest", "manifest", str(tsv), "--collection", "photos",
+    got = json.loads(invoke(["ingest", "manifest", str(tsv), "--collection", "photos",
                           "--source", "unsplash", "--json"], env).stdout)
     assert got["indexed"] == 4 and got["download"]["failed"] == 1
 
-    res = json.loads(run(["search", "a street", "-c", "photos", "--json"], env).stdout)
+    res = json.loads(invoke(["search", "a street", "-c", "photos", "--json"], env).stdout)
     assert res["collection"] == "photos" and res["version"] == "p1"
     assert len(res["hits"]) == 4 and {h["photographer"] for h in res["hits"]} == {
         f"user{i}" for i in range(4)}
-    text = run(["search", "a street", "-c", "photos", "--source", "unsplash"], env).stdout
+    text = invoke(["search", "a street", "-c", "photos", "--source", "unsplash"], env).stdout
     assert "4 hits" in text and "(photos, p1)" in text and "by user" in text
-    one_line_error(run(["search", "a street", "-c", "photos", "--make", "Ford"], env,
+    one_line_error(invoke(["search", "a street", "-c", "photos", "--make", "Ford"], env,
                        ok=False), "photos has no make filter")
-    veh = json.loads(run(["search", "a street", "--json"], env).stdout)
+    veh = json.loads(invoke(["search", "a street", "--json"], env).stdout)
     assert veh["collection"] == "vehicles" and veh["hits"] == []  # nothing leaks across
 
     photo = Path(res["hits"][0]["path"])
-    cls = json.loads(run(["classify", str(photo), "--labels", "street,car,dog",
+    cls = json.loads(invoke(["classify", str(photo), "--labels", "street,car,dog",
                           "-c", "photos", "--json"], env).stdout)
     assert cls["collection"] == "photos" and cls["model"] == "p1"
     probs = [s["probability"] for s in cls["results"][0]["labels"]]
     assert len(probs) == 3 and all(0.0 < q < 1.0 for q in probs)
 
-    listed = json.loads(run(["collections", "list", "--json"], env).stdout)
+    listed = json.loads(invoke(["collections", "list", "--json"], env).stdout)
     assert {(c["name"], c["kind"], c["serving"], c["images"]["indexed"]) for c in listed} == {
         ("vehicles", "vehicles", "v1", 0), ("photos", "general", "p1", 4)}
-    versions = json.loads(run(["models", "list", "--json"], env).stdout)
+    versions = json.loads(invoke(["models", "list", "--json"], env).stdout)
     assert {(v["name"], v["collection"], v["status"]) for v in versions} == {
         ("v1", "vehicles", "serving"), ("p1", "photos", "serving")}

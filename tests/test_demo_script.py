@@ -52,17 +52,6 @@ def page(world: World, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes]
             proc.wait()
 
 
-def test_the_demo_ends_on_the_page_and_ctrl_c_stops_it(
-        page: tuple[subprocess.Popen[bytes], Path, int]) -> None:
-    proc, log, port = page
-    wait_for(f"http://127.0.0.1:{port}/gradio_api/info", proc, log)
-    out = log.read_text()
-    assert f"open http://127.0.0.1:{port} (Ctrl-C stops it)" in out
-    assert "again later: make serve" in out
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
-    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
-
-
 def test_ctrl_c_while_the_page_starts_is_a_normal_stop(
         page: tuple[subprocess.Popen[bytes], Path, int]) -> None:
     # The moment Gradio's launch begins (the page logs it just before), not after it
@@ -77,12 +66,17 @@ def test_ctrl_c_while_the_page_starts_is_a_normal_stop(
     assert "Traceback" not in log.read_text()
 
 
-def test_the_printed_commands_work_in_a_new_shell(
+def test_the_demo_ends_on_the_page_ctrl_c_stops_it_and_its_commands_work(
         page: tuple[subprocess.Popen[bytes], Path, int], world: World, tmp_path: Path) -> None:
+    """(One page start for both: the demo ends on the page and Ctrl-C stops it with status
+    0; the commands it printed then work pasted into a new shell.)"""
     proc, log, port = page
     wait_for(f"http://127.0.0.1:{port}/gradio_api/info", proc, log)
-    os.killpg(proc.pid, signal.SIGINT)
-    proc.wait(timeout=60)
+    out = log.read_text()
+    assert f"open http://127.0.0.1:{port} (Ctrl-C stops it)" in out
+    assert "again later: make serve" in out
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     printed = re.search(r"\(or: (.+)\)$", log.read_text(), flags=re.M)
     assert printed is not None
     command = printed.group(1)

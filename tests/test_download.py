@@ -18,7 +18,7 @@ import pytest
 from carsearch.ingest.download import Downloader, is_url_manifest, read_url_manifest
 from carsearch.ingest.netguard import REFUSED, AddressPolicy
 from carsearch.platform.errors import CarsearchError
-from fixtures.cli import run  # the `env` fixture: tests/fixtures/cli.py
+from fixtures.cli import invoke  # `env`: tests/fixtures/cli.py (in-process)
 from fixtures.site import Site, bomb  # the `site` fixtures: tests/fixtures/site.py
 
 FAILS = {
@@ -108,25 +108,25 @@ def test_ingest_an_unsplash_manifest_twice(site: tuple[str, Site], env: dict[str
                                            tmp_path: Path, compact_model: Path) -> None:
     base, state = site
     env = {**env, "CARSEARCH_DOWNLOAD__ALLOW_NETWORKS": "127.0.0.0/8"}  # the test server
-    run(["db", "upgrade"], env)
-    run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
+    invoke(["db", "upgrade"], env)
+    invoke(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
     lines = ["photo_id\tphoto_image_url\tphoto_description\tphotographer_username"]
     for i, path in enumerate([*state.images, "/missing.jpg", "/page.html"]):
         lines.append(f"p{i}\t{base}{path}\tphoto number {i} of a street\tuser{i}")
     tsv = tmp_path / "photos.tsv000"
     tsv.write_text("\n".join(lines) + "\n")
-    out = json.loads(run(["ingest", "manifest", str(tsv), "--source", "unsplash",
+    out = json.loads(invoke(["ingest", "manifest", str(tsv), "--source", "unsplash",
                           "--timeout", "2", "--json"], env).stdout)
     assert out["indexed"] == 4 and out["download"]["fetched"] == 4
     assert out["download"]["failed"] == 2
     assert {(f["line"], f["reason"]) for f in out["download"]["failures"]} == {
         (6, "HTTP 404"), (7, "not an image (content-type text/html)")}
     before = sum(state.hits.values())
-    again = json.loads(run(["ingest", "manifest", str(tsv), "--source", "unsplash", "--json"],
+    again = json.loads(invoke(["ingest", "manifest", str(tsv), "--source", "unsplash", "--json"],
                            env).stdout)
     assert sum(state.hits.values()) == before  # nothing fetched twice
     assert again["download"]["cached"] == 4 and again["indexed"] == 4  # idempotent
-    res = json.loads(run(["search", "a street", "--no-parse", "--json"], env).stdout)
+    res = json.loads(invoke(["search", "a street", "--no-parse", "--json"], env).stdout)
     assert len(res["hits"]) == 4
     assert {h["description"] for h in res["hits"]} == {
         f"photo number {i} of a street" for i in range(4)}

@@ -25,7 +25,8 @@ from carsearch.platform.db import (
 from carsearch.platform.db.reports import latest_drift
 from carsearch.platform.errors import ModelNotFoundError
 from carsearch.platform.settings import SettingsError, load_settings
-from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorRow
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
+from carsearch.platform.vectors.protocol import VectorRow
 from fixtures.drift_world import (
     DIM,
     Catalogue,

@@ -29,7 +29,10 @@ FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
 
 INJECTIONS = ['" or id > 0 or make == "', "make in ['x'] or 1==1", "'; DROP TABLE images; --",
               "\\\\", "%s%s%n", "${jndi:ldap://x}", "../../etc/passwd", "\x00", "\udcff",
-              "\ud800abc", "red 2012 chevy pickup", " " * 600, "年式 レッド", "🚗" * 20]
+              "\ud800abc", "red 2012 chevy pickup", " " * 600, "年式 レッド", "🚗" * 20,
+              "not", "no no no", "red not red", "pickup not 2012-2010", "not before 1800",
+              "except 1899 or 2099", "not red or", "no pickups but not black except Ford",
+              "like this but blue", "non-red non-2012", "other than", "without a"]
 any_text = st.one_of(st.text(st.characters(blacklist_categories=()), max_size=80),
                      st.sampled_from(INJECTIONS))
 odd_number = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
@@ -98,6 +101,61 @@ def test_the_page_handlers_always_answer(page: SearchPage, query: Any, k: Any, m
     assert isinstance(h.vote(1)(iid, iid, query), str)
 
 
+def _tiny_images() -> list[Any]:
+    from PIL import Image
+
+    return [None, Image.new("RGB", (1, 1)), Image.new("P", (40, 30)),
+            Image.new("RGBA", (64, 48), (255, 0, 0, 0)), Image.new("I;16", (8, 8))]
+
+
+odd_ids = st.one_of(odd_value, st.lists(odd_value, max_size=3),
+                    st.lists(st.integers(0, 2**63), max_size=60))
+
+
+@FUZZ
+@given(query=st.one_of(any_text, st.none()), k=st.one_of(odd_number, st.integers(0, 30)),
+       cursor=st.one_of(st.none(), any_text, odd_number,
+                        st.binary(max_size=64).map(lambda b: __import__("base64")
+                                                   .urlsafe_b64encode(b).decode())),
+       sort=st.one_of(st.sampled_from(["score", "year", "arrival"]), odd_value),
+       weight=st.one_of(st.floats(0, 1), odd_value), iid=st.one_of(st.none(), odd_value),
+       image=st.sampled_from(range(5)), liked=odd_ids, disliked=odd_ids,
+       collapse=st.one_of(st.booleans(), odd_value), ex_make=odd_list,
+       ex_year=odd_value, drop=odd_list, page_two=st.booleans())
+def test_the_search_options(page: SearchPage, query: Any, k: Any, cursor: Any, sort: Any,
+                            weight: Any, iid: Any, image: int, liked: Any, disliked: Any,
+                            collapse: Any, ex_make: Any, ex_year: Any, drop: Any,
+                            page_two: bool) -> None:
+    """Exclusions, image + text, cursors, sorts, folding and feedback ids: only the
+    platform's one-line errors, whatever they are given."""
+    from pydantic import ValidationError
+
+    from carsearch.platform.search.service import SearchRequest
+    from carsearch.platform.vectors.filters import SearchFilters
+
+    svc = page.service
+    try:  # the adapters build these from what a person sent (a 4xx / a message there)
+        exclude = SearchFilters(make=ex_make, year_min=ex_year)
+    except (ValidationError, TypeError):
+        exclude = None
+
+    def run(cur: Any) -> Any:
+        return svc.search(SearchRequest(
+            query, k, exclude=exclude, image_id=iid, image=_tiny_images()[image],
+            image_weight=weight, cursor=cur, sort=sort, collapse_duplicates=collapse,
+            liked=liked, disliked=disliked, drop_exclusions=drop))
+
+    _only_platform_errors(lambda: run(cursor))
+    if page_two:
+        def both() -> None:
+            first = run(None)
+            if first.next_cursor:
+                second = run(first.next_cursor)
+                assert not {h.image_id for h in first.hits} & {h.image_id
+                                                               for h in second.hits}
+        _only_platform_errors(both)
+
+
 @pytest.fixture(scope="module")
 def cli_world(tmp_path_factory: pytest.TempPathFactory, compact_model: Path) -> World:
     """Its own data: each CLI call opens and closes the Lite file, which one process may
@@ -117,9 +175,71 @@ def test_the_cli(cli_world: World, query: str, k: int, make: str, year: int) -> 
 
     app.command("search")(search_command)
     args = ["search", query, "--k", str(k), "--make", make, "--year-min", str(year), "--json"]
+    if year % 3 == 0:  # the search options beyond text on a third of the runs
+        args += ["--not", f"make={make}", "--not", f"year={year}", "--sort", make[:8] or "year",
+                 "--cursor", query or "x", "--like", str(year), "--collapse-duplicates"]
     res = CliRunner().invoke(app, args)
     if res.exit_code != 0:
         exc = res.exception
         assert isinstance(exc, CarsearchError | SystemExit), repr(exc)
         if isinstance(exc, CarsearchError):
             assert "\n" not in str(exc)
+
+
+# -- the JSON API ------------------------------------------------------------------------
+API_KEYS = ["query", "k", "cursor", "filters", "exclude", "image_id", "min_prob", "sort",
+            "collapse_duplicates", "collection", "liked", "disliked", "keep_chips",
+            "drop_exclusions", "image_weight", "bogus"]
+FILTER_KEYS = ["make", "body", "colour", "source", "year_min", "year_max", "exclude", "x"]
+odd_filters = st.one_of(odd_value, st.dictionaries(st.sampled_from(FILTER_KEYS), odd_list,
+                                                   max_size=4))
+api_body = st.one_of(
+    st.dictionaries(st.sampled_from(API_KEYS), st.one_of(odd_list, odd_filters), max_size=6),
+    odd_list)
+
+
+@pytest.fixture(scope="module")
+def api_http(page: SearchPage) -> Any:
+    from starlette.testclient import TestClient
+
+    from fixtures.api import api_app
+
+    with TestClient(api_app(page), raise_server_exceptions=False) as tc:
+        yield tc
+
+
+def _json_answer(r: Any) -> None:
+    """Any answer but a crash: 2xx, or a refusal that is JSON with a request id."""
+    assert r.status_code in (200, 400, 404, 405, 413, 422, 429), (r.status_code, r.text)
+    if r.status_code >= 400:
+        body = r.json()
+        assert body["request_id"] == r.headers["x-request-id"]
+        assert isinstance(body["detail"], str) and "\n" not in body["detail"]
+
+
+@FUZZ
+@given(body=api_body, options=any_text, blob=st.binary(max_size=200), path=any_text)
+def test_the_json_api_answers_every_input(api_http: Any, body: Any, options: str,
+                                          blob: bytes, path: str) -> None:
+    import json as _json
+
+    try:
+        content = _json.dumps(body)
+    except ValueError:  # NaN and friends: sent as Python writes them, not strict JSON
+        content = repr(body)
+    _json_answer(api_http.post("/api/v1/search", content=content.encode("utf-8", "replace"),
+                               headers={"content-type": "application/json"}))
+    _json_answer(api_http.post("/api/v1/search/image",
+                               files={"image": ("x.png", blob)},
+                               data={"options": options.encode("utf-8", "replace")}))
+    opts = _json.dumps(body) if isinstance(body, dict) and "image_id" not in body else "{}"
+    _json_answer(api_http.post("/api/v1/search/image", files={"image": ("x.png", blob)},
+                               data={"options": opts}))
+    feedback = body if isinstance(body, dict) else {"image_id": 1, "vote": 1,
+                                                    "query": str(body)}
+    _json_answer(api_http.post("/api/v1/feedback", content=_json.dumps(feedback),
+                               headers={"content-type": "application/json"}))
+    from urllib.parse import quote
+
+    _json_answer(api_http.get("/api/v1/images/" + quote(path.encode("utf-8", "replace"),
+                                                        safe="")))

@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 
 from carsearch.cli.monitor import health_command
 from carsearch.monitoring.health import Health, HealthServer
-from carsearch.monitoring.scheduler import LoopState, run_every, supervise
 from carsearch.platform.db import migrate
 from carsearch.platform.db.reports import loop_statuses
 from carsearch.platform.runtime import Platform
+from carsearch.platform.scheduler import LoopState, run_every, supervise
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
 
@@ -205,7 +205,7 @@ def test_run_every_goes_on_after_an_unexpected_error() -> None:
 
 
 def test_background_job_that_ends_on_its_own_is_dead(tmp_path: Path) -> None:
-    from carsearch.cli.serve import BackgroundJobs
+    from carsearch.platform.scheduler import BackgroundJobs
 
     settings = Settings(data_dir=tmp_path / "d")
     migrate.upgrade(settings.database_url)

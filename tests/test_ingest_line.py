@@ -40,7 +40,7 @@ from carsearch.platform.images import sha256_file
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
-from carsearch.platform.vectors.store import VectorStoreError
+from carsearch.platform.vectors.protocol import VectorStoreError
 from ingest_world import assert_invariant, make_image, world
 
 # Rows another system might insert: each must go dead with its reason at its claim.

@@ -24,7 +24,7 @@ from carsearch.lifecycle.reindex import promote_with_backfill
 from carsearch.platform.db import Image, ImageStatus, IngestJob, JobState, queue
 from carsearch.platform.db.images import indexed_ids
 from carsearch.platform.runtime import Platform
-from carsearch.platform.vectors.store import VectorRow, VectorStoreError
+from carsearch.platform.vectors.protocol import VectorRow, VectorStoreError
 from ingest_world import assert_invariant, make_image, world
 
 
@@ -133,8 +133,10 @@ def test_dead_letter_after_max_attempts(plat: Platform, tmp_path: Path):
     assert st["dead"] == 1 and "file not found" in st["dead_jobs"][0]["error"]
 
 
-@pytest.mark.parametrize("point", ["after_upsert", "mid_batch"])
+@pytest.mark.parametrize("point", ["after_upsert", "mid_batch", "after_rows"])
 def test_sigkill_and_restart(point: str, plat: Platform, tmp_path: Path):
+    """The worker SIGKILLed at each of its crash points (CRASH_POINTS of bench/chaos.py,
+    which the chaos tests draw from), then run again: every image once, nothing held."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for i in range(6):
@@ -156,6 +158,9 @@ def test_sigkill_and_restart(point: str, plat: Platform, tmp_path: Path):
     if point == "after_upsert":  # vectors written, rows not: the state reconcile sees
         v = p.registry.require_serving()
         assert len(p.store.ids(v.collection)) == 4 and indexed_ids(p.db) == set()
+    if point == "after_rows":  # vectors and rows written, the jobs not yet done
+        v = p.registry.require_serving()
+        assert p.store.ids(v.collection) == indexed_ids(p.db) and len(indexed_ids(p.db)) == 4
     p.close()
     time.sleep(1.2)  # past the visibility timeout
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

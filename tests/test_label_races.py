@@ -26,7 +26,7 @@ from carsearch.lifecycle.labelling import import_rows
 from carsearch.platform.db import Image, VersionStatus
 from carsearch.platform.db.images import indexed_ids
 from carsearch.platform.runtime import Platform
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 from ingest_world import assert_invariant, make_image
 from shapes import shape as _shape
 

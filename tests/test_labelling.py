@@ -19,7 +19,8 @@ from sqlalchemy import select
 from carsearch.lifecycle.labelling import LabelImportError, export_rows, import_labels, write_rows
 from carsearch.monitoring.drift import run_drift
 from carsearch.platform.db import Image, labels
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
+from fixtures.cli import Result, invoke
 from fixtures.drift_world import (
     Catalogue,
     World,
@@ -104,9 +105,6 @@ def test_a_drift_cluster_is_labelled_and_becomes_a_filter(world: World, tmp_path
 
 
 def test_label_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import subprocess
-    import sys
-
     from carsearch.platform.db import migrate
 
     settings = _settings(tmp_path)
@@ -120,9 +118,8 @@ def test_label_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = {**os.environ, "CARSEARCH_DATA_DIR": str(tmp_path / "data"),
            "CARSEARCH_LOG_LEVEL": "WARNING"}
 
-    def cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run([sys.executable, "-m", "carsearch.cli", *args], env=env,
-                           capture_output=True, text=True, timeout=300)
+    def cli(*args: str, ok: bool = True) -> Result:
+        p = invoke(list(args), env, ok=False)  # in-process (tests/fixtures/cli.py)
         assert (p.returncode == 0) == ok, p.stderr
         return p
 
@@ -148,9 +145,6 @@ def test_label_create_makes_a_task_of_the_unlabelled(tmp_path: Path) -> None:
     """`carsearch label create`: the indexed vehicles nobody labelled (no make) and no
     task holds become one task, for new vehicles the drift job did not flag; run again,
     it makes nothing."""
-    import subprocess
-    import sys
-
     from sqlalchemy import update
 
     from carsearch.platform.db import migrate
@@ -171,10 +165,7 @@ def test_label_create_makes_a_task_of_the_unlabelled(tmp_path: Path) -> None:
            "CARSEARCH_LOG_LEVEL": "WARNING"}
 
     def cli(*args: str) -> str:
-        p = subprocess.run([sys.executable, "-m", "carsearch.cli", *args], env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
-        return p.stdout
+        return invoke(list(args), env).stdout  # in-process (tests/fixtures/cli.py)
 
     assert "7 unlabelled image(s)" in cli("label", "create")
     from carsearch.platform.db import Database

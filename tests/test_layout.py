@@ -25,9 +25,10 @@ ALLOWED = {
     "training": {"platform", "data"},
     "lifecycle": {"platform", "data", "ingest", "training"},
     "monitoring": {"platform"},
-    "ingest": {"platform", "monitoring.scheduler"},
-    "ui": {"platform"},
+    "ingest": {"platform"},
+    "ui": {"platform", "client"},
     "backup": {"platform"},
+    "client": set(),
 }
 HEAVY = ("torch", "transformers", "faiss", "pymilvus", "milvus_lite", "gradio", "peft",
          "accelerate", "alembic", "PIL", "scipy")
@@ -155,3 +156,12 @@ def test_the_platform_runs_on_the_second_store_implementation(
     assert p.store.ids("carsearch_v2") == indexed_ids(p.db)
     assert p.search.search_similar(hits[0].image_id, k=3).hits[0].image_id == hits[0].image_id
     p.close()
+
+
+def test_the_api_client_imports_nothing_heavy() -> None:
+    """`carsearch.client` is for programs that call the server: httpx and pydantic only."""
+    out = _fresh("import sys; import carsearch.client;"
+                 f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}),"
+                 "sorted(m for m in sys.modules if m.startswith('carsearch.')))")
+    assert out.strip() == ("[] ['carsearch.client', 'carsearch.client.http', "
+                           "'carsearch.client.models']")

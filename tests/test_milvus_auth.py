@@ -13,8 +13,9 @@ import pytest
 from carsearch.platform.errors import CarsearchError
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import load_settings
+from carsearch.platform.vectors.milvus import MilvusStore
+from carsearch.platform.vectors.protocol import VectorRow
 from carsearch.platform.vectors.server import LocalMilvusServer, MilvusServerError
-from carsearch.platform.vectors.store import MilvusStore, VectorRow
 
 pytestmark = pytest.mark.milvus_server
 

@@ -15,8 +15,10 @@ import pytest
 
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.filters import SearchFilters
+from carsearch.platform.vectors.milvus import MilvusStore
 from carsearch.platform.vectors.mirror import MirroredStore, VectorMirror
-from carsearch.platform.vectors.store import MilvusStore, SearchFilters, VectorRow
+from carsearch.platform.vectors.protocol import VectorRow
 
 DIM = 16
 MAKES = ["Chevrolet", "Ford", "BMW", "Mercedes-Benz"]

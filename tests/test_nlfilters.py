@@ -22,7 +22,7 @@ from carsearch.platform.search.nlfilters import (
     vague_years,
     validate_filters,
 )
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 
 VOCAB = FilterVocabulary(
     makes=frozenset({"Chevrolet", "Ford", "BMW", "Mercedes-Benz", "MINI", "Aston Martin",
@@ -182,7 +182,7 @@ def test_vocabulary_comes_from_indexed_rows_and_is_cached(tmp_path: Path) -> Non
 
 
 def test_body_category_is_case_blind_and_keeps_unknown_types() -> None:
-    from carsearch.platform.search.vocabulary import body_category
+    from carsearch.platform.vehicles import body_category
 
     assert body_category("Regular Cab") == body_category("regular cab") == "pickup"
     assert body_category("Sedan") == body_category(" sedan ") == "sedan"

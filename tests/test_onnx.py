@@ -22,7 +22,7 @@ from carsearch.platform.models.onnx import (
     export_onnx,
     sample_inputs,
 )
-from fixtures.cli import one_line_error, run  # the `env` fixture: tests/fixtures/cli.py
+from fixtures.cli import invoke, one_line_error  # `env`: tests/fixtures/cli.py (in-process)
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +68,12 @@ def test_a_changed_graph_is_refused(exported: Path, tmp_path: Path) -> None:
 
 def test_export_command_and_onnx_for_ingest_and_search(
         env: dict[str, str], tmp_path: Path, compact_model: Path) -> None:
-    run(["db", "upgrade"], env)
-    run(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
-    out = json.loads(run(["models", "export", "v1", "--onnx", str(tmp_path / "gw"), "--json"],
+    invoke(["db", "upgrade"], env)
+    invoke(["models", "publish", str(compact_model), "--name", "v1", "--promote"], env)
+    out = json.loads(invoke(["models", "export", "v1", "--onnx", str(tmp_path / "gw"), "--json"],
                          env).stdout)
     assert (tmp_path / "gw" / "vision.onnx").is_file() and out["parity"]["vision_min_cos"] > 0.9999
-    text = run(["models", "export", "v1", "--onnx", str(tmp_path / "gw2")], env).stdout
+    text = invoke(["models", "export", "v1", "--onnx", str(tmp_path / "gw2")], env).stdout
     assert "parity with PyTorch: vision max |diff|" in text
 
     rng = np.random.default_rng(0)
@@ -84,19 +84,19 @@ def test_export_command_and_onnx_for_ingest_and_search(
             tmp_path / f"{i}.png")
         rows.append(json.dumps({"path": f"{i}.png", "class_name": cls}))
     (tmp_path / "m.jsonl").write_text("\n".join(rows) + "\n")
-    summary = json.loads(run(["ingest", "manifest", str(tmp_path / "m.jsonl"), "--encoder",
+    summary = json.loads(invoke(["ingest", "manifest", str(tmp_path / "m.jsonl"), "--encoder",
                               "onnx", "--json"], env).stdout)
     assert summary["indexed"] == 3
     assert (tmp_path / "data" / "models" / "_onnx" / "v1" / MANIFEST).is_file()
     by = {}
     for encoder in ("torch", "onnx"):
-        res = json.loads(run(["search", "a vehicle", "--no-parse", "--encoder", encoder,
+        res = json.loads(invoke(["search", "a vehicle", "--no-parse", "--encoder", encoder,
                               "--json"], env).stdout)
         by[encoder] = res["hits"]
     assert [h["image_id"] for h in by["torch"]] == [h["image_id"] for h in by["onnx"]]
     assert [h["score"] for h in by["torch"]] == pytest.approx(
         [h["score"] for h in by["onnx"]], abs=1e-3)
-    one_line_error(run(["search", "x", "--encoder", "tensorrt"], env, ok=False),
+    one_line_error(invoke(["search", "x", "--encoder", "tensorrt"], env, ok=False),
                    "--encoder is torch or onnx")
 
 
@@ -162,5 +162,5 @@ def test_the_export_is_trusted_by_the_database_and_a_cut_short_one_is_made_again
             unopened.encode_text(["a red pickup"])
     finally:
         p.close()
-    one_line_error(run(["search", "a red pickup", "--encoder", "onnx"], env, ok=False),
+    one_line_error(invoke(["search", "a red pickup", "--encoder", "onnx"], env, ok=False),
                    "sha256 differs from the one recorded")

@@ -1,6 +1,6 @@
 """The production shape, for real: separate OS processes on PostgreSQL and a Milvus server.
 
-What docker-compose runs, started here as the README's "production shape on one machine
+What docker-compose runs, started here as docs/DEPLOYMENT.md's "production shape on one machine
 without Docker" says: the search page (`carsearch serve`), the ingest worker (`carsearch
 ingest run --inbox`), and the drift and ANN-audit jobs on short schedules, each with its
 health port. Labelled images are dropped into the inbox while a client searches the page

@@ -32,7 +32,7 @@ from carsearch.platform.db import (
 from carsearch.platform.db.images import indexed_ids
 from carsearch.platform.models.registry import RegistryError
 from carsearch.platform.runtime import Platform
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 from ingest_world import assert_invariant, make_image, world
 
 
@@ -349,7 +349,7 @@ def test_version_names_that_map_to_one_collection_are_refused(
 def test_the_worker_loop_survives_an_unexpected_error(
     plat: Platform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from carsearch.monitoring.scheduler import LoopState
+    from carsearch.platform.scheduler import LoopState
 
     class Stop(threading.Event):
         def wait(self, timeout: float | None = None) -> bool:

@@ -19,8 +19,8 @@
    trained by the page's process and promoted or kept by the gate.
 
 The drift step of (2) is not the real model's: the compact model trained on 360 rendered
-images embeds the novel make as densely as the known classes (README, "The data
-flywheel"), so the tasks are made by the same `labels.create_tasks` call the drift job
+images embeds the novel make as densely as the known classes (docs/GUIDE.md, "The retrain
+job"), so the tasks are made by the same `labels.create_tasks` call the drift job
 makes; (1) runs the drift job itself on vectors planted as an isolated cluster.
 """
 

@@ -3,7 +3,9 @@ mirror) and a Milvus server, SQLite/PostgreSQL."""
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,9 @@ from carsearch.platform.db import Image as ImageRow
 from carsearch.platform.errors import ModelNotFoundError, QueryError
 from carsearch.platform.search.service import SearchService
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.filters import SearchFilters
+from carsearch.platform.vectors.memory import ExactStore
 from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import SearchFilters
 from fixtures.search_world import LABELS, _draw
 
 # LABELS and the `service` / `indexed` fixtures: tests/fixtures/search_world.py
@@ -139,6 +142,13 @@ def test_replaying_an_ingest_doubles_nothing(service: SearchService, indexed,
     assert service.store.count(indexed.collection) == len(LABELS)
 
 
+# What does not depend on the shape (a query's checks run before any store or database is
+# asked) runs on the cheapest shape only: SQLite and Milvus Lite's own search.
+cheapest_shape = pytest.mark.parametrize(("db_kind", "service"), [("sqlite", "milvus")],
+                                         indirect=["service"])
+
+
+@cheapest_shape
 @pytest.mark.parametrize("query", ["", "   ", "x" * 10_000])
 def test_bad_queries_get_a_message(service: SearchService, indexed, query: str) -> None:
     with pytest.raises(QueryError) as err:
@@ -146,6 +156,7 @@ def test_bad_queries_get_a_message(service: SearchService, indexed, query: str) 
     assert "query" in str(err.value)
 
 
+@cheapest_shape
 def test_bad_k_and_no_serving_version(service: SearchService) -> None:
     with pytest.raises(QueryError):
         service.search_text("red car", k=0)
@@ -217,6 +228,28 @@ def test_a_promotion_moves_the_mirror_to_the_new_version(
                 == [h.image_id for h in third.hits])
     finally:
         store.close()
+
+
+def test_a_promotion_releases_the_old_versions_encoder(
+    database: Database, tmp_path: Path, compact_model: Path
+) -> None:
+    """A long-running page does not keep every version it ever served: once v2 serves,
+    the service no longer holds v1's encoder (a weak reference to it dies)."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=database.url)
+    service = SearchService(settings, database, ExactStore())
+    service.serving_ttl_s = 0.0
+    for name in ("v1", "v2"):
+        v = service.registry.publish(compact_model, name=name)
+        service.store.ensure_collection(v.collection, v.dim)
+    service.registry.promote("v1")
+    assert service.search_text("red pickup", k=3).version == "v1"
+    old = weakref.ref(service.encoder_for(service.registry.get("v1")))
+    service.registry.promote("v2")
+    assert service.search_text("red pickup", k=3).version == "v2"
+    gc.collect()
+    assert old() is None, "the v1 encoder is still held after v2 serves"
+    assert service.encoder_for(service.registry.get("v2")) is service.encoder_for(
+        service.serving())  # the serving one stays cached
 
 
 def test_one_search_call_reads_filters_from_the_text(service: SearchService, indexed) -> None:

@@ -26,8 +26,8 @@ from carsearch.data.stanford import (
 )
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.images import rejection_kind
-from carsearch.platform.search.vocabulary import BODY_CATEGORY, MAKE_ALIASES, parse_class_name
 from carsearch.platform.settings import Settings
+from carsearch.platform.vehicles import BODY_CATEGORY, MAKE_ALIASES, parse_class_name
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from carsearch.data.catalogue import (
 )
 from carsearch.data.stanford import load_stanford
 from carsearch.platform.errors import ConfigError
-from carsearch.platform.search.vocabulary import (
+from carsearch.platform.vehicles import (
     BODY_CATEGORIES,
     COLOURS,
     MAKE_ALIASES,

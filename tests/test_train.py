@@ -309,3 +309,44 @@ def test_default_epochs_depend_on_full_training(tmp_path: Path) -> None:
     cfg.steps, cfg.epochs = 0, -1.0
     with pytest.raises(ConfigError):
         total_steps(cfg, 100)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_each_loss_trains_through_the_real_loops(
+    loss: str, compact_model: Path, catalogue: Path, tmp_path: Path
+) -> None:
+    """`--loss`: the trainer's Accelerate loop (with accumulation) and stage 1 on cached
+    features, a few rendered images each; the softmax leaves the bias alone (it cancels)."""
+    from carsearch.training.pretrained_base import PretrainedSpec, build_pretrained_base
+    from carsearch.training.stage1 import Stage1Config, train_stage1
+
+    cfg = tiny_config(catalogue, compact_model, tmp_path / "run", loss=loss, steps=2,
+                      batch_size=4, grad_accum=2, limit=8)
+    result = train(cfg)
+    assert result.counters.step == 2 and result.model_dir is not None
+    assert all(np.isfinite(x) and x > 0 for x in result.counters.losses)
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert recorded["loss"] == loss
+    before, after = weights(compact_model), weights(result.model_dir)
+    assert not torch.equal(before["logit_scale"], after["logit_scale"])
+    assert torch.equal(before["logit_bias"], after["logit_bias"]) == (loss == "softmax")
+
+    base = build_pretrained_base(tmp_path / "base", spec=PretrainedSpec(image_size=64))
+    s1 = train_stage1(Stage1Config(data=catalogue, base=str(base), out=tmp_path / "s1",
+                                   cache_dir=tmp_path / "cache", steps=2, batch_size=4,
+                                   grad_accum=2, loss=loss, progress=False))
+    assert len(s1.losses) == 2 and all(np.isfinite(x) and x > 0 for x in s1.losses)
+    assert json.loads((tmp_path / "s1" / "stage1.json").read_text())["config"]["loss"] == loss
+    before, after = weights(base), weights(s1.model_dir)
+    assert not torch.equal(before["logit_scale"], after["logit_scale"])
+    assert torch.equal(before["logit_bias"], after["logit_bias"]) == (loss == "softmax")
+
+
+def test_an_unknown_loss_is_refused(compact_model: Path, catalogue: Path, tmp_path: Path) -> None:
+    from carsearch.training.stage1 import Stage1Config, train_stage1
+
+    with pytest.raises(ConfigError, match="sigmoid, softmax"):
+        train(tiny_config(catalogue, compact_model, tmp_path / "run", loss="hinge"))
+    with pytest.raises(ConfigError, match="sigmoid, softmax"):
+        train_stage1(Stage1Config(data=catalogue, base=str(compact_model), out=tmp_path / "s1",
+                                  cache_dir=tmp_path / "cache", loss="hinge"))

@@ -33,7 +33,7 @@ from carsearch.platform.errors import ConfigError
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.service import SearchHit
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.vectors.filters import SearchFilters
 from carsearch.ui.app import parse_auth
 from carsearch.ui.page import caption, describe_filters
 from carsearch.ui.render import evaluation_table, page_header, status_markdown

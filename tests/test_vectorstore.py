@@ -1,5 +1,9 @@
-"""The Milvus adapter on real Milvus Lite files and a real Milvus server: upsert, search,
-filters, counts, ids, scans, aliases and scalar indexes."""
+"""The Milvus adapter on real Milvus Lite files and a real Milvus server: what only Milvus
+has (a short filtered answer made exact, reopening a file, aliases on Milvus's own search,
+index parameters, scalar indexes, two processes creating one collection) and the filter
+model's validation. What every VectorStore must do alike (upsert, delete, ids, counts,
+scans, search order and filters against brute force, quoted values, bad vectors, drop)
+is tests/test_store_contract.py, run on Lite, the server, the mirror and the memory store."""
 
 from __future__ import annotations
 
@@ -9,15 +13,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from carsearch.platform.vectors.store import (
-    SERVING_ALIAS,
-    IndexSpec,
-    MilvusStore,
-    SearchFilters,
-    VectorRow,
-    VectorStoreError,
-    build_filter_expression,
-)
+from carsearch.platform.vectors.filters import SearchFilters, build_filter_expression
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
+from carsearch.platform.vectors.protocol import SERVING_ALIAS, VectorRow, VectorStoreError
 
 DIM = 16
 
@@ -53,41 +51,6 @@ def filled(store: MilvusStore):
     assert store.upsert("c1", ids, vecs, rows) == n
     store.flush("c1")
     return ids, vecs, rows
-
-
-def test_search_matches_brute_force(store: MilvusStore, filled) -> None:
-    ids, vecs, _ = filled
-    q = unit(np.random.default_rng(2), 3)
-    hits = store.search("c1", q, 10)
-    for qi, row in enumerate(hits):
-        expected = np.argsort(-(vecs @ q[qi]))[:10]
-        assert [h.id for h in row] == [ids[j] for j in expected]
-        np.testing.assert_allclose([h.score for h in row], (vecs @ q[qi])[expected], atol=1e-5)
-
-
-def test_upsert_is_idempotent_and_delete_removes(store: MilvusStore, filled) -> None:
-    ids, vecs, rows = filled
-    store.upsert("c1", ids[:10], vecs[:10], rows[:10])
-    store.flush("c1")
-    assert store.count("c1") == len(ids)
-    assert store.ids("c1") == set(ids)
-    store.delete("c1", ids[:5])
-    assert store.count("c1") == len(ids) - 5
-    assert store.ids("c1") == set(ids[5:])
-
-
-def test_filters_restrict_results(store: MilvusStore, filled) -> None:
-    ids, vecs, rows = filled
-    f = SearchFilters(make="Ford", body=["suv", "sedan"], year_min=2000, year_max=2010)
-    hits = store.search("c1", vecs[:1], 50, f)[0]
-    expected = {
-        ids[i] for i, r in enumerate(rows)
-        if r.make == "Ford" and r.body in {"suv", "sedan"} and 2000 <= r.year <= 2010
-    }
-    assert hits, "the filter should match something"
-    assert {h.id for h in hits} == expected
-    for h in hits:
-        assert h.fields["make"] == "Ford"
 
 
 def test_a_filtered_search_finds_every_match_exactly(milvus_uri: str) -> None:
@@ -159,17 +122,6 @@ def test_collection_survives_reopening(tmp_path: Path, filled, store: MilvusStor
     again.close()
 
 
-def test_dimension_and_normalisation_are_checked(store: MilvusStore, filled) -> None:
-    with pytest.raises(VectorStoreError):
-        store.ensure_collection("c1", DIM + 1)
-    with pytest.raises(ValueError, match="normalised"):
-        store.upsert("c1", [1], np.ones((1, DIM), np.float32), [VectorRow()])
-    with pytest.raises(ValueError, match="dimension"):
-        store.search("c1", np.ones((1, 4), np.float32) / 2, 3)
-    with pytest.raises(VectorStoreError):
-        store.search("missing", unit(np.random.default_rng(0), 1), 3)
-
-
 def test_filter_values_are_validated_and_quoted() -> None:
     for bad in ['Ford" or id > 0 or make == "', "x) or (1==1", "", "a\\b", "ford\nor 1"]:
         with pytest.raises(ValidationError):
@@ -186,16 +138,6 @@ def test_filter_values_are_validated_and_quoted() -> None:
     assert build_filter_expression(None) == ""
 
 
-def test_apostrophe_value_filters_exactly(store: MilvusStore) -> None:
-    # A legitimate value with a quote-like character reaches Milvus as data, not syntax.
-    rng = np.random.default_rng(3)
-    store.ensure_collection("c2", DIM)
-    store.upsert("c2", [1, 2], unit(rng, 2), [VectorRow(source="o'brien"), VectorRow(source="x")])
-    store.flush("c2")
-    hits = store.search("c2", unit(rng, 1), 5, SearchFilters(source="o'brien"))[0]
-    assert [h.id for h in hits] == [1]
-
-
 def test_index_build_parameters_reach_milvus_lite(tmp_path: Path) -> None:
     # pymilvus flattens build parameters, which Lite ignores; the store sends both forms.
     s = MilvusStore(str(tmp_path / "ix.db"), index=IndexSpec("IVF_FLAT", {"nlist": 8}))
@@ -208,26 +150,6 @@ def test_index_build_parameters_reach_milvus_lite(tmp_path: Path) -> None:
     params = default.client.describe_index("c", "vector")["params"]
     assert params == {"M": 16, "efConstruction": 200}
     default.close()
-
-
-def test_scans_and_counts_see_every_finished_write(store: MilvusStore) -> None:
-    """Reads that decide what to repair (reconcile, re-index) see a write at once: on a
-    server they are Strong; pymilvus's iterator read at Bounded there and missed them."""
-    rng = np.random.default_rng(4)
-    store.ensure_collection("c3", DIM)
-    seen: set[int] = set()
-    for round_ in range(3):
-        ids = [10_000 * (round_ + 1) + i for i in range(25)]
-        store.upsert("c3", ids, unit(rng, 25), [VectorRow()] * 25)
-        seen |= set(ids)
-        assert store.ids("c3", batch=30) == seen  # several pages, no flush
-        assert store.count("c3") == len(seen)
-        store.delete("c3", ids[:5])
-        seen -= set(ids[:5])
-        assert store.ids("c3", batch=30) == seen
-    pages = list(store.scan("c3", ["id", "year"], batch=20))
-    assert sum(len(p) for p in pages) == len(seen) and len(pages) >= 3
-    assert all(set(r) >= {"id", "year"} for p in pages for r in p)
 
 
 def test_serving_alias_switches_and_survives_a_drop(store: MilvusStore) -> None:

@@ -37,7 +37,7 @@ from carsearch.platform.db.engine import make_engine
 from carsearch.platform.images import sha256_file
 from carsearch.platform.models.registry import artifact_sha256
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.store import MilvusStore, lite_file_in_use
+from carsearch.platform.vectors.milvus import MilvusStore, lite_file_in_use
 
 log = logging.getLogger(__name__)
 

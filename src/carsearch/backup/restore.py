@@ -30,7 +30,8 @@ from carsearch.platform.db import migrate
 from carsearch.platform.db.engine import make_engine
 from carsearch.platform.models.registry import artifact_sha256
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.store import MilvusStore, VectorRow
+from carsearch.platform.vectors.milvus import MilvusStore
+from carsearch.platform.vectors.protocol import VectorRow
 
 log = logging.getLogger(__name__)
 

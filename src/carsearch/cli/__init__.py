@@ -101,6 +101,7 @@ def _register() -> None:
     app.add_typer(retrain.retrain_app, name="retrain")
     app.command("search")(search.search_command)
     app.command("classify")(search.classify_command)
+    app.command("duplicates")(search.duplicates_command)
     app.command("reconcile")(ingest.reconcile_command)
     app.command("augment")(augment.augment_command)
     app.command("train")(train.train_command)

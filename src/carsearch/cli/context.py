@@ -60,7 +60,7 @@ def once_or_every(platform: Platform, job: Callable[[], None], every: float | No
     loop (with /healthz and /metrics on ``health_port``); then close the platform (the
     scheduled verbs: `evaluate ann`, `drift run`)."""
     from carsearch.monitoring.health import Health
-    from carsearch.monitoring.scheduler import run_every
+    from carsearch.platform.scheduler import run_every
 
     try:
         if every is None:

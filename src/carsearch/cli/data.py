@@ -129,7 +129,7 @@ def novel(
     dropped into an inbox, they are what the drift job finds as an unrecognised vehicle."""
     from carsearch.data.catalogue import NOVEL, write_vehicles
     from carsearch.platform.errors import ConfigError
-    from carsearch.platform.search.vocabulary import COLOURS
+    from carsearch.platform.vehicles import COLOURS
 
     bad = [c for c in colour or [] if c not in COLOURS]
     if bad:

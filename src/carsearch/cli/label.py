@@ -75,11 +75,10 @@ def label_export(
     the cluster, the nearest known class and a suggested label; fill in make, model,
     year, body_type and colour, then `carsearch label import FILE`."""
     from carsearch.lifecycle.labelling import export_rows, write_rows
-    from carsearch.ui.page import ThumbnailCache
+    from carsearch.platform.thumbnails import ThumbnailCache
 
     p = platform_from(ctx)
-    thumbs = ThumbnailCache(p.settings.image_dir / "_thumbs",
-                            max_pixels=p.settings.max_image_pixels)
+    thumbs = ThumbnailCache.for_settings(p.settings)
     rows = export_rows(p, lambda iid, path: str(thumbs.get(iid, path)), task)
     write_rows(rows, out)
     typer.echo(f"wrote {len(rows)} image(s) to label to {out}")

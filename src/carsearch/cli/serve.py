@@ -7,7 +7,6 @@ import ipaddress
 import logging
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,9 +15,8 @@ import typer
 from carsearch.cli.context import HealthPort, serving_health, settings_from
 
 if TYPE_CHECKING:
-    from carsearch.monitoring.health import Health
-    from carsearch.monitoring.scheduler import LoopState
     from carsearch.platform.runtime import Platform
+    from carsearch.platform.scheduler import BackgroundJobs
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +64,7 @@ def serve_command(
     from carsearch.monitoring.health import Health
     from carsearch.platform.errors import CarsearchError, ConfigError
     from carsearch.platform.runtime import Platform
+    from carsearch.platform.scheduler import BackgroundJobs
     from carsearch.ui.app import LaunchOptions, launch, parse_auth
 
     if inbox is not None and not ingest:
@@ -133,48 +132,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class BackgroundJobs:
-    """Jobs on threads of the page's process, sharing its Platform: one Milvus Lite
-    client, one encoder, and writes that reach the search mirror at once. Each job is a
-    supervised loop with a state in the process's Health; a thread that ends without
-    being asked to is marked dead (the health check and the Status tab show it)."""
-
-    def __init__(self, health: Health) -> None:
-        self.health = health
-        self.threads: list[threading.Thread] = []
-        self.stoppers: list[Callable[[], None]] = []
-        self.stopping = threading.Event()
-
-    def start(self, name: str, target: Callable[[LoopState], object],
-              stop: Callable[[], None], interval_s: float = 0.0) -> LoopState:
-        state = self.health.loop(name, interval_s)
-
-        def run() -> None:
-            try:
-                target(state)
-            except BaseException as exc:  # a job must not take the page down with it
-                log.exception("background job %s stopped with an error", name)
-                state.dead(f"{type(exc).__name__}: {exc}")
-                return
-            if not self.stopping.is_set():
-                log.error("background job %s ended without being stopped", name)
-                state.dead("the loop ended without being stopped")
-
-        thread = threading.Thread(target=run, name=name, daemon=True)
-        self.threads.append(thread)
-        self.stoppers.append(stop)
-        thread.start()
-        return state
-
-    def stop(self) -> None:
-        """Ask every job to finish what it is doing, then wait for them."""
-        self.stopping.set()
-        for stop in self.stoppers:
-            stop()
-        for thread in self.threads:
-            thread.join(timeout=120)
-
-
 def _start_worker(jobs: BackgroundJobs, platform: Platform, inbox: Path | None) -> None:
     from carsearch.ingest.worker import IngestWorker
 
@@ -189,7 +146,7 @@ def _start_worker(jobs: BackgroundJobs, platform: Platform, inbox: Path | None) 
 
 def _start_drift(jobs: BackgroundJobs, platform: Platform, every_s: float) -> None:
     from carsearch.monitoring.drift import run_drift
-    from carsearch.monitoring.scheduler import run_every
+    from carsearch.platform.scheduler import run_every
 
     stop = threading.Event()
 
@@ -205,7 +162,7 @@ def _start_drift(jobs: BackgroundJobs, platform: Platform, every_s: float) -> No
 
 def _start_retrain(jobs: BackgroundJobs, platform: Platform, every_s: float) -> None:
     from carsearch.lifecycle.retrain import RetrainJob
-    from carsearch.monitoring.scheduler import run_every
+    from carsearch.platform.scheduler import run_every
 
     stop = threading.Event()
     job = RetrainJob(platform)

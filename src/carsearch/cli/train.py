@@ -69,6 +69,9 @@ def train_command(
     steps: Annotated[int, typer.Option(min=0, help="Optimizer steps (0: from --epochs).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size.")] = 64,
     grad_accum: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    loss: Annotated[str, typer.Option(help="Contrastive loss: sigmoid (SigLIP's pairwise, "
+                                      "the default) or softmax (CLIP's symmetric InfoNCE); "
+                                      "stage 1 uses it too.")] = "sigmoid",
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (0: 3e-4 full, "
                                       "2e-4 LoRA).")] = 0.0,
     warmup: Annotated[int, typer.Option(min=-1, help="Warmup steps (-1: 5 %).")] = -1,
@@ -131,6 +134,7 @@ def train_command(
     import torch
 
     from carsearch.lifecycle.publish import METRICS, run_job
+    from carsearch.training.loss import LOSSES
     from carsearch.training.trainer import MIXED_PRECISION, TrainConfig
 
     settings = settings_from(ctx)
@@ -140,6 +144,8 @@ def train_command(
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}")
     if resume and out is None:
         raise ConfigError("--resume needs --out (the run directory to continue)")
+    if loss not in LOSSES:
+        raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, not {loss!r}")
     if train_views not in ("box-to-frame", "box"):
         raise ConfigError(f"--train-views is box-to-frame or box, not {train_views!r}")
     torch.set_num_threads(settings.threads.torch)
@@ -153,7 +159,8 @@ def train_command(
     config = TrainConfig(
         data=_default_data(settings, data), queries=queries, base=chosen_base,
         out=out or settings.data_dir / "runs" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}",
-        epochs=epochs, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        epochs=epochs, steps=steps, batch_size=batch_size, grad_accum=grad_accum, loss=loss,
+        lr=lr,
         warmup=warmup, lora_rank=lora_rank, full=full, seed=seed,
         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
         stop_after=stop_after, resume=resume, limit=limit, class_texts=class_texts,
@@ -307,7 +314,7 @@ def served_query_sets(db: Any, collection: str) -> dict[str, list[Any]]:
     from carsearch.data.augment.heldout import held_out_query
     from carsearch.platform.db import Image, ImageStatus
     from carsearch.platform.search.evaluation import EvalQuery
-    from carsearch.platform.search.vocabulary import parse_class_name
+    from carsearch.platform.vehicles import parse_class_name
 
     with db.session() as s:
         rows = list(s.scalars(select(Image).where(

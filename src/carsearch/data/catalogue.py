@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from carsearch.platform.errors import ConfigError
-from carsearch.platform.search.vocabulary import BODY_CATEGORY, COLOURS
+from carsearch.platform.vehicles import BODY_CATEGORY, COLOURS
 
 log = logging.getLogger(__name__)
 

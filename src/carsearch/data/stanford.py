@@ -38,7 +38,7 @@ from carsearch.platform.images import (
     load_image_with_mode,
     rejection_kind,
 )
-from carsearch.platform.search.vocabulary import VehicleLabel, canonical_colour, parse_class_name
+from carsearch.platform.vehicles import VehicleLabel, canonical_colour, parse_class_name
 
 log = logging.getLogger(__name__)
 

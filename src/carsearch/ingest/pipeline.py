@@ -35,8 +35,8 @@ from carsearch.platform.images import DECODE_MAX_SIDE, decode_file, sha256_file
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.models.image_policy import check_box
 from carsearch.platform.runtime import Platform
-from carsearch.platform.search.vocabulary import body_category, parse_class_name
-from carsearch.platform.vectors.store import VectorRow, VectorStore
+from carsearch.platform.vectors.protocol import VectorRow, VectorStore
+from carsearch.platform.vehicles import body_category, parse_class_name
 
 log = logging.getLogger(__name__)
 
@@ -647,6 +647,5 @@ def ingest_items(
             summary.indexed += writer.write(batch)
             batch = []
     summary.indexed += writer.write(batch)
-    if writer.store.needs_flush:
-        writer.store.flush(writer.serving().collection)
+    writer.store.settle(writer.serving().collection)
     return summary

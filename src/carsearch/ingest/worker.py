@@ -36,13 +36,13 @@ from carsearch.ingest.pipeline import (
     storable_problem,
     store_path,
 )
-from carsearch.monitoring.scheduler import LoopState, install_stop_handlers, supervise
 from carsearch.platform import collections
 from carsearch.platform.collections import DEFAULT_COLLECTION
 from carsearch.platform.db import queue
 from carsearch.platform.errors import ImageRejectedError
 from carsearch.platform.images import sha256_file
 from carsearch.platform.runtime import Platform
+from carsearch.platform.scheduler import LoopState, install_stop_handlers, supervise
 from carsearch.platform.telemetry import METRICS
 
 log = logging.getLogger(__name__)
@@ -394,12 +394,13 @@ class IngestWorker:
             if not jobs:
                 break
             self.process(jobs)
-        if self.stats.summary.indexed > indexed_before and self.p.store.needs_flush:
-            # Drained: seal the growing segment so searches stay fast (Milvus Lite
-            # searches unflushed rows by brute force, far slower; a server seals itself).
+        if self.stats.summary.indexed > indexed_before:
+            # Drained: let the store seal what was written so searches stay fast (Milvus
+            # Lite searches unflushed rows by brute force, far slower; a server seals
+            # itself).
             for version in self.p.registry.all_serving():
                 if self.p.store.has_collection(version.collection):
-                    self.p.store.flush(version.collection)
+                    self.p.store.settle(version.collection)
         return self.stats
 
     def run_forever(self, state: LoopState | None = None) -> WorkerStats:

@@ -55,7 +55,7 @@ from carsearch.platform.errors import CarsearchError
 from carsearch.platform.images import DECODE_MAX_SIDE, load_image
 from carsearch.platform.models.image_policy import BoxError, check_box, parse_box
 from carsearch.platform.runtime import Platform
-from carsearch.platform.search.vocabulary import (
+from carsearch.platform.vehicles import (
     BODY_CATEGORIES,
     BODY_TYPES,
     COLOURS,

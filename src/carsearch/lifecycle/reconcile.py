@@ -74,7 +74,7 @@ def reconcile(
     rep = ReconcileReport(version.name, len(in_milvus), len(indexed), len(missing),
                           len(orphans), pending=len(pending), stale_pending=len(stale))
     serving = platform.registry.serving(version.image_collection)
-    rep.alias = store.alias_target(alias_for(version.image_collection))
+    rep.alias = platform.admin.alias_target(alias_for(version.image_collection))
     if repair:
         if serving is not None and serving.name == version.name:
             rep.alias = sync_serving_alias(platform, version.image_collection)
@@ -89,7 +89,7 @@ def reconcile(
             if give_up_unreadable and b.unreadable_ids:
                 rep.given_up = give_up(platform, b.unreadable_ids,
                                        "file unreadable at reconcile (given up)")
-        store.flush(version.collection)
+        platform.admin.flush(version.collection)
     log.info("reconcile %s: %s", version.name, rep.to_dict())
     return rep
 

@@ -116,7 +116,7 @@ def backfill(
         bar.update(len(rows))
     bar.close()
     if report.embedded:
-        store.flush(version.collection)
+        platform.admin.flush(version.collection)
     log.info("backfill %s: %s", version.name, report.to_dict())
     return report
 
@@ -211,7 +211,7 @@ def sync_serving_alias(platform: Platform, collection: str = DEFAULT_COLLECTION)
     version = platform.registry.serving(collection)
     if version is None or not platform.store.has_collection(version.collection):
         return None
-    platform.store.point_alias(version.collection, alias_for(collection))
+    platform.admin.point_alias(version.collection, alias_for(collection))
     return version.collection
 
 
@@ -227,7 +227,7 @@ def drop_version_data(platform: Platform, version: ModelVersion) -> list[str]:
     if current.status != VersionStatus.retired:
         raise RegistryError(f"{version.name} is {current.status.value}: retire it first")
     store = platform.store
-    if store.alias_target(alias_for(current.image_collection)) == current.collection:
+    if platform.admin.alias_target(alias_for(current.image_collection)) == current.collection:
         raise RegistryError(f"the serving alias still names {current.collection}: run "
                             "`carsearch reconcile` to point it at the serving version")
     dropped = []

@@ -1,4 +1,4 @@
 """Monitoring: the drift job (kNN density, isolated clusters, the retrain trigger), the ANN
-audit (Milvus against FAISS exact), the scheduler every long-running loop runs on
-(`scheduler`), and each process's health port (`health`). May import: the platform;
+audit (Milvus against FAISS exact), and each process's health port (`health`, over the
+platform's supervised loops, platform.scheduler). May import: the platform;
 never ingest, training, lifecycle, ui or cli."""

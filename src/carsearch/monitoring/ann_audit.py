@@ -38,7 +38,8 @@ from carsearch.platform.errors import (
 )
 from carsearch.platform.metrics import recall_at_k_vs_exact, score_agreement
 from carsearch.platform.vectors.exact import ExactIndex, GpuMode, exact_dir
-from carsearch.platform.vectors.store import IndexSpec, MilvusStore, VectorStore
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
+from carsearch.platform.vectors.protocol import VectorAdmin, VectorStore
 
 __all__ = [
     "AnnAuditReport",
@@ -191,7 +192,7 @@ def ordered_ids(hits_per_query: Sequence[Sequence[Any]], k: int) -> tuple[np.nda
     return ids, scores
 
 
-def _collection_index(store: VectorStore, collection: str) -> tuple[str, dict[str, Any]]:
+def _collection_index(store: VectorAdmin, collection: str) -> tuple[str, dict[str, Any]]:
     """The vector index type and build parameters the collection really has."""
     try:
         info = store.index_info(collection)

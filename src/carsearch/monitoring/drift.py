@@ -31,7 +31,6 @@ from carsearch.monitoring.drift_detect import (
     detect_drift,
     knn_density,
 )
-from carsearch.monitoring.scheduler import process_name
 from carsearch.platform.db import (
     Database,
     Image,
@@ -44,11 +43,12 @@ from carsearch.platform.db import (
     retrains,
 )
 from carsearch.platform.errors import ConfigError
-from carsearch.platform.search.vocabulary import parse_class_name
+from carsearch.platform.scheduler import process_name
 from carsearch.platform.settings import DriftSettings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.exact import set_threads
-from carsearch.platform.vectors.store import STRONG
+from carsearch.platform.vectors.protocol import STRONG
+from carsearch.platform.vehicles import parse_class_name
 
 __all__ = [
     "DriftDetection",

@@ -1,6 +1,6 @@
 """Health of a long-running process: liveness, readiness and ``/metrics``.
 
-:class:`Health` gathers the loops (monitoring.scheduler) of one process and answers two
+:class:`Health` gathers the loops (platform.scheduler) of one process and answers two
 questions:
 
 - *live*: every loop is running, waiting between rounds or backing off (none dead or
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from carsearch.monitoring.scheduler import LoopState, process_name
 from carsearch.platform.errors import CarsearchError
+from carsearch.platform.scheduler import LoopState, process_name
 from carsearch.platform.telemetry import METRICS
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def readiness(platform: Platform) -> dict[str, dict[str, Any]]:
 
     def milvus() -> str:
         platform.store.list_collections()
-        return "lite" if platform.store.is_lite else "server"
+        return "lite" if platform.admin.is_lite else "server"
 
     def serving() -> str:
         version = platform.registry.require_serving()

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import cast
 
 from carsearch.platform.db import Database, migrate
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.models.registry import Registry
 from carsearch.platform.search.service import SearchService
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.milvus import MilvusStore
 from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import MilvusStore, VectorStore
+from carsearch.platform.vectors.protocol import ManagedStore, VectorAdmin, VectorStore
 
 
 class Platform:
     """Database, vector store, registry and search service for one process.
 
     ``store`` gives the vector store to use instead of the one the settings name (the
-    tests run the platform on the in-memory `ExactStore` this way).
+    tests run the platform on the in-memory `ExactStore` this way). `store` is its data
+    path (the VectorStore Protocol: what search, ingest and the jobs use); `admin` is the
+    same store's administration (VectorAdmin: aliases, flushes after bulk loads, index
+    description), for lifecycle and operations code only.
     """
 
-    def __init__(self, settings: Settings, *, store: VectorStore | None = None) -> None:
+    def __init__(self, settings: Settings, *, store: ManagedStore | None = None) -> None:
         self.settings = settings
         if store is not None:
             self.__dict__["store"] = store
@@ -42,7 +47,19 @@ class Platform:
         """Milvus; searches served from an exact in-memory mirror where that is safe."""
         s = self.settings
         kind = MirroredStore if s.mirror_enabled else MilvusStore
-        return kind(s.milvus_uri, token=s.milvus_token, consistency=s.milvus_consistency)
+        store: ManagedStore = kind(s.milvus_uri, token=s.milvus_token,
+                                   consistency=s.milvus_consistency)
+        return store
+
+    @property
+    def admin(self) -> VectorAdmin:
+        """The same store's administration (every store here is a `ManagedStore`)."""
+        return self.managed
+
+    @property
+    def managed(self) -> ManagedStore:
+        """The store as both (the status page shows counts beside the alias)."""
+        return cast(ManagedStore, self.store)
 
     @cached_property
     def registry(self) -> Registry:

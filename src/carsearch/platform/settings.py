@@ -216,6 +216,9 @@ class Settings(BaseSettings):
         "forwarded_allow_ips); empty: none, a client is the connection's peer.")
     max_image_pixels: int = Field(default=40_000_000, ge=1024)
     max_query_chars: int = Field(default=500, ge=1)
+    search_max_results: int = Field(
+        default=1_000, ge=1, le=100_000,
+        description="The most results one query may page through (its cursor stops there).")
     search_mirror: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Serve searches from an exact in-memory mirror of the Milvus "
@@ -321,7 +324,7 @@ class Settings(BaseSettings):
 
     @property
     def mirror_enabled(self) -> bool:
-        """Whether searches are served from the in-memory mirror (platform/mirror.py).
+        """Whether searches are served from the in-memory mirror (platform/vectors/mirror.py).
 
         Only a process that sees every write may mirror: true of a Milvus Lite file,
         which one process opens at a time, not of a server that others write to.

@@ -40,7 +40,7 @@ from transformers import (
 )
 
 from carsearch.platform.models.encoder import quiet_config_check
-from carsearch.platform.search.vocabulary import (
+from carsearch.platform.vehicles import (
     BODY_ALIASES,
     BODY_TYPES,
     COLOUR_ALIASES,

@@ -12,6 +12,21 @@ the batch size as there). Without class labels only the diagonal is positive, as
 paper; with them, two images of one class and each other's captions are positives,
 not negatives, which matters when a batch holds several images of a class.
 
+`softmax_loss` is the alternative the trainer offers (`--loss softmax`): CLIP's symmetric
+InfoNCE (Radford et al., 2021) with the same learnable temperature, z_ij = exp(t) <x_i, y_j>
+(exp(t) clipped at 100 as in CLIP; the bias cancels in a softmax and is unused), and the
+same class-level positives. With several positives in a row, its target is spread
+uniformly over them (the soft-target cross-entropy, equal to the mean of -log p over the
+row's positives, as in SupCon's "outside" form and UniCL):
+
+    L_img = (1 / |R|) sum_{i in R} -(1 / |P_i|) sum_{j in P_i} log softmax_j(z_i.)
+    L_txt = (1 / |C|) sum_{j in C} -(1 / |P^j|) sum_{i in P^j} log softmax_i(z_.j)
+    L = (L_img + L_txt) / 2
+
+with P_i the positive texts of image i, P^j the positive images of text j, and R, C the
+rows and columns that have at least one positive (a class-name column whose class has no
+image in the batch is a negative for every row and has no term of its own).
+
 `feedback_loss` adds votes from the search page: (text, image) pairs whose labels are
 set explicitly (+1 thumbs-up, -1 thumbs-down), weighted, on the same scale.
 """
@@ -87,6 +102,22 @@ def siglip_loss(
     their own classes (e.g. the batch's texts followed by every class name), each pair
     labelled by class. Computed in float32 whatever the input precision.
     """
+    _check_shapes(image_emb, text_emb, text_classes)
+    n = image_emb.shape[0]
+    logits = siglip_logits(
+        image_emb.float(), text_emb.float(), logit_scale.float(), logit_bias.float()
+    )
+    labels = pair_labels(classes, n, logits.device, text_classes, image_colours,
+                         text_colours)
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+LOSSES = ("sigmoid", "softmax")
+MAX_LOGIT_SCALE = 100.0  # CLIP's clip of exp(t)
+
+
+def _check_shapes(image_emb: torch.Tensor, text_emb: torch.Tensor,
+                  text_classes: torch.Tensor | None) -> None:
     if (
         image_emb.ndim != 2
         or text_emb.ndim != 2
@@ -98,13 +129,57 @@ def siglip_loss(
             f"embeddings must both be (n, d), got {tuple(image_emb.shape)} "
             f"and {tuple(text_emb.shape)}"
         )
+
+
+def _soft_target_ce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over rows with a positive of -sum_j q_ij log softmax_j, q uniform on positives."""
+    has = positive.any(dim=1)
+    logp = F.log_softmax(logits[has], dim=1)
+    pos = positive[has].to(logp.dtype)
+    return (-(logp * pos).sum(dim=1) / pos.sum(dim=1)).mean()
+
+
+def softmax_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    classes: torch.Tensor | None = None,
+    text_classes: torch.Tensor | None = None,
+    image_colours: torch.Tensor | None = None,
+    text_colours: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The symmetric InfoNCE loss with class-level positives (see the module docstring).
+
+    Arguments as for `siglip_loss` (no bias: it cancels in a softmax). Computed in float32.
+    """
+    _check_shapes(image_emb, text_emb, text_classes)
     n = image_emb.shape[0]
-    logits = siglip_logits(
-        image_emb.float(), text_emb.float(), logit_scale.float(), logit_bias.float()
-    )
-    labels = pair_labels(classes, n, logits.device, text_classes, image_colours,
-                         text_colours)
-    return -F.logsigmoid(labels * logits).sum() / n
+    scale = logit_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
+    logits = image_emb.float() @ text_emb.float().t() * scale
+    positive = pair_labels(classes, n, logits.device, text_classes, image_colours,
+                           text_colours) > 0
+    return (_soft_target_ce(logits, positive) + _soft_target_ce(logits.t(), positive.t())) / 2
+
+
+def contrastive_loss(
+    kind: str,
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    classes: torch.Tensor | None = None,
+    text_classes: torch.Tensor | None = None,
+    image_colours: torch.Tensor | None = None,
+    text_colours: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`siglip_loss` ("sigmoid") or `softmax_loss` ("softmax") of a batch."""
+    if kind == "sigmoid":
+        return siglip_loss(image_emb, text_emb, logit_scale, logit_bias, classes,
+                           text_classes, image_colours, text_colours)
+    if kind == "softmax":
+        return softmax_loss(image_emb, text_emb, logit_scale, classes, text_classes,
+                            image_colours, text_colours)
+    raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {kind!r}")
 
 
 def feedback_loss(

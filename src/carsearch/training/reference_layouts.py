@@ -300,13 +300,16 @@ def build_reference_layout(
     *,
     seed: int = 0,
     corpus: Iterable[str] | None = None,
+    spec: ReferenceLayout | None = None,
 ) -> Path:
     """Write the `name` layout ("base" or "so400m") into `out_dir`; return `out_dir`.
 
     The same seed and corpus give the same files. Peak memory is about one copy of the
-    float32 weights (3.5 GB for so400m) plus what `save_pretrained` buffers.
+    float32 weights (3.5 GB for so400m) plus what `save_pretrained` buffers. `spec`, when
+    given, replaces the named layout's shapes (the tests drive the so400m layout's depth,
+    heads, patch and image size at narrow widths this way).
     """
-    spec = layout(name)
+    spec = spec or layout(name)
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     spiece = out_dir / "spiece.model"

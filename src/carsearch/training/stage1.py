@@ -46,7 +46,7 @@ from carsearch.training.feature_cache import (
     content_key,
     tower_key,
 )
-from carsearch.training.loss import siglip_loss
+from carsearch.training.loss import LOSSES, contrastive_loss
 from carsearch.training.query_metrics import per_query
 from carsearch.training.recipe import STAGE1_BATCH, STAGE1_LR, STAGE1_STEPS
 from carsearch.training.train_data import data_fingerprint, train_queries
@@ -72,6 +72,9 @@ class Stage1Config:
     val_share: float = 0.0
     seed: int = 0
     progress: bool = True
+    loss: str = "sigmoid"  # or "softmax" (training/loss.py)
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    class_texts: bool = True  # every class name as a text column of every step
 
 
 @dataclass
@@ -193,8 +196,10 @@ def _texts_per_image(items: Sequence[LabelledImage], seed: int,
 
 
 def train_stage1(config: Stage1Config) -> Stage1Result:
-    if config.steps < 1 or config.batch_size < 2:
+    if config.steps < 1 or config.batch_size < 2 or config.grad_accum < 1:
         raise ConfigError("stage 1 needs at least one step and a batch of two")
+    if config.loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
     set_seed(config.seed)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     net, processor = load_base(config.base)
@@ -231,8 +236,9 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     order: list[int] = []
     losses: list[float] = []
     start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in tqdm(range(config.steps), desc="stage 1", unit="step",
-                  disable=not config.progress):
+    micro_loss = 0.0
+    for micro in tqdm(range(config.steps * config.grad_accum), desc="stage 1",
+                      unit="micro-step", disable=not config.progress):
         if len(order) < config.batch_size:
             fresh = list(range(len(train_items)))
             rng.shuffle(fresh)
@@ -246,25 +252,33 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         ]
         # Each distinct text once (a caption is also a class-name column), padded to the
         # longest: the model reads its mask from the pad id, so padding changes nothing.
-        columns = list(dict.fromkeys([*names, *texts]))
+        shown = names if config.class_texts else []
+        columns = list(dict.fromkeys([*shown, *texts]))
         column_of = {t: j for j, t in enumerate(columns)}
         ids = tokens.ids(columns)
         image, text, scale, bias = module(feats[batch].to(acc.device), ids.to(acc.device))
         batch_classes = classes[batch]
         column_classes = torch.tensor(
-            [index[t] if j < len(names) else -1 for j, t in enumerate(columns)])
+            [index[t] if j < len(shown) else -1 for j, t in enumerate(columns)])
         # a query text is a positive for its own image's class (class-level labels)
         for t, c in zip(texts, batch_classes.tolist(), strict=True):
-            if column_of[t] >= len(names):
+            if column_of[t] >= len(shown):
                 column_classes[column_of[t]] = c
-        loss = siglip_loss(image, text, scale, bias, batch_classes.to(acc.device),
-                           text_classes=column_classes.to(acc.device))
-        acc.backward(loss)
+        loss = contrastive_loss(config.loss, image, text, scale, bias,
+                                batch_classes.to(acc.device),
+                                text_classes=column_classes.to(acc.device))
+        # accumulated: the mean of the micro-batches' losses (each normalised in its own
+        # micro-batch; see docs/BENCHMARKS.md on what that does to each loss)
+        acc.backward(loss / config.grad_accum)
+        micro_loss += float(loss.detach()) / config.grad_accum
+        if (micro + 1) % config.grad_accum:
+            continue
         for opt, sched in zip(optimizers, schedulers, strict=True):
             opt.step()
             sched.step()
             opt.zero_grad()
-        losses.append(float(loss.detach()))
+        losses.append(micro_loss)
+        micro_loss = 0.0
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start  # every thread's: what the steps cost
     out = config.out / "model"

@@ -42,7 +42,7 @@ from carsearch.data.stanford import LabelledImage, StanfordDataset
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.images import sha256_file
 from carsearch.platform.models.image_policy import DEFAULT_POLICY, ImagePolicy
-from carsearch.platform.search.vocabulary import VehicleLabel
+from carsearch.platform.vehicles import VehicleLabel
 from carsearch.training.feedback import FeedbackPair
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ def feedback_samples(
 
 def colour_id(colour: str | None) -> int:
     """A colour's index in the vocabulary's colours; -1 for none or an unknown one."""
-    from carsearch.platform.search.vocabulary import COLOURS
+    from carsearch.platform.vehicles import COLOURS
 
     return COLOURS.index(colour) if colour in COLOURS else -1
 

@@ -77,7 +77,7 @@ from carsearch.training.feedback import (
     FeedbackSet,
     load_feedback,
 )
-from carsearch.training.loss import feedback_loss, siglip_loss
+from carsearch.training.loss import LOSSES, contrastive_loss, feedback_loss
 from carsearch.training.train_data import (
     Collate,
     SampleStream,
@@ -117,6 +117,7 @@ class TrainConfig:
     epochs: float = 0.0  # 0: LORA_EPOCHS for LoRA, FULL_EPOCHS for full training
     batch_size: int = 64
     grad_accum: int = 1
+    loss: str = "sigmoid"  # "sigmoid" (SigLIP) or "softmax" (CLIP's InfoNCE): training/loss.py
     lr: float = 0.0  # 0: FULL_LR for full training, LORA_LR for LoRA
     warmup: int = -1  # warmup steps; -1: 5 % of the steps
     weight_decay: float = 0.05
@@ -444,6 +445,8 @@ def peak_rss_mb() -> float:
 def _check(config: TrainConfig, num_processes: int) -> None:
     if config.batch_size < 1 or config.grad_accum < 1:
         raise ConfigError("batch size and gradient accumulation must be at least 1")
+    if config.loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
     if config.feedback_weight < 0 or config.feedback_max < 0 or config.feedback_share < 0:
         raise ConfigError("the feedback weight and caps must not be negative")
     if config.feedback_per_batch < 0:
@@ -625,8 +628,8 @@ class _Run:
                 if colours is not None and text_colours is not None:
                     colours, text_colours = acc.gather(colours), acc.gather(text_colours)
             if self.class_tokens is None:
-                loss = siglip_loss(image, text, scale, bias, classes,
-                                   image_colours=colours, text_colours=text_colours)
+                loss = contrastive_loss(self.config.loss, image, text, scale, bias, classes,
+                                        image_colours=colours, text_colours=text_colours)
             else:
                 # The class-name columns are computed (identically) in every process, so
                 # every process still computes the loss of the whole global batch. A
@@ -634,8 +637,9 @@ class _Run:
                 class_ids = torch.arange(len(class_text), device=classes.device)
                 column_colours = None if text_colours is None else torch.cat(
                     [text_colours, torch.full_like(class_ids, -1)])
-                loss = siglip_loss(
-                    image, torch.cat([text, class_text]), scale, bias, classes,
+                loss = contrastive_loss(
+                    self.config.loss, image, torch.cat([text, class_text]), scale, bias,
+                    classes,
                     text_classes=torch.cat([classes, class_ids]),
                     image_colours=colours, text_colours=column_colours,
                 )
@@ -751,6 +755,7 @@ def _run_stage1(config: TrainConfig) -> TrainConfig:
             cache_dir=config.feature_cache or config.out / "feature-cache",
             queries=config.queries, steps=config.stage1_steps,
             batch_size=config.stage1_batch_size, seed=config.seed, progress=config.progress,
+            loss=config.loss,
             **({"lr": config.stage1_lr} if config.stage1_lr > 0 else {}),
         ))
     return replace(config, base=str(model_dir), full=config.full or False)
@@ -765,7 +770,8 @@ def _stage1_only(config: TrainConfig) -> TrainResult:
     net, _ = load_base(str(model_dir))
     params = sum(p.numel() for p in net.parameters())
     frozen = sum(p.numel() for p in net.vision_model.backbone.parameters())
-    steps, batch = int(info["steps"]), int(info["config"]["batch_size"])
+    steps = int(info["steps"])
+    batch = int(info["config"]["batch_size"]) * int(info["config"].get("grad_accum", 1))
     seconds = float(info["seconds"])
     counters = Counters(step=steps, micro_step=steps, samples=steps * batch,
                         losses=[float(info["first_loss"]), float(info["final_loss"])])

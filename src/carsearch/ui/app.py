@@ -1,9 +1,10 @@
 """The Gradio search page: layout and event wiring over `SearchPage`.
 
-Tabs: Search (query box, chips read from the query, filters, results gallery, image
-upload, "more like this", thumbs up/down), Classify (zero-shot labels for an upload),
-Status (serving version, index size, ingest queue, last drift report, ANN audit,
-versions) and Evaluation (the latest metrics).
+Tabs: Search (query box, chips read from the query and the exclusions read from "not …",
+filters, sort, folding near-duplicates, results gallery with "more results", image upload
+and "more like this" with an optional "…but" text, thumbs up/down that re-rank at once),
+Classify (zero-shot labels for an upload), Status (serving version, index size, ingest
+queue, last drift report, ANN audit, versions) and Evaluation (the latest metrics).
 Every handler turns a `CarsearchError` into its one-line message on the page (a toast
 and the status line) and any other exception into "internal error (request id ...)",
 logging the trace under that id; no exception text reaches a browser. Searches and
@@ -12,7 +13,10 @@ uploads are held to per-client limits (ui/guard.py), and the app runs behind
 served, body size cap). A client's address is the connection's peer; forwarded headers
 count only from the proxies CARSEARCH_UI_TRUSTED_PROXIES names.
 
-API names (for `gradio_client`): /search, /refine, /image_search, /more_like_this,
+The JSON API (ui/api.py) is mounted at /api/v1 on the same server, behind the same gate.
+
+API names (for `gradio_client`): /search, /refine, /search_controlled, /more_results,
+/image_search, /more_like_this,
 /select_result, /classify, /vote_up, /vote_down, /page_info, /status, /evaluation.
 """
 
@@ -24,7 +28,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +37,22 @@ from starlette.middleware import Middleware
 
 from carsearch.platform.errors import CarsearchError, ConfigError
 from carsearch.platform.runtime import Platform
+from carsearch.platform.thumbnails import THUMB_DIR
+from carsearch.ui.api import ApiMount, build_api
 from carsearch.ui.guard import ClientLimits, GateConfig, LoginThrottle, RequestGate, parse_size
-from carsearch.ui.page import ANY, Labeller, PageResult, PickedFilters, SearchPage
+from carsearch.ui.page import (
+    ANY,
+    Labeller,
+    PageResult,
+    PickedFilters,
+    SearchControls,
+    SearchPage,
+)
 from carsearch.ui.render import evaluation_table, page_header, status_markdown
 
 log = logging.getLogger(__name__)
 
+SORTS = ("score", "year", "arrival")
 DEFAULT_K = 12
 MAX_K_ON_PAGE = 100
 CSS = "#status {min-height: 1.5em} #results .caption-label {white-space: normal}"
@@ -129,10 +143,14 @@ class PageHandlers:
         self.limits = limits
 
     def _outputs(self, res: PageResult) -> tuple[Any, ...]:
-        return res.items, res.status, res.hits, res.query_log_id, "", ""
+        """gallery, status, hits, query log id, selected, detail, and three states: the
+        next page's cursor, the exclusions read from the text (label, key), the items
+        shown (for "more results" to add to)."""
+        return (res.items, res.status, res.hits, res.query_log_id, "", "", res.next_cursor,
+                [(c.label, c.key) for c in res.exclusions], res.items)
 
     def _failed(self, exc: Exception, where: str) -> tuple[Any, ...]:
-        return [], _error(exc, where), [], None, "", ""
+        return [], _error(exc, where), [], None, "", "", None, [], []
 
     def _admit(self, request: gr.Request | None) -> None:
         if self.limits is not None:
@@ -176,12 +194,15 @@ class PageHandlers:
     def image_search(self, upload: str | None, k: int, make: Any = None, body: Any = None,
                      colour: Any = None, source: Any = None, year_from: Any = None,
                      year_to: Any = None, collection: Any = None, min_prob: Any = None,
+                     text: Any = None,
                      request: gr.Request | None = None) -> tuple[Any, ...]:
+        """An upload, with the "…but" text if any (image + text)."""
         picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
             self._admit(request)
             with self._upload_slot(request):
-                res = self.page.search_upload(upload, k, _picked(*picked))
+                res = self.page.search_image_text(_text(text), k, _picked(*picked),
+                                                  upload=upload)
         except Exception as exc:
             return (*self._failed(exc, "image_search"), gr.update(choices=[], value=[]))
         return (*self._outputs(res), gr.update(choices=[], value=[]))
@@ -189,12 +210,14 @@ class PageHandlers:
     def more_like_this(self, image_id: str | None, k: int, make: Any = None,
                        body: Any = None, colour: Any = None, source: Any = None,
                        year_from: Any = None, year_to: Any = None, collection: Any = None,
-                       min_prob: Any = None,
+                       min_prob: Any = None, text: Any = None,
                        request: gr.Request | None = None) -> tuple[Any, ...]:
+        """The selected result as the query, with the "…but" text if any."""
         picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
             self._admit(request)
-            res = self.page.more_like_this(image_id, k, _picked(*picked))
+            res = self.page.search_image_text(_text(text), k, _picked(*picked),
+                                              image_id=image_id)
         except Exception as exc:
             return (*self._failed(exc, "more_like_this"), gr.update(choices=[], value=[]))
         return (*self._outputs(res), gr.update(choices=[], value=[]))
@@ -232,6 +255,96 @@ class PageHandlers:
             return f"thumbs-{word} saved for image {image_id}"
 
         return handler
+
+    # -- the controls beyond the query (exclusions, sort, duplicates, pages, thumbs) -----
+    def controlled(self, query: str, chips: list[str] | None, exclusions: list[str] | None,
+                   read: list[Any] | None, sort: Any, collapse: Any, liked: list[int] | None,
+                   disliked: list[int] | None, k: int, make: Any = None, body: Any = None,
+                   colour: Any = None, source: Any = None, year_from: Any = None,
+                   year_to: Any = None, collection: Any = None, min_prob: Any = None,
+                   request: gr.Request | None = None) -> tuple[Any, ...]:
+        """The query again with the controls: an exclusion unticked (``read``: those the
+        text gave), another order, duplicates folded, the session's thumbs."""
+        picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
+        try:
+            self._admit(request)
+            controls = _controls(exclusions, read, sort, collapse, liked, disliked)
+            res = self.page.search_text(query, k, _picked(*picked),
+                                        keep_chips=self._kept(query, chips), controls=controls)
+        except Exception as exc:
+            return self._failed(exc, "controlled")
+        return self._outputs(res)
+
+    def more_results(self, query: str, chips: list[str] | None,
+                     exclusions: list[str] | None, read: list[Any] | None, sort: Any,
+                     collapse: Any, liked: list[int] | None, disliked: list[int] | None,
+                     cursor: str | None, shown: list[Any] | None, hits: list[Any] | None,
+                     k: int, make: Any = None, body: Any = None, colour: Any = None,
+                     source: Any = None, year_from: Any = None, year_to: Any = None,
+                     collection: Any = None, min_prob: Any = None,
+                     request: gr.Request | None = None) -> tuple[Any, ...]:
+        """The next page of the text query, added below the results shown."""
+        shown, hits = list(shown or []), list(hits or [])
+        if not cursor:
+            note = "**No more results** for this query."
+            return shown, note, hits, gr.update(), cursor, shown
+        picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
+        try:
+            self._admit(request)
+            controls = replace(_controls(exclusions, read, sort, collapse, liked, disliked),
+                               cursor=str(cursor))
+            res = self.page.search_text(query, k, _picked(*picked),
+                                        keep_chips=self._kept(query, chips), controls=controls)
+        except Exception as exc:
+            return shown, _error(exc, "more_results"), hits, gr.update(), cursor, shown
+        items = shown + list(res.items)
+        status = f"{len(items)} results shown · " + res.status
+        return items, status, hits + res.hits, res.query_log_id, res.next_cursor, items
+
+    def _kept(self, query: str, chips: list[str] | None) -> list[str] | None:
+        """The chips ticked, or None while every chip read from the query is: the same
+        request as the new search's, whose cursor "more results" continues."""
+        ticked = [str(c) for c in chips or []] if isinstance(chips, list) else []
+        try:
+            read = set(self.page.parse(query).keys())
+        except CarsearchError:
+            return ticked
+        return None if read <= set(ticked) else ticked
+
+    def rerank(self, vote: int) -> Callable[..., tuple[Any, ...]]:
+        """After a thumbs-up or -down: the selected result joins the session's liked or
+        disliked ids and the text query runs again with them (Rocchio, in the service)."""
+
+        def handler(image_id: str | None, liked: list[int] | None,
+                    disliked: list[int] | None, query: str, chips: list[str] | None,
+                    exclusions: list[str] | None, read: list[Any] | None, sort: Any,
+                    collapse: Any, k: int, *filters: Any) -> tuple[Any, ...]:
+            up, down = [int(i) for i in liked or []], [int(i) for i in disliked or []]
+            try:
+                iid = self.page.service.check_image_id(image_id)
+            except CarsearchError:
+                return (*[gr.update()] * 9, up, down)
+            up, down = [i for i in up if i != iid], [i for i in down if i != iid]
+            (up if vote > 0 else down).append(iid)
+            if not (query or "").strip():  # an image query: the vote is stored, no re-rank
+                return (*[gr.update()] * 9, up, down)
+            out = self.controlled(query, chips, exclusions, read, sort, collapse, up, down,
+                                  k, *filters)
+            return (*out, up, down)
+
+        return handler
+
+    @staticmethod
+    def show_exclusions(read: list[Any] | None) -> Any:
+        """The exclusion chips of a new search, all ticked."""
+        choices = [tuple(c) for c in read or []]
+        return gr.update(choices=choices, value=[key for _label, key in choices],
+                         visible=bool(choices))
+
+    @staticmethod
+    def new_session() -> tuple[list[int], list[int]]:
+        """A new query forgets the thumbs of the last one."""
+        return [], []
 
     # -- page data ---------------------------------------------------------------------
     def page_info(self) -> tuple[Any, ...]:
@@ -297,6 +410,30 @@ class PageHandlers:
         return note, frame
 
 
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _ids(values: Any) -> tuple[int, ...]:
+    out = []
+    for v in values or []:
+        if isinstance(v, int) and not isinstance(v, bool):
+            out.append(v)
+    return tuple(out[-50:])
+
+
+def _controls(exclusions: Any, read: Any, sort: Any, collapse: Any, liked: Any,
+              disliked: Any) -> SearchControls:
+    """The controls' widget values as SearchControls: the exclusions read from the text
+    that are no longer ticked are dropped."""
+    ticked = {str(x) for x in exclusions or []} if isinstance(exclusions, list) else set()
+    keys = [str(c[1]) for c in read or [] if isinstance(c, list | tuple) and len(c) == 2]
+    sort_by = sort if sort in SORTS else "score"
+    return SearchControls(drop_exclusions=tuple(k for k in keys if k not in ticked),
+                          sort=sort_by, collapse_duplicates=collapse is True,
+                          liked=_ids(liked), disliked=_ids(disliked))
+
+
 class _Guarded:
     """PageHandlers as the Blocks wire them: every callable wrapped by `_guarded`."""
 
@@ -309,6 +446,9 @@ class _Guarded:
 
     def vote(self, vote: int) -> Callable[..., str]:
         return _guarded(self._handlers.vote(vote))
+
+    def rerank(self, vote: int) -> Callable[..., tuple[Any, ...]]:
+        return _guarded(self._handlers.rerank(vote))
 
 
 def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
@@ -331,6 +471,9 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
                 choices=[], value=[], elem_id="chips",
                 label="Filters read from your query (untick to remove)",
             )
+            exclusions = gr.CheckboxGroup(
+                choices=[], value=[], elem_id="exclusions", visible=False,
+                label="Excluded, read from 'not …' in your query (untick to allow)")
             status = gr.Markdown("", elem_id="status")
             with gr.Row():
                 with gr.Column(scale=1, min_width=240):
@@ -349,6 +492,11 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
                              "well p matches the observed share of right hits is measured "
                              "per version (`carsearch evaluate` prints ECE): read it as a "
                              "score, not a guarantee.")
+                    sort = gr.Dropdown([("best match", "score"), ("newest model year", "year"),
+                                        ("latest added", "arrival")], value="score",
+                                       label="Sort what passed", elem_id="sort")
+                    collapse = gr.Checkbox(False, label="Fold near-duplicates into one",
+                                           elem_id="collapse-duplicates")
                     make = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Make")
                     body = gr.Dropdown([], multiselect=True, allow_custom_value=True,
                                        label="Body type")
@@ -362,12 +510,16 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
                         year_to = gr.Dropdown([ANY], value=ANY, allow_custom_value=True,
                                               label="Year to")
                     upload = gr.File(label="Search by image", type="filepath", elem_id="upload")
+                    image_text = gr.Textbox(
+                        label="…but (with an image: 'but blue', 'newer')", max_lines=1,
+                        elem_id="image-text", placeholder="but blue")
                     upload_btn = gr.Button("Search with this image", elem_id="image-search-btn")
                 with gr.Column(scale=3):
                     gallery = gr.Gallery(
                         label="Results", columns=4, height="auto", allow_preview=False,
                         elem_id="results", object_fit="contain",
                     )
+                    more_results = gr.Button("More results", elem_id="more-results")
                     detail = gr.Markdown("Click a result to select it.", elem_id="detail")
                     with gr.Row():
                         selected = gr.Textbox(label="Selected image id", interactive=False,
@@ -411,24 +563,44 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
             eval_df = gr.Dataframe(interactive=False, wrap=True)
         hits = gr.State([])
         qlog = gr.State(None)
+        cursor = gr.State(None)  # the next page's
+        read = gr.State([])  # the exclusions read from the query: (label, key)
+        shown = gr.State([])  # the gallery's items, for "more results" to add to
+        liked = gr.State([])  # this query's thumbs, for re-ranking at once
+        disliked = gr.State([])
 
         filters = [make, body, colour, source, year_from, year_to, collection, min_prob]
-        results = [gallery, status, hits, qlog, selected, detail]
-        go.click(h.search, [query, k, *filters], [*results, chips], api_name="search")
-        query.submit(h.search, [query, k, *filters], [*results, chips],
-                     api_visibility="private")
+        results = [gallery, status, hits, qlog, selected, detail, cursor, read, shown]
+        for event, api in ((go.click, "search"), (query.submit, None)):
+            visible = {"api_name": api} if api else {"api_visibility": "private"}
+            event(h.search, [query, k, *filters], [*results, chips], **visible).then(
+                h.show_exclusions, [read], exclusions, api_visibility="private").then(
+                h.new_session, None, [liked, disliked], api_visibility="private")
         chips.input(h.refine, [query, chips, k, *filters], results, api_name="refine")
-        upload_btn.click(h.image_search, [upload, k, *filters], [*results, chips],
+        upload_btn.click(h.image_search, [upload, k, *filters, image_text], [*results, chips],
                          api_name="image_search")
-        upload.upload(h.image_search, [upload, k, *filters], [*results, chips],
+        upload.upload(h.image_search, [upload, k, *filters, image_text], [*results, chips],
                       api_visibility="private")
-        more.click(h.more_like_this, [selected, k, *filters], [*results, chips],
+        more.click(h.more_like_this, [selected, k, *filters, image_text], [*results, chips],
                    api_name="more_like_this")
+        controls = [query, chips, exclusions, read, sort, collapse, liked, disliked]
+        exclusions.input(h.controlled, [*controls, k, *filters], results,
+                         api_name="search_controlled")
+        for widget in (sort, collapse):
+            widget.input(h.controlled, [*controls, k, *filters], results,
+                         api_visibility="private")
+        more_results.click(h.more_results, [*controls, cursor, shown, hits, k, *filters],
+                           [gallery, status, hits, qlog, cursor, shown],
+                           api_name="more_results")
         gallery.select(h.select, [hits], [selected, detail], api_name="select_result")
         cls_btn.click(h.classify, [cls_upload, cls_labels, cls_template], [cls_out, cls_note],
                       api_name="classify")
-        up.click(h.vote(1), [selected, qlog, query], status, api_name="vote_up")
-        down.click(h.vote(-1), [selected, qlog, query], status, api_name="vote_down")
+        rerank_in = [selected, liked, disliked, query, chips, exclusions, read, sort, collapse,
+                     k, *filters]
+        for button, vote, api in ((up, 1, "vote_up"), (down, -1, "vote_down")):
+            button.click(h.vote(vote), [selected, qlog, query], status, api_name=api).then(
+                h.rerank(vote), rerank_in, [*results, liked, disliked],
+                api_visibility="private")
         demo.load(h.page_info, None, [header, make, body, colour, source, year_from, year_to],
                   api_name="page_info")
         demo.load(h.collection_choices, None, collection, api_visibility="private")
@@ -451,7 +623,7 @@ def served_roots(settings: Any) -> tuple[Path, ...]:
     """What the file routes may serve: the thumbnail store, and the originals in
     image_dir only when CARSEARCH_UI_SERVE_ORIGINALS allows it."""
     image_dir = Path(settings.image_dir).resolve()
-    return (image_dir,) if settings.ui_serve_originals else (image_dir / "_thumbs",)
+    return (image_dir,) if settings.ui_serve_originals else (image_dir / THUMB_DIR,)
 
 
 def trust_forwarded_from(proxies: str) -> None:
@@ -483,6 +655,8 @@ def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
         root.mkdir(parents=True, exist_ok=True)
     login = LoginThrottle(settings.ui_login_failures, settings.ui_login_window_s)
     gate = Middleware(RequestGate, config=GateConfig(roots, max_bytes, limits, login=login))
+    # The JSON API beside the page, behind the same gate (login, caps, limits).
+    api = ApiMount(build_api(page, limits))
     trust_forwarded_from(settings.ui_trusted_proxies)
     demo.queue(default_concurrency_limit=4)
     log.info("search page on http://%s:%d (serving files only from %s)",
@@ -500,6 +674,6 @@ def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
         css=CSS,
         inbrowser=False,
         share=False,
-        app_kwargs={"middleware": [gate]},
+        app_kwargs={"middleware": [gate], "routes": [api]},
     )
     return demo

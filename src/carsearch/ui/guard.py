@@ -13,7 +13,9 @@
   originals only when a setting allows it, Gradio's own upload cache), after following
   symlinks: traversal (`..`, also percent-encoded), encoded slashes, symlinks out of a
   root, absolute paths elsewhere and remote URLs get 403;
-- concurrent uploads are capped per client (429 beyond the cap);
+- concurrent uploads (the page's and the JSON API's image search) are capped per client
+  (429 beyond the cap);
+- every refusal is JSON with a request id, as the JSON API's errors are;
 - login attempts (POST /login) are throttled per client and per user name
   (`LoginThrottle`): past the failures allowed in a window the gate answers 429 with a
   Retry-After, without passing the attempt on, so the password is not checked.
@@ -35,6 +37,7 @@ import math
 import re
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
@@ -59,6 +62,9 @@ MAX_FORM_BYTES = 1_000_000
 # Multipart framing around an upload at the size limit.
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
 UPLOAD_PATH = "/gradio_api/upload"
+# The JSON API's upload (ui/api.py): the same size cap and upload slots as the page's.
+API_UPLOAD_PATH = "/api/v1/search/image"
+UPLOAD_PATHS = frozenset({UPLOAD_PATH, API_UPLOAD_PATH})
 FILE_PREFIXES = ("/gradio_api/file=", "/gradio_api/file/", "/file=", "/file/")
 PROXY_PREFIXES = ("/gradio_api/proxy=", "/proxy=")
 # What the login page itself needs before anyone has logged in, and the startup call
@@ -253,7 +259,7 @@ class RequestGate:
                 await send({"type": "websocket.close", "code": 1008})
             return
         limit = (self.config.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
-                 if path == UPLOAD_PATH else self.config.max_form_bytes)
+                 if path in UPLOAD_PATHS else self.config.max_form_bytes)
         length = _header(scope, b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await _answer(send, 413, f"request too large: at most {limit} bytes")
@@ -275,7 +281,7 @@ class RequestGate:
                 and getattr(gradio, "auth", None) is not None):
             await self._login(scope, receive, send, self.config.login)
             return
-        if path == UPLOAD_PATH and scope.get("method") == "POST":
+        if path in UPLOAD_PATHS and scope.get("method") == "POST":
             client = client_of(scope)
             if not self.config.limits.try_upload(client):
                 await _answer(send, 429, self.config.limits.uploads_message())
@@ -399,10 +405,15 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 async def _answer(send: Send, status: int, detail: str,
                   headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    """A refusal as JSON, with a request id (in the body and X-Request-ID) as the API's
+    own errors have (ui/api.py)."""
+    rid = uuid.uuid4().hex[:12]
+    log.info("refused with %d (request id %s): %s", status, rid, detail)
+    body = json.dumps({"detail": detail, "request_id": rid}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
+                            (b"x-request-id", rid.encode()),
                             *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 

@@ -11,7 +11,6 @@ parses, validates, calls and formats. Errors a person can fix come back as
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,23 +21,23 @@ from pydantic import ValidationError
 
 from carsearch.platform.db import QueryFeedback, QueryLog
 from carsearch.platform.errors import CarsearchError, ImageRejectedError, QueryError
-from carsearch.platform.images import DECODE_MAX_SIDE, load_image, load_image_bytes
+from carsearch.platform.images import DECODE_MAX_SIDE, load_image_bytes
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.nlfilters import (
+    FilterChip,
     FilterVocabulary,
     ParsedQuery,
     VocabularyCache,
     filters_from_chips,
-    parse_query,
     validate_filters,
 )
 from carsearch.platform.search.service import SearchHit, SearchRequest, SearchResult
-from carsearch.platform.vectors.store import SearchFilters
+from carsearch.platform.thumbnails import ThumbnailCache
+from carsearch.platform.vectors.filters import SearchFilters
 
 log = logging.getLogger(__name__)
 
 ANY = "any"
-THUMB_SIZE = 320
 DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
 
 
@@ -53,46 +52,6 @@ class Labeller(Protocol):
     def open_tasks(self) -> list[dict[str, Any]]: ...
 
     def apply(self, task_id: int, fields: dict[str, Any]) -> Any: ...
-
-
-class ThumbnailCache:
-    """JPEG thumbnails of result images, made once with the safe decoder.
-
-    They live in `root` (inside the image directory, the only folder the page serves),
-    named by image id, so photos indexed from anywhere on disk are shown without that
-    folder ever being opened to the web.
-    """
-
-    def __init__(self, root: Path, size: int = THUMB_SIZE, max_pixels: int = 40_000_000) -> None:
-        self.root = Path(root)
-        self.size = size
-        self.max_pixels = max_pixels
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._missing = self.root / "missing.jpg"
-
-    def path_for(self, image_id: int) -> Path:
-        return self.root / f"{image_id & 0xFF:02x}" / f"{image_id}.jpg"
-
-    def get(self, image_id: int, source: str) -> Path:
-        out = self.path_for(image_id)
-        if out.is_file():
-            return out
-        try:
-            img = load_image(Path(source), max_pixels=self.max_pixels, max_side=self.size)
-        except ImageRejectedError as exc:
-            log.warning("no thumbnail for image %d: %s", image_id, exc)
-            return self.missing()
-        img.thumbnail((self.size, self.size))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{threading.get_ident()}.part")
-        img.save(tmp, format="JPEG", quality=85)
-        tmp.replace(out)
-        return out
-
-    def missing(self) -> Path:
-        if not self._missing.is_file():
-            PILImage.new("RGB", (self.size, self.size), (200, 200, 200)).save(self._missing)
-        return self._missing
 
 
 @dataclass(frozen=True)
@@ -137,6 +96,39 @@ class PageResult:
     query_log_id: int | None = None
     parsed: ParsedQuery | None = None
     notes: list[str] = field(default_factory=list)
+    # Exclusions read from the text (chips the person can untick), and the cursor of the
+    # next page (None: the last one).
+    exclusions: tuple[FilterChip, ...] = ()
+    next_cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class SearchControls:
+    """The page's controls beyond the query and the filters: the exclusion chips the
+    person unticked, the order, folding near-duplicates, the thumbs given in this
+    session (re-ranking at once), the next page's cursor, and the image's weight in an
+    image + text query. The defaults are the plain search."""
+
+    drop_exclusions: tuple[str, ...] = ()
+    sort: str = "score"
+    collapse_duplicates: bool = False
+    liked: tuple[int, ...] = ()
+    disliked: tuple[int, ...] = ()
+    cursor: str | None = None
+    image_weight: float | None = None
+
+    def is_plain(self) -> bool:
+        return self == SearchControls()
+
+    def options(self) -> dict[str, Any]:
+        """The SearchRequest fields these set."""
+        out: dict[str, Any] = {
+            "drop_exclusions": self.drop_exclusions, "sort": self.sort,
+            "collapse_duplicates": self.collapse_duplicates, "liked": self.liked,
+            "disliked": self.disliked, "cursor": self.cursor}
+        if self.image_weight is not None:
+            out["image_weight"] = self.image_weight
+        return out
 
 
 def caption(hit: SearchHit) -> str:
@@ -155,6 +147,8 @@ def caption(hit: SearchHit) -> str:
         parts.append("not " + ", ".join(hit.unmet))
     if hit.probability is not None:
         parts.append(f"p={hit.probability:.3g}")  # three significant digits
+    if hit.duplicates:
+        parts.append(f"+{hit.duplicates} duplicate{'s' if hit.duplicates > 1 else ''}")
     if hit.photographer:
         parts.append(f"by {hit.photographer}")
     # what the vector was embedded from: the vehicle's box, or the whole frame
@@ -193,14 +187,12 @@ class SearchPage:
         self.settings = platform.settings
         self.service = platform.search
         self.vocab_cache = VocabularyCache(platform.db, ttl_s=vocab_ttl_s)
-        self.thumbs = ThumbnailCache(
-            self.settings.image_dir / "_thumbs", max_pixels=self.settings.max_image_pixels
-        )
+        self.thumbs = ThumbnailCache.for_settings(self.settings)
         self.max_upload_bytes = max_upload_bytes
 
     def warm_up(self) -> None:
         """Load the serving encoder now, so the first query does not wait for it, and
-        start building the search mirror (platform/mirror.py) where one is used."""
+        start building the search mirror (platform/vectors/mirror.py) where one is used."""
         try:
             self.service.warm()
         except CarsearchError as exc:  # no model yet: the page says so on each search
@@ -216,10 +208,6 @@ class SearchPage:
         except QueryError as exc:
             raise PageError(f"filter: {exc}") from None
 
-    def parse(self, query: str) -> ParsedQuery:
-        text = self.service.clean_query(query)
-        return parse_query(text, self.vocabulary())
-
     # -- searches --------------------------------------------------------------------------
     def search_text(
         self,
@@ -227,13 +215,16 @@ class SearchPage:
         k: int,
         picked: PickedFilters,
         keep_chips: list[str] | None = None,
+        controls: SearchControls | None = None,
     ) -> PageResult:
         """Text search; `keep_chips` (keys) drops the parsed filters the person removed. A
-        collection without vehicle labels reads no filters from the text."""
+        collection without vehicle labels reads no filters from the text. ``controls``:
+        the exclusions unticked, sort, duplicates, thumbs, next page (search_controls)."""
         collection = self._collection(picked)
+        extra = (controls or SearchControls()).options()
         request = SearchRequest(query, k, self.picked_filters(picked), keep_chips=keep_chips,
                                 min_prob=picked.min_prob or None, collection=collection,
-                                vocabulary=self.vocabulary())
+                                vocabulary=self.vocabulary(), **extra)
         result = self._guard(lambda: self.service.search(request))
         parsed = ParsedQuery(result.query or "", result.chips, result.ignored,
                              filters_from_chips(result.chips))
@@ -244,7 +235,6 @@ class SearchPage:
     def search_upload(self, upload: str | Path | None, k: int, picked: PickedFilters) -> PageResult:
         if upload is None or not isinstance(upload, str | Path):
             raise PageError("choose an image file to search with")
-        k = self.service.check_k(k)
         img = self._read_upload(upload)
         filters = self.picked_filters(picked)
         collection = self._collection(picked)
@@ -295,12 +285,44 @@ class SearchPage:
     ) -> PageResult:
         if image_id in (None, "", 0):
             raise PageError("select a result first, then ask for more like it")
-        iid = self.service.check_image_id(image_id)
-        k = self.service.check_k(k)
         filters = self.picked_filters(picked)
         collection = self._collection(picked)
-        result = self._guard(lambda: self.service.search_similar(iid, k, filters, collection))
+        result = self._guard(lambda: self.service.search_similar(image_id, k, filters,
+                                                                 collection))
         return self._shape(result, filters)
+
+    def search_image_text(
+        self, text: str | None, k: int, picked: PickedFilters, *,
+        upload: str | Path | None = None, image_id: int | str | None = None,
+        controls: SearchControls | None = None,
+    ) -> PageResult:
+        """An upload or a selected result, with a text ("but blue", "newer") and the
+        controls, as one query: the text's facets filter or exclude, its other words
+        move the image's vector (SearchService.search). Without text or controls it is
+        the plain image search."""
+        controls = controls or SearchControls()
+        text = text.strip() if isinstance(text, str) else ""
+        if not text and controls.is_plain():
+            if upload is not None:
+                return self.search_upload(upload, k, picked)
+            return self.more_like_this(image_id, k, picked)
+        k = self.service.check_k(k)
+        img = iid = None
+        if upload is not None:
+            if not isinstance(upload, str | Path):
+                raise PageError("choose an image file to search with")
+            img = self._read_upload(upload)
+        elif image_id in (None, "", 0):
+            raise PageError("select a result or upload an image first")
+        else:
+            iid = self.service.check_image_id(image_id)
+        request = SearchRequest(text or None, k, self.picked_filters(picked),
+                                min_prob=picked.min_prob or None,
+                                collection=self._collection(picked),
+                                vocabulary=self.vocabulary(), image=img, image_id=iid,
+                                **controls.options())
+        result = self._guard(lambda: self.service.search(request))
+        return self._shape(result, result.effective or self.picked_filters(picked))
 
     def collections(self) -> tuple[list[str], str | None]:
         """The collections' names and the default one (for the page's picker)."""
@@ -313,13 +335,14 @@ class SearchPage:
             default = names[0] if names else None
         return names, default
 
-    def _collection(self, picked: PickedFilters) -> str | None:
+    @staticmethod
+    def _collection(picked: PickedFilters) -> str | None:
+        """The picked collection's name (None: the service's default); the service
+        resolves and checks it, with k, the cut-off and the filters' kinds."""
         name = picked.collection or None
         if name is not None and not isinstance(name, str):
             raise PageError("pick a collection from the list")
-        if not (picked.min_prob is None or isinstance(picked.min_prob, int | float)):
-            raise PageError("the minimum probability is a number from 0 to 1")
-        return self.service.collection(name)
+        return name
 
     def _guard(self, call: Any) -> SearchResult:
         try:
@@ -356,8 +379,15 @@ class SearchPage:
             status += f" · {result.relaxed}"
         if notes:
             status += " · " + "; ".join(notes)
+        exclusions = tuple(getattr(result, "exclusions", ()))
+        if exclusions:
+            status += " · excluding " + ", ".join(c.label for c in exclusions)
+        negative = tuple(getattr(result, "negative_terms", ()))
+        if negative:
+            status += " · away from " + ", ".join(f"'{t}'" for t in negative)
         hits = [h.to_dict() for h in result.hits]
-        return PageResult(items, hits, status, qid, parsed, list(notes or []))
+        return PageResult(items, hits, status, qid, parsed, list(notes or []),
+                          exclusions, getattr(result, "next_cursor", None))
 
     # -- feedback --------------------------------------------------------------------------
     def feedback(

@@ -24,7 +24,7 @@ def _fmt(value: Any) -> str:
 def page_header(platform: Platform) -> str:
     """"Serving model **v3** · 8,144 vectors indexed" (or what is missing)."""
     try:
-        info = st.serving_info(platform.db, platform.store)
+        info = st.serving_info(platform.db, platform.managed)
     except Exception as exc:  # the page must render even with a broken database
         log.warning("header: %s", exc)
         return f"## carsearch\nstatus unavailable: {exc}"
@@ -76,7 +76,7 @@ def _loops_md(loops: list[dict[str, Any]]) -> str:
 def status_markdown(platform: Platform) -> str:
     """The Status tab: serving version, index size, queue, drift, ANN audit, versions."""
     try:
-        s = st.system_status(platform.db, platform.store)
+        s = st.system_status(platform.db, platform.managed)
     except Exception as exc:
         log.exception("status")
         return f"**Status unavailable:** {exc}"

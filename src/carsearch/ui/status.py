@@ -26,7 +26,7 @@ from carsearch.platform.db import (
 )
 from carsearch.platform.models.registry import Registry
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.store import VectorStore
+from carsearch.platform.vectors.protocol import ManagedStore
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def versions(db: Database) -> list[VersionInfo]:
                         v.promoted_at) for v in reversed(reg.list())]
 
 
-def serving_info(db: Database, store: VectorStore | None) -> ServingInfo:
+def serving_info(db: Database, store: ManagedStore | None) -> ServingInfo:
     """The serving version and its index size (vectors in Milvus)."""
     version = Registry(db, Path()).serving()
     indexed = images.counts_by_status(db, "vehicles")[ImageStatus.indexed.value]
@@ -154,7 +154,7 @@ class SystemStatus:
     retrain_requests: list[dict[str, Any]] = field(default_factory=list)
 
 
-def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
+def system_status(db: Database, store: ManagedStore | None) -> SystemStatus:
     """Everything the status tab shows, in one call."""
     return SystemStatus(
         serving=serving_info(db, store),
@@ -172,12 +172,12 @@ def system_status(db: Database, store: VectorStore | None) -> SystemStatus:
     )
 
 
-def _alias(store: VectorStore | None) -> str | None:
-    target = getattr(store, "alias_target", None)
-    if target is None:
+def _alias(store: ManagedStore | None) -> str | None:
+    if store is None:
         return None
     try:
-        return str(target()) if target() else None
+        target = store.alias_target()
+        return str(target) if target else None
     except Exception as exc:  # status must render even when Milvus is down
         log.warning("cannot read the serving alias: %s", exc)
         return None

@@ -44,7 +44,7 @@ from carsearch.data.augment.ollama import (
     OllamaJudge,
     OllamaUnavailableError,
 )
-from carsearch.platform.search.vocabulary import VehicleLabel
+from carsearch.platform.vehicles import VehicleLabel
 
 __all__ = [
     "AugmentSummary",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from carsearch.platform.search.evaluation import satisfies
-from carsearch.platform.search.vocabulary import VehicleLabel
+from carsearch.platform.vehicles import VehicleLabel
 
 __all__ = ["HELD_OUT_SEED", "HeldOutQuery", "held_out_query", "satisfies"]
 

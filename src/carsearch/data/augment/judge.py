@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from carsearch.data.augment import rules
-from carsearch.platform.search.vocabulary import VehicleLabel
+from carsearch.platform.vehicles import VehicleLabel
 
 
 class RejectReason(StrEnum):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from carsearch.data.augment.rules import AMBIGUOUS_MAKE_ALIASES, year_phrases
-from carsearch.platform.search.vocabulary import (
+from carsearch.platform.vehicles import (
     BODY_ALIASES,
     COLOUR_ALIASES,
     MAKE_ALIASES,

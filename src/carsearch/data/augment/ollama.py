@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from carsearch.data.augment.judge import LLMVerdict, RuleJudge, Verdict, judge_query
 from carsearch.platform.errors import CarsearchError
-from carsearch.platform.search.vocabulary import VehicleLabel
+from carsearch.platform.vehicles import VehicleLabel
 
 log = logging.getLogger(__name__)
 

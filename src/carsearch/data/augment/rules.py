@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable
 from functools import cache
 
-from carsearch.platform.search.vocabulary import (
+from carsearch.platform.vehicles import (
     COLOUR_ALIASES,
     MAKE_ALIASES,
     SHORT_YEAR,

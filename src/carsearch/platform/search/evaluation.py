@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from carsearch.platform.db import Image, ImageStatus
 from carsearch.platform.metrics import QueryScores, query_scores, reliability
-from carsearch.platform.search.vocabulary import body_category
+from carsearch.platform.vehicles import body_category
 
 log = logging.getLogger(__name__)
 

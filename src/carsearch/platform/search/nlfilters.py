@@ -47,6 +47,15 @@ vague year, colour, year, body, make (colours are the sparsest and least reliabl
 labels, a stated year is often off by one, a body type is visible in the photo, and a
 make is named on purpose).
 
+Negation (`split_negations`): "not", "no", "non", "without", "except", "excluding",
+"minus" and "other than" ("but not", "except for" read the same) take the facet phrases or
+year expressions right after them, joined by "or" ("pickup not red or blue", "no
+pickups", "except Ford", "not before 2005"): those become exclusion chips (negated, key
+"colour!=red"), which the search never relaxes; a filter the same query asks for and
+excludes is refused as contradictory. When no facet follows, up to three words up to a
+boundary ("no roof rack") are a negated concept, subtracted from the query vector. The
+negated words never reach the query vector.
+
 Ambiguous single words that are also plain English ("mini", "smart", "ram", "eagle",
 "caddy", "estate", "hatch", "tan", ...) count only when the same query names something
 unambiguous too ("red mini" filters on MINI; "mini" alone stays a vector search). "am"
@@ -59,7 +68,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any, Literal
 
@@ -67,7 +76,8 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, mod
 
 from carsearch.platform.db import Database, Image, images
 from carsearch.platform.errors import QueryError
-from carsearch.platform.search.vocabulary import (
+from carsearch.platform.vectors.filters import SearchFilters
+from carsearch.platform.vehicles import (
     BODY_ALIASES,
     BODY_CATEGORY,
     COLOUR_ALIASES,
@@ -76,7 +86,6 @@ from carsearch.platform.search.vocabulary import (
     YEAR,
     body_category,
 )
-from carsearch.platform.vectors.store import SearchFilters
 
 FieldName = Literal["make", "colour", "body", "year"]
 
@@ -240,16 +249,18 @@ class FilterChip:
     value: str  # "Chevrolet", "red", "pickup", "2012", "2007-2009", "2005-", "-2004"
     phrase: str  # the words of the query it came from
     vague: bool = False  # a year range from a vague word ("older model")
+    negated: bool = False  # an exclusion ("not red"): rows with this value are left out
 
     @property
     def key(self) -> str:
-        return f"{self.field}={self.value}"
+        return f"{self.field}{'!=' if self.negated else '='}{self.value}"
 
     @property
     def label(self) -> str:
+        head = f"not {self.field}" if self.negated else self.field
         if self.vague:
-            return f"{self.field}: {self.value} ({self.phrase})"
-        return f"{self.field}: {self.value}"
+            return f"{head}: {self.value} ({self.phrase})"
+        return f"{head}: {self.value}"
 
     @property
     def unit(self) -> str:
@@ -280,15 +291,33 @@ class ParsedQuery:
     chips: tuple[FilterChip, ...] = ()
     ignored: tuple[str, ...] = ()
     filters: SearchFilters = field(default_factory=SearchFilters)
+    # Exclusions read from the text ("not red", "no pickups", "except Ford"): negated
+    # chips, never relaxed.
+    exclusions: tuple[FilterChip, ...] = ()
+    # Negated words that name no facet ("no roof rack" -> "roof rack").
+    negative: tuple[str, ...] = ()
+    # The text with every negation removed (what the query vector is made from); the text
+    # itself when nothing was negated.
+    positive: str = ""
+    # The words that are neither filters, negations nor filler ("like this but blue" ->
+    # ""): an image + text query's text part.
+    remaining: str = ""
 
     def keys(self) -> list[str]:
         return [c.key for c in self.chips]
 
     def keep(self, keys: Iterable[str]) -> ParsedQuery:
-        """The same parse with only the chips whose key is in `keys` (the rest removed)."""
+        """The same parse with only the chips whose key is in `keys` (the rest removed).
+        Exclusions are kept (they are dropped by their own keys: `drop_exclusions`)."""
         wanted = set(keys)
         chips = tuple(c for c in self.chips if c.key in wanted)
-        return ParsedQuery(self.text, chips, self.ignored, filters_from_chips(chips))
+        return replace(self, chips=chips, filters=filters_from_chips(chips))
+
+    def drop_exclusions(self, keys: Iterable[str]) -> ParsedQuery:
+        """The same parse without the exclusions whose key is in `keys`."""
+        unwanted = set(keys)
+        return replace(self, exclusions=tuple(c for c in self.exclusions
+                                              if c.key not in unwanted))
 
 
 @dataclass(frozen=True)
@@ -508,9 +537,25 @@ def _merge_years(years: list[tuple[int | None, int | None]]) -> tuple[int | None
 
 
 def parse_query(text: str, vocab: FilterVocabulary) -> ParsedQuery:
-    """Read filters from a query; only values that exist in `vocab` become chips."""
-    words = _normalise(text)
-    found, years, vague = _candidates(words, _indexed_makes(vocab))
+    """Read filters from a query; only values that exist in `vocab` become chips.
+    Negations ("not red", "no pickups", "except Ford", "no roof rack") become exclusion
+    chips or negative terms (`split_negations`)."""
+    all_words = _normalise(text)
+    extra = _indexed_makes(vocab)
+    words, negated, negative = split_negations(all_words, extra)
+    parsed = _parse_positive(text, words, vocab, extra)
+    exclusions, ignored = _exclusions(negated, vocab, firm=bool(parsed.chips) or any(
+        not c.ambiguous for c in negated if isinstance(c, _Candidate)))
+    positive = text if len(words) == len(all_words) else " ".join(words)
+    return replace(parsed, exclusions=exclusions, ignored=parsed.ignored + ignored,
+                   negative=negative, positive=positive,
+                   remaining=_remaining(words, vocab, extra))
+
+
+def _parse_positive(text: str, words: list[str], vocab: FilterVocabulary,
+                    extra: dict[tuple[str, ...], tuple[FieldName, str]]) -> ParsedQuery:
+    """The filter chips of the words that are not negated."""
+    found, years, vague = _candidates(words, extra)
     if not any(not c.ambiguous for c in found) and not years and not vague:
         found = []  # only ambiguous words: read the query as plain text
     else:
@@ -545,6 +590,193 @@ def parse_query(text: str, vocab: FilterVocabulary) -> ParsedQuery:
     return ParsedQuery(text, chips_t, tuple(ignored), filters_from_chips(chips_t))
 
 
+# -- negation ----------------------------------------------------------------------------
+# Words that negate what follows them ("non-red" reads as "non red"); "but not" and
+# "except for" are these after a filler word.
+NEGATORS: frozenset[str] = frozenset(
+    {"not", "no", "non", "without", "except", "excluding", "exclude", "minus", "nor"})
+_NEG_FILLER = frozenset({"a", "an", "any", "the", "for", "than", "of"})
+_NEG_JOIN = frozenset({"or", "nor"})
+# Words that end a negated concept with no facet ("no roof rack, with a spoiler").
+_BOUNDARY = frozenset({"and", "but", "with", "or", "nor", "in", "from", "that", "which",
+                       "please", "only", "just"} | NEGATORS)
+_MAX_NEGATIVE_WORDS = 3
+# Words an image + text query's text leaves out ("like this one but blue" -> nothing).
+FILLER: frozenset[str] = frozenset(
+    {"like", "this", "that", "these", "one", "ones", "but", "and", "a", "an", "the",
+     "in", "of", "with", "same", "similar", "to", "more", "show", "me", "find", "i",
+     "want", "looking", "for", "photo", "photos", "picture", "pictures", "image", "car",
+     "cars", "vehicle", "vehicles", "please", "it", "is", "only", "just", "as", "other",
+     "another", "version", "instead", "model", "some", "any"})
+
+
+@dataclass(frozen=True)
+class _NegYear:
+    lo: int | None
+    hi: int | None
+    phrase: str
+
+
+def _facet_at(words: Sequence[str], i: int,
+              extra: dict[tuple[str, ...], tuple[FieldName, str]],
+              ) -> tuple[int, _Candidate | _NegYear | None]:
+    """(words used, what) for a facet phrase or a year expression at position i; a
+    plural ("pickups", "SUVs") reads as its singular."""
+    used, lo, hi = _year_candidate(words, i)
+    if used:
+        return used, _NegYear(lo, hi, " ".join(words[i:i + used]))
+    longest = max([_MAX_WORDS, *(len(k) for k in extra)])
+    for n in range(min(longest, len(words) - i), 0, -1):
+        phrase = tuple(words[i:i + n])
+        entry = _PHRASES.get(phrase) or extra.get(phrase)
+        last = phrase[-1]
+        if entry is None and len(last) > 3 and last.endswith("s"):
+            single = (*phrase[:-1], last[:-1])
+            entry = _PHRASES.get(single) or extra.get(single)
+        if entry is not None:
+            text = " ".join(phrase)
+            return n, _Candidate(entry[0], entry[1], text, text in AMBIGUOUS)
+    return 0, None
+
+
+def split_negations(
+    words: list[str], extra: dict[tuple[str, ...], tuple[FieldName, str]] | None = None,
+) -> tuple[list[str], list[_Candidate | _NegYear], tuple[str, ...]]:
+    """(the words outside every negation, the negated facets and years, the negated
+    concepts with no facet).
+
+    A negator ("not", "no", "non", "without", "except", "excluding", "minus") takes the
+    facet phrases or year expressions right after it, joined by "or" ("not red or
+    blue"); when none follows, the next words up to a boundary (at most three: "no roof
+    rack") are a negated concept instead. "but not", "except for", "other than" and "anything
+    but" read the same way."""
+    extra = extra or {}
+    kept: list[str] = []
+    facets: list[_Candidate | _NegYear] = []
+    concepts: list[str] = []
+    i = 0
+    n = len(words)
+    while i < n:
+        w = words[i]
+        negates = w in NEGATORS or (w == "other" and i + 1 < n and words[i + 1] == "than")
+        if not negates:
+            kept.append(w)
+            i += 1
+            continue
+        j = i + 1
+        while j < n and words[j] in _NEG_FILLER:
+            j += 1
+        got = False
+        while j < n:
+            used, what = _facet_at(words, j, extra)
+            if what is None:
+                break
+            facets.append(what)
+            got = True
+            j += used
+            if j + 1 < n and words[j] in _NEG_JOIN:
+                nxt = _facet_at(words, j + 1, extra)[1]
+                if nxt is not None:
+                    j += 1
+                    continue
+            break
+        if not got:
+            start = j
+            while (j < n and j - start < _MAX_NEGATIVE_WORDS and words[j] not in _BOUNDARY
+                   and _facet_at(words, j, extra)[1] is None):
+                j += 1
+            concept = " ".join(words[start:j])
+            if concept:
+                concepts.append(concept)
+            elif j == i + 1:  # a bare negator ("not" at the end): keep it as text
+                kept.append(w)
+        i = max(j, i + 1)
+    return kept, facets, tuple(dict.fromkeys(concepts))
+
+
+def _exclusions(negated: Sequence[_Candidate | _NegYear], vocab: FilterVocabulary,
+                firm: bool) -> tuple[tuple[FilterChip, ...], tuple[str, ...]]:
+    """Exclusion chips for the negated facets that exist in ``vocab`` (an ambiguous word
+    counts only beside a firm mention, as for filters), and notes for the rest."""
+    chips: list[FilterChip] = []
+    ignored: list[str] = []
+    years = [x for x in negated if isinstance(x, _NegYear)]
+    for c in negated:
+        if not isinstance(c, _Candidate):
+            continue
+        if c.ambiguous and not firm:
+            ignored.append(f"'not {c.phrase}': ambiguous alone, not excluded")
+        elif c.value in vocab.values(c.field):
+            chip = FilterChip(c.field, c.value, c.phrase, negated=True)
+            if chip not in chips:
+                chips.append(chip)
+        else:
+            ignored.append(f"'not {c.phrase}' ({c.field} {c.value}): none indexed")
+    if years:
+        lo, hi = _merge_years([(y.lo, y.hi) for y in years])
+        # Within the years a filter can name (1886-2100): beyond them nothing is excluded.
+        lo = None if lo is None or lo <= 1886 else min(lo, 2100)
+        hi = None if hi is None or hi >= 2100 else max(hi, 1886)
+        label = _year_label(lo, hi)
+        phrase = " ".join(y.phrase for y in years)
+        if not vocab.has_year_in(lo, hi):
+            ignored.append(f"'not {phrase}': no indexed vehicle from then")
+        elif lo is None and hi is None:
+            ignored.append(f"'not {phrase}': that would exclude every year")
+        else:
+            chips.append(FilterChip("year", label, phrase, negated=True))
+    return tuple(chips), tuple(ignored)
+
+
+def _remaining(words: Sequence[str], vocab: FilterVocabulary,
+               extra: dict[tuple[str, ...], tuple[FieldName, str]]) -> str:
+    """The words that are not a facet with an indexed value, a year, a vague time word
+    or filler."""
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        used, what = _facet_at(words, i, extra)
+        if isinstance(what, _Candidate) and what.value not in vocab.values(what.field):
+            used = 0  # nothing indexed filters on it: its words still rank
+        if not used:
+            used = _vague_at(words, i)[0]
+        if used:
+            i += used
+            continue
+        if words[i] not in FILLER:
+            out.append(words[i])
+        i += 1
+    return " ".join(out)
+
+
+def exclusion_filters(chips: Iterable[FilterChip]) -> SearchFilters:
+    """The exclusion (as a SearchFilters of the values to leave out) of negated chips."""
+    return filters_from_chips(c for c in chips if c.negated)
+
+
+def check_contradictions(chips: Sequence[FilterChip], exclude: SearchFilters) -> None:
+    """A QueryError when a filter asks for what an exclusion leaves out ("red ... not
+    red"), naming both."""
+    for c in chips:
+        if c.field == "year":
+            lo, hi = c.year_bounds()
+            xlo, xhi = exclude.year_min, exclude.year_max
+            if xlo is None and xhi is None:
+                continue
+            inside = ((xlo is None or (lo is not None and lo >= xlo))
+                      and (xhi is None or (hi is not None and hi <= xhi)))
+            if inside:
+                raise QueryError(
+                    f"contradictory query: it asks for year {c.value} and excludes "
+                    f"{_year_label(xlo, xhi)}; remove one of them")
+            continue
+        values = {v.lower() for v in getattr(exclude, c.field)}
+        if c.value.lower() in values:
+            raise QueryError(
+                f"contradictory query: it asks for {c.field} {c.value} and excludes it "
+                f"('not {c.value}'); remove one of them")
+
+
 def _has_firm(found: list[_Candidate], years: list[Any]) -> bool:
     return bool(years) or any(not c.ambiguous for c in found)
 
@@ -574,6 +806,8 @@ def merge_filters(parsed: SearchFilters, picked: SearchFilters) -> SearchFilters
             out[name] = chosen[name]
     if chosen["year_min"] is not None or chosen["year_max"] is not None:
         out["year_min"], out["year_max"] = chosen["year_min"], chosen["year_max"]
+    if chosen["exclude"] is not None:
+        out["exclude"] = chosen["exclude"]
     return SearchFilters(**out)
 
 

@@ -7,12 +7,14 @@ any later API or evaluation are thin adapters over it (`search_text` is the same
 callers that pass chips themselves).
 
 Uses the serving model version: its encoder (loaded once per version, after the
-artifact's hash is checked), its Milvus collection, and metadata joined from the
-database. Every query is written to `query_log`.
+artifact's hash is checked, and released when the version stops serving), its
+collection in the vector store (through the VectorStore Protocol only), and metadata
+joined from the database. Every query is written to `query_log`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -28,7 +30,14 @@ from PIL import Image as PILImage
 
 from carsearch.platform import collections
 from carsearch.platform.collections import DEFAULT_COLLECTION, Kind
-from carsearch.platform.db import Database, Image, ModelVersion, QueryLog, images
+from carsearch.platform.db import (
+    Database,
+    Image,
+    ModelVersion,
+    QueryFeedback,
+    QueryLog,
+    images,
+)
 from carsearch.platform.errors import ImageRejectedError, QueryError
 from carsearch.platform.ids import MAX_ID
 from carsearch.platform.images import DECODE_MAX_SIDE, load_image
@@ -45,21 +54,36 @@ from carsearch.platform.search.classify import (
 from carsearch.platform.search.nlfilters import (
     FilterChip,
     FilterVocabulary,
+    ParsedQuery,
+    check_contradictions,
     describe_chips,
+    exclusion_filters,
     filters_from_chips,
     load_vocabulary,
     merge_filters,
     parse_query,
     relaxation_tiers,
 )
+from carsearch.platform.search.paging import decode_cursor, encode_cursor, fingerprint
+from carsearch.platform.search.querymix import combine, normalise, rocchio, subtract
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
-from carsearch.platform.vectors.mirror import MirroredStore
-from carsearch.platform.vectors.store import SearchFilters, VectorStore
+from carsearch.platform.vectors.filters import SearchFilters
+from carsearch.platform.vectors.protocol import VectorStore
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
+SORTS = ("score", "year", "arrival")
+# The image vector's share in an image + text query (measured: docs/BENCHMARKS.md).
+IMAGE_WEIGHT = 0.5
+# The weight of a negated concept's text vector subtracted from the query vector.
+NEGATIVE_WEIGHT = 0.3
+# Cosine at or above which two images are near-duplicates (measured: docs/BENCHMARKS.md).
+DUPLICATE_COSINE = 0.95
+# Rocchio: query, liked-centroid and disliked-centroid weights, and the most ids of each.
+ROCCHIO = (1.0, 0.75, 0.25)
+MAX_FEEDBACK_IDS = 50
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -90,10 +114,15 @@ class SearchHit:
     # The vehicle's box [x1, y1, x2, y2] in pixels that the vector was embedded from
     # (None: the whole frame); the thumbnail is always the whole photo.
     box: list[int] | None = None
+    # With ``collapse_duplicates``: how many near-duplicates of this hit were folded into
+    # it (cosine at or above `DUPLICATE_COSINE`, or the same content), and their ids.
+    duplicates: int = 0
+    duplicate_ids: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["unmet"] = list(self.unmet)
+        d["duplicate_ids"] = list(self.duplicate_ids)
         return d
 
 
@@ -119,11 +148,22 @@ class SearchResult:
     chips: tuple[FilterChip, ...] = ()
     ignored: tuple[str, ...] = ()
     effective: SearchFilters | None = None
+    # The next page's cursor (pass it back as ``SearchRequest.cursor`` with the same
+    # query), None on the last page or at the `search_max_results` setting.
+    next_cursor: str | None = None
+    # Exclusions read from the text ("not red", "no pickups", "except Ford"), as chips
+    # the person can untick (keys "colour!=red", distinct from the filter chips' "="),
+    # and negated words with no facet ("no roof rack") that were subtracted from the
+    # query vector.
+    exclusions: tuple[FilterChip, ...] = ()
+    negative_terms: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hits"] = [h.to_dict() for h in self.hits]
         d["chips"] = [c.key for c in self.chips]
+        d["exclusions"] = [c.key for c in self.exclusions]
+        d["negative_terms"] = list(self.negative_terms)
         d["ignored"] = list(self.ignored)
         d.pop("effective")
         return d
@@ -148,6 +188,29 @@ class SearchRequest:
     min_prob: Any = None
     collection: str | None = None
     vocabulary: FilterVocabulary | None = None
+    # The person's own exclusions (colours, makes, body types, sources, a year range):
+    # hard, never relaxed, never contradicted by a filter read from the text.
+    exclude: SearchFilters | None = None
+    # Exclusion chips read from the text that the person unticked (their keys,
+    # "colour!=red"); every other exclusion read from the text applies.
+    drop_exclusions: Sequence[str] = ()
+    # Image + text: an indexed image (its stored vector) or an uploaded one, combined
+    # with the text's words that are not filters; ``query`` may then be None or empty.
+    image_id: Any = None
+    image: PILImage.Image | None = None
+    # The image vector's share of the combined query vector (0-1; the rest is the text's).
+    image_weight: Any = IMAGE_WEIGHT
+    # The cursor of the previous page (SearchResult.next_cursor); None: the first page.
+    cursor: str | None = None
+    # The order of what passed the cut-off: "score" (best first), "year" (newest first)
+    # or "arrival" (latest ingested first).
+    sort: str = "score"
+    # Fold near-duplicates into one hit (SearchHit.duplicates / duplicate_ids).
+    collapse_duplicates: bool = False
+    # In-session feedback: image ids the person liked / disliked; the query vector moves
+    # toward the liked and away from the disliked (Rocchio, bounded) at once.
+    liked: Sequence[int] = ()
+    disliked: Sequence[int] = ()
 
 
 class _Empty(threading.local):
@@ -207,12 +270,161 @@ def _check_filters(kind: Kind, collection: str, filters: SearchFilters | None) -
     """A filter the collection's kind does not have is an error, not silently nothing."""
     if filters is None:
         return
+    _check_filters(kind, collection, filters.exclude)
     used = filters.model_dump(exclude_defaults=True)
+    used.pop("exclude", None)
     foreign = [f for f in used if f not in kind.filters]
     if foreign:
         raise QueryError(f"the {kind.name} collection {collection} has no "
                          f"{', '.join(foreign)} filter (it filters on "
                          f"{', '.join(kind.filters)})")
+
+
+def _check_hard_contradictions(hard: SearchFilters, ex: SearchFilters) -> None:
+    """The person's own filters asking only for what an exclusion leaves out."""
+    for name in ("make", "body", "colour", "source"):
+        wanted = {v.lower() for v in getattr(hard, name)}
+        if wanted and wanted <= {v.lower() for v in getattr(ex, name)}:
+            raise QueryError(f"contradictory search: the {name} filter "
+                             f"({', '.join(sorted(wanted))}) is excluded; remove one of them")
+    lo, hi, xlo, xhi = hard.year_min, hard.year_max, ex.year_min, ex.year_max
+    if (lo is not None or hi is not None) and (xlo is not None or xhi is not None) and (
+            (xlo is None or (lo is not None and lo >= xlo))
+            and (xhi is None or (hi is not None and hi <= xhi))):
+        raise QueryError("contradictory search: the year filter lies inside the excluded "
+                         "years; remove one of them")
+
+
+def _keys(keys: Any, what: str) -> set[str]:
+    """Chip keys as given by an adapter (a list of strings)."""
+    if isinstance(keys, str | bytes) or not isinstance(keys, Sequence | set | frozenset):
+        raise QueryError(f"{what} is a list of chip keys")
+    if not all(isinstance(key, str) for key in keys):
+        raise QueryError(f"{what} is a list of chip keys")
+    return set(keys)
+
+
+# Milvus answers at most this many hits per search call.
+_TOPK = 16_384
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which page of a query, in which order, with or without folding duplicates."""
+
+    sort: str = "score"
+    collapse: bool = False
+    seen: frozenset[int] = frozenset()  # already shown (earlier pages) or disliked
+    shown: int = 0
+    max_results: int = MAX_K
+    fingerprint: bytes | None = None  # None: no cursor is given out
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    name: str
+    text: str | None
+    kind: str
+    k: int
+    cut: float | None
+    hard: SearchFilters
+    soft: list[FilterChip]
+    chips: tuple[FilterChip, ...]
+    ignored: tuple[str, ...]
+    exclusions: tuple[FilterChip, ...]
+    negative: tuple[str, ...]
+    vector_text: str | None
+    image_id: int | None
+    image: PILImage.Image | None
+    weight: float
+    liked: tuple[int, ...]
+    disliked: tuple[int, ...]
+    plan: _Plan
+
+
+@dataclass
+class _Picked:
+    """A hit gathered for the page, before its rank is known."""
+
+    tier: int
+    found: Any  # the vector store's Hit
+    row: Image
+    unmet: tuple[str, ...]
+    prob: float | None
+    dups: list[int] = field(default_factory=list)
+
+    @property
+    def hit_id(self) -> int:
+        return int(self.found.id)
+
+    def hit(self, rank: int) -> SearchHit:
+        row = self.row
+        return SearchHit(
+            rank=rank, score=round(self.found.score, 6), image_id=self.hit_id,
+            path=row.path, make=row.make, model=row.model, year=row.year,
+            body_type=row.body_type, colour=row.colour, class_name=row.class_name,
+            source=row.source, unmet=self.unmet,
+            probability=None if self.prob is None else round(self.prob, 6),
+            description=_extra_text(row.extra, "description"),
+            photographer=_extra_text(row.extra, "photographer"),
+            box=list(row.box) if getattr(row, "box", None) else None,
+            duplicates=len(self.dups), duplicate_ids=tuple(self.dups),
+        )
+
+
+def _arrival(p: _Picked) -> float:
+    at = p.row.ingested_at
+    return at.timestamp() if at is not None else float("-inf")
+
+
+# Within each relaxation tier (exact matches stay first): newest model year first, or
+# latest ingested first; then by score.
+_SORT_KEYS: dict[str, Any] = {
+    "year": lambda p: (p.tier, -(p.row.year or -10**6), -p.found.score),
+    "arrival": lambda p: (p.tier, -_arrival(p), -p.found.score),
+}
+
+
+class _Reps:
+    """The representatives of a page's duplicate groups: a hit folds into the first one
+    whose vector's cosine with it is at least `DUPLICATE_COSINE`, or whose content is
+    the same (sha256)."""
+
+    def __init__(self, collection: str, store: VectorStore) -> None:
+        self.collection = collection
+        self.store = store
+        self.vectors: dict[int, np.ndarray] = {}
+        self.count = 0
+        self.kept: list[np.ndarray] = []  # the representatives' vectors ...
+        self.index: list[int] = []  # ... and their places among the representatives
+        self.hashes: dict[str, int] = {}
+
+    def load(self, ids: list[int]) -> None:
+        missing = [i for i in ids if i not in self.vectors]
+        if missing:
+            found, vecs = self.store.vectors(self.collection, missing)
+            self.vectors.update({int(i): v for i, v in zip(found.tolist(), vecs,
+                                                           strict=True)})
+
+    def fold(self, image_id: int, sha256: str | None) -> int | None:
+        """The index of the representative ``image_id`` folds into, or None (it becomes
+        the next representative)."""
+        if sha256 and sha256 in self.hashes:
+            return self.hashes[sha256]
+        vec = self.vectors.get(image_id)
+        if vec is not None and self.kept:
+            cos = np.stack(self.kept) @ vec
+            best = int(np.argmax(cos))
+            if float(cos[best]) >= DUPLICATE_COSINE:
+                return self.index[best]
+        index = self.count
+        self.count += 1
+        if vec is not None:
+            self.kept.append(vec)
+            self.index.append(index)
+        if sha256:
+            self.hashes[sha256] = index
+        return None
 
 
 class SearchService:
@@ -265,9 +477,21 @@ class SearchService:
         if cached is not None and cached[1].name != version.name:
             log.info("serving version of %s is now %s (was %s)", name, version.name,
                      cached[1].name)
-            if isinstance(self.store, MirroredStore):
-                self.store.keep_only(v.collection for _, v in self._serving.values())
+            # Every collection's serving version, not only those searched here yet
+            # (`warm` readied them all).
+            now_serving = [*self.registry.all_serving(), version]
+            self.store.retain(v.collection for v in now_serving)
+            self._release_encoders({v.name for v in now_serving})
         return version
+
+    def _release_encoders(self, keep: set[str]) -> None:
+        """Forget the encoders of versions that no longer serve (after a promotion or a
+        rollback), so that a long-running page does not hold every version it ever
+        served: their weights are freed once no caller holds them either."""
+        with self._lock:
+            for name in [n for n in self._encoders if n not in keep]:
+                log.info("releasing the encoder of %s: it no longer serves", name)
+                del self._encoders[name]
 
     # -- model -----------------------------------------------------------------------
     def encoder_for(self, version: ModelVersion) -> Encoder:
@@ -336,10 +560,7 @@ class SearchService:
         others = [v for v in self.registry.all_serving() if v.name != version.name]
         for v in [version, *others]:
             self.encoder_for(v).encode_text(["warm up"])
-            if isinstance(self.store, MirroredStore):
-                self.store.auto_build = True
-                if self.store.has_collection(v.collection):
-                    self.store.warm(v.collection, wait=wait)
+            self.store.prepare([v.collection], wait=wait)
         return version
 
     # -- queries ---------------------------------------------------------------------
@@ -383,49 +604,186 @@ class SearchService:
         return iid
 
     def search(self, request: SearchRequest) -> SearchResult:
-        """Text search: the one path every adapter takes.
+        """The one search path every adapter takes: text, or image + text.
 
-        The query is cleaned and checked (k, min_prob, the filters against the collection's
-        kind); filters are read from the text (``request.parse``; a collection without
-        vehicle labels reads none) or taken from ``request.preferred``. The person's
-        filters are hard; the chips are met where k vehicles meet them, otherwise relaxed
-        in `relaxation_tiers` order until the page is full, exact matches first, and the
+        The query is cleaned and checked (k, min_prob, the filters and exclusions against
+        the collection's kind); filters and exclusions are read from the text
+        (``request.parse``; a collection without vehicle labels reads none) or the chips
+        taken from ``request.preferred``. The person's filters and every exclusion are
+        hard; the chips are met where k vehicles meet them, otherwise relaxed in
+        `relaxation_tiers` order until the page is full, exact matches first, and the
         result says what was relaxed. A chip whose field the hard filters set is overridden
-        by them. ``min_prob`` drops the hits whose model text-image probability is
-        lower. The query is logged (`query_log`) and counted."""
+        by them; a chip an exclusion contradicts is refused. The query vector is the
+        text's (without its negations), or the image's combined with the text's remaining
+        words (``image_weight``); negated concepts with no facet are subtracted from it,
+        and liked / disliked images move it (Rocchio). ``min_prob`` drops text hits whose
+        model probability is lower. ``cursor`` continues a previous page; ``sort`` orders
+        what passed; ``collapse_duplicates`` folds near-duplicates. The query is logged
+        (`query_log`) and counted."""
         with _counted():
-            text = self.clean_query(request.query)
-            k = self.check_k(request.k)
-            cut = self.check_min_prob(request.min_prob)
-            name = self.collection(request.collection)
-            kind = self.kind(name)
-            _check_filters(kind, name, request.filters)
-            chips, ignored = self._chips(request, text, kind.vehicle_labels)
+            prep = self._prepare(request)
             t0 = time.perf_counter()
-            version = self.serving(name)
-            vec = self.encoder_for(version).encode_text([text])
-            hard = request.filters or SearchFilters()
-            soft = [c for c in chips if not _overridden(c, hard)]
-            result = self._finish(version, vec, "text", text, k, hard, t0, soft, cut)
-            log.debug("text search %r in %s: %d hits, %d chips", text, name,
-                      len(result.hits), len(chips))
-            return replace(result, chips=chips, ignored=ignored,
-                           effective=merge_filters(filters_from_chips(chips), hard))
+            version = self.serving(prep.name)
+            vec = self._query_vector(version, prep)
+            result = self._finish(version, vec, prep.kind, prep.text, prep.k, prep.hard, t0,
+                                  prep.soft, prep.cut, prep.plan)
+            log.debug("%s search %r in %s: %d hits, %d chips, %d exclusions", prep.kind,
+                      prep.text, prep.name, len(result.hits), len(prep.chips),
+                      len(prep.exclusions))
+            return replace(result, chips=prep.chips, ignored=prep.ignored,
+                           effective=merge_filters(filters_from_chips(prep.chips), prep.hard),
+                           exclusions=prep.exclusions, negative_terms=prep.negative)
 
-    def _chips(self, request: SearchRequest, text: str,
-               vehicle_labels: bool) -> tuple[tuple[FilterChip, ...], tuple[str, ...]]:
-        """The chips a request searches with, and what was read but not used."""
-        if request.preferred is not None:
-            chips, ignored = tuple(request.preferred), ()
-        elif request.parse:
-            vocab = request.vocabulary
-            parsed = parse_query(text, load_vocabulary(self.db) if vocab is None else vocab)
-            if request.keep_chips is not None:
-                parsed = parsed.keep(request.keep_chips)
-            chips, ignored = parsed.chips, parsed.ignored
+    def _prepare(self, request: SearchRequest) -> _Prepared:
+        """Every check of a request, and what the search runs with."""
+        has_image = request.image_id is not None or request.image is not None
+        if request.image_id is not None and request.image is not None:
+            raise QueryError("give an image id or an image, not both")
+        if request.image is not None and not isinstance(request.image, PILImage.Image):
+            raise QueryError("the image is not a picture")
+        empty = request.query is None or (isinstance(request.query, str)
+                                          and not request.query.strip())
+        text = None if has_image and empty else self.clean_query(request.query)
+        k = self.check_k(request.k)
+        cut = self.check_min_prob(request.min_prob)
+        sort = request.sort
+        if not isinstance(sort, str) or sort not in SORTS:
+            raise QueryError(f"sort is one of {', '.join(SORTS)}, got {sort!r}"[:200])
+        weight = self.check_image_weight(request.image_weight)
+        image_id = self.check_image_id(request.image_id) if request.image_id is not None \
+            else None
+        liked = self._feedback_ids(request.liked, "liked")
+        disliked = self._feedback_ids(request.disliked, "disliked")
+        if set(liked) & set(disliked):
+            raise QueryError("an image is both liked and disliked: keep one")
+        if not isinstance(request.collapse_duplicates, bool):
+            raise QueryError("collapse_duplicates is true or false")
+        name = self.collection(request.collection)
+        kind = self.kind(name)
+        _check_filters(kind, name, request.filters)
+        _check_filters(kind, name, request.exclude)
+        parsed = self._parse(request, text)
+        labels = kind.vehicle_labels
+        chips = parsed.chips if labels else ()
+        drop = _keys(request.drop_exclusions, "drop_exclusions")
+        exclusions = tuple(c for c in parsed.exclusions if c.key not in drop) if labels else ()
+        hard = (request.filters or SearchFilters()).excluding(request.exclude).excluding(
+            exclusion_filters(exclusions))
+        ex = hard.exclude or SearchFilters()
+        check_contradictions(chips, ex)
+        _check_hard_contradictions(hard, ex)
+        if has_image:
+            vector_text = parsed.remaining or None
         else:
-            chips, ignored = (), ()
-        return (chips if vehicle_labels else ()), ignored
+            vector_text = parsed.positive or ("a photo of a vehicle" if labels else "a photo")
+        plan = self._plan(request, name, k, sort, image_id, weight, liked, disliked)
+        return _Prepared(
+            name=name, text=text, kind="image" if has_image else "text", k=k, cut=cut,
+            hard=hard, soft=[c for c in chips if not _overridden(c, hard)], chips=chips,
+            ignored=parsed.ignored, exclusions=exclusions, negative=parsed.negative,
+            vector_text=vector_text, image_id=image_id, image=request.image, weight=weight,
+            liked=liked, disliked=disliked, plan=plan)
+
+    def _parse(self, request: SearchRequest, text: str | None) -> ParsedQuery:
+        """The text read for filters, exclusions and negated terms (nothing read with
+        ``parse`` off or chips given as ``preferred``)."""
+        if text is None:
+            return ParsedQuery("")
+        if request.preferred is not None:
+            return ParsedQuery(text, tuple(request.preferred), positive=text, remaining=text)
+        if not request.parse:
+            return ParsedQuery(text, positive=text, remaining=text)
+        vocab = request.vocabulary
+        parsed = parse_query(text, load_vocabulary(self.db) if vocab is None else vocab)
+        if request.keep_chips is not None:
+            parsed = parsed.keep(_keys(request.keep_chips, "keep_chips"))
+        return parsed
+
+    def _plan(self, request: SearchRequest, name: str, k: int, sort: str,
+              image_id: int | None, weight: float, liked: tuple[int, ...],
+              disliked: tuple[int, ...]) -> _Plan:
+        """Paging, order and folding of a request; the cursor checked against it."""
+        limit = self.settings.search_max_results
+        image_hash = None
+        if request.image is not None:
+            image_hash = hashlib.blake2b(request.image.tobytes(), digest_size=16).hexdigest()
+        fp = fingerprint({
+            "q": request.query, "f": (request.filters or SearchFilters()).model_dump(),
+            "x": (request.exclude or SearchFilters()).model_dump(),
+            "keep": sorted(request.keep_chips) if request.keep_chips is not None else None,
+            "pref": [c.key for c in request.preferred or ()], "parse": bool(request.parse),
+            "drop": sorted(request.drop_exclusions), "c": name, "p": request.min_prob,
+            "i": image_id, "ih": image_hash, "w": weight, "s": sort,
+            "d": request.collapse_duplicates, "l": liked, "dl": disliked,
+        })
+        seen: frozenset[int] = frozenset(disliked)
+        shown = 0
+        if request.cursor is not None:
+            state = decode_cursor(request.cursor, fp)
+            seen, shown = seen | state.seen, state.shown
+        return _Plan(sort=sort, collapse=request.collapse_duplicates, seen=seen, shown=shown,
+                     max_results=limit, fingerprint=fp)
+
+    @staticmethod
+    def check_image_weight(value: Any) -> float:
+        try:
+            w = float(value)
+        except (TypeError, ValueError, OverflowError):
+            w = float("nan")
+        if isinstance(value, bool) or not 0.0 <= w <= 1.0:
+            raise QueryError(f"image_weight is a share from 0 to 1, got {value!r}"[:200])
+        return w
+
+    def _feedback_ids(self, ids: Any, what: str) -> tuple[int, ...]:
+        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | set | frozenset):
+            raise QueryError(f"{what} is a list of image ids")
+        if len(ids) > MAX_FEEDBACK_IDS:
+            raise QueryError(f"at most {MAX_FEEDBACK_IDS} {what} images per query, "
+                             f"got {len(ids)}")
+        return tuple(dict.fromkeys(self.check_image_id(i) for i in ids))
+
+    def _query_vector(self, version: ModelVersion, prep: _Prepared) -> np.ndarray:
+        """The text's vector, or the image's combined with the remaining words'; negated
+        concepts subtracted; liked / disliked images applied (platform/search/querymix)."""
+        encoder = self.encoder_for(version)
+        image = None
+        if prep.image_id is not None:
+            image = self._stored_or_encoded(version, prep.image_id)
+        elif prep.image is not None:
+            try:
+                rgb = prep.image.convert("RGB")
+            except (OSError, ValueError) as exc:
+                raise QueryError(f"the image cannot be read: {exc}"[:200]) from None
+            image = encoder.encode_images([rgb], [None])
+        texts = ([prep.vector_text] if prep.vector_text else []) + list(prep.negative)
+        tv = encoder.encode_text(texts) if texts else None
+        first = tv[:1] if tv is not None and prep.vector_text else None
+        if image is None:
+            assert first is not None  # a text query always has text to encode
+            vec = normalise(first)
+        else:
+            vec = combine(image, first, prep.weight)
+        if prep.negative and tv is not None:
+            vec = subtract(vec, tv[1 if prep.vector_text else 0:], NEGATIVE_WEIGHT)
+        if prep.liked or prep.disliked:
+            _, liked = self.store.vectors(version.collection, list(prep.liked))
+            _, disliked = self.store.vectors(version.collection, list(prep.disliked))
+            vec = rocchio(vec, liked, disliked, ROCCHIO)
+        return vec
+
+    def _stored_or_encoded(self, version: ModelVersion, image_id: int) -> np.ndarray:
+        """An indexed image's stored vector, or its file encoded where the collection
+        does not hold it yet."""
+        found, vec = self.store.vectors(version.collection, [image_id])
+        if len(found):
+            return np.asarray(vec[:1], dtype=np.float32)
+        with self.db.session() as s:
+            row = s.get(Image, image_id)
+        if row is None:
+            raise QueryError(f"no image with id {image_id}")
+        img = load_image(Path(row.path), max_pixels=self.settings.max_image_pixels,
+                         max_side=DECODE_MAX_SIDE)
+        return self.encoder_for(version).encode_images([img.convert("RGB")], [row.box])
 
     def search_text(
         self,
@@ -525,57 +883,76 @@ class SearchService:
         t0: float,
         soft: Sequence[FilterChip] = (),
         min_prob: float | None = None,
+        plan: _Plan | None = None,
     ) -> SearchResult:
+        plan = plan or _Plan()
         hard = filters or SearchFilters()
         scale = bias = 0.0
         if kind == "text":
             encoder = self.encoder_for(version)
             scale, bias = encoder.logit_scale, encoder.logit_bias
         tiers = relaxation_tiers(soft) if soft else [()]
-        out: list[SearchHit] = []
-        seen: set[int] = set()
+        room = max(0, plan.max_results - plan.shown)
+        page_k = min(k, room)
+        # What is gathered: the page, or for another order everything the query may still
+        # page through (sorted below, within each relaxation tier).
+        want = page_k if plan.sort == "score" else room
+        picked: list[_Picked] = []
+        seen: set[int] = set(plan.seen)
         ran: list[dict[str, Any]] = []
-        for kept in tiers:
-            if len(out) >= k:
+        reps = _Reps(version.collection, self.store) if plan.collapse else None
+        for tier, kept in enumerate(tiers):
+            if len(picked) >= want:
                 break
             tier_filters = merge_filters(filters_from_chips(kept), hard)
-            # Earlier tiers' hits come back too (a tier's vehicles include the ones that
-            # also meet what it dropped): ask for enough to still find k new ones.
-            limit = min(k + len(seen), MAX_K + k)
-            hits = self.store.search(version.collection, vec, limit, tier_filters)[0]
-            fresh = [h for h in hits if h.id not in seen]
-            rows = self._metadata([h.id for h in fresh])
             dropped = [c for c in soft if c not in kept]
             added = 0
-            for h in fresh:
-                row = rows.get(h.id)
-                if row is None:  # a vector whose row is gone: reconcile repairs it
-                    log.warning("vector %d in %s has no database row", h.id,
-                                version.collection)
-                    continue
-                if len(out) >= k:
+            # Earlier tiers' and pages' hits come back too (a tier's vehicles include the
+            # ones that also meet what it dropped): ask for enough to still find the rest,
+            # and more while folded duplicates leave the page short.
+            limit = min(want + len(seen), _TOPK)
+            while True:
+                hits = self.store.search(version.collection, vec, limit, tier_filters)[0]
+                fresh = [h for h in hits if h.id not in seen]
+                rows = self._metadata([h.id for h in fresh])
+                if reps is not None:
+                    reps.load([h.id for h in fresh])
+                stop = False
+                for h in fresh:
+                    if len(picked) >= want:
+                        break
+                    row = rows.get(h.id)
+                    seen.add(h.id)
+                    if row is None:  # a vector whose row is gone: reconcile repairs it
+                        log.warning("vector %d in %s has no database row", h.id,
+                                    version.collection)
+                        continue
+                    prob = (float(probability(h.score, scale, bias)) if kind == "text"
+                            else None)
+                    if min_prob is not None and prob is not None and prob < min_prob:
+                        seen.discard(h.id)
+                        stop = True  # hits come best first: the rest is lower still
+                        break
+                    if reps is not None:
+                        rep = reps.fold(h.id, row.sha256)
+                        if rep is not None:
+                            picked[rep].dups.append(h.id)
+                            continue
+                    added += 1
+                    unmet = tuple(c.label for c in dropped if not c.matches(
+                        row.make, row.body_type, row.colour, row.year))
+                    picked.append(_Picked(tier, h, row, unmet, prob))
+                if (stop or len(picked) >= want or len(hits) < limit or limit >= _TOPK):
                     break
-                seen.add(h.id)
-                prob = float(probability(h.score, scale, bias)) if kind == "text" else None
-                if min_prob is not None and prob is not None and prob < min_prob:
-                    break  # hits come best first: the rest of this search is lower still
-                added += 1
-                unmet = tuple(c.label for c in dropped
-                              if not c.matches(row.make, row.body_type, row.colour, row.year))
-                out.append(SearchHit(
-                    rank=len(out) + 1, score=round(h.score, 6), image_id=h.id,
-                    path=row.path, make=row.make, model=row.model, year=row.year,
-                    body_type=row.body_type, colour=row.colour, class_name=row.class_name,
-                    source=row.source, unmet=unmet,
-                    probability=None if prob is None else round(prob, 6),
-                    description=_extra_text(row.extra, "description"),
-                    photographer=_extra_text(row.extra, "photographer"),
-                    box=list(row.box) if getattr(row, "box", None) else None,
-                ))
+                limit = min(limit * 2, _TOPK)
             ran.append({"kept": [c.key for c in kept], "dropped": [c.key for c in dropped],
                         "hits": added})
+        if plan.sort != "score":
+            picked.sort(key=_SORT_KEYS[plan.sort])
+        page = picked[:page_k]
+        out = [p.hit(plan.shown + n + 1) for n, p in enumerate(page)]
         latency = (time.perf_counter() - t0) * 1000.0
-        METRICS.search_latency.labels(kind, self._path(version.collection)).observe(
+        METRICS.search_latency.labels(kind, self.store.search_path(version.collection)).observe(
             latency / 1000.0)
         if not out:
             _EMPTY.flag = True
@@ -586,15 +963,48 @@ class SearchService:
         note = _relaxation_note(soft, tiers, ran, k) if soft else None
         if note:
             METRICS.queries_relaxed.inc()
+        cursor = None
+        shown = plan.shown + len(out)
+        more = len(picked) > len(page) if plan.sort != "score" else len(out) == k
+        if plan.fingerprint is not None and out and more and shown < plan.max_results:
+            done = set(plan.seen) | {i for p in page for i in (p.hit_id, *p.dups)}
+            cursor = encode_cursor(plan.fingerprint, shown, sorted(done))
         qid = self._log(version, kind, text, fdict, k, latency, [h.image_id for h in out])
         return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid,
-                            note, ran if soft else [], version.image_collection)
+                            note, ran if soft else [], version.image_collection,
+                            next_cursor=cursor)
 
-    def _path(self, collection: str) -> str:
-        """What answered a search, for the latency histogram."""
-        if isinstance(self.store, MirroredStore) and self.store.mirror(collection) is not None:
-            return "mirror"
-        return "milvus_lite" if self.store.is_lite else "milvus_server"
+    # -- feedback ----------------------------------------------------------------------
+    def record_feedback(self, query_log_id: Any, image_id: Any, vote: Any,
+                        query: Any = None) -> int:
+        """Store a thumbs-up (+1) / thumbs-down (-1) on a result for training
+        (`query_feedback`, what training/feedback.py reads); returns the row id. The text
+        is the logged query's where ``query_log_id`` names one. Re-ranking in the session
+        is the next search's ``liked`` / ``disliked``."""
+        if isinstance(vote, bool) or vote not in (1, -1):
+            raise QueryError("a vote is +1 or -1")
+        if image_id in (None, "", 0):
+            raise QueryError("select a result first, then vote on it")
+        iid = self.check_image_id(image_id)
+        qid: int | None = None
+        if query_log_id is not None:
+            try:
+                qid = self.check_image_id(query_log_id)  # the same id range
+            except QueryError:
+                qid = None  # a stale or odd client state: the vote is kept without it
+        if not isinstance(query, str):
+            query = None
+        else:
+            query = query.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:2000]
+        with self.db.session() as s:
+            logged = s.get(QueryLog, qid) if qid is not None else None
+            if logged is not None and logged.query:
+                query = logged.query  # the text that produced the result
+            row = QueryFeedback(query_log_id=qid if logged is not None else None,
+                                image_id=iid, vote=int(vote), query=query)
+            s.add(row)
+            s.flush()
+            return int(row.id)
 
     def _metadata(self, ids: list[int]) -> dict[int, Image]:
         return images.by_ids(self.db, ids)

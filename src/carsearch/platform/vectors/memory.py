@@ -1,4 +1,5 @@
-"""An in-memory vector store: the VectorStore Protocol's second implementation.
+"""An in-memory vector store: the second implementation of the VectorStore and
+VectorAdmin Protocols (vectors.protocol).
 
 Each collection is a :class:`VectorMirror` (an exact FAISS ``IndexFlatIP`` with the filter
 fields beside it), so searches are exact and filters mean what the Milvus expression
@@ -9,18 +10,18 @@ reconcile) on it, which shows that no caller reaches past the Protocol into Milv
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from carsearch.platform.errors import QueryError
+from carsearch.platform.vectors.filters import SearchFilters
 from carsearch.platform.vectors.mirror import VectorMirror
-from carsearch.platform.vectors.store import (
+from carsearch.platform.vectors.protocol import (
     SERVING_ALIAS,
     Consistency,
     Hit,
-    SearchFilters,
     VectorRow,
     VectorStoreError,
     check_vectors,
@@ -36,10 +37,6 @@ class ExactStore:
         self._collections: dict[str, VectorMirror] = {}
         self._aliases: dict[str, str] = {}
         self._lock = threading.RLock()
-
-    @property
-    def needs_flush(self) -> bool:
-        return False
 
     def _get(self, name: str) -> VectorMirror:
         name = self._aliases.get(name, name)
@@ -82,6 +79,19 @@ class ExactStore:
 
     def flush(self, name: str) -> None:
         self._get(name)
+
+    def settle(self, name: str) -> None:
+        self._get(name)
+
+    def prepare(self, names: Iterable[str], *, wait: bool = False) -> None:
+        del names, wait  # every collection is searched from memory already
+
+    def retain(self, names: Iterable[str]) -> None:
+        del names  # the collections are the data, not a cache: nothing to free
+
+    def search_path(self, name: str) -> str:
+        del name
+        return "memory"
 
     def search(
         self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None

@@ -36,16 +36,9 @@ import numpy as np
 from tqdm import tqdm
 
 from carsearch.platform.errors import QueryError
-from carsearch.platform.vectors.store import (
-    SCALAR_FIELDS,
-    Consistency,
-    Hit,
-    IndexSpec,
-    MilvusStore,
-    SearchFilters,
-    VectorRow,
-    check_vectors,
-)
+from carsearch.platform.vectors.filters import SCALAR_FIELDS, SearchFilters
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
+from carsearch.platform.vectors.protocol import Consistency, Hit, VectorRow, check_vectors
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +157,16 @@ class VectorMirror:
             m &= self.year >= int(filters.year_min)
         if filters.year_max is not None:
             m &= self.year <= int(filters.year_max)
+        ex = filters.exclude
+        if ex is not None:
+            for name in _COLUMNS:
+                values = getattr(ex, name)
+                if values:
+                    m &= ~self.columns[name].mask([v[:SCALAR_FIELDS[name]] for v in values])
+            if ex.year_min is not None or ex.year_max is not None:
+                lo = int(ex.year_min) if ex.year_min is not None else -(2**62)
+                hi = int(ex.year_max) if ex.year_max is not None else 2**62
+                m &= (self.year < lo) | (self.year > hi)
         return m
 
     def search(
@@ -274,6 +277,21 @@ class MirroredStore(MilvusStore):
             for other in [n for n in self._mirrors if n not in keep]:
                 log.info("freeing the search mirror of %s", other)
                 del self._mirrors[other]
+
+    # -- serving decisions (the VectorStore Protocol's) --------------------------------
+    def prepare(self, names: Iterable[str], *, wait: bool = False) -> None:
+        """Serve ``names`` from mirrors: build each existing collection's now (in the
+        background unless ``wait``), and build any other on its first search."""
+        self.auto_build = True
+        for name in names:
+            if self.has_collection(name):
+                self.warm(name, wait=wait)
+
+    def retain(self, names: Iterable[str]) -> None:
+        self.keep_only(names)
+
+    def search_path(self, name: str) -> str:
+        return "mirror" if self.mirror(name) is not None else super().search_path(name)
 
     def _build(self, name: str, build: _Build) -> None:
         t0 = time.perf_counter()

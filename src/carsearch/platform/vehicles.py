@@ -1,4 +1,4 @@
-"""Vehicle labels: the one vocabulary every part shares.
+"""The platform's domain: vehicle labels, the one vocabulary every part shares.
 
 A class name follows the Stanford Cars pattern "Make Model [Body] Year"
 ("Chevrolet Silverado 1500 Extended Cab 2012"). `parse_class_name` splits it into

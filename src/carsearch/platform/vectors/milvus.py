@@ -1,135 +1,40 @@
-"""Vector store: a small Protocol and its Milvus adapter (Milvus Lite file or server).
+"""The Milvus adapter: the VectorStore and VectorAdmin of a Milvus Lite file or a server.
 
-One collection per model version. Vectors are L2-normalised float32 and compared by
-inner product, so scores are cosine similarities. Each row carries the scalar fields
-that filters use (make, body, year, colour, source); filter values are validated and
-quoted here, never pasted into an expression as typed.
+One collection per model version, inner product on L2-normalised vectors; each row
+carries the filter fields (vectors.filters), whose values reach an expression only as
+`build_filter_expression` quotes them. Failures come back as `VectorStoreError`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from carsearch.platform.errors import CarsearchError, QueryError
+from carsearch.platform.errors import QueryError
+from carsearch.platform.vectors.filters import (
+    SCALAR_FIELDS,
+    SearchFilters,
+    build_filter_expression,
+)
+from carsearch.platform.vectors.protocol import (
+    SERVING_ALIAS,
+    STRONG,
+    Consistency,
+    Hit,
+    VectorRow,
+    VectorStoreError,
+    check_vectors,
+)
 
 log = logging.getLogger(__name__)
-
-SCALAR_FIELDS: dict[str, int] = {"make": 64, "body": 32, "colour": 32, "source": 64}
-# Letters (any script), digits, space and a few joiners: everything a make, body type,
-# colour or source name needs, and nothing an expression could be built from.
-_SAFE_VALUE = re.compile(r"^[\w][\w .\-/&']{0,63}$", re.UNICODE)
-
-
-Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
-
-
-class VectorStoreError(CarsearchError):
-    """The vector database failed or is unreachable."""
-
-
-class SearchFilters(BaseModel):
-    """Typed metadata filters. Lists mean "any of"; an empty list means no filter."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    make: tuple[str, ...] = ()
-    body: tuple[str, ...] = ()
-    colour: tuple[str, ...] = ()
-    source: tuple[str, ...] = ()
-    year_min: int | None = Field(default=None, ge=1886, le=2100)
-    year_max: int | None = Field(default=None, ge=1886, le=2100)
-
-    @field_validator("make", "body", "colour", "source", mode="before")
-    @classmethod
-    def _listify(cls, v: Any) -> Any:
-        if v is None:
-            return ()
-        if isinstance(v, str):
-            return (v,)
-        return v
-
-    @field_validator("make", "body", "colour", "source")
-    @classmethod
-    def _safe_values(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if len(v) > 32:
-            raise ValueError("at most 32 values per filter")
-        out = []
-        for item in v:
-            item = item.strip()
-            if not _SAFE_VALUE.fullmatch(item):
-                raise ValueError(f"unusable filter value {item!r}")
-            out.append(item)
-        return tuple(out)
-
-    @model_validator(mode="after")
-    def _year_order(self) -> SearchFilters:
-        lo, hi = self.year_min, self.year_max
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError("year_min is after year_max")
-        return self
-
-    def is_empty(self) -> bool:
-        return not (self.make or self.body or self.colour or self.source) and (
-            self.year_min is None and self.year_max is None
-        )
-
-
-def _quote(value: str) -> str:
-    # A JSON string literal is a valid Milvus string literal: quotes and backslashes
-    # are escaped. Values were already checked against _SAFE_VALUE.
-    return json.dumps(value, ensure_ascii=False)
-
-
-def build_filter_expression(filters: SearchFilters | None) -> str:
-    """The Milvus boolean expression for typed filters ("" for none)."""
-    if filters is None or filters.is_empty():
-        return ""
-    clauses: list[str] = []
-    for name in ("make", "body", "colour", "source"):
-        values: tuple[str, ...] = getattr(filters, name)
-        if values:
-            clauses.append(f"{name} in [{', '.join(_quote(v) for v in values)}]")
-    if filters.year_min is not None:
-        clauses.append(f"year >= {int(filters.year_min)}")
-    if filters.year_max is not None:
-        clauses.append(f"year <= {int(filters.year_max)}")
-    return " and ".join(clauses)
-
-
-@dataclass(frozen=True)
-class VectorRow:
-    """The scalar fields stored beside a vector ("" / 0 where unknown)."""
-
-    make: str = ""
-    body: str = ""
-    colour: str = ""
-    source: str = ""
-    year: int = 0
-
-    def as_fields(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"year": int(self.year or 0)}
-        for name, max_len in SCALAR_FIELDS.items():
-            out[name] = str(getattr(self, name) or "")[:max_len]
-        return out
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: int
-    score: float
-    fields: dict[str, Any] = field(default_factory=dict)
-
 
 IndexType = Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"]
 
@@ -185,65 +90,6 @@ def lite_file_in_use(uri: str) -> bool:
         os.close(fd)
 
 
-class VectorStore(Protocol):
-    """What the platform needs from a vector database. The Milvus adapter (a Lite file or
-    a server; `MirroredStore` on top of it for Lite) is the one in production; the
-    in-memory `ExactStore` (vectors.memory) is the second, which the tests run the
-    platform on to show nothing reaches past this Protocol."""
-
-    uri: str
-    is_lite: bool  # one process holds it: it sees every write (the mirror is safe)
-
-    @property
-    def needs_flush(self) -> bool: ...
-
-    def has_collection(self, name: str) -> bool: ...
-
-    def list_collections(self) -> list[str]: ...
-
-    def ensure_collection(self, name: str, dim: int) -> None: ...
-
-    def dimension(self, name: str) -> int: ...
-
-    def upsert(
-        self, name: str, ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]
-    ) -> int: ...
-
-    def delete(self, name: str, ids: Sequence[int]) -> None: ...
-
-    def flush(self, name: str) -> None: ...
-
-    def search(
-        self, name: str, vectors: np.ndarray, k: int, filters: SearchFilters | None = None
-    ) -> list[list[Hit]]: ...
-
-    def count(self, name: str, *, consistency: Consistency = "Strong") -> int: ...
-
-    def ids(self, name: str, batch: int = 10_000) -> set[int]: ...
-
-    def scan(
-        self, name: str, fields: Sequence[str], *, batch: int = 10_000,
-        stop: threading.Event | None = None,
-    ) -> Iterator[list[dict[str, Any]]]: ...
-
-    def vectors(
-        self, name: str, ids: Sequence[int], *, batch: int = 1000,
-        consistency: Consistency | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def drop(self, name: str) -> None: ...
-
-    def search_backend(self, name: str) -> str: ...
-
-    def index_info(self, name: str) -> dict[str, Any]: ...
-
-    def alias_target(self, alias: str = ...) -> str | None: ...
-
-    def point_alias(self, collection: str, alias: str = ...) -> None: ...
-
-    def close(self) -> None: ...
-
-
 # The most rows a filtered search on Milvus Lite ranks exactly; a broader filter goes to
 # the index (most of its candidates pass such a filter).
 EXACT_FILTER_LIMIT = 4096
@@ -251,27 +97,6 @@ EXACT_FILTER_LIMIT = 4096
 EXACT_FALLBACK_MAX_ROWS = 20_000
 
 
-def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
-    arr = np.ascontiguousarray(vectors, dtype=np.float32)
-    if arr.ndim != 2:
-        raise ValueError(f"vectors must be 2-D, got shape {arr.shape}")
-    if dim is not None and arr.shape[1] != dim:
-        raise ValueError(f"vectors have dimension {arr.shape[1]}, collection has {dim}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("vectors contain NaN or infinity")
-    norms = np.linalg.norm(arr, axis=1)
-    if arr.shape[0] and not np.allclose(norms, 1.0, atol=1e-3):
-        raise ValueError("vectors must be L2-normalised")
-    return arr
-
-
-# Consistency (a Milvus server; Milvus Lite, one process, always reads its own writes).
-# Reads that must see every write finished before them (reconcile's id sets, re-index
-# skip sets, counts, full scans, the drift job's reads) use Strong: the server waits for
-# its time tick to pass the request's timestamp (200-400 ms a call on a 2.3 standalone
-# here). Searches use SEARCH_CONSISTENCY by default (Settings.milvus_consistency).
-STRONG: Consistency = "Strong"
-SERVING_ALIAS = "carsearch_serving"
 _MVCC_FALLBACK = "failed to get mvccTs"
 
 
@@ -601,6 +426,23 @@ class MilvusStore:
         """Whether small writes should be sealed at once (Milvus Lite) or left to Milvus."""
         return self.is_lite
 
+    def settle(self, name: str) -> None:
+        """After small writes: Milvus Lite flushes (it brute-forces unsealed rows); a
+        server seals segments itself and is left alone (``needs_flush``)."""
+        if self.needs_flush:
+            self.flush(name)
+
+    # -- serving (no search cache here: vectors.mirror adds one) ---------------------
+    def prepare(self, names: Iterable[str], *, wait: bool = False) -> None:
+        del names, wait
+
+    def retain(self, names: Iterable[str]) -> None:
+        del names
+
+    def search_path(self, name: str) -> str:
+        del name
+        return "milvus_lite" if self.is_lite else "milvus_server"
+
     @_milvus_errors
     def delete(self, name: str, ids: Sequence[int]) -> None:
         if not len(ids):
@@ -807,6 +649,9 @@ class MilvusStore:
         if k < 1:
             raise QueryError("k must be at least 1")
         arr = check_vectors(vectors, self.dimension(name))
+        params = dict(self.index.search_params)
+        if "ef" in params:  # HNSW answers at most ef hits: a deep page asks for more
+            params["ef"] = max(int(params["ef"]), int(k))
         res = self._loaded_call(
             name, self.client.search,
             name,
@@ -814,7 +659,7 @@ class MilvusStore:
             limit=int(k),
             filter=build_filter_expression(filters),
             output_fields=[*SCALAR_FIELDS, "year"],
-            search_params={"metric_type": "IP", "params": dict(self.index.search_params)},
+            search_params={"metric_type": "IP", "params": params},
             consistency_level=self._read_consistency(name, consistency),
         )
         fields = (*SCALAR_FIELDS, "year")

@@ -1,4 +1,4 @@
-"""The scheduler every long-running process runs its work with: supervised loops.
+"""The platform's scheduler: the supervised loops every long-running process runs its work on.
 
 A loop is started through :func:`supervise`, which keeps it alive: an exception in a
 round is logged with its trace, the loop waits with exponential backoff (1, 2, 4 ... s,
@@ -6,7 +6,8 @@ capped) and goes on; its state (running, backoff, stopped, dead) lives in a
 :class:`LoopState`. A loop that has not finished a round for ``stale_after_s`` is
 stalled. :func:`run_every` is the scheduled form (`drift run --every`, `evaluate ann
 --every`, `serve --drift-every`); :func:`install_stop_handlers` is the one place SIGINT
-and SIGTERM are turned into a stop event.
+and SIGTERM are turned into a stop event; :class:`BackgroundJobs` runs loops on threads of
+one process (the page's background jobs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from carsearch.platform.errors import CarsearchError
 
@@ -196,3 +197,52 @@ def run_every(
                          max_rounds=max_runs)
     finally:
         restore()
+
+
+class LoopRegistry(Protocol):
+    """Where a process keeps its loops' states (monitoring.health.Health)."""
+
+    def loop(self, name: str, interval_s: float = 0.0) -> LoopState: ...
+
+
+class BackgroundJobs:
+    """Jobs on threads of one long-running process (the page's, `serve --ingest
+    --drift-every`), sharing its Platform: one Milvus Lite client, one encoder, and writes
+    that reach the search mirror at once. Each job is a supervised loop whose state
+    ``health`` keeps; a thread that ends without being asked to is marked dead (the
+    health check and the Status tab show it)."""
+
+    def __init__(self, health: LoopRegistry) -> None:
+        self.health = health
+        self.threads: list[threading.Thread] = []
+        self.stoppers: list[Callable[[], None]] = []
+        self.stopping = threading.Event()
+
+    def start(self, name: str, target: Callable[[LoopState], object],
+              stop: Callable[[], None], interval_s: float = 0.0) -> LoopState:
+        state = self.health.loop(name, interval_s)
+
+        def run() -> None:
+            try:
+                target(state)
+            except BaseException as exc:  # a job must not take the page down with it
+                log.exception("background job %s stopped with an error", name)
+                state.dead(f"{type(exc).__name__}: {exc}")
+                return
+            if not self.stopping.is_set():
+                log.error("background job %s ended without being stopped", name)
+                state.dead("the loop ended without being stopped")
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        self.threads.append(thread)
+        self.stoppers.append(stop)
+        thread.start()
+        return state
+
+    def stop(self) -> None:
+        """Ask every job to finish what it is doing, then wait for them."""
+        self.stopping.set()
+        for stop in self.stoppers:
+            stop()
+        for thread in self.threads:
+            thread.join(timeout=120)

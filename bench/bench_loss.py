@@ -1,0 +1,259 @@
+"""Pairwise sigmoid (SigLIP) against softmax (CLIP's InfoNCE) loss at small batches.
+
+    python bench/bench_loss.py --pairs 10240 --seeds 0,1,2 --json /tmp/bench_loss.json
+    python bench/bench_loss.py --table /tmp/bench_loss.json      # the markdown table
+
+Stage 1 of the compact pretrained base (training/stage1.py: the image tower frozen, its
+features cached; the text tower, the image projection and the temperature train) with
+`--loss sigmoid` and `--loss softmax`, at micro-batches of 16, 32, 64 and 128, each
+without accumulation and with gradient accumulation to an effective 256, every run
+seeing the same number of (image, text) pairs (`--pairs`: optimizer steps =
+pairs / (batch x accumulation)) from the same seeds. Same data, lr, warmup share and
+cosine schedule for every run; `--batches 256` adds the real batch of 256, which is what
+a cached-feature (GradCache-style) accumulation of the softmax would compute exactly.
+
+Training data: the Stanford Cars train split less the data set's validation carve;
+scored: the first `--eval-per-class` test photos of every class (the test split informs
+no decision here). Queries: the class names, and held-out phrasings (bench_pretrained's:
+an offline generator seed and typo rate training never uses). Class-level relevance.
+The figures are the EVALUATION'S VIEW (cached box-crop features through the trained
+projection, text through the trained tower), not the served view (ingest, index, search
+service). For each configuration: the per-query metrics averaged over the seeds, their
+mean and a 95 % bootstrap interval over queries, the seeds' spread, and train seconds.
+
+`--class-texts` (default off here) adds every class name as a text column of every
+micro-batch, as the product's stage-1 recipe does: that gives the softmax's image-to-text
+normaliser 196 columns at any batch size, which is exactly the batch-size dependence the
+comparison is about, and it costs a pass of 196 texts per micro-batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench_pretrained import heldout_phrasings, subset
+from carsearch.data.stanford import load_stanford
+from carsearch.training.feature_cache import CacheStats
+from carsearch.training.pretrained_base import PretrainedSpec, build_pretrained_base
+from carsearch.training.query_metrics import bootstrap
+from carsearch.training.stage1 import (
+    Stage1Config,
+    evaluate_cached,
+    features_for,
+    train_stage1,
+)
+from carsearch.training.train_data import generated_queries
+from carsearch.training.trainer import load_base
+from machine import machine_line
+
+log = logging.getLogger("bench_loss")
+METRICS = {"R@1": ("class_names", "recall@1"), "mAP": ("class_names", "AP"),
+           "held-out R@5": ("heldout", "recall@5")}
+
+
+def memoise_stage1_setup() -> None:
+    """Every run of the grid reads the same data set, cached features and generated
+    queries (per seed): computed once here, not in each of the grid's runs (the setup,
+    not the training loop, which `train_seconds` times, is what this saves)."""
+    import carsearch.training.stage1 as s1
+
+    datasets: dict[Any, Any] = {}
+    feats: dict[Any, np.ndarray] = {}
+    texts: dict[Any, list[list[str]]] = {}
+    load, features, per_image = s1.load_stanford, s1.features_for, s1._texts_per_image
+
+    def load_memo(root: Path, *a: Any, **k: Any) -> Any:
+        if (root, a) not in datasets:
+            datasets[root, a] = load(root, *a, **k)
+        return datasets[root, a]
+
+    def features_memo(net: Any, processor: Any, dataset: Any, items: Any, cache_dir: Path,
+                      **k: Any) -> np.ndarray:
+        ident = (tuple(x.image_id for x in items), cache_dir)
+        if ident not in feats:
+            feats[ident] = features(net, processor, dataset, items, cache_dir, **k)
+        return feats[ident]
+
+    def texts_memo(items: Any, seed: int, path: Path | None) -> list[list[str]]:
+        ident = (tuple(x.image_id for x in items), seed, path)
+        if ident not in texts:
+            texts[ident] = per_image(items, seed, path)
+        return texts[ident]
+
+    s1.load_stanford = load_memo  # type: ignore[assignment]
+    s1.features_for = features_memo  # type: ignore[assignment]
+    s1._texts_per_image = texts_memo  # type: ignore[assignment]
+
+
+def configs(batches: list[int], effective: int, losses: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for loss in losses:
+        for b in batches:
+            out.append({"loss": loss, "batch": b, "accum": 1})
+            if b < effective:
+                out.append({"loss": loss, "batch": b, "accum": effective // b})
+    return out
+
+
+def key(c: dict[str, Any]) -> str:
+    return f"{c['loss']}-b{c['batch']}-a{c['accum']}"
+
+
+def load_report(path: Path | None) -> dict[str, Any]:
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    return {"runs": {}}
+
+
+def per_query_metrics(net: Any, processor: Any, features: np.ndarray, classes: list[str],
+                      heldout: list[tuple[str, str]]) -> dict[str, list[float]]:
+    names = [(n, n) for n in sorted(set(classes))]
+    cn = evaluate_cached(net, processor, features, classes, names)
+    ho = evaluate_cached(net, processor, features, classes, heldout)
+    return {"class_names/recall@1": cn["recall@1"].tolist(),
+            "class_names/recall@5": cn["recall@5"].tolist(),
+            "class_names/AP": cn["AP"].tolist(),
+            "heldout/recall@5": ho["recall@5"].tolist()}
+
+
+def summarise(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per configuration: seed-averaged per-query metrics, bootstrapped over queries."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in report["runs"].values():
+        groups.setdefault(key(run["config"]), []).append(run)
+    rows = []
+    for name, runs in groups.items():
+        row: dict[str, Any] = {"config": runs[0]["config"], "seeds": sorted(
+            r["seed"] for r in runs), "steps": runs[0]["steps"],
+            "train_s": [r["train_seconds"] for r in runs],
+            "load": [r["load_during"] for r in runs]}
+        for label, (group, metric) in METRICS.items():
+            per_seed = np.array([r["per_query"][f"{group}/{metric}"] for r in runs])
+            mean, lo, hi = bootstrap({"m": per_seed.mean(axis=0)})["m"]
+            row[label] = {"mean": mean, "ci": [lo, hi],
+                          "seed_means": per_seed.mean(axis=1).tolist()}
+        rows.append(row | {"name": name})
+    order = {"sigmoid": 0, "softmax": 1}
+    rows.sort(key=lambda r: (order[r["config"]["loss"]], r["config"]["batch"],
+                             r["config"]["accum"]))
+    return rows
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = ["| loss | micro-batch x accum (effective) | optimizer steps | seeds | R@1 [95 % CI] "
+             "| mAP [95 % CI] | held-out R@5 [95 % CI] | R@1 per seed | train s per run "
+             "(median; load) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summarise(report):
+        c = r["config"]
+
+        def cell(label: str, r: dict[str, Any] = r) -> str:
+            m = r[label]
+            return f"{m['mean']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+
+        seeds = ", ".join(f"{x:.3f}" for x in r["R@1"]["seed_means"])
+        lines.append(
+            f"| {c['loss']} | {c['batch']} x {c['accum']} ({c['batch'] * c['accum']}) | "
+            f"{r['steps']} | {len(r['seeds'])} | {cell('R@1')} | {cell('mAP')} | "
+            f"{cell('held-out R@5')} | {seeds} | {float(np.median(r['train_s'])):.0f} "
+            f"({float(np.median(r['load'])):.0f}) |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2]
+                   / "shared" / "stanford_cars")
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_loss"))
+    p.add_argument("--cache", type=Path, default=None)
+    p.add_argument("--pairs", type=int, default=10240, help="pairs seen by every run")
+    p.add_argument("--batches", type=str, default="16,32,64,128")
+    p.add_argument("--effective", type=int, default=256)
+    p.add_argument("--losses", type=str, default="sigmoid,softmax")
+    p.add_argument("--seeds", type=str, default="0,1,2")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--class-texts", action="store_true")
+    p.add_argument("--eval-per-class", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 on a shared, loaded machine)")
+    p.add_argument("--json", type=Path, default=None, help="results, written after each run; "
+                   "runs already in it are skipped")
+    p.add_argument("--table", type=Path, default=None, help="only print the table of a JSON")
+    args = p.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    cache = args.cache or args.work / "featcache"
+    base = args.work / "base-s160-l1"
+    if not (base / "config.json").is_file():
+        build_pretrained_base(base, spec=PretrainedSpec())
+    dataset = load_stanford(args.root)
+    train_items = dataset.subset("train")
+    scored = subset(dataset.split("test"), args.eval_per_class)
+    seen = {x.label.class_name.lower() for x in train_items}
+    seen |= {q.lower() for qs in generated_queries(train_items, 0).values() for q in qs}
+    heldout = heldout_phrasings(scored, seen)
+    net, processor = load_base(str(base))
+    net.eval()
+    stats = CacheStats()
+    features = features_for(net, processor, dataset, scored, cache, stats=stats)
+    features_for(net, processor, dataset, train_items, cache, stats=stats)  # warm
+    classes = [x.label.class_name for x in scored]
+    memoise_stage1_setup()
+    report = load_report(args.json)
+    report.update({"date": time.strftime("%Y-%m-%d"), "pairs": args.pairs, "lr": args.lr,
+                   "class_texts": args.class_texts, "n_train": len(train_items),
+                   "n_scored": len(scored), "n_class_queries": len(set(classes)),
+                   "n_heldout_queries": len(heldout), "threads": args.threads,
+                   "machine": machine_line(), "view": "evaluation (cached features)"})
+    zero = per_query_metrics(net, processor, features, classes, heldout)
+    report["zero_shot"] = {k: float(np.mean(v)) for k, v in zero.items()}
+    grid = configs([int(x) for x in args.batches.split(",")], args.effective,
+                   args.losses.split(","))
+    for seed in (int(x) for x in args.seeds.split(",")):  # every config once, then again
+        for c in grid:
+            name = f"{key(c)}-s{seed}"
+            if name in report["runs"]:
+                continue
+            steps = args.pairs // (c["batch"] * c["accum"])
+            out = args.work / "runs" / name
+            load0 = os.getloadavg()[0]
+            t = time.perf_counter()
+            result = train_stage1(Stage1Config(
+                data=args.root, base=str(base), out=out, cache_dir=cache, steps=steps,
+                batch_size=c["batch"], grad_accum=c["accum"], loss=c["loss"], lr=args.lr,
+                seed=seed, class_texts=args.class_texts, progress=False))
+            wall = time.perf_counter() - t
+            trained, proc = load_base(str(result.model_dir))
+            trained.eval()
+            pq = per_query_metrics(trained, proc, features, classes, heldout)
+            report["runs"][name] = {
+                "config": c, "seed": seed, "steps": steps, "train_seconds": result.seconds,
+                "wall_seconds": wall, "load_during": (load0 + os.getloadavg()[0]) / 2,
+                "first_loss": result.losses[0], "final_loss": result.losses[-1],
+                "logit_scale": float(trained.logit_scale.detach().reshape(())),
+                "per_query": pq}
+            log.info("%s: R@1 %.3f mAP %.3f held-out R@5 %.3f (%.0f s, load %.1f)", name,
+                     np.mean(pq["class_names/recall@1"]), np.mean(pq["class_names/AP"]),
+                     np.mean(pq["heldout/recall@5"]), result.seconds, load0)
+            shutil.rmtree(out, ignore_errors=True)
+            if args.json:
+                tmp = args.json.with_suffix(".tmp")
+                tmp.write_text(json.dumps(report) + "\n")
+                tmp.replace(args.json)
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
