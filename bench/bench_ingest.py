@@ -1,6 +1,7 @@
 """Ingest throughput on this machine: end to end and stage by stage.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_ingest.py [--n 1000] [--base-n 64]
+    ... bench/bench_ingest.py --skip-compact --skip-base --pretrained 160 224 --encoder both
 
 Measures, side by side in one run, for the compact model (and a SigLIP-base-sized random
 model on fewer images): images/s end to end through `ingest_items` (hash + decode +
@@ -37,10 +38,12 @@ from carsearch.ingest.pipeline import (
 )
 from carsearch.platform.db import Database, migrate
 from carsearch.platform.models.encoder import Encoder
+from carsearch.platform.models.onnx import OnnxEncoder, export_onnx
 from carsearch.platform.models.registry import Registry
 from carsearch.platform.vectors.milvus import MilvusStore
 from carsearch.platform.vectors.protocol import VectorRow
 from carsearch.training.base_model import CompactSpec, TowerSize, build_compact_base
+from carsearch.training.pretrained_base import PretrainedSpec, build_pretrained_base
 from machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +63,8 @@ def images(n: int, out: Path) -> list[Path]:
     return paths
 
 
-def run_model(model: Path, paths: list[Path], work: Path, batch: int) -> dict[str, float]:
+def run_model(model: Path, paths: list[Path], work: Path, batch: int,
+              encoder: str = "torch") -> dict[str, float]:
     url = f"sqlite:///{work / 'bench.db'}"
     migrate.upgrade(url)
     db = Database(url)
@@ -68,7 +72,13 @@ def run_model(model: Path, paths: list[Path], work: Path, batch: int) -> dict[st
     reg = Registry(db, work / "models")
     v = reg.publish(model, name="bench")
     reg.promote("bench")
-    enc = Encoder(Path(v.artifact_path), batch_size=batch, torch_threads=torch.get_num_threads())
+    enc: Encoder | OnnxEncoder
+    if encoder == "onnx":  # the worker's `--encoder onnx`: an export of the version
+        export_onnx(Path(v.artifact_path), work / "onnx")
+        enc = OnnxEncoder(work / "onnx", batch_size=batch, threads=torch.get_num_threads())
+    else:
+        enc = Encoder(Path(v.artifact_path), batch_size=batch,
+                      torch_threads=torch.get_num_threads())
     enc.load()
     processor = AutoProcessor.from_pretrained(v.artifact_path)
     store.ensure_collection(v.collection, v.dim)
@@ -99,10 +109,13 @@ def run_model(model: Path, paths: list[Path], work: Path, batch: int) -> dict[st
     (work / "bench.db").unlink()
     migrate.upgrade(url)
     db = Database(url)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     summary = ingest_items(items, db=db, writer=BatchWriter.fixed(db, store, enc, v),
                            max_pixels=10**8, batch_size=batch, progress=False)
     t["end_to_end"] = time.perf_counter() - t0
+    # CPU seconds of this process's threads: on a shared machine, images per CPU-second
+    # says what the cores would do if they were the bench's alone
+    t["end_to_end_cpu"] = time.process_time() - c0
     assert summary.indexed == len(items)
     store.close()
     db.dispose()
@@ -132,39 +145,55 @@ def main() -> None:
     ap.add_argument("--base-n", type=int, default=64, help="images for the base-sized model")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--skip-base", action="store_true")
+    ap.add_argument("--skip-compact", action="store_true")
+    ap.add_argument("--pretrained", type=int, nargs="*", default=[],
+                    help="also the compact pretrained base at these image sizes")
+    ap.add_argument("--encoder", choices=["torch", "onnx", "both"], default="torch",
+                    help="embed with PyTorch (Encoder), ONNX Runtime (OnnxEncoder), or both")
     a = ap.parse_args()
+    load0 = os.getloadavg()
     torch.set_num_threads(int(os.environ.get("CARSEARCH_THREADS__TORCH", "2")))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = images(max(a.n, a.base_n), root)
-        compact = build_compact_base(root / "compact", seed=0)
-        models = [("compact (4.4 M, 64 px)", compact, a.n)]
+        models = []
+        if not a.skip_compact:
+            compact = build_compact_base(root / "compact", seed=0)
+            models.append(("compact (4.4 M, 64 px)", compact, a.n))
+        for size in a.pretrained:
+            pre = build_pretrained_base(root / f"pretrained-{size}",
+                                        spec=PretrainedSpec(image_size=size, text_layers=0))
+            models.append((f"pretrained EfficientNet-Lite0 ({size} px)", pre, a.n))
         if not a.skip_base:
             spec = CompactSpec(image_size=224, patch_size=16, text_max_length=64,
                                vision=TowerSize(hidden=768, layers=12, heads=12),
                                text=TowerSize(hidden=768, layers=12, heads=12))
             base = build_compact_base(root / "base", seed=0, spec=spec)
             models.append(("SigLIP-base-sized (random, 224 px)", base, a.base_n))
+        encoders = ["torch", "onnx"] if a.encoder == "both" else [a.encoder]
         for label, model, n in models:
-            work = root / f"work-{len(rows)}"
-            work.mkdir()
-            t = run_model(model, paths[:n], work, a.batch)
-            rows.append((label, n, t))
+            for encoder in encoders:
+                work = root / f"work-{len(rows)}"
+                work.mkdir()
+                t = run_model(model, paths[:n], work, a.batch, encoder)
+                rows.append((f"{label}, {encoder}", n, t))
         vps = statistics.median(reindex_upsert(root / f"r{i}", 20_000, 192) for i in range(3))
     load = os.getloadavg()
+    print(f"load average before {load0[0]:.1f}")
     print(f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs; torch threads "
           f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
           f"batch {a.batch}; {datetime.now(UTC):%Y-%m-%d}; load average at end {load[0]:.1f}")
     print()
-    print("| model | images | end to end img/s | decode+hash | preprocess | encode "
-          "| Milvus upsert | DB rows | slowest stage |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| model | images | end to end img/s | img per CPU-second | decode+hash | preprocess "
+          "| encode | Milvus upsert | DB rows | slowest stage |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for label, n, t in rows:
         stages = {k: t[k] for k in ("decode", "preprocess", "encode", "upsert", "db")}
         slowest = max(stages, key=lambda k: stages[k])
         cells = " | ".join(f"{1000 * stages[k] / n:.2f} ms" for k in stages)
-        print(f"| {label} | {n} | {n / t['end_to_end']:.0f} | {cells} | {slowest} |")
+        print(f"| {label} | {n} | {n / t['end_to_end']:.0f} | "
+              f"{n / t['end_to_end_cpu']:.1f} | {cells} | {slowest} |")
     print()
     print(f"Pure re-index upsert (20,000 x 192-d vectors, batches of 1,000, then flush; "
           f"median of 3): {vps:,.0f} vectors/s")

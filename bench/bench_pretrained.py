@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -109,6 +110,25 @@ def subset(items: list[LabelledImage], per_class: int) -> list[LabelledImage]:
     return out
 
 
+def centroid_probe(train: np.ndarray, train_classes: list[str], test: np.ndarray,
+                   test_classes: list[str]) -> dict[str, Any]:
+    """A probe of the frozen features, not a text model: each class's query is the
+    centroid of its standardised train features; test photos ranked by cosine to it."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        z = (x - mean) / std
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+    names = sorted(set(test_classes))
+    index = {n: i for i, n in enumerate(names)}
+    tr, labels = unit(train), np.array([index.get(c, -1) for c in train_classes])
+    cents = np.stack([tr[labels == i].mean(0) for i in range(len(names))])
+    cents /= np.linalg.norm(cents, axis=1, keepdims=True)
+    return summary(per_query(cents @ unit(test).T, list(range(len(names))),
+                             [index[c] for c in test_classes]))
+
+
 def speed(args: argparse.Namespace, sizes: list[int], n: int = 64) -> dict[str, Any]:
     """Images/s and texts/s of the Encoder (batch 32, inference mode, channels-last)."""
     import statistics
@@ -151,6 +171,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--caption-prob", type=float, default=0.5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--text-layers", type=int, default=1)
     p.add_argument("--stage2-steps", type=int, default=0)
     p.add_argument("--stage1-model", type=Path, default=None,
@@ -160,6 +181,8 @@ def main() -> None:
     p.add_argument("--stage2-eval-per-class", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--probe", action="store_true",
+                   help="only the class-centroid probe of the cached features at --size")
     p.add_argument("--speed", type=str, default="",
                    help="only measure encoder speed at these sizes (comma separated)")
     args = p.parse_args()
@@ -172,12 +195,22 @@ def main() -> None:
         return
     cache = args.cache or args.work / "featcache"
     tag = f"s{args.size}-l{args.text_layers}"
+    run_tag = f"{tag}-lr{args.lr:g}-st{args.steps}-wd{args.weight_decay:g}-cp{args.caption_prob:g}"
     base = args.work / f"base-{tag}"
     if not (base / "config.json").is_file():
         build_pretrained_base(base, spec=PretrainedSpec(image_size=args.size,
                                                         text_layers=args.text_layers))
     val_share = 0.0 if args.mode == "test" else 0.2
     dataset = load_stanford(args.root)
+    if args.probe:
+        net, processor = load_base(str(base))
+        train_all, test_all = dataset.split("train"), dataset.split("test")
+        tr = features_for(net, processor, dataset, train_all, cache)
+        te = features_for(net, processor, dataset, test_all, cache)
+        probe = centroid_probe(tr, [x.label.class_name for x in train_all], te,
+                               [x.label.class_name for x in test_all])
+        print(json.dumps({"size": args.size, "probe": probe}, indent=2))
+        return
     train_items, val_items = split_train(dataset.split("train"), val_share)
     seen = {x.label.class_name.lower() for x in train_items}
     seen |= {q.lower() for qs in generated_queries(train_items, 0).values() for q in qs}
@@ -195,17 +228,21 @@ def main() -> None:
     t0 = time.perf_counter()
     features = {name: features_for(net, processor, dataset, items, cache, stats=stats)
                 for name, items in splits.items()}
-    report["scored_features"] = {"computed": stats.computed, "seconds": round(stats.seconds, 1)}
+    report["scored_features"] = {"computed": stats.computed, "seconds": round(stats.seconds, 1),
+                                 "cpu_seconds": round(stats.cpu_seconds, 1)}
     report["zero_shot"] = {name: score(net, processor, features[name], items, heldouts[name])
                            for name, items in splits.items()}
     log.info("zero-shot: %s", report["zero_shot"])
 
     if args.stage1_model is None:
         s1 = train_stage1(Stage1Config(
-            data=args.root, base=str(base), out=args.work / f"run-{args.mode}-{tag}",
+            data=args.root, base=str(base), out=args.work / f"run-{args.mode}-{run_tag}",
             cache_dir=cache, steps=args.steps, batch_size=args.batch, lr=args.lr,
-            caption_prob=args.caption_prob, val_share=val_share))
+            caption_prob=args.caption_prob, weight_decay=args.weight_decay,
+            val_share=val_share))
         report["stage1_train"] = {"steps": s1.steps, "seconds": round(s1.seconds, 1),
+                                  "cpu_seconds": s1.cpu_seconds,
+                                  "load_average_end": os.getloadavg()[0],
                                   "ms_per_step": round(s1.step_ms, 1), "cache": s1.cache,
                                   "first_loss": s1.losses[0], "final_loss": s1.losses[-1],
                                   "n_train": s1.n_train}

@@ -222,18 +222,24 @@ def main() -> None:
                     help="HNSW: the store's default (M 16, efConstruction 200, ef 64)")
     ap.add_argument("--nlist", type=int, default=1024)
     ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a model directory (default: a compact SigLIP built here)")
     args = ap.parse_args()
+    load0 = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         root = Path(tmp)
-        model = root / "compact"
-        build_compact_base(model, seed=0)
+        model = args.model or root / "compact"
+        if args.model is None:
+            build_compact_base(model, seed=0)
         for n in args.sizes:
             results.extend(run_size(n, args, model, root))
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores · torch threads {args.threads} · "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} · index {args.index}"
           + (f" (nlist {args.nlist}, nprobe {args.nprobe})" if args.index == "IVF_FLAT" else "")
-          + f" · k {args.k} · {dt.date.today().isoformat()}\n")
+          + f" · k {args.k} · {dt.date.today().isoformat()} · model "
+          + (args.model.name if args.model else "compact SigLIP")
+          + f" · 1-min load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print("| images | vector search | encode p50 | search p50 | service p50 | service p95 "
           f"| page p50 | page p95 | page queries/s, {args.clients} clients |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -80,6 +80,7 @@ FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
     "test_cli.py::test_round_trip",
     "test_cli.py::test_unmigrated_database_is_one_line",
     "test_collections.py::test_a_general_collection_from_an_unsplash_manifest_end_to_end",
+    "test_compact_base.py::test_the_recipes_default_base_trains_stage_1_only",
     "test_drift.py::test_cli_json_and_one_line_errors",
     "test_fuzz.py::test_the_cli",
     "test_fuzz.py::test_the_json_api_answers_every_input",

@@ -34,7 +34,7 @@ def build(
     seed: Annotated[int, typer.Option("--seed", help="Seed for the initialisation.")] = 0,
     image_size: Annotated[
         int, typer.Option("--image-size", min=0, help="Input image side in pixels "
-                          "(default: 160 pretrained, 64 siglip-random).")
+                          "(default: 224 pretrained, 64 siglip-random).")
     ] = 0,
     patch_size: Annotated[
         int, typer.Option("--patch-size", min=1, help="Vision patch side in pixels.")

@@ -23,6 +23,7 @@ import typer
 from carsearch.cli.context import settings_from
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.settings import Settings
+from carsearch.training.recipe import STAGE1_STEPS, has_cached_feature_tower
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,17 @@ def train_command(
                                       "2e-4 LoRA).")] = 0.0,
     warmup: Annotated[int, typer.Option(min=-1, help="Warmup steps (-1: 5 %).")] = -1,
     lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
-    stage1_steps: Annotated[int, typer.Option(min=0, help="First train the compact "
+    stage1_steps: Annotated[int, typer.Option(min=-1, help="First train the compact "
                                               "pretrained base's text side on cached image "
                                               "features for N steps (stage 1), then LoRA "
-                                              "(stage 2); 0: no stage 1.")] = 0,
+                                              "(stage 2); 0: no stage 1; -1: "
+                                              f"{STAGE1_STEPS} on a compact pretrained base, "
+                                              "else 0.")] = -1,
+    stage1_lr: Annotated[float, typer.Option(min=0.0, help="Stage 1's peak learning rate "
+                                             "(0: the recipe's).")] = 0.0,
+    stage2: Annotated[bool | None, typer.Option("--stage2/--no-stage2", help="After stage "
+                                                "1, LoRA on both towers (default: only when "
+                                                "--steps or --epochs is given).")] = None,
     full: Annotated[bool | None, typer.Option("--full/--lora", help="Train every weight, or "
                                               "LoRA (default: full for a base with no "
                                               "pre-training).")] = None,
@@ -142,8 +150,14 @@ def train_command(
         raise ConfigError(f"--train-views is box-to-frame or box, not {train_views!r}")
     torch.set_num_threads(settings.threads.torch)
     settings.ensure_dirs()
+    chosen_base = _base(settings, base)
+    stage1 = stage1_steps if stage1_steps >= 0 else (
+        STAGE1_STEPS if has_cached_feature_tower(chosen_base) else 0)
+    if stage1 == 0 and stage2 is False:
+        raise ConfigError("--no-stage2 needs stage 1 (--stage1-steps N on a compact "
+                          "pretrained base)")
     config = TrainConfig(
-        data=_default_data(settings, data), queries=queries, base=_base(settings, base),
+        data=_default_data(settings, data), queries=queries, base=chosen_base,
         out=out or settings.data_dir / "runs" / f"{datetime.now(UTC):%Y%m%d-%H%M%S}",
         epochs=epochs, steps=steps, batch_size=batch_size, grad_accum=grad_accum, loss=loss,
         lr=lr,
@@ -154,7 +168,9 @@ def train_command(
         feedback_max=feedback_max, feedback_share=feedback_share, progress=not as_json,
         ledger_db=settings.database_url,  # checkpoint hashes, checked by --resume
         train_views=train_views, frame_prob=frame_prob, box_margin=box_margin,
-        stage1_steps=stage1_steps, feature_cache=settings.data_dir / "feature-cache",
+        stage1_steps=stage1, stage1_lr=stage1_lr,
+        stage2=stage2 if stage2 is not None else (stage1 == 0 or bool(steps or epochs)),
+        feature_cache=settings.data_dir / "feature-cache",
     )
     from carsearch.lifecycle.reindex import promote_with_backfill
     from carsearch.platform.runtime import Platform

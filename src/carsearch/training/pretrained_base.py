@@ -30,6 +30,7 @@ from carsearch.platform.models.compact import (
 from carsearch.platform.models.encoder import quiet_config_check
 from carsearch.training.base_model import BUILD_INFO
 from carsearch.training.base_model import image_processor as siglip_image_processor
+from carsearch.training.recipe import PRETRAINED_IMAGE_SIZE, PRETRAINED_TEXT_LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,11 @@ PAD_TOKEN = "<unk>"  # Llama-2 has no padding token; its <unk> (id 0) pads, mask
 
 @dataclass(frozen=True)
 class PretrainedSpec:
-    image_size: int = 160
+    image_size: int = PRETRAINED_IMAGE_SIZE
     text_max_length: int = 32
-    text_layers: int = 1
+    # 0: mean-pooled token embeddings and an MLP (the recipe: training/recipe.py); >= 1
+    # transformer layers see word order, at about 7x the cost of a stage-1 step
+    text_layers: int = PRETRAINED_TEXT_LAYERS
     text_heads: int = 4
     embedding_dim: int = 256
 

@@ -48,7 +48,8 @@ from carsearch.training.feature_cache import (
 )
 from carsearch.training.loss import LOSSES, contrastive_loss
 from carsearch.training.query_metrics import per_query
-from carsearch.training.train_data import train_queries
+from carsearch.training.recipe import STAGE1_BATCH, STAGE1_LR, STAGE1_STEPS
+from carsearch.training.train_data import data_fingerprint, train_queries
 from carsearch.training.trainer import load_base
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,9 @@ class Stage1Config:
     out: Path
     cache_dir: Path
     queries: Path | None = None  # augmented queries (JSONL); None: generated offline
-    steps: int = 1500
-    batch_size: int = 128
-    lr: float = 5e-4  # 2e-3 and 3e-3 stayed at the loss floor on Stanford (validation)
+    steps: int = STAGE1_STEPS
+    batch_size: int = STAGE1_BATCH
+    lr: float = STAGE1_LR  # chosen on validation (training/recipe.py)
     warmup: float = 0.05
     weight_decay: float = 0.0
     caption_prob: float = 0.5
@@ -87,6 +88,9 @@ class Stage1Result:
     n_train: int
     n_val: int
     config: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""  # the trainer's data fingerprint of the images trained on
+    cpu_seconds: float = 0.0  # CPU time of the steps (all threads); on a shared machine
+    n_classes: int = 0
 
 
 def is_validation(image_id: str, share: float) -> bool:
@@ -142,6 +146,25 @@ def tokenize_longest(processor: Any, texts: Sequence[str], max_length: int) -> t
                                max_length=max_length, return_tensors="pt")["input_ids"]
 
 
+class TokenTable:
+    """Every text of a run tokenized once (truncated, unpadded); `ids` pads a step's
+    texts to the longest of them with the pad id, as `tokenize_longest` would."""
+
+    def __init__(self, processor: Any, texts: Sequence[str], max_length: int) -> None:
+        unique = list(dict.fromkeys(texts))
+        encoded = processor.tokenizer(unique, padding=False, truncation=True,
+                                      max_length=max_length)["input_ids"]
+        self._ids = dict(zip(unique, encoded, strict=True))
+        self._pad = int(processor.tokenizer.pad_token_id)
+
+    def ids(self, texts: Sequence[str]) -> torch.Tensor:
+        rows = [self._ids[t] for t in texts]
+        out = torch.full((len(rows), max(map(len, rows))), self._pad, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+
 def stage1_optimizers(net: Any, config: Stage1Config) -> list[torch.optim.Optimizer]:
     """AdamW for the dense weights (the scalars at `scalar_lr_mult` x lr); SparseAdam for
     the token embeddings, whose gradient is made sparse: a step touches the few hundred
@@ -167,9 +190,9 @@ def tokenize(processor: Any, texts: Sequence[str], max_length: int) -> torch.Ten
 
 
 def _texts_per_image(items: Sequence[LabelledImage], seed: int,
-                     queries_path: Path | None) -> list[list[str]]:
-    queries, _ = train_queries(items, queries_path, seed)
-    return [queries.get(item.image_id, []) for item in items]
+                     queries_path: Path | None) -> tuple[list[list[str]], str]:
+    queries, source = train_queries(items, queries_path, seed)
+    return [queries.get(item.image_id, []) for item in items], source
 
 
 def train_stage1(config: Stage1Config) -> Stage1Result:
@@ -197,7 +220,8 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     index = {n: i for i, n in enumerate(names)}
     classes = torch.tensor([index[x.label.class_name] for x in train_items])
     max_len = int(net.config.text_config.max_position_embeddings)
-    queries = _texts_per_image(train_items, config.seed, config.queries)
+    queries, source = _texts_per_image(train_items, config.seed, config.queries)
+    tokens = TokenTable(processor, [*names, *(q for qs in queries for q in qs)], max_len)
     freeze_image_backbone(net)
     module = Stage1Module(net)
     optimizers = stage1_optimizers(net, config)
@@ -211,7 +235,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     rng = random.Random(config.seed)
     order: list[int] = []
     losses: list[float] = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     micro_loss = 0.0
     for micro in tqdm(range(config.steps * config.grad_accum), desc="stage 1",
                       unit="micro-step", disable=not config.progress):
@@ -231,7 +255,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         shown = names if config.class_texts else []
         columns = list(dict.fromkeys([*shown, *texts]))
         column_of = {t: j for j, t in enumerate(columns)}
-        ids = tokenize_longest(processor, columns, max_len)
+        ids = tokens.ids(columns)
         image, text, scale, bias = module(feats[batch].to(acc.device), ids.to(acc.device))
         batch_classes = classes[batch]
         column_classes = torch.tensor(
@@ -256,6 +280,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         losses.append(micro_loss)
         micro_loss = 0.0
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start  # every thread's: what the steps cost
     out = config.out / "model"
     unwrapped: Any = acc.unwrap_model(module).net
     unwrapped.text_model.token_embedding.sparse = False
@@ -270,6 +295,9 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         cache={"hits": stats.hits, "computed": stats.computed,
                "seconds": round(stats.seconds, 1)},
         n_train=len(train_items), n_val=len(val_items),
+        fingerprint=data_fingerprint([x.image_id for x in train_items], source),
+        cpu_seconds=round(cpu_seconds, 1),
+        n_classes=len(names),
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
     )
     (config.out / "stage1.json").write_text(json.dumps(

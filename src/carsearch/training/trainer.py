@@ -156,6 +156,9 @@ class TrainConfig:
     # frozen; then this loop (LoRA) continues from its result. 0: none.
     stage1_steps: int = 0
     stage1_batch_size: int = 128
+    stage1_lr: float = 0.0  # 0: Stage1Config's default
+    # After stage 1, LoRA on both towers (this loop); False: stage 1's model is the result
+    stage2: bool = True
     feature_cache: Path | None = None  # stage 1's feature cache; None: out/feature-cache
 
     def to_dict(self) -> dict[str, Any]:
@@ -726,6 +729,10 @@ def train(config: TrainConfig) -> TrainResult:
     config.out.mkdir(parents=True, exist_ok=True)
     if config.stage1_steps > 0:
         config = _run_stage1(config)
+        if not config.stage2:
+            return _stage1_only(config)
+    elif not config.stage2:
+        raise ConfigError("skipping stage 2 needs stage 1 (--stage1-steps N)")
     run = _Run(config)
     try:
         return _train(run, config)
@@ -749,8 +756,38 @@ def _run_stage1(config: TrainConfig) -> TrainConfig:
             queries=config.queries, steps=config.stage1_steps,
             batch_size=config.stage1_batch_size, seed=config.seed, progress=config.progress,
             loss=config.loss,
+            **({"lr": config.stage1_lr} if config.stage1_lr > 0 else {}),
         ))
     return replace(config, base=str(model_dir), full=config.full or False)
+
+
+def _stage1_only(config: TrainConfig) -> TrainResult:
+    """The result of a run that ends after stage 1 (`stage2=False`): its model as is."""
+    from accelerate import PartialState
+
+    model_dir = Path(config.base)  # _run_stage1 pointed the base at stage 1's model
+    info = json.loads((model_dir.parent / "stage1.json").read_text())
+    net, _ = load_base(str(model_dir))
+    params = sum(p.numel() for p in net.parameters())
+    frozen = sum(p.numel() for p in net.vision_model.backbone.parameters())
+    steps = int(info["steps"])
+    batch = int(info["config"]["batch_size"]) * int(info["config"].get("grad_accum", 1))
+    seconds = float(info["seconds"])
+    counters = Counters(step=steps, micro_step=steps, samples=steps * batch,
+                        losses=[float(info["first_loss"]), float(info["final_loss"])])
+    result = TrainResult(
+        out=config.out, model_dir=model_dir, counters=counters, total_steps=steps,
+        full=False, fingerprint=str(info.get("fingerprint", "")),
+        n_train_images=int(info["n_train"]), n_classes=int(info.get("n_classes", 0)),
+        seconds=seconds, samples_per_s=steps * batch / seconds if seconds > 0 else 0.0,
+        peak_rss_mb=peak_rss_mb(), num_processes=1, mixed_precision="no",
+        trainable_parameters=params - frozen, parameters=params,
+        is_main_process=PartialState().is_main_process,
+        config={**config.to_dict(), "stage1": info["config"]},
+    )
+    log.info("training (stage 1 only): %s", result.summary())
+    return result
+
 
 
 def _train(run: _Run, config: TrainConfig) -> TrainResult:

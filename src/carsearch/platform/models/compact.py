@@ -39,11 +39,13 @@ BACKBONE = "efficientnet-lite0"
 BACKBONE_FEATURES = 1280
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# LoRA targets (peft regex, full match): the text tower's attention and MLP linears and
-# the image tower's 1x1 expansion / projection convolutions (groups 1, no padding, so a
-# LoRA convolution beside them sees what they see).
+# LoRA targets (peft regex, full match): the text tower's attention and MLP linears, its
+# projection MLP (all a tower without layers has), and the image tower's 1x1 expansion /
+# projection convolutions (groups 1, no padding, so a LoRA convolution beside them sees
+# what they see).
 LORA_TARGETS = (
     r".*text_model\.layers\.\d+\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+    r"|.*text_model\.projection\.(0|2)"
     r"|.*vision_model\.backbone\._blocks\.\d+\.(_expand_conv|_project_conv)"
 )
 
