@@ -283,40 +283,14 @@ def _echo_calibration(name: str, cal: dict[str, Any]) -> None:
                    f"{b['observed']:>10.3f}")
 
 
-def served_query_sets(db: Any, collection: str) -> dict[str, list[Any]]:
-    """The default served queries: every class name the database holds, and one held-out
-    phrasing per class (from its first indexed image), both labelled by the database."""
-    from sqlalchemy import select
-
-    from carsearch.data.augment.heldout import held_out_query
-    from carsearch.platform.db import Image, ImageStatus
-    from carsearch.platform.search.evaluation import EvalQuery
-    from carsearch.platform.search.vocabulary import parse_class_name
-
-    with db.session() as s:
-        rows = list(s.scalars(select(Image).where(
-            Image.status == ImageStatus.indexed, Image.collection == collection,
-            Image.class_name.is_not(None)).order_by(Image.id)))
-    first: dict[str, Any] = {}
-    for r in rows:
-        first.setdefault(r.class_name, r)
-    names = [EvalQuery(n, (n,)) for n in sorted(first)]
-    held = []
-    for n in sorted(first):
-        try:
-            label = parse_class_name(n, first[n].colour)
-        except ValueError:
-            continue
-        q = held_out_query(label, key=str(first[n].id))
-        if q is not None:
-            held.append(EvalQuery(q.text, (), q.attributes))
-    return {"class names": names, "held-out phrasings": held}
-
-
 def _served(ctx: typer.Context, queries: Path | None, collection: str | None,
             as_json: bool) -> None:
     from carsearch.cli.context import platform_from
-    from carsearch.platform.search.evaluation import evaluate_served
+    from carsearch.platform.search.evaluation import (
+        evaluate_served,
+        served_query_sets,
+        store_served,
+    )
     from carsearch.training.evaluate import load_eval_queries
 
     p = platform_from(ctx)
@@ -329,6 +303,8 @@ def _served(ctx: typer.Context, queries: Path | None, collection: str | None,
         raise ConfigError(f"collection {name} has no labelled indexed images to score "
                           "(pass --queries FILE)")
     results = evaluate_served(p.search, sets, collection=collection)
+    if queries is None:  # the default queries: what the page's Evaluation tab shows
+        store_served(p.db, results)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return

@@ -3,7 +3,8 @@
 Tabs: Search (query box, chips read from the query, filters, results gallery, image
 upload, "more like this", thumbs up/down), Classify (zero-shot labels for an upload),
 Status (serving version, index size, ingest queue, last drift report, ANN audit,
-versions) and Evaluation (the latest metrics).
+versions) and Evaluation (the latest metrics, and the served view of the serving version:
+ui/served_eval.py).
 Every handler turns a `CarsearchError` into its one-line message on the page (a toast
 and the status line) and any other exception into "internal error (request id ...)",
 logging the trace under that id; no exception text reaches a browser. Searches and
@@ -36,6 +37,7 @@ from carsearch.platform.runtime import Platform
 from carsearch.ui.guard import ClientLimits, GateConfig, LoginThrottle, RequestGate, parse_size
 from carsearch.ui.page import ANY, Labeller, PageResult, PickedFilters, SearchPage
 from carsearch.ui.render import evaluation_table, page_header, status_markdown
+from carsearch.ui.served_eval import served_section
 
 log = logging.getLogger(__name__)
 
@@ -409,6 +411,7 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
         with gr.Tab("Evaluation"):
             eval_note = gr.Markdown("")
             eval_df = gr.Dataframe(interactive=False, wrap=True)
+            served_section(demo, page.platform, _guarded)
         hits = gr.State([])
         qlog = gr.State(None)
 
