@@ -234,6 +234,53 @@ def test_two_stage_training_smoke(small_base: Path, catalogue: Path, tmp_path: P
     assert vectors.shape == (len(TEXTS), 256) and np.isfinite(vectors).all()
 
 
+def test_stage1_trains_on_the_served_framings_with_colour_aware_positives(
+    small_base: Path, catalogue: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With views (box, whole frame), stage 1 caches both framings of every train image
+    (the whole one equal to the backbone's features of the uncropped photo) and each
+    step's images come from both; a text naming a colour is a positive only for images
+    of that colour."""
+    import random
+
+    import carsearch.training.stage1 as stage1
+    from carsearch.data.stanford import load_stanford
+    from carsearch.training.feature_cache import backbone_features
+    from carsearch.training.trainer import load_base
+
+    seen: list[dict[str, torch.Tensor]] = []
+    real_loss = stage1.siglip_loss
+
+    def recording_loss(*args: object, **kwargs: torch.Tensor) -> torch.Tensor:
+        seen.append(kwargs)
+        return real_loss(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stage1, "siglip_loss", recording_loss)
+    cache = tmp_path / "cache"
+    result = stage1.train_stage1(stage1.Stage1Config(
+        data=catalogue, base=str(small_base), out=tmp_path / "s1", cache_dir=cache,
+        steps=4, batch_size=8, views=(0.0, 1.0), frame_prob=0.5, progress=False))
+    assert result.cache["computed"] == 2 * result.n_train
+    ds = load_stanford(catalogue)
+    items = ds.subset("train")[:2]
+    net, processor = load_base(str(small_base))
+    whole = stage1.features_for(net, processor, ds, items, cache, view=1.0, progress=False)
+    direct = backbone_features(net, processor,
+                               [ds.open_image(x, crop=False) for x in items], 8)
+    np.testing.assert_allclose(whole, direct, atol=1e-5)
+    boxed = stage1.features_for(net, processor, ds, items, cache, view=0.0, progress=False)
+    assert not np.allclose(boxed, whole)
+    picks = stage1.draw_views(random.Random(0), (0.0, 0.5, 1.0), 0.25, 4000)
+    assert abs(picks.count(2) / 4000 - 0.25) < 0.03 and picks.count(0) > 1000
+    # colour-aware labels reached the loss: image colours, and each text's named colour
+    assert len(seen) == 4
+    for kw in seen:
+        assert kw["image_colours"].shape == (8,)
+        assert kw["text_colours"].shape == kw["text_classes"].shape
+        assert (kw["text_colours"][-1] == -1).item()  # a class name names no colour
+    assert any(bool((kw["text_colours"] >= 0).any()) for kw in seen)  # queries name some
+
+
 def test_onnx_export_parity(pretrained_base: Path, tmp_path: Path) -> None:
     from carsearch.platform.models.onnx import OnnxEncoder, export_onnx
 

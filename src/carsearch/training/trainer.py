@@ -155,6 +155,7 @@ class TrainConfig:
     # frozen; then this loop (LoRA) continues from its result. 0: none.
     stage1_steps: int = 0
     stage1_batch_size: int = 128
+    stage1_lr: float = 5e-4
     feature_cache: Path | None = None  # stage 1's feature cache; None: out/feature-cache
 
     def to_dict(self) -> dict[str, Any]:
@@ -729,6 +730,10 @@ def train(config: TrainConfig) -> TrainResult:
         run.close()
 
 
+# stage 1's cached framings under box-to-frame: the box, half way, the whole frame
+STAGE1_VIEWS = (0.0, 0.5, 1.0)
+
+
 def _run_stage1(config: TrainConfig) -> TrainConfig:
     """Stage 1 into out/stage1 (skipped when a resumed run finds it done); the returned
     config trains on from its model, with LoRA unless `full` says otherwise."""
@@ -744,6 +749,9 @@ def _run_stage1(config: TrainConfig) -> TrainConfig:
             cache_dir=config.feature_cache or config.out / "feature-cache",
             queries=config.queries, steps=config.stage1_steps,
             batch_size=config.stage1_batch_size, seed=config.seed, progress=config.progress,
+            lr=config.stage1_lr,
+            views=STAGE1_VIEWS if config.train_views == "box-to-frame" else (0.0,),
+            frame_prob=config.frame_prob,
         ))
     return replace(config, base=str(model_dir), full=config.full or False)
 
