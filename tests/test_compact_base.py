@@ -281,6 +281,32 @@ def test_stage1_trains_on_the_served_framings_with_colour_aware_positives(
     assert any(bool((kw["text_colours"] >= 0).any()) for kw in seen)  # queries name some
 
 
+def test_a_stage1_only_run_publishes_stage1s_model_with_its_policy(
+    small_base: Path, catalogue: Path, tmp_path: Path
+) -> None:
+    """--no-stage2: the run's model is stage 1's (the image tower as pre-trained), with
+    the image policy it trained under, ready to publish; asked without stage 1 it says so."""
+    from safetensors.torch import load_file
+
+    from carsearch.platform.errors import ConfigError
+    from carsearch.platform.models.image_policy import read_policy
+    from carsearch.training.trainer import TrainConfig, train
+
+    result = train(TrainConfig(data=catalogue, base=str(small_base), out=tmp_path / "r",
+                               stage1_steps=3, stage1_batch_size=4, stage2=False,
+                               train_views="box-to-frame", progress=False,
+                               feature_cache=tmp_path / "cache"))
+    assert result.model_dir == tmp_path / "r" / "model" and result.finished
+    assert result.counters.step == 3 and result.n_train_images > 0 and result.fingerprint
+    stage1 = load_file(str(tmp_path / "r" / "stage1" / "model" / "model.safetensors"))
+    model = load_file(str(result.model_dir / "model.safetensors"))
+    assert set(model) == set(stage1) and all(torch.equal(model[k], stage1[k]) for k in model)
+    assert read_policy(result.model_dir).train_views == "box-to-frame"
+    with pytest.raises(ConfigError, match="needs stage 1"):
+        train(TrainConfig(data=catalogue, base=str(small_base), out=tmp_path / "x",
+                          stage2=False, progress=False))
+
+
 def test_onnx_export_parity(pretrained_base: Path, tmp_path: Path) -> None:
     from carsearch.platform.models.onnx import OnnxEncoder, export_onnx
 
