@@ -64,8 +64,9 @@ step "3. write messy search queries for the train split, each checked by the gua
 carsearch augment --root "$D/catalogue" --out "$D/queries.jsonl" --n 5
 
 step "4. build the compact pretrained base (ImageNet EfficientNet-Lite0 image tower, WordLlama text tower: weights from pip packages), publish it and make it serve"
-carsearch base build --kind pretrained --out "$D/base/compact-pretrained"
-carsearch models publish "$D/base/compact-pretrained" --name compact-base --promote
+# (into base/compact-siglip, the base path every command defaults to, the retrain job too)
+carsearch base build --kind pretrained --out "$D/base/compact-siglip"
+carsearch models publish "$D/base/compact-siglip" --name compact-base --promote
 
 step "5. a camera gateway drops the test images (sidecar labels and each vehicle's box) into the inbox; the worker embeds each box's crop"
 python scripts/demo_inbox.py --root "$D/catalogue" --inbox "$D/inbox"
