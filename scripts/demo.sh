@@ -83,7 +83,8 @@ step "7. train on views from the box out to the whole frame (stage 1: the text s
 if [ "${DEMO_STEPS:-0}" -gt 0 ]; then STAGE2=(--steps "$DEMO_STEPS" --batch-size 32)
 else STAGE2=(--no-stage2); fi
 carsearch train --data "$D/catalogue" --queries "$D/queries.jsonl" --out "$D/runs/demo" \
-  --stage1-steps "${DEMO_STAGE1_STEPS:-200}" "${STAGE2[@]}" --train-views box-to-frame \
+  --stage1-steps "${DEMO_STAGE1_STEPS:-400}" --stage1-lr 1e-3 "${STAGE2[@]}" \
+  --train-views box-to-frame \
   --name demo-finetuned --promote
 carsearch models list
 

@@ -76,6 +76,8 @@ def train_command(
                                               "pretrained base's text side on cached image "
                                               "features for N steps (stage 1), then LoRA "
                                               "(stage 2); 0: no stage 1.")] = 0,
+    stage1_lr: Annotated[float, typer.Option(min=0.0, help="Stage 1's peak learning "
+                                             "rate.")] = 5e-4,
     stage2: Annotated[bool, typer.Option("--stage2/--no-stage2", help="With --stage1-steps: "
                                          "then LoRA on both towers (stage 2), or publish "
                                          "stage 1's model as it is.")] = True,
@@ -151,7 +153,7 @@ def train_command(
         ledger_db=settings.database_url,  # checkpoint hashes, checked by --resume
         train_views=train_views, frame_prob=frame_prob, box_margin=box_margin,
         stage1_steps=stage1_steps, feature_cache=settings.data_dir / "feature-cache",
-        stage2=stage2,
+        stage2=stage2, stage1_lr=stage1_lr,
     )
     from carsearch.lifecycle.reindex import promote_with_backfill
     from carsearch.platform.runtime import Platform
