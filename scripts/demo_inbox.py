@@ -17,6 +17,8 @@ def main() -> None:
     ap.add_argument("--inbox", type=Path, required=True)
     ap.add_argument("--source", default="demo")
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--no-box", action="store_true",
+                    help="leave the box out: the photo arrives as a box-less camera frame")
     a = ap.parse_args()
     a.inbox.mkdir(parents=True, exist_ok=True)
     items = load_stanford(a.root).split("test")
@@ -28,7 +30,7 @@ def main() -> None:
         side = {"class_name": label.class_name, "make": label.make, "model": label.model,
                 "year": label.year, "body_type": label.body_type, "colour": label.colour,
                 "source": a.source}
-        if item.bbox is not None:  # the vehicle's box: ingest embeds the crop
+        if item.bbox is not None and not a.no_box:  # the vehicle's box: ingest embeds the crop
             side["box"] = list(item.bbox)
         (a.inbox / f"{name}.json").write_text(json.dumps(side))
         tmp = a.inbox / f".{name}"

@@ -237,6 +237,79 @@ def test_two_stage_training_smoke(small_base: Path, catalogue: Path, tmp_path: P
     assert vectors.shape == (len(TEXTS), 256) and np.isfinite(vectors).all()
 
 
+def test_stage1_trains_on_the_served_framings_with_colour_aware_positives(
+    small_base: Path, catalogue: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With views (box, whole frame), stage 1 caches both framings of every train image
+    (the whole one equal to the backbone's features of the uncropped photo) and each
+    step's images come from both; a text naming a colour is a positive only for images
+    of that colour."""
+    import random
+
+    import carsearch.training.stage1 as stage1
+    from carsearch.data.stanford import load_stanford
+    from carsearch.training.feature_cache import backbone_features
+    from carsearch.training.trainer import load_base
+
+    seen: list[dict[str, torch.Tensor]] = []
+    real_loss = stage1.siglip_loss
+
+    def recording_loss(*args: object, **kwargs: torch.Tensor) -> torch.Tensor:
+        seen.append(kwargs)
+        return real_loss(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stage1, "siglip_loss", recording_loss)
+    cache = tmp_path / "cache"
+    result = stage1.train_stage1(stage1.Stage1Config(
+        data=catalogue, base=str(small_base), out=tmp_path / "s1", cache_dir=cache,
+        steps=4, batch_size=8, views=(0.0, 1.0), frame_prob=0.5, progress=False))
+    assert result.cache["computed"] == 2 * result.n_train
+    ds = load_stanford(catalogue)
+    items = ds.subset("train")[:2]
+    net, processor = load_base(str(small_base))
+    whole = stage1.features_for(net, processor, ds, items, cache, view=1.0, progress=False)
+    direct = backbone_features(net, processor,
+                               [ds.open_image(x, crop=False) for x in items], 8)
+    np.testing.assert_allclose(whole, direct, atol=1e-5)
+    boxed = stage1.features_for(net, processor, ds, items, cache, view=0.0, progress=False)
+    assert not np.allclose(boxed, whole)
+    picks = stage1.draw_views(random.Random(0), (0.0, 0.5, 1.0), 0.25, 4000)
+    assert abs(picks.count(2) / 4000 - 0.25) < 0.03 and picks.count(0) > 1000
+    # colour-aware labels reached the loss: image colours, and each text's named colour
+    assert len(seen) == 4
+    for kw in seen:
+        assert kw["image_colours"].shape == (8,)
+        assert kw["text_colours"].shape == kw["text_classes"].shape
+        assert (kw["text_colours"][-1] == -1).item()  # a class name names no colour
+    assert any(bool((kw["text_colours"] >= 0).any()) for kw in seen)  # queries name some
+
+
+def test_a_stage1_only_run_publishes_stage1s_model_with_its_policy(
+    small_base: Path, catalogue: Path, tmp_path: Path
+) -> None:
+    """--no-stage2: the run's model is stage 1's (the image tower as pre-trained), with
+    the image policy it trained under, ready to publish; asked without stage 1 it says so."""
+    from safetensors.torch import load_file
+
+    from carsearch.platform.errors import ConfigError
+    from carsearch.platform.models.image_policy import read_policy
+    from carsearch.training.trainer import TrainConfig, train
+
+    result = train(TrainConfig(data=catalogue, base=str(small_base), out=tmp_path / "r",
+                               stage1_steps=3, stage1_batch_size=4, stage2=False,
+                               train_views="box-to-frame", progress=False,
+                               feature_cache=tmp_path / "cache"))
+    assert result.model_dir == tmp_path / "r" / "model" and result.finished
+    assert result.counters.step == 3 and result.n_train_images > 0 and result.fingerprint
+    stage1 = load_file(str(tmp_path / "r" / "stage1" / "model" / "model.safetensors"))
+    model = load_file(str(result.model_dir / "model.safetensors"))
+    assert set(model) == set(stage1) and all(torch.equal(model[k], stage1[k]) for k in model)
+    assert read_policy(result.model_dir).train_views == "box-to-frame"
+    with pytest.raises(ConfigError, match="needs stage 1"):
+        train(TrainConfig(data=catalogue, base=str(small_base), out=tmp_path / "x",
+                          stage2=False, progress=False))
+
+
 def test_onnx_export_parity(pretrained_base: Path, tmp_path: Path) -> None:
     from carsearch.platform.models.onnx import OnnxEncoder, export_onnx
 
@@ -283,7 +356,7 @@ def test_the_recipes_default_base_trains_stage_1_only(catalogue: Path, tmp_path:
     result = train(TrainConfig(data=catalogue, base=str(base), out=tmp_path / "run",
                                progress=False, stage1_steps=4, stage1_batch_size=4,
                                stage2=False, feature_cache=tmp_path / "cache"))
-    assert result.model_dir == tmp_path / "run" / "stage1" / "model"
+    assert result.model_dir == tmp_path / "run" / "model"  # stage 1's, with its policy
     assert result.counters.step == result.total_steps == 4 and result.finished
     assert result.fingerprint and result.n_train_images > 0
     before, after = (load_file(str(base / "model.safetensors")),

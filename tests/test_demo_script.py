@@ -118,3 +118,19 @@ def test_make_serve_and_demo_args_exist() -> None:
     make = (REPO / "Makefile").read_text()
     assert re.search(r"^serve: .*\n\t.*demo\.sh --serve-only", make, flags=re.M)
     assert re.search(r"^demo: .*\n\t.*demo\.sh \$\(DEMO_ARGS\)", make, flags=re.M)
+
+
+def test_the_demo_trains_the_pretrained_base_in_two_stages_on_served_framings() -> None:
+    """The pipeline's recipe (measured in docs/BENCHMARKS.md): the compact pretrained base,
+    stage 1 then LoRA, on views from the box to the whole frame; it prints the served
+    view; box-less whole frames are measured on request in a collection of their own."""
+    script = SCRIPT.read_text()
+    assert "carsearch base build --kind pretrained" in script
+    assert "--kind siglip-random" not in script
+    train = script[script.index("carsearch train "):].split("\n\n")[0]
+    assert "--stage1-steps" in train and "--train-views box-to-frame" in train
+    assert "--promote" in train
+    assert "carsearch evaluate --served\n" in script
+    assert "--no-box" in script and "evaluate --served --collection whole" in script
+    inbox = (REPO / "scripts" / "demo_inbox.py").read_text()
+    assert "--no-box" in inbox

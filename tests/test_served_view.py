@@ -37,7 +37,12 @@ from carsearch.platform.models.image_policy import (
     read_policy,
     write_policy,
 )
-from carsearch.platform.search.evaluation import EvalQuery, evaluate_served
+from carsearch.platform.search.evaluation import (
+    EvalQuery,
+    evaluate_served,
+    store_served,
+    stored_served,
+)
 from carsearch.training.evaluate import held_out_queries, image_embeddings, label_fields
 from ingest_world import world
 from train_helpers import tiny_catalogue
@@ -332,6 +337,18 @@ def test_served_evaluation_scores_the_index_against_the_database(
         assert got["ci95"]["mAP"][0] <= got["mAP"] <= got["ci95"]["mAP"][1]
         assert got["chance"]["mAP"] == pytest.approx(np.mean(
             [expected_random_ap(sum(1 for x in labels.values() if x == n), 8) for n in names]))
+        # kept with the version (the page's Evaluation tab reads it), other metrics kept;
+        # a NaN (no probabilities) is stored as null, which PostgreSQL's JSON accepts
+        before = dict(p.registry.get(v.name).metrics or {})
+        got["calibration"]["ece"] = float("nan")
+        store_served(p.db, result)
+        kept = stored_served(p.db, v.name)
+        assert kept is not None and kept["measured_at"]
+        assert kept["query_sets"]["class names"]["mAP"] == pytest.approx(got["mAP"])
+        assert kept["query_sets"]["class names"]["calibration"]["ece"] is None
+        after = dict(p.registry.get(v.name).metrics or {})
+        assert {k: x for k, x in after.items() if k != "served"} == before
+        assert stored_served(p.db, "no-such-version") is None
     finally:
         p.close()
 

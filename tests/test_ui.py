@@ -234,6 +234,29 @@ def test_header_status_and_evaluation_tabs(client: Client) -> None:
     assert table["data"][0][0] == "base (serving)" and table["data"][1][0] == "zero-shot base"
 
 
+def test_the_evaluation_tab_shows_and_runs_the_served_view(client: Client) -> None:
+    """Nothing stored at first; the button measures the serving version through the
+    index (every class name and a held-out phrasing; 8 images, one per class), keeps the
+    result with the version, and the tab shows it again on the next load."""
+    first = client.predict(api_name="/served_evaluation")
+    assert "No served evaluation of version **base** yet" in first
+    shown = client.predict(api_name="/run_served_evaluation")
+    assert "**Served view** of version **base**" in shown
+    assert "8 indexed images, each query asks for 8 hits" in shown
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in shown.splitlines()
+            if ln.startswith("| ") and "---" not in ln}
+    names = rows["class names"].split(" | ")
+    assert names[1] == "8"  # one query per class
+    # every image comes back, so each class's one image is within the top 10
+    assert names[4] == "1.000 [1.00, 1.00]"
+    assert " [" in names[2] and " [" in names[5]  # R@1 and mAP carry their intervals
+    assert "pairs)" in names[7]  # the ECE of the page's probability, over 8 x 8 pairs
+    assert rows["chance (class names)"].split(" | ")[2] == "0.125"  # 1 relevant of 8
+    assert "held-out phrasings" in rows
+    again = client.predict(api_name="/served_evaluation")
+    assert again == shown
+
+
 def test_only_thumbnails_and_uploads_are_served(server: Server, world: World) -> None:
     for secret in (Path(world.settings.database_url.removeprefix("sqlite:///")),
                    world.photos[0], Path(__file__)):

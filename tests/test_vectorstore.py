@@ -281,3 +281,38 @@ def test_a_collection_loaded_before_its_last_index_still_takes_writes(milvus_ser
     finally:
         raw.close()
         store.close()
+
+
+def test_a_search_for_more_hits_than_ef_gets_them_all(milvus_uri: str) -> None:
+    """HNSW returns at most ef candidates: asked for every one of 600 rows with the default
+    ef 64, Milvus Lite gave 469-503 of them (so a served evaluation's ranking was cut
+    short). The store raises ef to k, on Lite and on the server."""
+    from carsearch.platform.vectors.milvus import search_params_for
+
+    store = MilvusStore(milvus_uri)
+    try:
+        assert store.index.type == "HNSW" and store.index.search_params["ef"] < 600
+        n = 600
+        rng = np.random.default_rng(7)
+        vecs = unit(rng, n)
+        ids = list(range(1, n + 1))
+        store.ensure_collection("many", DIM)
+        for start in range(0, n, 50):  # several inserts, as ingest writes them
+            store.upsert("many", ids[start:start + 50], vecs[start:start + 50],
+                         [VectorRow(make=MAKES[i % 4]) for i in range(start, start + 50)])
+        store.flush("many")
+        store.wait_for_index("many", n)
+        for k in (300, n):
+            for row, q in zip(store.search("many", vecs[:3], k), vecs[:3], strict=True):
+                assert len(row) == k
+                got = [h.id for h in row]
+                assert len(set(got)) == k
+                scores = [h.score for h in row]
+                assert scores == sorted(scores, reverse=True)
+                if k == n:
+                    assert set(got) == set(ids)
+                    np.testing.assert_allclose(scores, np.sort(vecs @ q)[::-1], atol=1e-5)
+        assert search_params_for(store.index, 10)["ef"] == store.index.search_params["ef"]
+        assert search_params_for(store.index, 10**6)["ef"] == 32768
+    finally:
+        store.close()

@@ -39,6 +39,11 @@ def build(
     patch_size: Annotated[
         int, typer.Option("--patch-size", min=1, help="Vision patch side in pixels.")
     ] = 16,
+    text_layers: Annotated[
+        int, typer.Option("--text-layers", min=-1, max=12, help="pretrained: transformer "
+                          "layers on the text side (0: mean-pooled token embeddings and an "
+                          "MLP; -1: the recipe's default).")
+    ] = -1,
     force: Annotated[
         bool, typer.Option("--force", help="Write into a non-empty directory.")
     ] = False,
@@ -59,7 +64,12 @@ def build(
         if kind == "pretrained":
             from carsearch.training.pretrained_base import PretrainedSpec, build_pretrained_base
 
-            spec = PretrainedSpec(**({"image_size": image_size} if image_size else {}))
+            chosen: dict[str, int] = {}
+            if image_size:
+                chosen["image_size"] = image_size
+            if text_layers >= 0:
+                chosen["text_layers"] = text_layers
+            spec = PretrainedSpec(**chosen)
             build_pretrained_base(out, seed=seed, spec=spec)
         else:
             build_compact_base(out, seed=seed, image_size=image_size or 64,

@@ -339,7 +339,11 @@ def served_query_sets(db: Any, collection: str) -> dict[str, list[Any]]:
 def _served(ctx: typer.Context, queries: Path | None, collection: str | None,
             as_json: bool) -> None:
     from carsearch.cli.context import platform_from
-    from carsearch.platform.search.evaluation import evaluate_served
+    from carsearch.platform.search.evaluation import (
+        evaluate_served,
+        served_query_sets,
+        store_served,
+    )
     from carsearch.training.evaluate import load_eval_queries
 
     p = platform_from(ctx)
@@ -352,6 +356,8 @@ def _served(ctx: typer.Context, queries: Path | None, collection: str | None,
         raise ConfigError(f"collection {name} has no labelled indexed images to score "
                           "(pass --queries FILE)")
     results = evaluate_served(p.search, sets, collection=collection)
+    if queries is None:  # the default queries: what the page's Evaluation tab shows
+        store_served(p.db, results)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return

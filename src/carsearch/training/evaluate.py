@@ -9,7 +9,7 @@ recipes, early stopping and promotion read; "test" is only reported.
 
 Query sets (each scored apart):
 - "class names": one query per class, its name, relevant to that class's images;
-- "held-out phrasings" (`data.augment.heldout`): one query per class from a generator
+- "held-out phrasings" (`platform.search.heldout`): one query per class from a generator
   configuration training never uses, relevant to every image whose labels satisfy every
   attribute it names (its colour too);
 - a file (`--queries FILE.jsonl`), one JSON object a line:
@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from carsearch.data.augment.heldout import held_out_query
 from carsearch.data.stanford import LabelledImage, StanfordDataset, load_stanford
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.metrics import QueryScores, query_scores, reliability
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.search.classify import probability
 from carsearch.platform.search.evaluation import EvalQuery, summarise
+from carsearch.platform.search.heldout import held_out_query
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,12 @@ from carsearch.training.feature_cache import (
 from carsearch.training.loss import LOSSES, contrastive_loss
 from carsearch.training.query_metrics import per_query
 from carsearch.training.recipe import STAGE1_BATCH, STAGE1_LR, STAGE1_STEPS
-from carsearch.training.train_data import data_fingerprint, train_queries
+from carsearch.training.train_data import (
+    colour_id,
+    data_fingerprint,
+    named_colour,
+    train_queries,
+)
 from carsearch.training.trainer import load_base
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,11 @@ class Stage1Config:
     caption_prob: float = 0.5
     scalar_lr_mult: float = 10.0
     val_share: float = 0.0
+    # the framings trained: t in [0, 1] between the box (0) and the whole frame (1), one
+    # cached feature row per image and view; each sample draws one (t = 1 with
+    # `frame_prob` when the views hold it, else uniformly among the others)
+    views: tuple[float, ...] = (0.0,)
+    frame_prob: float = 0.25
     seed: int = 0
     progress: bool = True
     loss: str = "sigmoid"  # or "softmax" (training/loss.py)
@@ -114,11 +124,39 @@ def image_keys(items: Sequence[LabelledImage]) -> list[str]:
 
 def features_for(net: Any, processor: Any, dataset: StanfordDataset,
                  items: Sequence[LabelledImage], cache_dir: Path, *, progress: bool = True,
-                 stats: CacheStats | None = None) -> np.ndarray:
+                 stats: CacheStats | None = None, view: float = 0.0) -> np.ndarray:
+    """Backbone features of each item's view ``view`` (0: its box crop, 1: the whole
+    frame, between: the box widened towards the frame, as `ImagePolicy.train_view`)."""
     cache = FeatureCache(cache_dir, tower_key(net, processor))
-    return cached_features(net, processor, image_keys(items),
-                           lambda i: dataset.open_image(items[i]), cache,
-                           progress=progress, stats=stats)
+    if view <= 0.0:
+        return cached_features(net, processor, image_keys(items),
+                               lambda i: dataset.open_image(items[i]), cache,
+                               progress=progress, stats=stats)
+    from carsearch.platform.models.image_policy import ImagePolicy
+
+    policy = ImagePolicy(train_views="box-to-frame")
+    keys = [content_key(item.path, f"{item.bbox!r}|view={view:.4f}") for item in items]
+
+    def open_view(i: int) -> Any:
+        return policy.train_view(dataset.open_image(items[i], crop=False), items[i].bbox, view)
+
+    return cached_features(net, processor, keys, open_view, cache, progress=progress,
+                           stats=stats)
+
+
+def draw_views(rng: random.Random, views: Sequence[float], frame_prob: float,
+               n: int) -> list[int]:
+    """Which view each of n samples sees: the whole frame (t = 1) with `frame_prob` when
+    it is among the views, otherwise one of the others uniformly."""
+    whole = [j for j, t in enumerate(views) if t >= 1.0]
+    rest = [j for j, t in enumerate(views) if t < 1.0] or whole
+    out = []
+    for _ in range(n):
+        if whole and (rng.random() < frame_prob or not rest):
+            out.append(whole[0])
+        else:
+            out.append(rest[rng.randrange(len(rest))])
+    return out
 
 
 class Stage1Module(nn.Module):
@@ -213,15 +251,20 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     else:  # the data set's validation carve stays out of training: promotion reads it
         train_items, val_items = dataset.subset("train"), dataset.subset("validation")
     stats = CacheStats()
-    feats = torch.from_numpy(features_for(net, processor, dataset, train_items,
-                                          config.cache_dir, progress=config.progress,
-                                          stats=stats))
+    views = tuple(config.views) or (0.0,)
+    # (views, images, d): every view of every train image, computed once
+    feats = torch.from_numpy(np.stack([
+        features_for(net, processor, dataset, train_items, config.cache_dir,
+                     progress=config.progress, stats=stats, view=t) for t in views]))
     names = sorted({x.label.class_name for x in train_items})
     index = {n: i for i, n in enumerate(names)}
     classes = torch.tensor([index[x.label.class_name] for x in train_items])
     max_len = int(net.config.text_config.max_position_embeddings)
     queries, source = _texts_per_image(train_items, config.seed, config.queries)
     tokens = TokenTable(processor, [*names, *(q for qs in queries for q in qs)], max_len)
+    colours = torch.tensor([colour_id(x.label.colour) for x in train_items])
+    name_colours = torch.full((len(names),), -1)
+    name_classes = torch.arange(len(names))
     freeze_image_backbone(net)
     module = Stage1Module(net)
     optimizers = stage1_optimizers(net, config)
@@ -250,23 +293,26 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
             else train_items[i].label.class_name
             for i in batch
         ]
-        # Each distinct text once (a caption is also a class-name column), padded to the
-        # longest: the model reads its mask from the pad id, so padding changes nothing.
+        # Columns: each sample's own text (column i belongs to image i: the diagonal), then
+        # every class name (unless class_texts is off). A text that names a colour is a
+        # positive only for same-class images of that colour (the label satisfies all the
+        # text names). Texts are tokenized once per run and padded to the step's longest:
+        # the model reads its mask from the pad id, so padding changes nothing.
         shown = names if config.class_texts else []
-        columns = list(dict.fromkeys([*shown, *texts]))
-        column_of = {t: j for j, t in enumerate(columns)}
+        columns = [*texts, *shown]
         ids = tokens.ids(columns)
-        image, text, scale, bias = module(feats[batch].to(acc.device), ids.to(acc.device))
+        picked = draw_views(rng, views, config.frame_prob, len(batch))
+        batch_feats = feats[torch.tensor(picked), torch.tensor(batch)]
+        image, text, scale, bias = module(batch_feats.to(acc.device), ids.to(acc.device))
         batch_classes = classes[batch]
-        column_classes = torch.tensor(
-            [index[t] if j < len(shown) else -1 for j, t in enumerate(columns)])
-        # a query text is a positive for its own image's class (class-level labels)
-        for t, c in zip(texts, batch_classes.tolist(), strict=True):
-            if column_of[t] >= len(shown):
-                column_classes[column_of[t]] = c
+        column_classes = torch.cat([batch_classes, name_classes[:len(shown)]])
+        column_colours = torch.cat([torch.tensor([colour_id(named_colour(t)) for t in texts]),
+                                    name_colours[:len(shown)]])
         loss = contrastive_loss(config.loss, image, text, scale, bias,
                                 batch_classes.to(acc.device),
-                                text_classes=column_classes.to(acc.device))
+                                text_classes=column_classes.to(acc.device),
+                                image_colours=colours[batch].to(acc.device),
+                                text_colours=column_colours.to(acc.device))
         # accumulated: the mean of the micro-batches' losses (each normalised in its own
         # micro-batch; see docs/BENCHMARKS.md on what that does to each loss)
         acc.backward(loss / config.grad_accum)

@@ -156,8 +156,9 @@ class TrainConfig:
     # frozen; then this loop (LoRA) continues from its result. 0: none.
     stage1_steps: int = 0
     stage1_batch_size: int = 128
-    stage1_lr: float = 0.0  # 0: Stage1Config's default
-    # After stage 1, LoRA on both towers (this loop); False: stage 1's model is the result
+    stage1_lr: float = 0.0  # 0: Stage1Config's default (training/recipe.py)
+    # False: stage 1's model is the run's result (the image tower as pre-trained, no LoRA
+    # stage; the feedback votes are not used)
     stage2: bool = True
     feature_cache: Path | None = None  # stage 1's feature cache; None: out/feature-cache
 
@@ -727,17 +728,21 @@ def _parameter_counts(model: nn.Module) -> tuple[int, int]:
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run; the main process saves the merged model."""
     config.out.mkdir(parents=True, exist_ok=True)
+    if not config.stage2 and config.stage1_steps < 1:
+        raise ConfigError("a run without stage 2 needs stage 1 (--stage1-steps N)")
     if config.stage1_steps > 0:
         config = _run_stage1(config)
         if not config.stage2:
-            return _stage1_only(config)
-    elif not config.stage2:
-        raise ConfigError("skipping stage 2 needs stage 1 (--stage1-steps N)")
+            return _stage1_result(config)
     run = _Run(config)
     try:
         return _train(run, config)
     finally:
         run.close()
+
+
+# stage 1's cached framings under box-to-frame: the box, half way, the whole frame
+STAGE1_VIEWS = (0.0, 0.5, 1.0)
 
 
 def _run_stage1(config: TrainConfig) -> TrainConfig:
@@ -757,37 +762,49 @@ def _run_stage1(config: TrainConfig) -> TrainConfig:
             batch_size=config.stage1_batch_size, seed=config.seed, progress=config.progress,
             loss=config.loss,
             **({"lr": config.stage1_lr} if config.stage1_lr > 0 else {}),
+            views=STAGE1_VIEWS if config.train_views == "box-to-frame" else (0.0,),
+            frame_prob=config.frame_prob,
         ))
     return replace(config, base=str(model_dir), full=config.full or False)
 
 
-def _stage1_only(config: TrainConfig) -> TrainResult:
-    """The result of a run that ends after stage 1 (`stage2=False`): its model as is."""
-    from accelerate import PartialState
+def _stage1_result(config: TrainConfig) -> TrainResult:
+    """Stage 1's model (``config.base`` after `_run_stage1`) as the run's model, saved
+    to out/model with the image policy it was trained under."""
+    from carsearch.training.train_data import data_fingerprint, train_queries
 
-    model_dir = Path(config.base)  # _run_stage1 pointed the base at stage 1's model
-    info = json.loads((model_dir.parent / "stage1.json").read_text())
-    net, _ = load_base(str(model_dir))
-    params = sum(p.numel() for p in net.parameters())
-    frozen = sum(p.numel() for p in net.vision_model.backbone.parameters())
-    steps = int(info["steps"])
-    batch = int(info["config"]["batch_size"]) * int(info["config"].get("grad_accum", 1))
-    seconds = float(info["seconds"])
-    counters = Counters(step=steps, micro_step=steps, samples=steps * batch,
-                        losses=[float(info["first_loss"]), float(info["final_loss"])])
-    result = TrainResult(
-        out=config.out, model_dir=model_dir, counters=counters, total_steps=steps,
-        full=False, fingerprint=str(info.get("fingerprint", "")),
-        n_train_images=int(info["n_train"]), n_classes=int(info.get("n_classes", 0)),
-        seconds=seconds, samples_per_s=steps * batch / seconds if seconds > 0 else 0.0,
+    stage1_dir = Path(config.base)
+    record = json.loads((stage1_dir.parent / "stage1.json").read_text(encoding="utf-8"))
+    out = config.out / MODEL_SUBDIR
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(stage1_dir, out)
+    net, processor = load_base(str(out))
+    policy = ImagePolicy(framing="box", margin=config.box_margin,
+                         train_views=config.train_views,  # type: ignore[arg-type]
+                         frame_prob=config.frame_prob)
+    write_policy(out, policy, processor)
+    dataset = load_stanford(config.data)
+    items = dataset.subset("train")
+    _, source = train_queries(items, config.queries, config.seed)
+    steps = int(record["steps"])
+    losses = [float(record["first_loss"]), float(record["final_loss"])]
+    samples = steps * config.stage1_batch_size
+    seconds = float(record["seconds"])
+    total = sum(p.numel() for p in net.parameters())
+    frozen = sum(p.numel() for n, p in net.named_parameters() if ".backbone." in n)
+    log.info("stage 1 only: %s is the run's model", out)
+    return TrainResult(
+        out=config.out, model_dir=out,
+        counters=Counters(step=steps, micro_step=steps, samples=samples, losses=losses),
+        total_steps=steps, full=False,
+        fingerprint=data_fingerprint([x.image_id for x in items], source),
+        n_train_images=len(items), n_classes=len({x.label.class_name for x in items}),
+        seconds=seconds, samples_per_s=samples / seconds if seconds > 0 else 0.0,
         peak_rss_mb=peak_rss_mb(), num_processes=1, mixed_precision="no",
-        trainable_parameters=params - frozen, parameters=params,
-        is_main_process=PartialState().is_main_process,
-        config={**config.to_dict(), "stage1": info["config"]},
+        trainable_parameters=total - frozen, parameters=total, is_main_process=True,
+        config={**config.to_dict(), "stage2": False},
     )
-    log.info("training (stage 1 only): %s", result.summary())
-    return result
-
 
 
 def _train(run: _Run, config: TrainConfig) -> TrainResult:

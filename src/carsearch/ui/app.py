@@ -4,7 +4,8 @@ Tabs: Search (query box, chips read from the query and the exclusions read from 
 filters, sort, folding near-duplicates, results gallery with "more results", image upload
 and "more like this" with an optional "…but" text, thumbs up/down that re-rank at once),
 Classify (zero-shot labels for an upload), Status (serving version, index size, ingest
-queue, last drift report, ANN audit, versions) and Evaluation (the latest metrics).
+queue, last drift report, ANN audit, versions) and Evaluation (the latest metrics, and the
+served view of the serving version: ui/served_eval.py).
 Every handler turns a `CarsearchError` into its one-line message on the page (a toast
 and the status line) and any other exception into "internal error (request id ...)",
 logging the trace under that id; no exception text reaches a browser. Searches and
@@ -49,6 +50,7 @@ from carsearch.ui.page import (
     SearchPage,
 )
 from carsearch.ui.render import evaluation_table, page_header, status_markdown
+from carsearch.ui.served_eval import served_section
 
 log = logging.getLogger(__name__)
 
@@ -557,6 +559,7 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
         with gr.Tab("Evaluation"):
             eval_note = gr.Markdown("")
             eval_df = gr.Dataframe(interactive=False, wrap=True)
+            served_section(demo, page.platform, _guarded)
         hits = gr.State([])
         qlog = gr.State(None)
         cursor = gr.State(None)  # the next page's

@@ -19,6 +19,7 @@ labels the database holds.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,3 +136,77 @@ def evaluate_served(
             "queries": [q.text for q in queries]}
         log.info("served evaluation %s: %s", name, scores.means())
     return out
+
+
+def served_query_sets(db: Any, collection: str) -> dict[str, list[EvalQuery]]:
+    """The default served queries: every class name the database holds, and one held-out
+    phrasing per class (from its first indexed image), both labelled by the database."""
+    from carsearch.platform.search.heldout import held_out_query
+    from carsearch.platform.vehicles import parse_class_name
+
+    with db.session() as s:
+        rows = list(s.scalars(select(Image).where(
+            Image.status == ImageStatus.indexed, Image.collection == collection,
+            Image.class_name.is_not(None)).order_by(Image.id)))
+        first: dict[str, tuple[int, str | None]] = {}
+        for r in rows:
+            first.setdefault(str(r.class_name), (int(r.id), r.colour))
+    names = [EvalQuery(n, (n,)) for n in sorted(first)]
+    held = []
+    for n in sorted(first):
+        image_id, colour = first[n]
+        try:
+            label = parse_class_name(n, colour)
+        except ValueError:
+            continue
+        q = held_out_query(label, key=str(image_id))
+        if q is not None:
+            held.append(EvalQuery(q.text, (), q.attributes))
+    return {"class names": names, "held-out phrasings": held}
+
+
+# -- the stored result of the serving version (the page's Evaluation tab reads it) ----------
+SERVED_KEY = "served"
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinity as None (PostgreSQL's JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def store_served(db: Any, result: Mapping[str, Any]) -> None:
+    """Keep a served evaluation with its version (`model_versions.metrics["served"]`,
+    one per version: a version has one Milvus collection), stamped with when it ran.
+    Other metrics of the version are left as they are."""
+    from datetime import UTC, datetime
+
+    from carsearch.platform.db import ModelVersion
+
+    stamped = json_safe({**result,
+                         "measured_at": datetime.now(UTC).isoformat(timespec="seconds")})
+    with db.session() as s:
+        row = s.scalars(select(ModelVersion).where(ModelVersion.name == result["version"])
+                        .with_for_update()).one_or_none()
+        if row is None:
+            log.warning("served evaluation of %s not stored: no such version",
+                        result["version"])
+            return
+        # a new dict, so the JSON column is written (in-place changes are not tracked)
+        row.metrics = {**(row.metrics or {}), SERVED_KEY: stamped}
+
+
+def stored_served(db: Any, version: str) -> dict[str, Any] | None:
+    """The served evaluation last stored for `version`, if any."""
+    from carsearch.platform.db import ModelVersion
+
+    with db.session() as s:
+        metrics = s.scalars(select(ModelVersion.metrics)
+                            .where(ModelVersion.name == version)).one_or_none()
+    served = (metrics or {}).get(SERVED_KEY)
+    return dict(served) if isinstance(served, dict) else None
