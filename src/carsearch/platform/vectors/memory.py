@@ -25,6 +25,7 @@ from carsearch.platform.vectors.protocol import (
     VectorRow,
     VectorStoreError,
     check_vectors,
+    has_rows,
 )
 
 
@@ -63,9 +64,7 @@ class ExactStore:
     def upsert(
         self, name: str, ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]
     ) -> int:
-        if not (len(ids) == len(rows) == len(vectors)):
-            raise ValueError("ids, vectors and rows differ in length")
-        if not len(ids):
+        if not has_rows(ids, vectors, rows):
             return 0
         mirror = self._get(name)
         arr = check_vectors(vectors, mirror.dim)

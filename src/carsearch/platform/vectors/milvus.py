@@ -32,6 +32,7 @@ from carsearch.platform.vectors.protocol import (
     VectorRow,
     VectorStoreError,
     check_vectors,
+    has_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -420,9 +421,7 @@ class MilvusStore:
     def upsert(
         self, name: str, ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]
     ) -> int:
-        if not (len(ids) == len(rows) == len(vectors)):
-            raise ValueError("ids, vectors and rows differ in length")
-        if not len(ids):
+        if not has_rows(ids, vectors, rows):
             return 0
         arr = check_vectors(vectors, self.dimension(name))
         data = [

@@ -67,6 +67,13 @@ class Hit:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+def has_rows(ids: Sequence[int], vectors: np.ndarray, rows: Sequence[VectorRow]) -> bool:
+    """Whether an upsert has anything to write; its three parts must be of one length."""
+    if not (len(ids) == len(rows) == len(vectors)):
+        raise ValueError("ids, vectors and rows differ in length")
+    return bool(len(ids))
+
+
 def check_vectors(vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
     arr = np.ascontiguousarray(vectors, dtype=np.float32)
     if arr.ndim != 2:
