@@ -1,6 +1,7 @@
 """End to end in headless Chromium: type a query, press Enter, see results (filters read
 from the text relaxed to fill the page, a vague year as a chip), click a result, ask for
-more like it, and keep a screenshot.
+more like it, and keep a screenshot; and the controls beyond the query: an exclusion read
+from "not ...", "More results" through the cursor, and another order.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and Playwright for Python (its own
 browser download is not used). Skips, saying which is missing, except under CI=true,
@@ -9,6 +10,7 @@ where both must be present and the test fails instead.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,5 +87,90 @@ def test_search_select_and_more_like_this_in_chromium(
             shot = tmp_path / "more-like-this.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+def _fields(caption: str) -> list[str]:
+    """A result's caption (ui/page.py `caption`) split at its separators."""
+    return caption.split(" · ")
+
+
+def _year(caption: str) -> int:
+    """The model year: the last number of the caption's name ("Ford F-150 ... 2007")."""
+    return int(re.findall(r"\b\d{4}\b", _fields(caption)[2])[-1])
+
+
+def _unmet(caption: str) -> str:
+    """What a hit of a relaxed search does not meet ("" for the search's own hits)."""
+    return next((f for f in _fields(caption) if f.startswith("not ")), "")
+
+
+def test_exclusion_more_results_and_sort_in_chromium(browser_server: Server) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(browser_server.url)
+            expect(page.locator("#header")).to_contain_text("Serving model base")
+            # Three a page, so that the world's 6 vehicles that are not red take two.
+            page.locator("#top-k input[type=number]").fill("3")
+            page.locator("#top-k input[type=number]").press("Tab")
+            expect(page.locator("#top-k input[type=range]")).to_have_value("3")
+
+            box = page.locator("#query textarea, #query input").first
+            box.fill("pickup not red")
+            box.press("Enter")
+            status = page.locator("#status")
+            expect(status).to_contain_text("results for 'pickup not red'")
+            expect(status).to_contain_text("excluding not colour: red")
+            excluded = page.locator("#exclusions")
+            expect(excluded).to_be_visible()
+            expect(excluded).to_contain_text("not colour: red")
+            expect(excluded.locator("input[type=checkbox]")).to_have_count(1)
+            expect(excluded.locator("input[type=checkbox]")).to_be_checked()
+            thumbs = page.locator("#results img")
+            captions = page.locator("#results .caption-label")
+            expect(thumbs).to_have_count(3)
+            expect(captions).to_have_count(3)
+            first = captions.all_inner_texts()
+            assert all("red" not in _fields(c) for c in first), first
+
+            page.locator("#more-results").click()
+            expect(status).to_contain_text("6 results shown")
+            expect(thumbs).to_have_count(6)
+            expect(captions).to_have_count(6)
+            both = captions.all_inner_texts()
+            assert both[:3] == first, both  # added below the first page
+            # Ranks go on from the first page, and no vehicle comes twice (the world's
+            # names are unique).
+            assert [_fields(c)[0] for c in both] == [f"#{n}" for n in range(1, 7)], both
+            assert len({_fields(c)[2] for c in both}) == 6, both
+            assert all("red" not in _fields(c) for c in both), both
+
+            # Newest model year first (within what the search met, then what it relaxed):
+            # the page starts again, and "More results" goes on in that order to the end.
+            page.locator("#sort input").click()
+            page.locator("li[role=option]", has_text="newest model year").click()
+            expect(status).not_to_contain_text("results shown")
+            expect(status).to_contain_text("3 results for 'pickup not red'")
+            expect(thumbs).to_have_count(3)
+            page.locator("#more-results").click()
+            expect(status).to_contain_text("6 results shown")
+            expect(captions).to_have_count(6)
+            by_year = captions.all_inner_texts()
+            # The same six vehicles (none red: the exclusion is still ticked), reordered.
+            assert {_fields(c)[2] for c in by_year} == {_fields(c)[2] for c in both}, by_year
+            tiers = [_unmet(c) for c in by_year]
+            assert tiers == sorted(tiers, key=lambda t: t != ""), by_year  # met first
+            for tier in set(tiers):
+                years = [_year(c) for c in by_year if _unmet(c) == tier]
+                assert years == sorted(years, reverse=True), by_year
+            page.locator("#more-results").click()
+            expect(status).to_contain_text("No more results")
+            expect(thumbs).to_have_count(6)
         finally:
             browser.close()
