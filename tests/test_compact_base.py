@@ -252,13 +252,13 @@ def test_stage1_trains_on_the_served_framings_with_colour_aware_positives(
     from carsearch.training.trainer import load_base
 
     seen: list[dict[str, torch.Tensor]] = []
-    real_loss = stage1.siglip_loss
+    real_loss = stage1.contrastive_loss
 
     def recording_loss(*args: object, **kwargs: torch.Tensor) -> torch.Tensor:
         seen.append(kwargs)
         return real_loss(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(stage1, "siglip_loss", recording_loss)
+    monkeypatch.setattr(stage1, "contrastive_loss", recording_loss)
     cache = tmp_path / "cache"
     result = stage1.train_stage1(stage1.Stage1Config(
         data=catalogue, base=str(small_base), out=tmp_path / "s1", cache_dir=cache,
