@@ -8,6 +8,7 @@ interactive search reading a real stdin."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def test_round_trip(cli: Cli, env: dict[str, str], tmp_path: Path, compact_model
     assert "relaxed: only 1 Ford pickup; showing the nearest vehicles" in out
     lines = [line for line in out.splitlines() if line[:4].strip().rstrip(".").isdigit()]
     assert "Ford F-150" in lines[0] and "(not" not in lines[0]
-    assert "BMW M3" in lines[1] and lines[1].endswith("(not make: Ford, body: pickup)")
+    assert "BMW M3" in lines[1] and "(not make: Ford, body: pickup)" in lines[1]
+    assert re.search(r"\[id \d+\]$", lines[1])  # the id --like / --image-id take
     res = json.loads(cli(["search", "ford pickup", "--k", "5", "--json"], env).stdout)
     assert res["relaxed"] == "only 1 Ford pickup; showing the nearest vehicles"
     assert [(h["make"], h["unmet"]) for h in res["hits"]] == [
