@@ -115,6 +115,17 @@ class _Live:
     def _gone(self) -> None:
         self.now -= 1
 
+    def spy_on_prepare(self, module: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Track every image that ``module.prepare`` decodes."""
+        real_prepare = module.prepare
+
+        def counting(*args: Any, **kwargs: Any) -> pipeline.Prepared:
+            got = real_prepare(*args, **kwargs)
+            self.track(got.image)
+            return got
+
+        monkeypatch.setattr(module, "prepare", counting)
+
 
 def test_reindexing_holds_one_chunk_of_decoded_images_at_once(
     shape: Platform, tmp_path: Path, compact_model: Path, monkeypatch: pytest.MonkeyPatch
@@ -130,14 +141,7 @@ def test_reindexing_holds_one_chunk_of_decoded_images_at_once(
     assert len(assert_invariant(p)) == 12
     p.registry.publish(compact_model, name="v2")
     live = _Live()
-    real_prepare = reindex.prepare
-
-    def counting(*args: Any, **kwargs: Any) -> pipeline.Prepared:
-        got = real_prepare(*args, **kwargs)
-        live.track(got.image)
-        return got
-
-    monkeypatch.setattr(reindex, "prepare", counting)
+    live.spy_on_prepare(reindex, monkeypatch)
     report = reindex.backfill(p, p.registry.get("v2"), batch_size=4, progress=False)
     assert report.embedded == 12 and live.most <= 4
     assert p.store.ids(p.registry.get("v2").collection) == p.store.ids(
@@ -157,14 +161,7 @@ def test_the_worker_holds_one_chunk_of_decoded_images_at_once(
     for i in range(12):
         make_image(inbox / f"w{i}.png", i)
     live = _Live()
-    real_prepare = worker_mod.prepare
-
-    def counting(*args: Any, **kwargs: Any) -> pipeline.Prepared:
-        got = real_prepare(*args, **kwargs)
-        live.track(got.image)
-        return got
-
-    monkeypatch.setattr(worker_mod, "prepare", counting)
+    live.spy_on_prepare(worker_mod, monkeypatch)
     w = IngestWorker(p, inbox=inbox, batch_size=32, decode_chunk=4)
     w.run_once()
     assert w.stats.batches == 1  # one claim held all 12 jobs

@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,17 @@ def browser_server(
     yield from run_server(world, tmp_path_factory.mktemp("browser-log") / "server.log")
 
 
+def _open_page(browser: Any, url: str) -> Any:
+    """The search page in a new tab, loaded (its header names the serving version)."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    expect(page.locator("#header")).to_contain_text("Serving model base")
+    return page
+
+
 def test_search_select_and_more_like_this_in_chromium(
     browser_server: Server, tmp_path: Path
 ) -> None:
@@ -43,10 +55,7 @@ def test_search_select_and_more_like_this_in_chromium(
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(browser_server.url)
-            expect(page.locator("#header")).to_contain_text("Serving model base")
+            page = _open_page(browser, browser_server.url)
             box = page.locator("#query textarea, #query input").first
             box.fill("red 2012 chevy pickup")
             box.press("Enter")
@@ -112,10 +121,7 @@ def test_exclusion_more_results_and_sort_in_chromium(browser_server: Server) -> 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(browser_server.url)
-            expect(page.locator("#header")).to_contain_text("Serving model base")
+            page = _open_page(browser, browser_server.url)
             # Three a page, so that the world's 6 vehicles that are not red take two.
             page.locator("#top-k input[type=number]").fill("3")
             page.locator("#top-k input[type=number]").press("Tab")
