@@ -23,7 +23,11 @@ import typer
 from carsearch.cli.context import settings_from
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.settings import Settings
-from carsearch.training.recipe import STAGE1_STEPS, has_cached_feature_tower
+from carsearch.training.recipe import (
+    STAGE1_FEATURE_DROPOUT,
+    STAGE1_STEPS,
+    has_cached_feature_tower,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,9 @@ def train_command(
                                               "else 0.")] = -1,
     stage1_lr: Annotated[float, typer.Option(min=0.0, help="Stage 1's peak learning rate "
                                              "(0: the recipe's).")] = 0.0,
+    stage1_feature_dropout: Annotated[float, typer.Option(
+        min=-1.0, max=0.95, help="Stage 1's dropout on the cached image features (-1: the "
+        f"recipe's, {STAGE1_FEATURE_DROPOUT}).")] = -1.0,
     stage2: Annotated[bool | None, typer.Option("--stage2/--no-stage2", help="After stage "
                                                 "1, LoRA on both towers (default: only when "
                                                 "--steps or --epochs is given).")] = None,
@@ -168,7 +175,7 @@ def train_command(
         feedback_max=feedback_max, feedback_share=feedback_share, progress=not as_json,
         ledger_db=settings.database_url,  # checkpoint hashes, checked by --resume
         train_views=train_views, frame_prob=frame_prob, box_margin=box_margin,
-        stage1_steps=stage1, stage1_lr=stage1_lr,
+        stage1_steps=stage1, stage1_lr=stage1_lr, stage1_feature_dropout=stage1_feature_dropout,
         stage2=stage2 if stage2 is not None else (stage1 == 0 or bool(steps or epochs)),
         feature_cache=settings.data_dir / "feature-cache",
     )

@@ -48,7 +48,12 @@ from carsearch.training.feature_cache import (
 )
 from carsearch.training.loss import LOSSES, contrastive_loss
 from carsearch.training.query_metrics import per_query
-from carsearch.training.recipe import STAGE1_BATCH, STAGE1_LR, STAGE1_STEPS
+from carsearch.training.recipe import (
+    STAGE1_BATCH,
+    STAGE1_FEATURE_DROPOUT,
+    STAGE1_LR,
+    STAGE1_STEPS,
+)
 from carsearch.training.train_data import (
     colour_id,
     data_fingerprint,
@@ -85,6 +90,14 @@ class Stage1Config:
     loss: str = "sigmoid"  # or "softmax" (training/loss.py)
     grad_accum: int = 1  # micro-batches of batch_size per optimizer step
     class_texts: bool = True  # every class name as a text column of every step
+    # regularisers of the trained side: dropout on the cached backbone features before
+    # the image projection, and the share of a text's tokens dropped (masked as padding)
+    feature_dropout: float = STAGE1_FEATURE_DROPOUT  # the recipe's (training/recipe.py)
+    token_dropout: float = 0.0
+    # which train images train when val_share is 0: "train" (the data set's validation
+    # carve held out, as promotion reads it) or "train+validation" (every train image,
+    # a refit once the recipe is chosen)
+    train_subset: str = "train"
 
 
 @dataclass
@@ -162,13 +175,15 @@ def draw_views(rng: random.Random, views: Sequence[float], frame_prob: float,
 class Stage1Module(nn.Module):
     """What Accelerate prepares: projected cached image features and the text tower."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, feature_dropout: float = 0.0) -> None:
         super().__init__()
         self.net = net
+        self.feature_dropout = feature_dropout
 
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         net: Any = self.net
+        features = F.dropout(features, self.feature_dropout, self.training)
         image = F.normalize(net.project_image(features), dim=-1)
         text = F.normalize(net.get_text_features(input_ids=input_ids), dim=-1)
         return image, text, net.logit_scale.reshape(()), net.logit_bias.reshape(())
@@ -201,6 +216,17 @@ class TokenTable:
         for i, row in enumerate(rows):
             out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         return out
+
+
+def drop_tokens(ids: torch.Tensor, share: float, pad_id: int, rows: int) -> torch.Tensor:
+    """The first `rows` texts with each token dropped (set to the pad id, which the text
+    tower masks out) with probability `share`; a text keeps at least its first token."""
+    out = ids.clone()
+    head = out[:rows]
+    drop = (torch.rand(head.shape) < share) & (head != pad_id)
+    drop[:, 0] = False
+    head[drop] = pad_id
+    return out
 
 
 def stage1_optimizers(net: Any, config: Stage1Config) -> list[torch.optim.Optimizer]:
@@ -236,6 +262,11 @@ def _texts_per_image(items: Sequence[LabelledImage], seed: int,
 def train_stage1(config: Stage1Config) -> Stage1Result:
     if config.steps < 1 or config.batch_size < 2 or config.grad_accum < 1:
         raise ConfigError("stage 1 needs at least one step and a batch of two")
+    if config.train_subset not in ("train", "train+validation"):
+        raise ConfigError(f"train_subset must be train or train+validation, "
+                          f"not {config.train_subset!r}")
+    if not (0.0 <= config.feature_dropout < 1.0 and 0.0 <= config.token_dropout < 1.0):
+        raise ConfigError("dropout shares must be in [0, 1)")
     if config.loss not in LOSSES:
         raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
     set_seed(config.seed)
@@ -248,6 +279,8 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     dataset = load_stanford(config.data)
     if config.val_share > 0:  # a benchmark's own carve (bench/bench_pretrained.py)
         train_items, val_items = split_train(dataset.split("train"), config.val_share)
+    elif config.train_subset == "train+validation":  # a refit on every train image
+        train_items, val_items = dataset.subset("train+validation"), []
     else:  # the data set's validation carve stays out of training: promotion reads it
         train_items, val_items = dataset.subset("train"), dataset.subset("validation")
     stats = CacheStats()
@@ -266,7 +299,7 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     name_colours = torch.full((len(names),), -1)
     name_classes = torch.arange(len(names))
     freeze_image_backbone(net)
-    module = Stage1Module(net)
+    module = Stage1Module(net, config.feature_dropout)
     optimizers = stage1_optimizers(net, config)
     from transformers import get_cosine_schedule_with_warmup
 
@@ -301,6 +334,9 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         shown = names if config.class_texts else []
         columns = [*texts, *shown]
         ids = tokens.ids(columns)
+        if config.token_dropout > 0:
+            ids = drop_tokens(ids, config.token_dropout, int(processor.tokenizer.pad_token_id),
+                              len(texts))
         picked = draw_views(rng, views, config.frame_prob, len(batch))
         batch_feats = feats[torch.tensor(picked), torch.tensor(batch)]
         image, text, scale, bias = module(batch_feats.to(acc.device), ids.to(acc.device))

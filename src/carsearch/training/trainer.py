@@ -157,6 +157,7 @@ class TrainConfig:
     stage1_steps: int = 0
     stage1_batch_size: int = 128
     stage1_lr: float = 0.0  # 0: Stage1Config's default (training/recipe.py)
+    stage1_feature_dropout: float = -1.0  # < 0: Stage1Config's default (the recipe's)
     # False: stage 1's model is the run's result (the image tower as pre-trained, no LoRA
     # stage; the feedback votes are not used)
     stage2: bool = True
@@ -762,6 +763,8 @@ def _run_stage1(config: TrainConfig) -> TrainConfig:
             batch_size=config.stage1_batch_size, seed=config.seed, progress=config.progress,
             loss=config.loss,
             **({"lr": config.stage1_lr} if config.stage1_lr > 0 else {}),
+            **({"feature_dropout": config.stage1_feature_dropout}
+               if config.stage1_feature_dropout >= 0 else {}),
             views=STAGE1_VIEWS if config.train_views == "box-to-frame" else (0.0,),
             frame_prob=config.frame_prob,
         ))
