@@ -137,6 +137,28 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(got.get("VmRSS", 0)), int(got.get("VmHWM", 0))
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pg_backend_cpu_s() -> float:
+    """CPU seconds of every PostgreSQL backend process seen now (the server's own)."""
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() == "postgres":
+                    total += cpu_seconds(int(d.name))
+            except OSError:
+                continue
+    return total
+
+
 def group_pids(pgid: int) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():
@@ -156,15 +178,21 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
     pgid: int = 0
     peak_kib: dict[int, int] = field(default_factory=dict)  # pid -> VmHWM seen
+    cpu_s: dict[int, float] = field(default_factory=dict)  # pid -> user+sys CPU seen
 
     def sample(self) -> int:
-        """RSS of the whole process group now (KiB); remembers each pid's peak."""
+        """RSS of the whole process group now (KiB); remembers each pid's peak and CPU."""
         total = 0
         for pid in group_pids(self.pgid):
             rss, hwm = rss_kib(pid)
             total += rss
             self.peak_kib[pid] = max(self.peak_kib.get(pid, 0), hwm)
+            self.cpu_s[pid] = max(self.cpu_s.get(pid, 0.0), cpu_seconds(pid))
         return total
+
+    @property
+    def total_cpu_s(self) -> float:
+        return sum(self.cpu_s.values())
 
     @property
     def peak_mib(self) -> float:
@@ -200,10 +228,10 @@ def stop(proc: Proc) -> None:
 
 
 @contextmanager
-def pg_database(server_url: str) -> Iterator[str]:
+def pg_database(server_url: str, name: str = "") -> Iterator[str]:
     import sqlalchemy as sa
 
-    name = f"carsearch_scale_{os.getpid()}"
+    name = name or f"carsearch_scale_{os.getpid()}"
     admin = sa.create_engine(server_url.rsplit("/", 1)[0] + "/postgres",
                              isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
@@ -240,7 +268,8 @@ class Phase:
 class IngestRun:
     n: int
     phases: list[Phase] = field(default_factory=list)
-    timeline: list[tuple[float, int, int]] = field(default_factory=list)  # (s, done, dead)
+    timeline: list[tuple[float, int, int, float]] = field(default_factory=list)
+    # (s, done, dead, load average)
     done: int = 0
     dead: int = 0
     stopped_early: bool = False
@@ -313,7 +342,7 @@ def run_ingest(args: argparse.Namespace, env: dict[str, str], root: Path, db: An
         now = time.monotonic() - t0
         c = queue.counts(db)
         run.done, run.dead = c["done"], c["dead"]
-        run.timeline.append((round(now, 1), run.done, run.dead))
+        run.timeline.append((round(now, 1), run.done, run.dead, os.getloadavg()[0]))
         for p in procs:
             p.sample()
         ph = run.phases[-1]
@@ -355,25 +384,73 @@ def _deadline(text: str | None) -> float | None:
 # --- recall ---------------------------------------------------------------------------------
 
 
-def recall_vs_exact(store: Any, collection: str, qvecs: np.ndarray, k: int
-                    ) -> dict[str, float]:
-    import faiss
-
+def read_back(store: Any, collection: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Every (id, vector) stored in ``collection``, read back from Milvus."""
     ids, vecs = [], []
     t0 = time.perf_counter()
     for page in store.scan(collection, ["id", "vector"]):
         ids.extend(int(r["id"]) for r in page)
         vecs.extend(r["vector"] for r in page)
-    read_s = time.perf_counter() - t0
-    ids_a = np.array(ids, dtype=np.int64)
-    index = faiss.IndexFlatIP(qvecs.shape[1])
-    index.add(np.asarray(vecs, dtype=np.float32))
-    _, exact = index.search(qvecs.astype(np.float32), k)
-    hits = store.search(collection, qvecs, k)
-    got = [len({h.id for h in hs} & set(ids_a[row].tolist())) / k
-           for hs, row in zip(hits, exact, strict=True)]
-    return {"recall_at_k": float(np.mean(got)), "k": k, "queries": len(got),
-            "vectors": len(ids), "scan_s": read_s}
+    return (np.array(ids, dtype=np.int64), np.asarray(vecs, dtype=np.float32),
+            time.perf_counter() - t0)
+
+
+def ann_ids(store: Any, collection: str, qvecs: np.ndarray, k: int, ef: int
+            ) -> list[list[tuple[int, float]]]:
+    """The server's HNSW top-k at one ``ef`` (the client's own search, no filter)."""
+    res = store.client.search(collection, data=[v.tolist() for v in qvecs], limit=k,
+                              search_params={"metric_type": "IP", "params": {"ef": ef}},
+                              consistency_level="Strong")
+    return [[(int(h["id"]), float(h["distance"])) for h in q] for q in res]
+
+
+def recall_vs_exact(store: Any, collection: str, qsets: dict[str, np.ndarray], k: int,
+                    efs: Sequence[int] = (64, 128, 256, 512)) -> dict[str, Any]:
+    """Recall@k of the server's HNSW against FAISS exact (IndexFlatIP over every stored
+    vector) per query set and ef; also a tie-aware recall (a returned hit counts when its
+    exact inner product is at least the exact k-th one's, less 1e-5), the spread of the
+    exact top-k scores (how close the k-th is to the (k+1)-th) and how many stored
+    vectors are exact duplicates of another."""
+    import faiss
+
+    ids, vecs, read_s = read_back(store, collection)
+    index = faiss.IndexFlatIP(vecs.shape[1])
+    index.add(vecs)
+    pos = {int(i): n for n, i in enumerate(ids)}
+    uniq = len(np.unique(vecs.round(6), axis=0))
+    out: dict[str, Any] = {"k": k, "vectors": len(ids), "scan_s": read_s,
+                           "distinct_vectors": uniq, "sets": {}}
+    for label, qvecs in qsets.items():
+        q = qvecs.astype(np.float32)
+        dist, exact = index.search(q, k + 1)
+        kth = dist[:, k - 1]
+        gap = dist[:, k - 1] - dist[:, k]
+        row: dict[str, Any] = {"queries": len(q),
+                               "kth_score_median": float(np.median(kth)),
+                               "top1_minus_kth_median": float(np.median(dist[:, 0] - kth)),
+                               "kth_minus_next_median": float(np.median(gap)),
+                               "ef": {}}
+        for ef in efs:
+            hits = ann_ids(store, collection, q, k, ef)
+            plain, tie = [], []
+            for r, hs in enumerate(hits):
+                truth = set(ids[exact[r, :k]].tolist())
+                got = [h for h, _ in hs]
+                plain.append(len(set(got) & truth) / k)
+                scores = [float(vecs[pos[h]] @ q[r]) for h in got if h in pos]
+                tie.append(sum(sc >= kth[r] - 1e-5 for sc in scores) / k)
+            row["ef"][ef] = {"recall": float(np.mean(plain)), "recall_ties": float(np.mean(tie))}
+        out["sets"][label] = row
+    return out
+
+
+def describe_vector_index(store: Any, collection: str) -> dict[str, Any]:
+    """The vector index as the server describes it (rows indexed, pending, state)."""
+    for name in store.client.list_indexes(collection):
+        desc = store.client.describe_index(collection, name)
+        if desc.get("field_name") == "vector":
+            return {k: v for k, v in desc.items() if k != "params"}
+    return {}
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -397,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--warmup-s", type=float, default=30.0)
     ap.add_argument("--poll-s", type=float, default=5.0)
     ap.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--pg-db", default="",
+                    help="the database to create and drop (default carsearch_scale_<pid>)")
     ap.add_argument("--milvus-uri", default="")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--deadline", default=None, help="HH:MM UTC: stop the ingest there")
@@ -422,7 +501,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     assert len(size) == 2
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(dir=a.workdir, prefix="bench-scale-") as tmp, \
-            pg_database(a.pg) as url:
+            pg_database(a.pg, a.pg_db) as url:
         root = Path(tmp)
         procs: list[Proc] = []
         server = None
@@ -463,7 +542,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                 probe_result.update(search_load(platform, make_queries(a.probe_queries, 2),
                                                 a.clients, a.k), indexed_then=done)
 
+            pg_cpu_start = pg_backend_cpu_s()
             ingest = run_ingest(a, env, root, platform.db, procs, probe)
+            pg_cpu_end = pg_backend_cpu_s()
+            if a.out:  # what the ingest measured, in case a later step fails
+                a.out.with_suffix(".ingest.json").write_text(json.dumps(
+                    asdict(ingest) | {"cpu_s": {p.name: p.total_cpu_s for p in procs},
+                                      "pg_cpu_s": pg_cpu_end - pg_cpu_start}, default=str))
             for p in procs:
                 if p.name.startswith("worker"):
                     stop(p)
@@ -482,10 +567,23 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             with platform.db.session() as s:
                 db_n = s.scalar(sa.select(sa.func.count()).select_from(Image).where(
                     Image.status == ImageStatus.indexed))
-            search = search_load(platform, make_queries(a.queries), a.clients, a.k)
+            index_state = describe_vector_index(platform.store, coll)
             enc = platform.search.encoder_for(version)
-            qvecs = enc.encode_text(make_queries(200, 3))
-            recall = recall_vs_exact(platform.store, coll, np.asarray(qvecs), a.k)
+            rng = np.random.default_rng(4)
+            ids_now, vecs_now, _ = read_back(platform.store, coll)
+            qsets = {"text": np.asarray(enc.encode_text(make_queries(200, 3))),
+                     "image": vecs_now[rng.choice(len(vecs_now), 200, replace=False)]}
+            del ids_now, vecs_now
+            recall = recall_vs_exact(platform.store, coll, qsets, a.k)
+            search = search_load(platform, make_queries(a.queries), a.clients, a.k)
+            # The same after a release and load: the query node then holds the sealed,
+            # indexed segments whatever it served from before (bench_server's settle).
+            t0 = time.perf_counter()
+            platform.store.client.release_collection(coll)
+            platform.store.client.load_collection(coll)
+            reload_s = time.perf_counter() - t0
+            recall_reloaded = recall_vs_exact(platform.store, coll, qsets, a.k)
+            search_reloaded = search_load(platform, make_queries(a.queries), a.clients, a.k)
             for p in procs:
                 p.sample()
             platform.close()
@@ -509,6 +607,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                                                for p in ingest.phases]},
         "milvus_count": milvus_n, "db_indexed": db_n,
         "search_during_ingest": probe_result, "search": search, "recall": recall,
+        "index_state": index_state, "reload_s": reload_s,
+        "recall_reloaded": recall_reloaded, "search_reloaded": search_reloaded,
+        "cpu_s": {p.name: round(p.total_cpu_s, 1) for p in procs}
+        | {"postgres (all backends, delta)": round(pg_cpu_end - pg_cpu_start, 1),
+           "bench": round(time.process_time(), 1)},
         "peak_rss_mib": {p.name: round(p.peak_mib, 1) for p in procs}
         | {"bench (8 clients, FAISS)": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
     }
@@ -538,12 +641,28 @@ def markdown(r: dict[str, Any]) -> str:
         if s:
             lines.append(f"| {label} | {s['clients']} | {s['queries']} | {s['qps']:.1f} | "
                          f"{s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} |")
+    for label, s in (("after reload", r.get("search_reloaded")),):
+        if s:
+            lines.append(f"| {label} | {s['clients']} | {s['queries']} | {s['qps']:.1f} | "
+                         f"{s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} |")
+    lines += ["", f"Index: {r.get('index_state')}; release + load {r.get('reload_s', 0):.0f} s.",
+              "", "| recall@k vs FAISS exact | queries | ef | recall | recall (ties) |",
+              "|---|---:|---:|---:|---:|"]
+    for when in ("recall", "recall_reloaded"):
+        rc = r.get(when)
+        if not rc:
+            continue
+        for label, row in rc["sets"].items():
+            for ef, v in row["ef"].items():
+                lines.append(f"| {when}, {label} | {row['queries']} | {ef} | "
+                             f"{v['recall']:.4f} | {v['recall_ties']:.4f} |")
     rc = r["recall"]
-    lines += ["", f"Recall@{rc['k']} of the server's HNSW against FAISS exact over "
-              f"{rc['vectors']:,} vectors, {rc['queries']} text queries: "
-              f"{rc['recall_at_k']:.4f}.", "",
+    lines += ["", f"{rc['vectors']:,} vectors ({rc['distinct_vectors']:,} distinct), "
+              f"k {rc['k']}.", "",
               "| process | peak RSS MiB |", "|---|---:|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in r["peak_rss_mib"].items()]
+    lines += ["", "CPU seconds (user + sys): " + ", ".join(
+        f"{k} {v:,.0f}" for k, v in r.get("cpu_s", {}).items())]
     return "\n".join(lines)
 
 

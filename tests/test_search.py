@@ -289,3 +289,41 @@ def test_one_search_call_reads_filters_from_the_text(service: SearchService, ind
         service.search(SearchRequest("red car", k=0))
     with pytest.raises(QueryError, match="empty query"):
         service.search(SearchRequest("   "))
+
+
+def test_the_vocabulary_is_read_once_per_ttl_and_read_again_when_cleared(
+        service: SearchService, indexed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service reads the text against a cached vocabulary (distinct values over every
+    image row, a scan at scale): once per ``search_vocabulary_ttl_s``, again at once after
+    ``invalidate`` (what a label given on the page does); TTL 0 reads it per query."""
+    from carsearch.platform.search import nlfilters
+    from carsearch.platform.search.nlfilters import VocabularyCache
+    from carsearch.platform.search.service import SearchRequest
+
+    reads: list[int] = []
+    real = nlfilters.load_vocabulary
+
+    def counted(db: Database) -> nlfilters.FilterVocabulary:
+        reads.append(1)
+        return real(db)
+
+    monkeypatch.setattr(nlfilters, "load_vocabulary", counted)
+    service.vocabulary.invalidate()
+    for _ in range(3):
+        res = service.search(SearchRequest("red chevy pickup", k=3))
+        assert "make=Chevrolet" in {c.key for c in res.chips}
+    assert len(reads) == 1
+    # A make the cached vocabulary does not hold yet is plain text until the cache clears.
+    with service.db.session() as s:
+        row = s.scalars(select(ImageRow).where(ImageRow.make == "Jeep")).one()
+        row.make = "Zephyr"
+    assert "make=Zephyr" not in {c.key for c in service.search(
+        SearchRequest("zephyr suv", k=3)).chips}
+    service.vocabulary.invalidate()
+    assert "make=Zephyr" in {c.key for c in service.search(
+        SearchRequest("zephyr suv", k=3)).chips}
+    assert len(reads) == 2
+    service.vocabulary = VocabularyCache(service.db, ttl_s=0.0)
+    service.search(SearchRequest("red chevy pickup", k=3))
+    service.search(SearchRequest("red chevy pickup", k=3))
+    assert len(reads) == 4

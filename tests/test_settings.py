@@ -119,3 +119,24 @@ def test_unusable_secret_files_are_one_line_errors_without_the_secret(
     message = str(err.value)
     assert "\n" not in message and "hunter22" not in message
     assert ("CARSEARCH_DATABASE_PASSWORD" if problem == "url-has-password" else var) in message
+
+
+def test_the_hnsw_ef_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CARSEARCH_MILVUS_SEARCH_EF reaches the store's search parameters (64 by default;
+    still raised to k where k is larger)."""
+    from carsearch.platform.runtime import Platform
+    from carsearch.platform.vectors.milvus import search_params_for
+
+    p = Platform(Settings(data_dir=tmp_path))
+    assert p.store.index.search_params == {"ef": 64}  # type: ignore[attr-defined]
+    p.close()
+    monkeypatch.setenv("CARSEARCH_MILVUS_SEARCH_EF", "256")
+    p = Platform(load_settings(data_dir=tmp_path))
+    index = p.store.index  # type: ignore[attr-defined]
+    assert (index.type, index.params) == ("HNSW", {"M": 16, "efConstruction": 200})
+    assert search_params_for(index, 10) == {"ef": 256}
+    assert search_params_for(index, 1000) == {"ef": 1000}
+    p.close()
+    with pytest.raises(SettingsError, match="MILVUS_SEARCH_EF"):
+        monkeypatch.setenv("CARSEARCH_MILVUS_SEARCH_EF", "0")
+        load_settings(data_dir=tmp_path)

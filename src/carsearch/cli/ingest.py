@@ -268,3 +268,31 @@ def reconcile_command(
         )
 
 
+
+
+@ingest_app.command("prune")
+def ingest_prune(
+    ctx: typer.Context,
+    older_than_days: Annotated[float | None, typer.Option(
+        help="Delete done rows older than this many days (default: "
+        "CARSEARCH_INGEST__DONE_RETENTION_DAYS).")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Delete the queue's done rows older than the retention now (what the workers do
+    every CARSEARCH_INGEST__PRUNE_INTERVAL_S; for a scheduled job where no worker runs).
+    Queued, running, failed and dead rows are never deleted."""
+    from datetime import timedelta
+
+    from carsearch.platform.db import queue
+    from carsearch.platform.errors import ConfigError
+
+    p = platform_from(ctx)
+    days = p.settings.ingest.done_retention_days if older_than_days is None else older_than_days
+    if days <= 0:
+        raise ConfigError("the retention is 0 (keep every done row): give --older-than-days "
+                          "to prune anyway")
+    gone = queue.prune_done(p.db, timedelta(days=days))
+    if as_json:
+        echo_json({"pruned": gone, "older_than_days": days})
+        return
+    typer.echo(f"pruned {gone} done jobs older than {days:g} days")

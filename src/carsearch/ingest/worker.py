@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,8 @@ class IngestWorker:
         self.last_scan = ScanResult()
         # The loop's state (health, loop_status): a pause is shown there. run_forever sets it.
         self.loop_state: LoopState | None = None
+        self._next_prune = 0.0  # monotonic time of the next prune of old done rows
+        self.pruned = 0
 
     # -- pauses ----------------------------------------------------------------------
     def _pause(self, cause: str, reason: str) -> None:
@@ -388,12 +391,14 @@ class IngestWorker:
             return self.stats
         self._resume()
         indexed_before = self.stats.summary.indexed
+        self.prune_done()
         while not self.stop_event.is_set() and self.pause is None:
             jobs = queue.claim(self.p.db, self.worker_id, self.batch_size,
                                visibility_timeout=self.visibility_timeout)
             if not jobs:
                 break
             self.process(jobs)
+            self.prune_done()
         if self.stats.summary.indexed > indexed_before:
             # Drained: let the store seal what was written so searches stay fast (Milvus
             # Lite searches unflushed rows by brute force, far slower; a server seals
@@ -402,6 +407,25 @@ class IngestWorker:
                 if self.p.store.has_collection(version.collection):
                     self.p.store.settle(version.collection)
         return self.stats
+
+    def prune_done(self, *, force: bool = False) -> int:
+        """Delete the queue's done rows older than the retention
+        (``ingest.done_retention_days``; 0 keeps them), at most every
+        ``ingest.prune_interval_s``. A failure is logged and tried again next interval:
+        pruning never stops the ingest. Returns how many rows went."""
+        cfg = self.p.settings.ingest
+        now = time.monotonic()
+        if cfg.done_retention_days <= 0 or (not force and now < self._next_prune):
+            return 0
+        self._next_prune = now + cfg.prune_interval_s
+        try:
+            gone = queue.prune_done(self.p.db, timedelta(days=cfg.done_retention_days))
+        except Exception as exc:
+            log.warning("pruning done queue rows failed (tried again in %g s): %s",
+                        cfg.prune_interval_s, exc)
+            return 0
+        self.pruned += gone
+        return gone
 
     def run_forever(self, state: LoopState | None = None) -> WorkerStats:
         """Work until SIGTERM or SIGINT (or ``stop_event``), then finish the current batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import cached_property
 from typing import cast
 
@@ -10,7 +11,7 @@ from carsearch.platform.errors import ConfigError
 from carsearch.platform.models.registry import Registry
 from carsearch.platform.search.service import SearchService
 from carsearch.platform.settings import Settings
-from carsearch.platform.vectors.milvus import MilvusStore
+from carsearch.platform.vectors.milvus import IndexSpec, MilvusStore
 from carsearch.platform.vectors.mirror import MirroredStore
 from carsearch.platform.vectors.protocol import ManagedStore, VectorAdmin, VectorStore
 
@@ -47,7 +48,12 @@ class Platform:
         """Milvus; searches served from an exact in-memory mirror where that is safe."""
         s = self.settings
         kind = MirroredStore if s.mirror_enabled else MilvusStore
-        store: ManagedStore = kind(s.milvus_uri, token=s.milvus_token,
+        lite = not s.milvus_uri.startswith(("http://", "https://", "tcp://", "unix://"))
+        index = IndexSpec.default_for(lite)
+        if index.type == "HNSW":
+            index = replace(index, search_params={**index.search_params,
+                                                  "ef": s.milvus_search_ef})
+        store: ManagedStore = kind(s.milvus_uri, token=s.milvus_token, index=index,
                                    consistency=s.milvus_consistency)
         return store
 

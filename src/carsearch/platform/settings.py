@@ -123,6 +123,16 @@ class IngestSettings(BaseModel):
         default=2.0, ge=0.0, le=3600.0,
         description="Seconds an inbox image waits for its sidecar (and a sidecar for its "
         "image); a sidecar with no image after this long is removed, with a log line.")
+    done_retention_days: float = Field(
+        default=7.0, ge=0.0, le=36_500.0,
+        description="Days a finished (done) queue row is kept before the workers delete "
+        "it; 0 keeps them forever. Queued, running, failed and dead rows are never "
+        "deleted. Keep it above the 5-minute window `ingest status` counts throughput "
+        "over.")
+    prune_interval_s: float = Field(
+        default=600.0, ge=1.0, le=86_400.0,
+        description="How often a worker deletes the done rows older than the retention "
+        "(seconds; between batches, at most this often).")
 
 
 class Settings(BaseSettings):
@@ -152,6 +162,12 @@ class Settings(BaseSettings):
         "process's own writes at once and other processes' within a time tick; reads "
         "that decide repairs (reconcile, re-index, counts, scans) are always Strong.",
     )
+    milvus_search_ef: int = Field(
+        default=64, ge=1, le=32_768,
+        description="HNSW's ef for searches (raised to k where k is larger): more "
+        "candidates, better recall, slower. 64 measured recall@10 0.993 at 1M on the "
+        "server with queries near the data; text queries against image vectors may need "
+        "more (docs/BENCHMARKS.md, the scale run): check with `carsearch evaluate ann`.")
     model_dir: Path = Field(default=Path(""), description="Where model versions are stored.")
     base_model: str = Field(
         default="",
@@ -219,6 +235,12 @@ class Settings(BaseSettings):
     search_max_results: int = Field(
         default=1_000, ge=1, le=100_000,
         description="The most results one query may page through (its cursor stops there).")
+    search_vocabulary_ttl_s: float = Field(
+        default=10.0, ge=0.0, le=3_600.0,
+        description="How long the search service keeps the filter vocabulary (the makes, "
+        "colours, bodies, sources and years among the indexed images) it reads queries "
+        "against before reading it again (seconds; 0: read it for every query). A label "
+        "given on the page clears it at once.")
     search_mirror: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Serve searches from an exact in-memory mirror of the Milvus "

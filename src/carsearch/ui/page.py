@@ -460,6 +460,7 @@ class SearchPage:
         except CarsearchError as exc:
             raise PageError(str(exc)) from None
         self.vocab_cache.invalidate()  # the new make is a filter value from now on
+        self.service.vocabulary.invalidate()
         done = " · task done" if tid in report.tasks_done else ""
         return f"labelled {report.applied} image(s) of task {tid}{done}"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session, defer
 
 from carsearch.platform.db.engine import Database, as_utc
@@ -92,17 +92,44 @@ def backoff_seconds(attempts: int, base: float = 1.0) -> float:
     return float(min(MAX_BACKOFF_S, base * (2 ** max(0, attempts - 1))))
 
 
+ENQUEUE_CHUNK = 5000
+
+
 def enqueue(
     db: Database, payloads: Sequence[dict[str, Any]], *, kind: str = "image", max_attempts: int = 5
 ) -> list[int]:
+    """Queue one job per payload; their ids, in the payloads' order.
+
+    The rows go in as one multi-row ``INSERT ... RETURNING`` per chunk of
+    `ENQUEUE_CHUNK` (not one ORM object each), in one transaction: all are queued or
+    none. Queueing the same file twice is harmless, as it always was: the second job
+    finds the image's content hash already stored and ends as a duplicate."""
+    if not payloads:
+        return []
+    t = now()
+    table = IngestJob.__table__
+    sqlite = db.engine.dialect.name == "sqlite"
+    # PostgreSQL: SQLAlchemy's "insertmanyvalues" sends multi-row INSERTs whose RETURNING
+    # it matches to the parameters' order. SQLite's RETURNING order is unspecified, and
+    # asking SQLAlchemy to sort it there falls back to a statement per row; but SQLite
+    # gives each new row the largest rowid + 1 in the order the rows are inserted, and
+    # the write lock is held from the first chunk on, so this chunk's ids, sorted, are
+    # its rows in order.
+    stmt = insert(table).returning(table.c.id, sort_by_parameter_order=not sqlite)
+    ids: list[int] = []
     with db.session() as s:
-        jobs = [
-            IngestJob(kind=kind, payload=dict(p), max_attempts=max_attempts, state=JobState.queued)
-            for p in payloads
-        ]
-        s.add_all(jobs)
-        s.flush()
-        return [j.id for j in jobs]
+        if sqlite:
+            s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        for start in range(0, len(payloads), ENQUEUE_CHUNK):
+            rows = [
+                {"kind": kind, "payload": dict(p), "max_attempts": max_attempts,
+                 "state": JobState.queued, "attempts": 0, "available_at": t,
+                 "created_at": t, "updated_at": t}
+                for p in payloads[start:start + ENQUEUE_CHUNK]
+            ]
+            got = list(s.connection().execute(stmt, rows).scalars())
+            ids.extend(sorted(got) if sqlite else got)
+    return ids
 
 
 @contextmanager
@@ -277,6 +304,35 @@ def requeue_dead(db: Database, since: datetime | None = None) -> list[Requeued]:
             j.last_error = f"requeued after: {j.last_error or 'no error recorded'}"[:4000]
             j.state, j.attempts, j.locked_by, j.available_at = JobState.queued, 0, None, t
     return out
+
+
+PRUNE_CHUNK = 5000
+
+
+def prune_done(db: Database, older_than: timedelta, *, chunk: int = PRUNE_CHUNK,
+               max_rows: int | None = None) -> int:
+    """Delete the done rows finished more than ``older_than`` ago, ``chunk`` rows per
+    transaction (so no delete holds locks on the whole table), at most ``max_rows`` in
+    all. Only ``done`` rows go: queued, running, failed and dead ones are never touched,
+    whatever their age. Returns how many went."""
+    cutoff = now() - older_than
+    gone = 0
+    while max_rows is None or gone < max_rows:
+        n = chunk if max_rows is None else min(chunk, max_rows - gone)
+        old = (select(IngestJob.id)
+               .where(IngestJob.state == JobState.done, IngestJob.updated_at < cutoff)
+               .order_by(IngestJob.id).limit(n))
+        with db.session() as s:
+            res = s.execute(delete(IngestJob).where(
+                IngestJob.id.in_(old),
+                IngestJob.state == JobState.done))  # a row requeued meanwhile stays
+            deleted = int(res.rowcount or 0)  # type: ignore[attr-defined]
+        gone += deleted
+        if deleted < n:
+            break
+    if gone:
+        log.info("pruned %d done queue rows older than %s", gone, older_than)
+    return gone
 
 
 def counts(db: Database) -> dict[str, int]:

@@ -55,11 +55,11 @@ from carsearch.platform.search.nlfilters import (
     FilterChip,
     FilterVocabulary,
     ParsedQuery,
+    VocabularyCache,
     check_contradictions,
     describe_chips,
     exclusion_filters,
     filters_from_chips,
-    load_vocabulary,
     merge_filters,
     parse_query,
     relaxation_tiers,
@@ -442,6 +442,8 @@ class SearchService:
         self._kinds: dict[str, Kind] = {}
         self._default: tuple[float, str] | None = None
         self.serving_ttl_s = 2.0
+        # Distinct values over every image row: read once per TTL, not once per query.
+        self.vocabulary = VocabularyCache(db, ttl_s=settings.search_vocabulary_ttl_s)
 
     def collection(self, name: str | None = None) -> str:
         """The image collection a query means: ``name``, else vehicles, else the only one
@@ -712,7 +714,7 @@ class SearchService:
         if not request.parse:
             return ParsedQuery(text, positive=text, remaining=text)
         vocab = request.vocabulary
-        parsed = parse_query(text, load_vocabulary(self.db) if vocab is None else vocab)
+        parsed = parse_query(text, self.vocabulary.get() if vocab is None else vocab)
         if request.keep_chips is not None:
             parsed = parsed.keep(_keys(request.keep_chips, "keep_chips"))
         return parsed

@@ -91,8 +91,11 @@ class LocalMilvusServer:
     """One ``milvus-server`` process group on free loopback ports with its own data dir."""
 
     def __init__(self, data_dir: Path, *, start_timeout_s: float = 120.0,
-                 authorization: bool = False, token: str = "") -> None:
+                 authorization: bool = False, token: str = "",
+                 extra_config: dict[str, str | int | float | bool] | None = None) -> None:
         self.data_dir = Path(data_dir)
+        # milvus.yaml keys (dotted) and values the launcher writes over its template.
+        self.extra_config = dict(extra_config or {})
         self.start_timeout_s = start_timeout_s
         self.authorization = authorization
         self.token = token or (DEFAULT_ROOT_TOKEN if authorization else "")
@@ -116,6 +119,9 @@ class LocalMilvusServer:
             cmd += [f"--{option}", str(port)]
         if self.authorization:
             cmd += ["--authorization-enabled", "true"]
+        for key, value in self.extra_config.items():
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            cmd += ["--extra-config", f"{key}={text}"]
         return cmd
 
     def start(self) -> str:
