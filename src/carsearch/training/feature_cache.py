@@ -4,8 +4,7 @@ While the image tower is frozen its pooled backbone features (1280-d for Efficie
 Lite0) are a pure function of (tower weights, image processor, the image's bytes and the
 view taken of it), so they are computed once and kept on disk:
 
-    <root>/<tower key>/features.npy   float32 (n, d), row i for keys.txt line i
-    <root>/<tower key>/keys.txt       one content key per line
+    <root>/<tower key>/cache.npz      keys (n content keys) and features, float32 (n, d)
 
 The tower key is a sha256 over the backbone's architecture, weights and the image processor's
 configuration; the content key a sha256 over the file's bytes plus the view (the box it
@@ -68,21 +67,44 @@ class CacheStats:
 
 
 class FeatureCache:
-    """An append-only store of feature rows keyed by content key, for one tower key."""
+    """An append-only store of feature rows keyed by content key, for one tower key.
+
+    Keys and rows live in one file (``cache.npz``) replaced atomically (a temporary file
+    of this process, then ``os.replace``), so a reader never sees keys and rows of two
+    different writes; before each write the rows another process saved meanwhile are
+    merged in, so two processes filling one directory keep each other's rows (bar a
+    write that lands between one's read and its replace)."""
+
+    FILE = "cache.npz"
 
     def __init__(self, root: Path, tower: str) -> None:
         self.dir = Path(root) / tower[:32]
         self._rows: dict[str, int] = {}
         self._features = np.zeros((0, 0), dtype=np.float32)
+        keys, feats = self._read()
+        if len(keys):
+            self._rows = {k: i for i, k in enumerate(keys)}
+            self._features = feats
+
+    def _read(self) -> tuple[list[str], np.ndarray]:
+        path = self.dir / self.FILE
+        empty: tuple[list[str], np.ndarray] = ([], np.zeros((0, 0), dtype=np.float32))
+        if path.is_file():
+            try:
+                with np.load(path) as data:
+                    keys, feats = [str(k) for k in data["keys"]], data["features"]
+            except (OSError, ValueError, KeyError):
+                log.warning("feature cache %s is unreadable; starting it again", path)
+                return empty
+            return (keys, feats) if len(keys) == len(feats) else empty
+        # the older layout of two files (written features first, keys last)
         keys_path, feats_path = self.dir / "keys.txt", self.dir / "features.npy"
         if keys_path.is_file() and feats_path.is_file():
-            keys = keys_path.read_text().split()
-            feats = np.load(feats_path)
-            if len(keys) == len(feats):
-                self._rows = {k: i for i, k in enumerate(keys)}
-                self._features = feats
-            else:
-                log.warning("feature cache %s is inconsistent; starting it again", self.dir)
+            old_keys, old_feats = keys_path.read_text().split(), np.load(feats_path)
+            if len(old_keys) == len(old_feats):
+                return old_keys, old_feats
+            log.warning("feature cache %s is inconsistent; starting it again", self.dir)
+        return empty
 
     def __contains__(self, key: str) -> bool:
         return key in self._rows
@@ -97,23 +119,29 @@ class FeatureCache:
         new = [(k, f) for k, f in zip(keys, features, strict=True) if k not in self._rows]
         if not new:
             return
+        self._append(new)
+        self._save()
+
+    def _append(self, new: Sequence[tuple[str, np.ndarray]]) -> None:
+        new = [(k, f) for k, f in new if k not in self._rows]
+        if not new:
+            return
         block = np.stack([f for _, f in new]).astype(np.float32)
         start = len(self._rows)
         self._features = block if start == 0 else np.concatenate([self._features, block])
         for i, (k, _) in enumerate(new):
             self._rows[k] = start + i
-        self._save()
 
     def _save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        disk_keys, disk_feats = self._read()  # rows another process added meanwhile
+        if disk_keys and (not len(self._features)
+                          or disk_feats.shape[1] == self._features.shape[1]):
+            self._append([(k, disk_feats[i]) for i, k in enumerate(disk_keys)])
         keys = sorted(self._rows, key=self._rows.__getitem__)
-        tmp_keys, tmp_feats = self.dir / "keys.txt.tmp", self.dir / "features.tmp.npy"
-        np.save(tmp_feats, self._features)
-        tmp_keys.write_text("\n".join(keys) + "\n")
-        # features first, keys last: a crash between leaves lengths that differ, which
-        # the loader treats as an empty cache rather than reading rows under wrong keys
-        os.replace(tmp_feats, self.dir / "features.npy")
-        os.replace(tmp_keys, self.dir / "keys.txt")
+        tmp = self.dir / f"cache.{os.getpid()}-{id(self):x}.tmp.npz"
+        np.savez(tmp, keys=np.array(keys), features=self._features)
+        os.replace(tmp, self.dir / self.FILE)
 
 
 def backbone_features(
