@@ -16,10 +16,13 @@ Training data: the Stanford Cars train split less the data set's validation carv
 scored: the first `--eval-per-class` test photos of every class (the test split informs
 no decision here). Queries: the class names, and held-out phrasings (bench_pretrained's:
 an offline generator seed and typo rate training never uses). Class-level relevance.
-The figures are the EVALUATION'S VIEW (cached box-crop features through the trained
-projection, text through the trained tower), not the served view (ingest, index, search
-service). For each configuration: the per-query metrics averaged over the seeds, their
-mean and a 95 % bootstrap interval over queries, the seeds' spread, and train seconds.
+Each run is also scored on the data set's validation carve of train (405 photos, no run
+trains on it: "validation mAP", class-name queries): that, not the test figures, picks
+each loss's best configuration. The figures are the EVALUATION'S VIEW (cached box-crop
+features through the trained projection, text through the trained tower), not the served
+view (ingest, index, search service). For each configuration: the per-query metrics
+averaged over the seeds, their mean and a 95 % bootstrap interval over queries, the
+seeds' spread, and train seconds (wall and CPU).
 
 `--class-texts` (default off here) adds every class name as a text column of every
 micro-batch, as the product's stage-1 recipe does: that gives the softmax's image-to-text
@@ -71,6 +74,7 @@ from machine import machine_line
 log = logging.getLogger("bench_loss")
 METRICS = {"R@1": ("class_names", "recall@1"), "mAP": ("class_names", "AP"),
            "held-out R@5": ("heldout", "recall@5")}
+SELECT = ("val/class_names", "AP")  # what picks a loss's best configuration
 
 
 def memoise_stage1_setup() -> None:
@@ -183,6 +187,9 @@ def summarise(report: dict[str, Any]) -> list[dict[str, Any]]:
             "train_s": [r["train_seconds"] for r in runs],
             "cpu_s": [r.get("cpu_seconds", float("nan")) for r in runs],
             "load": [r["load_during"] for r in runs]}
+        if all(f"{SELECT[0]}/{SELECT[1]}" in r["per_query"] for r in runs):
+            row["val mAP"] = float(np.mean([np.mean(r["per_query"]["/".join(SELECT)])
+                                            for r in runs]))
         for label, (group, metric) in METRICS.items():
             per_seed = np.array([r["per_query"][f"{group}/{metric}"] for r in runs])
             mean, lo, hi = bootstrap({"m": per_seed.mean(axis=0)})["m"]
@@ -199,8 +206,8 @@ def summarise(report: dict[str, Any]) -> list[dict[str, Any]]:
 def table(report: dict[str, Any]) -> str:
     lines = ["| loss | micro-batch x accum (effective) | accumulation | class names | pairs "
              "| optimizer steps | seeds | R@1 [95 % CI] | mAP [95 % CI] | held-out R@5 "
-             "[95 % CI] | R@1 per seed | train s per run (median; CPU s; load) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "[95 % CI] | R@1 per seed | validation mAP | train s per run (median; CPU s; "
+             "load) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summarise(report):
         c = r["config"]
         mode = c.get("accumulate", "plain") if c["accum"] > 1 else "-"
@@ -216,7 +223,8 @@ def table(report: dict[str, Any]) -> str:
             f"| {c['loss']} | {c['batch']} x {c['accum']} ({c['batch'] * c['accum']}) | "
             f"{mode} | {names} | {pairs} | "
             f"{r['steps']} | {len(r['seeds'])} | {cell('R@1')} | {cell('mAP')} | "
-            f"{cell('held-out R@5')} | {seeds} | {float(np.median(r['train_s'])):.0f} "
+            f"{cell('held-out R@5')} | {seeds} | {r.get('val mAP', float('nan')):.3f} | "
+            f"{float(np.median(r['train_s'])):.0f} "
             f"({float(np.median(r['cpu_s'])):.0f}; {float(np.median(r['load'])):.1f}) |")
     return "\n".join(lines)
 
@@ -271,6 +279,11 @@ def main() -> None:
     features = features_for(net, processor, dataset, scored, cache, stats=stats)
     features_for(net, processor, dataset, train_items, cache, stats=stats)  # warm
     classes = [x.label.class_name for x in scored]
+    # the data set's validation carve (no run trains on it): what picks the best runs
+    val_items = dataset.subset("validation")
+    val_features = (features_for(net, processor, dataset, val_items, cache, stats=stats)
+                    if val_items else np.zeros((0, 0), np.float32))
+    val_classes = [x.label.class_name for x in val_items]
     memoise_stage1_setup()
     report = load_report(args.json)
     budgets = [int(x) for x in args.pairs.split(",")]
@@ -303,6 +316,9 @@ def main() -> None:
             trained, proc = load_base(str(result.model_dir))
             trained.eval()
             pq = per_query_metrics(trained, proc, features, classes, heldout)
+            if val_items:
+                pq |= {f"val/{k}": v for k, v in per_query_metrics(
+                    trained, proc, val_features, val_classes, heldout).items()}
             report["runs"][name] = {
                 "config": c, "seed": seed, "steps": steps, "train_seconds": result.seconds,
                 "cpu_seconds": result.cpu_seconds,
