@@ -469,3 +469,102 @@ def test_the_recipes_default_base_trains_stage_1_only(catalogue: Path, tmp_path:
 
     with pytest.raises(ConfigError, match="stage 1"):
         train(TrainConfig(data=catalogue, base=str(base), out=tmp_path / "bad", stage2=False))
+
+
+def test_the_feature_cache_keeps_two_writers_rows_and_reads_whole_files(tmp_path: Path) -> None:
+    """Two processes filling one cache directory (stage-1 runs side by side) keep each
+    other's rows; a reader opening it sees keys and rows of one write, never a mix."""
+    from carsearch.training.feature_cache import FeatureCache
+
+    a, b = FeatureCache(tmp_path, "t" * 64), FeatureCache(tmp_path, "t" * 64)
+    a.add(["x", "y"], np.array([[1.0, 1.0], [2.0, 2.0]]))
+    b.add(["z"], np.array([[3.0, 3.0]]))  # b never saw x, y: they are merged, not lost
+    a.add(["w"], np.array([[4.0, 4.0]]))
+    reader = FeatureCache(tmp_path, "t" * 64)
+    assert len(reader) == 4
+    assert reader.get(["w", "z", "x"]).tolist() == [[4.0, 4.0], [3.0, 3.0], [1.0, 1.0]]
+    assert [p.name for p in (tmp_path / ("t" * 32)).iterdir()] == ["cache.npz"]  # no temp
+
+
+def test_stage1_token_dropout_drops_only_words_of_the_batch_texts() -> None:
+    from carsearch.training.stage1 import drop_tokens
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 0, 0]] * 50 + [[1, 9, 9, 9, 0, 0, 0]] * 10)
+    out = drop_tokens(ids, 0.5, pad_id=0, rows=50)
+    assert torch.equal(out[50:], ids[50:])  # class-name columns untouched
+    assert torch.equal(out[:, 0], ids[:, 0])  # every text keeps its first token
+    assert torch.equal(out[:, 5:], ids[:, 5:])  # padding stays padding
+    dropped = (out[:50, 1:5] == 0).float().mean().item()
+    assert 0.35 < dropped < 0.65 and torch.equal(ids, drop_tokens(ids, 0.0, 0, 50))
+
+
+def test_stage1_refit_trains_on_the_validation_carve_too(
+    small_base: Path, catalogue: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """By default stage 1 holds the data set's validation carve out (promotion reads it);
+    `train_subset="train+validation"` refits on every train image."""
+    import carsearch.data.stanford as stanford
+    from carsearch.training.stage1 import Stage1Config, train_stage1
+
+    # the tiny catalogue has too few images a class for the real carve to take any
+    monkeypatch.setattr(stanford, "validation_ids",
+                        lambda items, share=0.1: {x.image_id for x in items[:3]})
+    ds = stanford.load_stanford(catalogue)
+    common = {"data": catalogue, "base": str(small_base), "cache_dir": tmp_path / "c",
+              "steps": 2, "batch_size": 4, "progress": False}
+    held = train_stage1(Stage1Config(out=tmp_path / "a", **common))
+    refit = train_stage1(Stage1Config(out=tmp_path / "b", train_subset="train+validation",
+                                      feature_dropout=0.5, token_dropout=0.2, **common))
+    assert held.n_train == len(ds.subset("train")) and held.n_val == len(ds.subset("validation"))
+    assert refit.n_train == len(ds.split("train")) > held.n_train and refit.n_val == 0
+    from carsearch.platform.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train_subset"):
+        train_stage1(Stage1Config(out=tmp_path / "c", train_subset="test", **common))
+
+
+def test_stage1_drops_out_image_features_by_default_and_the_demo_can_turn_it_off(
+    small_base: Path, catalogue: Path, tmp_path: Path,
+) -> None:
+    """The recipe regularises the image projection: by default a training step sees the
+    cached features through dropout (two passes over the same features differ), scoring
+    never does; `carsearch train` passes the default on and its flag overrides it."""
+    from carsearch.training.stage1 import Stage1Config, Stage1Module
+    from carsearch.training.trainer import TrainConfig, load_base, train
+
+    default = Stage1Config(data=catalogue, base=str(small_base), out=tmp_path, cache_dir=tmp_path)
+    net, processor = load_base(str(small_base))
+    module = Stage1Module(net, default.feature_dropout)
+    feats = torch.rand(4, 1280) + 0.5
+    ids = processor.tokenizer(TEXTS[:4], padding=True, return_tensors="pt")["input_ids"]
+    module.train()
+    assert not torch.allclose(module(feats, ids)[0], module(feats, ids)[0])
+    module.eval()
+    assert torch.equal(module(feats, ids)[0], module(feats, ids)[0])
+
+    def recorded(**kw: float) -> float:
+        out = tmp_path / f"run{len(kw)}"
+        train(TrainConfig(data=catalogue, base=str(small_base), out=out, progress=False,
+                          stage1_steps=1, stage1_batch_size=4, stage2=False,
+                          feature_cache=tmp_path / "cache", **kw))  # type: ignore[arg-type]
+        return json.loads((out / "stage1" / "stage1.json").read_text())["config"][
+            "feature_dropout"]
+
+    assert recorded() == default.feature_dropout > 0
+    assert recorded(stage1_feature_dropout=0.0) == 0.0
+
+
+def test_the_feature_cache_keeps_one_row_a_key_when_a_chunk_repeats_a_photo(
+    tmp_path: Path,
+) -> None:
+    """Two identical photos in one chunk share a content key: one row is kept, and the
+    rows added after it stay under their own keys (a second row shifted them all)."""
+    from carsearch.training.feature_cache import FeatureCache
+
+    cache = FeatureCache(tmp_path, "d" * 64)
+    cache.add(["a", "b", "a", "c"], np.array([[1.0], [2.0], [1.0], [3.0]]))
+    cache.add(["d", "d", "e"], np.array([[4.0], [4.0], [5.0]]))
+    for reader in (cache, FeatureCache(tmp_path, "d" * 64)):
+        assert len(reader) == 5
+        assert reader.get(["e", "c", "a", "d", "b"]).ravel().tolist() == [5, 3, 1, 4, 2]

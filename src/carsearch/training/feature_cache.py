@@ -96,7 +96,10 @@ class FeatureCache:
             except (OSError, ValueError, KeyError):
                 log.warning("feature cache %s is unreadable; starting it again", path)
                 return empty
-            return (keys, feats) if len(keys) == len(feats) else empty
+            if len(keys) != len(feats) or len(set(keys)) != len(keys):
+                log.warning("feature cache %s is inconsistent; not read", path)
+                return empty
+            return keys, feats
         # the older layout of two files (written features first, keys last)
         keys_path, feats_path = self.dir / "keys.txt", self.dir / "features.npy"
         if keys_path.is_file() and feats_path.is_file():
@@ -116,14 +119,19 @@ class FeatureCache:
         return self._features[[self._rows[k] for k in keys]]
 
     def add(self, keys: Sequence[str], features: np.ndarray) -> None:
-        new = [(k, f) for k, f in zip(keys, features, strict=True) if k not in self._rows]
-        if not new:
-            return
-        self._append(new)
-        self._save()
+        before = len(self._rows)
+        self._append(list(zip(keys, features, strict=True)))
+        if len(self._rows) > before:
+            self._save()
 
     def _append(self, new: Sequence[tuple[str, np.ndarray]]) -> None:
-        new = [(k, f) for k, f in new if k not in self._rows]
+        # one row a key: two identical photos in one chunk share a content key, and a
+        # second row for it would shift every later row off its key
+        fresh: dict[str, np.ndarray] = {}
+        for k, f in new:
+            if k not in self._rows:
+                fresh.setdefault(k, f)
+        new = list(fresh.items())
         if not new:
             return
         block = np.stack([f for _, f in new]).astype(np.float32)
