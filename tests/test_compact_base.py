@@ -25,6 +25,7 @@ from carsearch.training.pretrained_base import (
     efficientnet_weights,
     wordllama_files,
 )
+from fixtures.cli import Cli, one_line_error  # `cli`: tests/fixtures/cli.py
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["red 2012 chevy pickup", "Chevrolet Silverado 1500 Extended Cab 2012",
@@ -286,6 +287,108 @@ def test_stage1_trains_on_the_served_framings_with_colour_aware_positives(
         assert (kw["text_colours"][-1] == -1).item()  # a class name names no colour
     assert any(bool((kw["text_colours"] >= 0).any()) for kw in seen)  # queries name some
 
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_stage1_cached_accumulation_gives_the_big_batch_gradient(
+    loss: str, small_base: Path
+) -> None:
+    """`accumulate="cached"`: through the real towers, 3 micro-batches of 2 give the
+    gradient of one batch of 6 (every image against all 6 texts and the class names
+    once); plain accumulation gives another."""
+    from accelerate import Accelerator
+
+    from carsearch.training import stage1
+    from carsearch.training.trainer import load_base
+
+    net, processor = load_base(str(small_base))
+    stage1.freeze_image_backbone(net)
+    net.text_model.token_embedding.sparse = True  # as stage 1 trains it
+    module = stage1.Stage1Module(net)
+    acc = Accelerator(cpu=True)
+    names = ["Audi A4 2012", "BMW M3 2010", "Ford F-150 2007"]
+    texts = ["red audi", "BMW M3 2010", "an audi sedan", "white ford pickup", "bmw coupe",
+             "Audi A4 2012"]
+    table = stage1.TokenTable(processor, [*names, *texts], 32)
+
+    def tokens(columns: list[str], n_own: int) -> torch.Tensor:
+        return table.ids(columns)
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(6, net.config.vision_config.hidden_size, generator=g)
+    classes, colours = torch.tensor([0, 1, 0, 2, 1, 0]), torch.tensor([3, -1, -1, 1, -1, 2])
+    text_colours = torch.tensor([3, -1, -1, 1, -1, -1])
+
+    def micro(rows: slice) -> stage1.MicroBatch:
+        return stage1.MicroBatch(features=feats[rows], texts=texts[rows],
+                                 classes=classes[rows], colours=colours[rows],
+                                 text_colours=text_colours[rows])
+
+    def grads() -> dict[str, torch.Tensor]:
+        out = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+               for n, p in net.named_parameters() if p.grad is not None}
+        net.zero_grad(set_to_none=True)
+        return out
+
+    chunks = [micro(slice(i, i + 2)) for i in (0, 2, 4)]
+    big = stage1._plain_step(acc, module, [micro(slice(0, 6))], tokens, names, loss)
+    expected = grads()
+    cached = stage1._cached_step(acc, module, chunks, tokens, names, loss)
+    got = grads()
+    assert cached == pytest.approx(big, rel=1e-5)
+    assert set(got) == set(expected) and ("logit_bias" in got) == (loss == "sigmoid")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    stage1._plain_step(acc, module, chunks, tokens, names, loss)
+    plain = grads()
+    assert not torch.allclose(plain["vision_model.projection.weight"],
+                              expected["vision_model.projection.weight"], atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_stage1_cached_runs_train_as_the_big_batch(
+    loss: str, small_base: Path, catalogue: Path, tmp_path: Path
+) -> None:
+    """Whole stage-1 runs: with the texts fixed (class names only, one view) and no
+    reshuffle within the 2 steps (12 train images), 2 x 3 cached trains as a batch of 6
+    does (the same losses, the same weights after)."""
+    from safetensors.torch import load_file
+
+    from carsearch.platform.errors import ConfigError
+    from carsearch.training import stage1
+
+    common = {"data": catalogue, "base": str(small_base), "cache_dir": tmp_path / "cache",
+              "steps": 2, "caption_prob": 1.0, "loss": loss, "progress": False}
+    one = stage1.train_stage1(stage1.Stage1Config(out=tmp_path / "b6", batch_size=6,
+                                                  **common))  # type: ignore[arg-type]
+    assert one.n_train == 12
+    two = stage1.train_stage1(stage1.Stage1Config(out=tmp_path / "c3", batch_size=3,
+                                                  grad_accum=2, accumulate="cached",
+                                                  **common))  # type: ignore[arg-type]
+    assert two.losses == pytest.approx(one.losses, rel=1e-4)
+    assert json.loads((tmp_path / "c3" / "stage1.json").read_text())["config"][
+        "accumulate"] == "cached"
+    a = load_file(str(one.model_dir / "model.safetensors"))
+    b = load_file(str(two.model_dir / "model.safetensors"))
+    for name in ("vision_model.projection.weight", "logit_scale"):
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="plain, cached"):
+        stage1.train_stage1(stage1.Stage1Config(out=tmp_path / "x", accumulate="gradcache",
+                                                **common))  # type: ignore[arg-type]
+    if loss == "softmax":  # the trainer (`carsearch train --stage1-grad-accum --accumulate`)
+        from carsearch.training.trainer import TrainConfig, train
+
+        result = train(TrainConfig(data=catalogue, base=str(small_base), out=tmp_path / "t",
+                                   stage1_steps=1, stage1_batch_size=3, stage1_grad_accum=2,
+                                   accumulate="cached", loss=loss, stage2=False,
+                                   progress=False, feature_cache=tmp_path / "cache"))
+        record = json.loads((tmp_path / "t" / "stage1" / "stage1.json").read_text())
+        assert (record["config"]["grad_accum"], record["config"]["accumulate"]) == (2, "cached")
+        assert result.counters.samples == 6 and result.counters.micro_step == 2
+
+
+def test_an_unknown_accumulation_is_a_one_line_error(cli: Cli) -> None:
+    one_line_error(cli(["train", "--accumulate", "gradcache"], ok=False), "plain, cached")
 
 def test_a_stage1_only_run_publishes_stage1s_model_with_its_policy(
     small_base: Path, catalogue: Path, tmp_path: Path

@@ -86,6 +86,14 @@ def train_command(
                                               "(stage 2); 0: no stage 1; -1: "
                                               f"{STAGE1_STEPS} on a compact pretrained base, "
                                               "else 0.")] = -1,
+    stage1_grad_accum: Annotated[int, typer.Option(min=1, help="Stage 1's micro-batches "
+                                                   "per optimizer step.")] = 1,
+    accumulate: Annotated[str, typer.Option(help="How stage 1 accumulates: plain (the mean "
+                                            "of the micro-batches' losses) or cached (the "
+                                            "whole effective batch's loss exactly, every "
+                                            "image against every micro-batch's texts: the "
+                                            "softmax's normaliser spans the effective "
+                                            "batch; a second text pass).")] = "plain",
     stage1_lr: Annotated[float, typer.Option(min=0.0, help="Stage 1's peak learning rate "
                                              "(0: the recipe's).")] = 0.0,
     stage1_feature_dropout: Annotated[float, typer.Option(
@@ -141,6 +149,7 @@ def train_command(
     import torch
 
     from carsearch.lifecycle.publish import METRICS, run_job
+    from carsearch.training.grad_cache import ACCUMULATE
     from carsearch.training.loss import LOSSES
     from carsearch.training.trainer import MIXED_PRECISION, TrainConfig
 
@@ -153,6 +162,9 @@ def train_command(
         raise ConfigError("--resume needs --out (the run directory to continue)")
     if loss not in LOSSES:
         raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+    if accumulate not in ACCUMULATE:
+        raise ConfigError(f"--accumulate must be one of {', '.join(ACCUMULATE)}, not "
+                          f"{accumulate!r}")
     if train_views not in ("box-to-frame", "box"):
         raise ConfigError(f"--train-views is box-to-frame or box, not {train_views!r}")
     torch.set_num_threads(settings.threads.torch)
@@ -176,6 +188,7 @@ def train_command(
         ledger_db=settings.database_url,  # checkpoint hashes, checked by --resume
         train_views=train_views, frame_prob=frame_prob, box_margin=box_margin,
         stage1_steps=stage1, stage1_lr=stage1_lr, stage1_feature_dropout=stage1_feature_dropout,
+        stage1_grad_accum=stage1_grad_accum, accumulate=accumulate,
         stage2=stage2 if stage2 is not None else (stage1 == 0 or bool(steps or epochs)),
         feature_cache=settings.data_dir / "feature-cache",
     )

@@ -11,6 +11,11 @@ queries) and against every class name of the train set, with class-level labels,
 trainer does. The result is saved with `save_pretrained` (plus the processor): an
 ordinary base for stage 2 (LoRA on both towers, `trainer.train`) or for publishing.
 
+`grad_accum` micro-batches make a step: `accumulate="plain"` averages their own losses;
+`"cached"` takes the exact gradient of the whole effective batch's loss (every image
+against every micro-batch's texts, the class names once) through cached embeddings
+(`training/grad_cache.py`), so the softmax's normaliser spans the effective batch.
+
 `val_share` carves a validation split out of the train images (by a hash of the image
 id, so it is the same in every run); only the rest trains, and `evaluate_cached` scores
 the validation images, so recipes are chosen without the test split.
@@ -23,7 +28,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,7 @@ from carsearch.training.feature_cache import (
     content_key,
     tower_key,
 )
+from carsearch.training.grad_cache import ACCUMULATE, cached_backward
 from carsearch.training.loss import LOSSES, contrastive_loss
 from carsearch.training.query_metrics import per_query
 from carsearch.training.recipe import (
@@ -89,6 +95,9 @@ class Stage1Config:
     progress: bool = True
     loss: str = "sigmoid"  # or "softmax" (training/loss.py)
     grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    # "plain": the mean of the micro-batches' own losses; "cached": the loss of the whole
+    # effective batch, exactly, through cached embeddings (training/grad_cache.py)
+    accumulate: str = "plain"
     class_texts: bool = True  # every class name as a text column of every step
     # regularisers of the trained side: dropout on the cached backbone features before
     # the image projection, and the share of a text's tokens dropped (masked as padding)
@@ -259,6 +268,76 @@ def _texts_per_image(items: Sequence[LabelledImage], seed: int,
     return [queries.get(item.image_id, []) for item in items], source
 
 
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a stage-1 step: its images' cached features, their texts (text i
+    written for image i), the images' classes and colours, each text's named colour."""
+
+    features: torch.Tensor
+    texts: list[str]
+    classes: torch.Tensor
+    colours: torch.Tensor
+    text_colours: torch.Tensor
+
+
+def _step_loss(kind: str, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor, micro: Sequence[MicroBatch], n_names: int) -> torch.Tensor:
+    """The loss of the rows of `micro` against their texts followed by `n_names` class
+    names (the class ids 0..n_names-1). A text that names a colour is a positive only
+    for same-class images of that colour (the label satisfies all the text names)."""
+    device = image.device
+    row_classes = torch.cat([m.classes for m in micro])
+    name_ids = torch.arange(n_names)
+    return contrastive_loss(
+        kind, image, text, scale, bias, row_classes.to(device),
+        text_classes=torch.cat([row_classes, name_ids]).to(device),
+        image_colours=torch.cat([m.colours for m in micro]).to(device),
+        text_colours=torch.cat([*(m.text_colours for m in micro),
+                                torch.full((n_names,), -1)]).to(device))
+
+
+# token ids of columns whose first `n` are the batch's own texts (token dropout applies to
+# those alone; class-name columns stay whole)
+IdsOf = Callable[[list[str], int], torch.Tensor]
+
+
+def _plain_step(acc: Accelerator, module: nn.Module, micro: Sequence[MicroBatch],
+                ids_of: IdsOf, names: Sequence[str], kind: str) -> float:
+    """Plain accumulation: each micro-batch scores its images against its own texts and
+    the class names; the gradient is that of the mean of the micro-batches' losses (see
+    docs/BENCHMARKS.md on what that does to each loss)."""
+    total = 0.0
+    for m in micro:
+        ids = ids_of([*m.texts, *names], len(m.texts))
+        image, text, scale, bias = module(m.features.to(acc.device), ids.to(acc.device))
+        loss = _step_loss(kind, image, text, scale, bias, [m], len(names))
+        acc.backward(loss / len(micro))
+        total += float(loss.detach()) / len(micro)
+    return total
+
+
+def _cached_step(acc: Accelerator, module: nn.Module, micro: Sequence[MicroBatch],
+                 ids_of: IdsOf, names: Sequence[str], kind: str) -> float:
+    """Cached accumulation (training/grad_cache.py): the gradient of the loss of the whole
+    effective batch, every image against every micro-batch's texts and the class names
+    once, computed one micro-batch's graph at a time. The class names ride with the last
+    micro-batch's texts. Token dropout draws from torch's generator inside `forward`,
+    whose state the re-run restores: both passes drop the same tokens."""
+
+    def forward(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        texts = [*micro[k].texts, *(names if k == len(micro) - 1 else [])]
+        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] = module(
+            micro[k].features.to(acc.device), ids_of(texts, len(micro[k].texts)).to(acc.device))
+        return out
+
+    def loss_fn(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor) -> torch.Tensor:
+        return _step_loss(kind, image, text, scale, bias, micro, len(names))
+
+    return cached_backward(forward, range(len(micro)), loss_fn, acc.backward)
+
+
 def train_stage1(config: Stage1Config) -> Stage1Result:
     if config.steps < 1 or config.batch_size < 2 or config.grad_accum < 1:
         raise ConfigError("stage 1 needs at least one step and a batch of two")
@@ -269,6 +348,9 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         raise ConfigError("dropout shares must be in [0, 1)")
     if config.loss not in LOSSES:
         raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
+    if config.accumulate not in ACCUMULATE:
+        raise ConfigError(f"accumulate must be one of {', '.join(ACCUMULATE)}, not "
+                          f"{config.accumulate!r}")
     set_seed(config.seed)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     net, processor = load_base(config.base)
@@ -296,8 +378,6 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     queries, source = _texts_per_image(train_items, config.seed, config.queries)
     tokens = TokenTable(processor, [*names, *(q for qs in queries for q in qs)], max_len)
     colours = torch.tensor([colour_id(x.label.colour) for x in train_items])
-    name_colours = torch.full((len(names),), -1)
-    name_classes = torch.arange(len(names))
     freeze_image_backbone(net)
     module = Stage1Module(net, config.feature_dropout)
     optimizers = stage1_optimizers(net, config)
@@ -312,55 +392,44 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     order: list[int] = []
     losses: list[float] = []
     start, cpu_start = time.perf_counter(), time.process_time()
-    micro_loss = 0.0
-    for micro in tqdm(range(config.steps * config.grad_accum), desc="stage 1",
-                      unit="micro-step", disable=not config.progress):
-        if len(order) < config.batch_size:
-            fresh = list(range(len(train_items)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch, order = order[:config.batch_size], order[config.batch_size:]
-        texts = [
-            queries[i][rng.randrange(len(queries[i]))]
-            if queries[i] and rng.random() >= config.caption_prob
-            else train_items[i].label.class_name
-            for i in batch
-        ]
-        # Columns: each sample's own text (column i belongs to image i: the diagonal), then
-        # every class name (unless class_texts is off). A text that names a colour is a
-        # positive only for same-class images of that colour (the label satisfies all the
-        # text names). Texts are tokenized once per run and padded to the step's longest:
-        # the model reads its mask from the pad id, so padding changes nothing.
-        shown = names if config.class_texts else []
-        columns = [*texts, *shown]
+    shown = names if config.class_texts else []
+    pad_id = int(processor.tokenizer.pad_token_id)
+
+    def ids_of(columns: list[str], n_own: int) -> torch.Tensor:
         ids = tokens.ids(columns)
         if config.token_dropout > 0:
-            ids = drop_tokens(ids, config.token_dropout, int(processor.tokenizer.pad_token_id),
-                              len(texts))
-        picked = draw_views(rng, views, config.frame_prob, len(batch))
-        batch_feats = feats[torch.tensor(picked), torch.tensor(batch)]
-        image, text, scale, bias = module(batch_feats.to(acc.device), ids.to(acc.device))
-        batch_classes = classes[batch]
-        column_classes = torch.cat([batch_classes, name_classes[:len(shown)]])
-        column_colours = torch.cat([torch.tensor([colour_id(named_colour(t)) for t in texts]),
-                                    name_colours[:len(shown)]])
-        loss = contrastive_loss(config.loss, image, text, scale, bias,
-                                batch_classes.to(acc.device),
-                                text_classes=column_classes.to(acc.device),
-                                image_colours=colours[batch].to(acc.device),
-                                text_colours=column_colours.to(acc.device))
-        # accumulated: the mean of the micro-batches' losses (each normalised in its own
-        # micro-batch; see docs/BENCHMARKS.md on what that does to each loss)
-        acc.backward(loss / config.grad_accum)
-        micro_loss += float(loss.detach()) / config.grad_accum
-        if (micro + 1) % config.grad_accum:
-            continue
+            ids = drop_tokens(ids, config.token_dropout, pad_id, n_own)
+        return ids
+
+    for _ in tqdm(range(config.steps), desc="stage 1", unit="step",
+                  disable=not config.progress):
+        micro = []
+        for _ in range(config.grad_accum):
+            if len(order) < config.batch_size:
+                fresh = list(range(len(train_items)))
+                rng.shuffle(fresh)
+                order += fresh
+            batch, order = order[:config.batch_size], order[config.batch_size:]
+            texts = [
+                queries[i][rng.randrange(len(queries[i]))]
+                if queries[i] and rng.random() >= config.caption_prob
+                else train_items[i].label.class_name
+                for i in batch
+            ]
+            picked = draw_views(rng, views, config.frame_prob, len(batch))
+            micro.append(MicroBatch(
+                features=feats[torch.tensor(picked), torch.tensor(batch)], texts=texts,
+                classes=classes[batch], colours=colours[batch],
+                text_colours=torch.tensor([colour_id(named_colour(t)) for t in texts])))
+        if config.accumulate == "cached":
+            loss_value = _cached_step(acc, module, micro, ids_of, shown, config.loss)
+        else:
+            loss_value = _plain_step(acc, module, micro, ids_of, shown, config.loss)
         for opt, sched in zip(optimizers, schedulers, strict=True):
             opt.step()
             sched.step()
             opt.zero_grad()
-        losses.append(micro_loss)
-        micro_loss = 0.0
+        losses.append(loss_value)
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start  # every thread's: what the steps cost
     out = config.out / "model"

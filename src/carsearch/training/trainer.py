@@ -156,6 +156,10 @@ class TrainConfig:
     # frozen; then this loop (LoRA) continues from its result. 0: none.
     stage1_steps: int = 0
     stage1_batch_size: int = 128
+    stage1_grad_accum: int = 1  # micro-batches of stage1_batch_size per stage-1 step
+    # how stage 1 accumulates them: "plain" (the mean of the micro-batches' losses) or
+    # "cached" (the whole effective batch's loss exactly: training/grad_cache.py)
+    accumulate: str = "plain"
     stage1_lr: float = 0.0  # 0: Stage1Config's default (training/recipe.py)
     stage1_feature_dropout: float = -1.0  # < 0: Stage1Config's default (the recipe's)
     # False: stage 1's model is the run's result (the image tower as pre-trained, no LoRA
@@ -761,7 +765,8 @@ def _run_stage1(config: TrainConfig) -> TrainConfig:
             cache_dir=config.feature_cache or config.out / "feature-cache",
             queries=config.queries, steps=config.stage1_steps,
             batch_size=config.stage1_batch_size, seed=config.seed, progress=config.progress,
-            loss=config.loss,
+            loss=config.loss, grad_accum=config.stage1_grad_accum,
+            accumulate=config.accumulate,
             **({"lr": config.stage1_lr} if config.stage1_lr > 0 else {}),
             **({"feature_dropout": config.stage1_feature_dropout}
                if config.stage1_feature_dropout >= 0 else {}),
@@ -792,14 +797,15 @@ def _stage1_result(config: TrainConfig) -> TrainResult:
     _, source = train_queries(items, config.queries, config.seed)
     steps = int(record["steps"])
     losses = [float(record["first_loss"]), float(record["final_loss"])]
-    samples = steps * config.stage1_batch_size
+    samples = steps * config.stage1_batch_size * config.stage1_grad_accum
     seconds = float(record["seconds"])
     total = sum(p.numel() for p in net.parameters())
     frozen = sum(p.numel() for n, p in net.named_parameters() if ".backbone." in n)
     log.info("stage 1 only: %s is the run's model", out)
     return TrainResult(
         out=config.out, model_dir=out,
-        counters=Counters(step=steps, micro_step=steps, samples=samples, losses=losses),
+        counters=Counters(step=steps, micro_step=steps * config.stage1_grad_accum,
+                          samples=samples, losses=losses),
         total_steps=steps, full=False,
         fingerprint=data_fingerprint([x.image_id for x in items], source),
         n_train_images=len(items), n_classes=len({x.label.class_name for x in items}),
