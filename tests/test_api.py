@@ -21,6 +21,7 @@ from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from carsearch.client import ApiError, Client
+from carsearch.client.models import Chip, Hit, SearchResponse
 from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items
 from carsearch.platform.db import QueryFeedback
 from carsearch.platform.runtime import Platform
@@ -161,6 +162,22 @@ def test_negation_pages_sort_duplicates_feedback_and_image_text(api: Client) -> 
                and h.make == "Chevrolet")
     blue = api.search("but blue", image_id=red.image_id, k=3)
     assert blue.hits[0].colour == "blue" and blue.kind != "text"
+
+
+def test_the_answer_is_the_response_model_field_for_field(http: TestClient) -> None:
+    """The answer is built as plain values (no model on the hot path): it has exactly
+    `SearchResponse`'s and `Hit`'s fields, and they validate against the models."""
+    r = http.post("/api/v1/search", json={"query": "pickup not red", "k": 4,
+                                         "collapse_duplicates": True})
+    body = r.json()
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert list(body) == list(SearchResponse.model_fields)
+    assert body["hits"] and all(list(h) == list(Hit.model_fields) for h in body["hits"])
+    assert set(body["exclusions"][0]) == set(Chip.model_fields)
+    parsed = SearchResponse.model_validate(body)
+    assert parsed.model_dump(mode="json") == body
+    assert all(h.thumbnail_url == f"/api/v1/images/{h.image_id}/thumbnail"
+               for h in parsed.hits)
 
 
 def test_health_and_the_openapi_document(api: Client) -> None:
