@@ -191,7 +191,7 @@ class SearchApi:
             image_id=None if image_id is None else self.service.check_image_id(image_id),
             image=image, cursor=body.cursor, sort=body.sort,
             collapse_duplicates=body.collapse_duplicates, liked=tuple(body.liked),
-            disliked=tuple(body.disliked), **extra)
+            disliked=tuple(body.disliked), diversity=float(body.diversity), **extra)
 
     def _filters(self, filters: Filters | None, what: str) -> SearchFilters | None:
         if filters is None:

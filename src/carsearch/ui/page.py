@@ -115,6 +115,7 @@ class SearchControls:
     disliked: tuple[int, ...] = ()
     cursor: str | None = None
     image_weight: float | None = None
+    diversity: float = 0.0
 
     def is_plain(self) -> bool:
         return self == SearchControls()
@@ -124,7 +125,8 @@ class SearchControls:
         out: dict[str, Any] = {
             "drop_exclusions": self.drop_exclusions, "sort": self.sort,
             "collapse_duplicates": self.collapse_duplicates, "liked": self.liked,
-            "disliked": self.disliked, "cursor": self.cursor}
+            "disliked": self.disliked, "cursor": self.cursor,
+            "diversity": self.diversity}
         if self.image_weight is not None:
             out["image_weight"] = self.image_weight
         return out
