@@ -248,6 +248,10 @@ class PageHandlers:
             f" · score {h['score']:.3f} · colour {h.get('colour') or '?'}"
             f" · source {h.get('source') or '?'} · id {h['image_id']}"
         )
+        dups = [str(i) for i in h.get("duplicate_ids") or []]
+        if dups:  # the near-duplicates folded into it, on demand
+            detail += f"\n\nFolded into it: {len(dups)} near-duplicate" \
+                      f"{'s' if len(dups) > 1 else ''} (ids {', '.join(dups)})"
         return str(h["image_id"]), detail
 
     def vote(self, vote: int) -> Callable[..., str]:
