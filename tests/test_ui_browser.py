@@ -72,8 +72,12 @@ def browser_server(
 
 @pytest.fixture(scope="module")
 def browser(browser_server: Server) -> Iterator[Any]:
-    """One headless Chromium for the module's tests (after the server: skips with it)."""
-    from playwright.sync_api import sync_playwright
+    """One headless Chromium for the module's tests (after the server: skips with it).
+    Assertions wait up to 30 s (Playwright's default is 5 s): on a loaded 2-core machine
+    a page's first load or a search can take longer, and a wait is not a timing claim."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=30_000)
 
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -259,28 +263,33 @@ def test_untick_but_blue_duplicates_and_thumbs_in_chromium(browser_server: Serve
         expect(page.locator("#detail")).to_contain_text("Chevrolet Silverado")
         page.locator("#image-text textarea, #image-text input").first.fill("but blue")
         page.locator("#more-like-this").click()
-        expect(status).to_contain_text("image query")
+        expect(status).to_contain_text("results for 'but blue'")
+        expect(status).to_contain_text("filters: body pickup, colour blue")
         expect(captions.first).to_contain_text("Ford F-150")
-        assert _fields(captions.first.inner_text())[3] == "blue"
+        assert "blue" in _fields(captions.first.inner_text())
 
-        # Folding near-duplicates: the Dodge and its copy become one result with a
-        # count, and selecting it shows the other's id.
+        # Folding near-duplicates: the Dodge's copy (and whatever else the model puts at
+        # a cosine of 0.95 or more: on the compact base, drawings of one colour) folds
+        # into one result with a count; selecting it lists the others' ids.
         box.fill("a car")
         box.press("Enter")
         expect(status).to_contain_text("results for 'a car'")
         expect(thumbs).to_have_count(9)  # all of the world
         assert sum("Dodge Caravan" in n for n in _names(captions)) == 2
         page.locator("#collapse-duplicates input").check()
-        folded = captions.filter(has_text="+1 duplicate")
-        expect(folded).to_have_count(1)
-        expect(folded).to_contain_text("Dodge Caravan")
-        expect(captions).to_have_count(8)
+        folded = captions.filter(has_text=re.compile(r"\+\d+ duplicates?"))
+        expect(folded.first).to_contain_text("Dodge Caravan")
+        counts = [int(m) for c in captions.all_inner_texts()
+                  for m in re.findall(r"\+(\d+) duplicate", c)]
+        assert len(_names(captions)) + sum(counts) == 9, captions.all_inner_texts()
         assert sum("Dodge Caravan" in n for n in _names(captions)) == 1
         names = _names(captions)
-        thumbs.nth(names.index(next(n for n in names if "Dodge" in n))).click()
-        expect(page.locator("#detail")).to_contain_text("Folded into it: 1 near-duplicate")
+        thumbs.nth(next(i for i, n in enumerate(names) if "Dodge" in n)).click()
+        expect(page.locator("#detail")).to_contain_text(
+            re.compile(r"Folded into it: \d+ near-duplicates? \(ids \d+"))
         page.locator("#collapse-duplicates input").uncheck()
-        expect(captions.filter(has_text="+1 duplicate")).to_have_count(0)
+        expect(thumbs).to_have_count(9)
+        expect(captions.filter(has_text=re.compile(r"\+\d+ duplicate"))).to_have_count(0)
 
         # Thumbs re-rank the page at once: the last result liked rises; the first
         # disliked leaves the page.
