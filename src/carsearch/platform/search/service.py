@@ -82,10 +82,12 @@ log = logging.getLogger(__name__)
 
 MAX_K = 1000
 SORTS = ("score", "year", "arrival")
-# The image vector's share in an image + text query (measured: docs/BENCHMARKS.md).
-IMAGE_WEIGHT = 0.75
-# The weight of a negated concept's text vector subtracted from the query vector.
-NEGATIVE_WEIGHT = 0.3
+# The image vector's share in an image + text query (measured on the fine-tuned demo
+# model: docs/BENCHMARKS.md, "Search defaults re-measured").
+IMAGE_WEIGHT = 0.25
+# The weight of a negated concept's text vector subtracted from the query vector
+# (measured on the fine-tuned demo model: docs/BENCHMARKS.md, "Search defaults re-measured").
+NEGATIVE_WEIGHT = 0.6
 # Cosine at or above which two images are near-duplicates (measured: docs/BENCHMARKS.md).
 DUPLICATE_COSINE = 0.95
 # Rocchio: query, liked-centroid and disliked-centroid weights, and the most ids of each.
