@@ -19,6 +19,10 @@ and its scored hits are the half's images only.
    folds 99% of the copies, and how many distinct images it would fold.
 5. Feedback: the class-name queries, then the same with the top 10's relevant hits liked
    and the others disliked (Rocchio): P@10 over the hits not judged yet.
+6. Diversity (MMR): broad queries (each body type and make indexed, read as plain text,
+   nothing filtered): distinct classes in the top 10 against the share of the top 10
+   that has the asked body type or make (the relevance it costs), by diversity; and the
+   latency of the re-ranking.
 
     CARSEARCH_DATA_DIR=demo-data OMP_NUM_THREADS=1 python bench/bench_search_features.py
 """
@@ -245,11 +249,33 @@ def feedback(svc: SearchService, rows: dict[int, Image]) -> list[str]:
             f"| {len(classes)} | {_ci(before)} | {_ci(after)} |"]
 
 
+def diversity(svc: SearchService, rows: dict[int, Image],
+              levels: Sequence[float]) -> list[str]:
+    bodies = sorted({body_category(r.body_type) for r in rows.values() if r.body_type})
+    makes = sorted({r.make for r in rows.values() if r.make})
+    queries: list[tuple[str, Callable[[Image], bool]]] = [
+        (f"a {b}", lambda r, b=b: body_category(r.body_type) == b) for b in bodies] + [
+        (f"a {m}", lambda r, m=m: r.make == m) for m in makes]
+    lines = ["| diversity | distinct classes in top 10 | share of top 10 with the asked "
+             "body or make | search ms (median) |", "|---|---|---|---|"]
+    for level in levels:
+        distinct, share, ms = [], [], []
+        for q, ok in queries:
+            res = svc.search(SearchRequest(q, k=10, parse=False, diversity=level))
+            hits = [rows[h.image_id] for h in res.hits]
+            distinct.append(float(len({r.class_name for r in hits})))
+            share.append(float(np.mean([ok(r) for r in hits])) if hits else 0.0)
+            ms.append(res.latency_ms)
+        lines.append(f"| {level:g} ({len(queries)} queries) | {_ci(distinct)} | "
+                     f"{_ci(share)} | {statistics.median(ms):.1f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path,
                     default=Path(os.environ.get("CARSEARCH_DATA_DIR", "demo-data")))
-    ap.add_argument("--parts", default="12345", help="Which parts to run (digits).")
+    ap.add_argument("--parts", default="123456", help="Which parts to run (digits).")
     args = ap.parse_args()
     parts = set(args.parts)
     settings = Settings(data_dir=args.data_dir)
@@ -289,6 +315,9 @@ def main() -> None:
         if "5" in parts:
             print("\n## 5. feedback in the session\n")
             print("\n".join(feedback(svc, rows)))
+        if "6" in parts:
+            print("\n## 6. diversity (MMR)\n")
+            print("\n".join(diversity(svc, rows, [0.0, 0.25, 0.5, 0.75])))
         lat = [svc.search(SearchRequest("pickup not red", k=10)).latency_ms for _ in range(10)]
         print(f"\n'pickup not red' latency median {statistics.median(lat):.1f} ms (10 runs)")
     finally:

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from carsearch.client import ApiError, Client
+from carsearch.client.models import Chip, Hit, SearchResponse
 from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items
 from carsearch.platform.db import QueryFeedback
 from carsearch.platform.runtime import Platform
@@ -156,11 +157,32 @@ def test_negation_pages_sort_duplicates_feedback_and_image_text(api: Client) -> 
     last = plain.hits[-1].image_id
     moved = api.search("a car", k=n, liked=[last], disliked=[plain.hits[0].image_id])
     assert [h.image_id for h in moved.hits].index(last) < n - 1
+    # Diversity: the best match first, then hits unlike it; pages still never repeat.
+    diverse = api.search("a car", k=3, diversity=0.9)
+    assert diverse.hits[0].image_id == first.hits[0].image_id and diverse.next_cursor
+    rest = api.more(diverse, "a car", k=n, diversity=0.9)
+    assert rest is not None and len({h.image_id for h in diverse.hits + rest.hits}) == n
     # Image + text: the red pickup "but blue" puts the blue pickup first.
     red = next(h for h in api.search("red chevy pickup", k=n).hits if h.colour == "red"
                and h.make == "Chevrolet")
     blue = api.search("but blue", image_id=red.image_id, k=3)
     assert blue.hits[0].colour == "blue" and blue.kind != "text"
+
+
+def test_the_answer_is_the_response_model_field_for_field(http: TestClient) -> None:
+    """The answer is built as plain values (no model on the hot path): it has exactly
+    `SearchResponse`'s and `Hit`'s fields, and they validate against the models."""
+    r = http.post("/api/v1/search", json={"query": "pickup not red", "k": 4,
+                                         "collapse_duplicates": True})
+    body = r.json()
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert list(body) == list(SearchResponse.model_fields)
+    assert body["hits"] and all(list(h) == list(Hit.model_fields) for h in body["hits"])
+    assert set(body["exclusions"][0]) == set(Chip.model_fields)
+    parsed = SearchResponse.model_validate(body)
+    assert parsed.model_dump(mode="json") == body
+    assert all(h.thumbnail_url == f"/api/v1/images/{h.image_id}/thumbnail"
+               for h in parsed.hits)
 
 
 def test_health_and_the_openapi_document(api: Client) -> None:
@@ -184,6 +206,8 @@ def test_health_and_the_openapi_document(api: Client) -> None:
     ({"query": "a car", "kk": 3}, 422, "kk: Extra inputs are not permitted"),
     ({"query": "a car", "sort": "price"}, 422, "sort: Input should be"),
     ({"query": "a car", "min_prob": 2}, 422, "min_prob"),
+    ({"query": "a car", "diversity": 1.5}, 422, "diversity: Input should be less than"),
+    ({"query": "a car", "diversity": 0.5, "sort": "year"}, 400, "diversity"),
     ({"query": "a car", "collection": "Nope!"}, 400, "unusable collection name"),
     ({"image_id": 12345}, 400, "no image with id 12345"),
     ({"image_id": -1}, 400, "not an image id"),

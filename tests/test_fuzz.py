@@ -89,12 +89,13 @@ def test_the_page_functions(page: SearchPage, query: Any, k: Any, make: Any, bod
 
 
 @FUZZ
-@given(query=any_text, k=odd_number, make=odd_list, y0=odd_value, iid=odd_value)
+@given(query=any_text, k=odd_number, make=odd_list, y0=odd_value, iid=odd_value,
+       diversity=odd_value)
 def test_the_page_handlers_always_answer(page: SearchPage, query: Any, k: Any, make: Any,
-                                         y0: Any, iid: Any) -> None:
+                                         y0: Any, iid: Any, diversity: Any) -> None:
     h = PageHandlers(page)
     filters = (make, [], [], [], y0, "any")
-    out = h.search(query, k, *filters)
+    out = h.search(query, k, *filters, None, None, diversity)
     assert isinstance(out[1], str)  # the status line: results or a message
     assert isinstance(h.more_like_this(iid, k, *filters)[1], str)
     assert isinstance(h.refine(query, [str(make)], k, *filters)[1], str)
@@ -121,11 +122,12 @@ odd_ids = st.one_of(odd_value, st.lists(odd_value, max_size=3),
        weight=st.one_of(st.floats(0, 1), odd_value), iid=st.one_of(st.none(), odd_value),
        image=st.sampled_from(range(5)), liked=odd_ids, disliked=odd_ids,
        collapse=st.one_of(st.booleans(), odd_value), ex_make=odd_list,
-       ex_year=odd_value, drop=odd_list, page_two=st.booleans())
+       ex_year=odd_value, drop=odd_list, page_two=st.booleans(),
+       diversity=st.one_of(st.floats(0, 1), odd_value))
 def test_the_search_options(page: SearchPage, query: Any, k: Any, cursor: Any, sort: Any,
                             weight: Any, iid: Any, image: int, liked: Any, disliked: Any,
                             collapse: Any, ex_make: Any, ex_year: Any, drop: Any,
-                            page_two: bool) -> None:
+                            page_two: bool, diversity: Any) -> None:
     """Exclusions, image + text, cursors, sorts, folding and feedback ids: only the
     platform's one-line errors, whatever they are given."""
     from pydantic import ValidationError
@@ -143,7 +145,7 @@ def test_the_search_options(page: SearchPage, query: Any, k: Any, cursor: Any, s
         return svc.search(SearchRequest(
             query, k, exclude=exclude, image_id=iid, image=_tiny_images()[image],
             image_weight=weight, cursor=cur, sort=sort, collapse_duplicates=collapse,
-            liked=liked, disliked=disliked, drop_exclusions=drop))
+            liked=liked, disliked=disliked, drop_exclusions=drop, diversity=diversity))
 
     _only_platform_errors(lambda: run(cursor))
     if page_two:
@@ -189,7 +191,7 @@ def test_the_cli(cli_world: World, query: str, k: int, make: str, year: int) -> 
 # -- the JSON API ------------------------------------------------------------------------
 API_KEYS = ["query", "k", "cursor", "filters", "exclude", "image_id", "min_prob", "sort",
             "collapse_duplicates", "collection", "liked", "disliked", "keep_chips",
-            "drop_exclusions", "image_weight", "bogus"]
+            "drop_exclusions", "image_weight", "diversity", "bogus"]
 FILTER_KEYS = ["make", "body", "colour", "source", "year_min", "year_max", "exclude", "x"]
 odd_filters = st.one_of(odd_value, st.dictionaries(st.sampled_from(FILTER_KEYS), odd_list,
                                                    max_size=4))

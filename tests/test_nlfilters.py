@@ -78,6 +78,25 @@ def test_word_boundaries_and_ambiguous_words_do_not_misfire(query: str) -> None:
     assert parse_query(query, VOCAB).chips == ()
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("red pickups", {"colour": "red", "body": "pickup"}),
+        ("sedans from 2012", {"body": "sedan", "year": "2012"}),
+        ("BMW coupes", {"make": "BMW", "body": "coupe"}),
+        ("chevy minivans", {"make": "Chevrolet", "body": "minivan"}),
+        ("mercedes convertibles", {"make": "Mercedes-Benz", "body": "convertible"}),
+    ],
+)
+def test_plurals_read_as_their_singular_outside_a_negation_too(
+        query: str, expected: dict[str, str]) -> None:
+    """The reader of what is asked for takes plurals as the reader of negations does."""
+    assert fields(query) == expected
+    body = expected["body"]
+    negated = parse_query(f"a car but no {body}s", VOCAB)
+    assert [c.key for c in negated.exclusions] == [f"body!={body}"] and negated.chips == ()
+
+
 def test_ambiguous_word_counts_next_to_an_unambiguous_one() -> None:
     assert fields("red mini") == {"colour": "red", "make": "MINI"}
     assert {c.value for c in parse_query("dodge ram", VOCAB).chips} == {"Dodge", "Ram"}

@@ -130,6 +130,23 @@ def test_an_image_with_a_but_text(h: PageHandlers, world: World) -> None:
     assert bad[STATUS].startswith("**Error:**") and "select a result" in bad[STATUS]
 
 
+def test_the_diversity_slider(h: PageHandlers) -> None:
+    """The slider's value goes with the new search, the controls and the next page; with
+    another order chosen it is off rather than an error."""
+    plain = h.search("a car", 3, *F)
+    diverse = h.search("a car", 3, *F, 1.0)
+    assert len(diverse[HITS]) == 3 and "Error" not in diverse[STATUS]
+    assert _ids(diverse)[0] == _ids(plain)[0]  # the best match stays first
+    args = ("a car", [], [], [], "score", False, [], [])
+    _items, status, hits, *_ = h.more_results(
+        *args, diverse[CURSOR], diverse[SHOWN], diverse[HITS], 3, *F, 1.0)
+    assert len({hit["image_id"] for hit in hits}) == 6, status
+    by_year = h.controlled("a car", [], [], [], "year", False, [], [], N, *F, 0.7)
+    assert len(by_year[HITS]) == N and "Error" not in by_year[STATUS]
+    for odd in ("x", True, -1, 7, None):
+        assert len(h.controlled(*args, 3, *F, odd)[HITS]) == 3
+
+
 def test_controls_from_widget_values() -> None:
     read = [("colour: not red", "colour!=red"), ("make: not Ford", "make!=Ford")]
     c = _controls(["make!=Ford"], read, "arrival", True, [3, "x", True, 4], None)

@@ -236,6 +236,66 @@ def test_sort_after_the_cut_off(service: SearchService, indexed) -> None:
         service.search(SearchRequest("vehicle", sort="price"))
 
 
+def test_diversity_spreads_the_page_over_unlike_hits(service: SearchService, indexed,
+                                                    tmp_path: Path) -> None:
+    """MMR: two near-copies of one image crowd the top of a search by that image; with
+    diversity the page holds one of the three and the others come on later pages."""
+    items = []
+    for n in (1, 2):
+        img = Image.open(tmp_path / "car2.png").convert("RGB")
+        img.putpixel((n, n), (n, 2, 3))  # other bytes, the same picture
+        img.save(tmp_path / f"car2-copy{n}.png")
+        items.append({"path": f"car2-copy{n}.png", "class_name": LABELS[2][0],
+                      "colour": "black"})
+    _ingest(service, indexed, tmp_path, items)
+    source = _id_of(service, LABELS[2][0])
+    plain = service.search(SearchRequest(None, k=3, image_id=source))
+    group = {h.image_id for h in plain.hits}  # the image and its two copies
+    assert len(group) == 3 and all(h.class_name == LABELS[2][0] for h in plain.hits)
+    diverse = service.search(SearchRequest(None, k=3, image_id=source, diversity=1.0))
+    assert diverse.hits[0].image_id == plain.hits[0].image_id  # the best stays first
+    assert len({h.image_id for h in diverse.hits} & group) == 1
+    assert len({h.class_name for h in diverse.hits}) == 3
+    # Pages still never repeat a hit, and together hold every image.
+    seen, cursor = [], None
+    while True:
+        page = service.search(SearchRequest(None, k=3, image_id=source, diversity=0.5,
+                                            cursor=cursor))
+        seen += [h.image_id for h in page.hits]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == N + 2
+    # A text query, and refusals.
+    text = service.search(SearchRequest("vehicle", k=4, parse=False, diversity=0.3))
+    assert len(text.hits) == 4 and [h.rank for h in text.hits] == [1, 2, 3, 4]
+    with pytest.raises(QueryError, match="does not combine with sort year"):
+        service.search(SearchRequest("vehicle", diversity=0.5, sort="year"))
+    for bad in (-0.1, 1.5, True, "x", float("nan")):
+        with pytest.raises(QueryError, match="diversity"):
+            service.search(SearchRequest("vehicle", diversity=bad))
+
+
+def test_mmr_order() -> None:
+    from carsearch.platform.search.querymix import mmr_order
+
+    # Three tight groups; the most relevant three are all in group a.
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 16, dtype=np.float32)
+    groups = [0, 0, 0, 1, 1, 2]
+    vecs = centres[groups] + 0.01 * rng.normal(size=(6, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    rel = np.array([0.9, 0.89, 0.88, 0.7, 0.69, 0.5])
+    assert mmr_order(rel, vecs, 3, 0.0) == [0, 1, 2]
+    assert mmr_order(rel, vecs, 3, 0.5) == [0, 3, 5]
+    assert mmr_order(rel, vecs, 10, 0.5)[:3] == [0, 3, 5]  # k beyond the pool: all
+    assert sorted(mmr_order(rel, vecs, 10, 0.5)) == list(range(6))
+    # A candidate with no vector (zeros) is never redundant; an empty pool gives nothing.
+    vecs[3] = 0.0
+    assert mmr_order(rel, vecs, 2, 0.9)[1] == 3
+    assert mmr_order(np.array([]), np.empty((0, 16)), 3, 0.5) == []
+
+
 def test_rocchio_is_bounded() -> None:
     from carsearch.platform.search.querymix import rocchio
 
@@ -284,6 +344,10 @@ def test_the_cli_search_options(tmp_path: Path, compact_model: Path) -> None:
     liked = cli("search", "vehicle", "--k", "8", "--like", str(red["image_id"]),
                 "--collapse-duplicates")
     assert liked["hits"]
+    diverse = cli("search", "vehicle", "--k", "3", "--diversity", "0.5")
+    assert len(diverse["hits"]) == 3 and diverse["next_cursor"]
+    bad = CliRunner().invoke(app, ["search", "vehicle", "--diversity", "0.5", "--sort", "year"])
+    assert isinstance(bad.exception, QueryError) and "diversity" in str(bad.exception)
     text = CliRunner().invoke(app, ["search", "vehicle", "--k", "2"]).output
     assert "more: --cursor " in text
     bad = CliRunner().invoke(app, ["search", "vehicle", "--not", "price=3"])

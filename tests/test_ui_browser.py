@@ -1,7 +1,14 @@
 """End to end in headless Chromium: type a query, press Enter, see results (filters read
 from the text relaxed to fill the page, a vague year as a chip), click a result, ask for
-more like it, and keep a screenshot; and the controls beyond the query: an exclusion read
-from "not ...", "More results" through the cursor, and another order.
+more like it, and keep a screenshot; the controls beyond the query: an exclusion read
+from "not ...", "More results" through the cursor, and another order; and a chip
+unticked, "... but blue" from a selected result, near-duplicates folded (the count, and
+the others on selecting it), thumbs up and down re-ranking the page at once.
+
+One server and one Chromium for the module (each test opens its own tab). The world is
+the page tests' (tests/ui_world.py) plus a near-copy of its red Dodge minivan (one pixel
+changed): the only near-duplicate pair, red, so that the queries of the other tests
+("red 2012 chevy pickup", "pickup not red") see the same vehicles.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and Playwright for Python (its own
 browser download is not used). Skips, saying which is missing, except under CI=true,
@@ -19,7 +26,33 @@ from typing import Any
 import pytest
 
 from fixtures.browser import ARGS, CHROMIUM, _need
-from ui_world import Server, World, build_world, run_server
+from ui_world import CARS, Server, World, build_world, run_server
+
+COPIED = 7  # the red Dodge Caravan Minivan 1997: its near-copy is ingested too
+
+
+def _add_near_copy(world: World, index: int) -> None:
+    from PIL import Image
+
+    from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items
+    from carsearch.platform.runtime import Platform
+
+    img = Image.open(world.photos[index]).convert("RGB")
+    img.putpixel((1, 1), (1, 2, 3))  # other bytes, the same picture
+    copy = world.photos[index].with_name(f"car{index}-copy.png")
+    img.save(copy)
+    cls, colour, source = CARS[index]
+    platform = Platform(world.settings)
+    try:
+        version = platform.search.serving()
+        summary = ingest_items(
+            [IngestItem(copy, source=source, meta={"class_name": cls, "colour": colour})],
+            db=platform.db, writer=BatchWriter.fixed(
+                platform.db, platform.store, platform.search.encoder_for(version), version),
+            max_pixels=world.settings.max_image_pixels, batch_size=8, progress=False)
+        assert summary.indexed == 1, summary
+    finally:
+        platform.close()
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +66,25 @@ def browser_server(
     except ImportError:
         _need(False, "Playwright for Python is not installed (pip install playwright)")
     world: World = build_world(tmp_path_factory.mktemp("browser-world"), compact_model)
+    _add_near_copy(world, COPIED)
     yield from run_server(world, tmp_path_factory.mktemp("browser-log") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def browser(browser_server: Server) -> Iterator[Any]:
+    """One headless Chromium for the module's tests (after the server: skips with it).
+    Assertions wait up to 30 s (Playwright's default is 5 s): on a loaded 2-core machine
+    a page's first load or a search can take longer, and a wait is not a timing claim."""
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=30_000)
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
 
 
 def _open_page(browser: Any, url: str) -> Any:
@@ -48,56 +99,54 @@ def _open_page(browser: Any, url: str) -> Any:
 
 
 def test_search_select_and_more_like_this_in_chromium(
-    browser_server: Server, tmp_path: Path
+    browser_server: Server, browser: Any, tmp_path: Path
 ) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = _open_page(browser, browser_server.url)
-            box = page.locator("#query textarea, #query input").first
-            box.fill("red 2012 chevy pickup")
-            box.press("Enter")
-            status = page.locator("#status")
-            expect(status).to_contain_text("results for 'red 2012 chevy pickup'")
-            expect(page.locator("#chips")).to_contain_text("make: Chevrolet")
-            # One vehicle meets all four filters: the page is filled with the nearest
-            # others and says what it relaxed.
-            expect(status).to_contain_text("only 1 red Chevrolet pickup from 2012; showing")
-            thumbs = page.locator("#results img")
-            expect(thumbs.first).to_be_visible()
-            expect(thumbs).to_have_count(8)
+    page = _open_page(browser, browser_server.url)
+    try:
+        box = page.locator("#query textarea, #query input").first
+        box.fill("red 2012 chevy pickup")
+        box.press("Enter")
+        status = page.locator("#status")
+        expect(status).to_contain_text("results for 'red 2012 chevy pickup'")
+        expect(page.locator("#chips")).to_contain_text("make: Chevrolet")
+        # One vehicle meets all four filters: the page is filled with the nearest
+        # others and says what it relaxed.
+        expect(status).to_contain_text("only 1 red Chevrolet pickup from 2012; showing")
+        thumbs = page.locator("#results img")
+        expect(thumbs.first).to_be_visible()
+        expect(thumbs).to_have_count(9)
 
-            # The design's other example: a vague year and a make + body nobody indexed
-            # together ("older model": the oldest third of the world's 4 model years).
-            box.fill("older model mercedes coupe")
-            box.press("Enter")
-            expect(status).to_contain_text("results for 'older model mercedes coupe'")
-            expect(page.locator("#chips")).to_contain_text("year: 1991-1997 (older model)")
-            expect(status).to_contain_text(
-                "no Mercedes-Benz coupe from 1991-1997; showing Mercedes-Benz of any body")
-            expect(thumbs).to_have_count(8)
-            page.screenshot(path=str(tmp_path / "relaxed.png"), full_page=True)
+        # The design's other example: a vague year and a make + body nobody indexed
+        # together ("older model": the oldest third of the world's 4 model years).
+        box.fill("older model mercedes coupe")
+        box.press("Enter")
+        expect(status).to_contain_text("results for 'older model mercedes coupe'")
+        expect(page.locator("#chips")).to_contain_text("year: 1991-1997 (older model)")
+        expect(status).to_contain_text(
+            "no Mercedes-Benz coupe from 1991-1997; showing Mercedes-Benz of any body")
+        expect(thumbs).to_have_count(9)
+        page.screenshot(path=str(tmp_path / "relaxed.png"), full_page=True)
 
-            box.fill("a car")
-            box.press("Enter")
-            expect(status).to_contain_text("results for 'a car'")
-            expect(thumbs).to_have_count(8)
-            thumbs.nth(2).click()
-            selected = page.locator("#selected-id textarea, #selected-id input").first
-            expect(selected).not_to_have_value("")
-            chosen = selected.input_value()
-            expect(page.locator("#detail")).to_contain_text(f"id {chosen}")
+        box.fill("a car")
+        box.press("Enter")
+        expect(status).to_contain_text("results for 'a car'")
+        expect(thumbs).to_have_count(9)
+        thumbs.nth(2).click()
+        selected = page.locator("#selected-id textarea, #selected-id input").first
+        expect(selected).not_to_have_value("")
+        chosen = selected.input_value()
+        expect(page.locator("#detail")).to_contain_text(f"id {chosen}")
 
-            page.locator("#more-like-this").click()
-            expect(status).to_contain_text("results for image query")
-            expect(thumbs.first).to_be_visible()
-            shot = tmp_path / "more-like-this.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-        finally:
-            browser.close()
+        page.locator("#more-like-this").click()
+        expect(status).to_contain_text("results for image query")
+        expect(thumbs.first).to_be_visible()
+        shot = tmp_path / "more-like-this.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+    finally:
+        page.close()
 
 
 def _fields(caption: str) -> list[str]:
@@ -115,68 +164,147 @@ def _unmet(caption: str) -> str:
     return next((f for f in _fields(caption) if f.startswith("not ")), "")
 
 
-def test_exclusion_more_results_and_sort_in_chromium(browser_server: Server) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_exclusion_more_results_and_sort_in_chromium(browser_server: Server,
+                                                    browser: Any) -> None:
+    from playwright.sync_api import expect
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            page = _open_page(browser, browser_server.url)
-            # Three a page, so that the world's 6 vehicles that are not red take two.
-            page.locator("#top-k input[type=number]").fill("3")
-            page.locator("#top-k input[type=number]").press("Tab")
-            expect(page.locator("#top-k input[type=range]")).to_have_value("3")
+    page = _open_page(browser, browser_server.url)
+    try:
+        # Three a page, so that the world's 6 vehicles that are not red take two.
+        page.locator("#top-k input[type=number]").fill("3")
+        page.locator("#top-k input[type=number]").press("Tab")
+        expect(page.locator("#top-k input[type=range]")).to_have_value("3")
 
-            box = page.locator("#query textarea, #query input").first
-            box.fill("pickup not red")
-            box.press("Enter")
-            status = page.locator("#status")
-            expect(status).to_contain_text("results for 'pickup not red'")
-            expect(status).to_contain_text("excluding not colour: red")
-            excluded = page.locator("#exclusions")
-            expect(excluded).to_be_visible()
-            expect(excluded).to_contain_text("not colour: red")
-            expect(excluded.locator("input[type=checkbox]")).to_have_count(1)
-            expect(excluded.locator("input[type=checkbox]")).to_be_checked()
-            thumbs = page.locator("#results img")
-            captions = page.locator("#results .caption-label")
-            expect(thumbs).to_have_count(3)
-            expect(captions).to_have_count(3)
-            first = captions.all_inner_texts()
-            assert all("red" not in _fields(c) for c in first), first
+        box = page.locator("#query textarea, #query input").first
+        box.fill("pickup not red")
+        box.press("Enter")
+        status = page.locator("#status")
+        expect(status).to_contain_text("results for 'pickup not red'")
+        expect(status).to_contain_text("excluding not colour: red")
+        excluded = page.locator("#exclusions")
+        expect(excluded).to_be_visible()
+        expect(excluded).to_contain_text("not colour: red")
+        expect(excluded.locator("input[type=checkbox]")).to_have_count(1)
+        expect(excluded.locator("input[type=checkbox]")).to_be_checked()
+        thumbs = page.locator("#results img")
+        captions = page.locator("#results .caption-label")
+        expect(thumbs).to_have_count(3)
+        expect(captions).to_have_count(3)
+        first = captions.all_inner_texts()
+        assert all("red" not in _fields(c) for c in first), first
 
-            page.locator("#more-results").click()
-            expect(status).to_contain_text("6 results shown")
-            expect(thumbs).to_have_count(6)
-            expect(captions).to_have_count(6)
-            both = captions.all_inner_texts()
-            assert both[:3] == first, both  # added below the first page
-            # Ranks go on from the first page, and no vehicle comes twice (the world's
-            # names are unique).
-            assert [_fields(c)[0] for c in both] == [f"#{n}" for n in range(1, 7)], both
-            assert len({_fields(c)[2] for c in both}) == 6, both
-            assert all("red" not in _fields(c) for c in both), both
+        page.locator("#more-results").click()
+        expect(status).to_contain_text("6 results shown")
+        expect(thumbs).to_have_count(6)
+        expect(captions).to_have_count(6)
+        both = captions.all_inner_texts()
+        assert both[:3] == first, both  # added below the first page
+        # Ranks go on from the first page, and no vehicle comes twice (the world's
+        # names are unique).
+        assert [_fields(c)[0] for c in both] == [f"#{n}" for n in range(1, 7)], both
+        assert len({_fields(c)[2] for c in both}) == 6, both
+        assert all("red" not in _fields(c) for c in both), both
 
-            # Newest model year first (within what the search met, then what it relaxed):
-            # the page starts again, and "More results" goes on in that order to the end.
-            page.locator("#sort input").click()
-            page.locator("li[role=option]", has_text="newest model year").click()
-            expect(status).not_to_contain_text("results shown")
-            expect(status).to_contain_text("3 results for 'pickup not red'")
-            expect(thumbs).to_have_count(3)
-            page.locator("#more-results").click()
-            expect(status).to_contain_text("6 results shown")
-            expect(captions).to_have_count(6)
-            by_year = captions.all_inner_texts()
-            # The same six vehicles (none red: the exclusion is still ticked), reordered.
-            assert {_fields(c)[2] for c in by_year} == {_fields(c)[2] for c in both}, by_year
-            tiers = [_unmet(c) for c in by_year]
-            assert tiers == sorted(tiers, key=lambda t: t != ""), by_year  # met first
-            for tier in set(tiers):
-                years = [_year(c) for c in by_year if _unmet(c) == tier]
-                assert years == sorted(years, reverse=True), by_year
-            page.locator("#more-results").click()
-            expect(status).to_contain_text("No more results")
-            expect(thumbs).to_have_count(6)
-        finally:
-            browser.close()
+        # Newest model year first (within what the search met, then what it relaxed):
+        # the page starts again, and "More results" goes on in that order to the end.
+        page.locator("#sort input").click()
+        page.locator("li[role=option]", has_text="newest model year").click()
+        expect(status).not_to_contain_text("results shown")
+        expect(status).to_contain_text("3 results for 'pickup not red'")
+        expect(thumbs).to_have_count(3)
+        page.locator("#more-results").click()
+        expect(status).to_contain_text("6 results shown")
+        expect(captions).to_have_count(6)
+        by_year = captions.all_inner_texts()
+        # The same six vehicles (none red: the exclusion is still ticked), reordered.
+        assert {_fields(c)[2] for c in by_year} == {_fields(c)[2] for c in both}, by_year
+        tiers = [_unmet(c) for c in by_year]
+        assert tiers == sorted(tiers, key=lambda t: t != ""), by_year  # met first
+        for tier in set(tiers):
+            years = [_year(c) for c in by_year if _unmet(c) == tier]
+            assert years == sorted(years, reverse=True), by_year
+        page.locator("#more-results").click()
+        expect(status).to_contain_text("No more results")
+        expect(thumbs).to_have_count(6)
+    finally:
+        page.close()
+
+
+def _names(captions: Any) -> list[str]:
+    return [_fields(c)[2] for c in captions.all_inner_texts()]
+
+
+def test_untick_but_blue_duplicates_and_thumbs_in_chromium(browser_server: Server,
+                                                          browser: Any) -> None:
+    from playwright.sync_api import expect
+
+    page = _open_page(browser, browser_server.url)
+    try:
+        box = page.locator("#query textarea, #query input").first
+        status = page.locator("#status")
+        thumbs = page.locator("#results img")
+        captions = page.locator("#results .caption-label")
+        selected = page.locator("#selected-id textarea, #selected-id input").first
+
+        # Unticking a chip read from the text searches again without it.
+        box.fill("red 2012 chevy pickup")
+        box.press("Enter")
+        expect(status).to_contain_text("only 1 red Chevrolet pickup from 2012")
+        red_chip = page.locator("#chips label", has_text="colour: red")
+        expect(red_chip.locator("input")).to_be_checked()
+        red_chip.click()
+        expect(red_chip.locator("input")).not_to_be_checked()
+        expect(status).not_to_contain_text("red Chevrolet")
+        expect(status).to_contain_text("Chevrolet pickup from 2012")
+        expect(captions.first).to_contain_text("Chevrolet Silverado")
+
+        # "... but blue" from the selected red pickup: the blue pickup first.
+        thumbs.first.click()
+        expect(page.locator("#detail")).to_contain_text("Chevrolet Silverado")
+        page.locator("#image-text textarea, #image-text input").first.fill("but blue")
+        page.locator("#more-like-this").click()
+        expect(status).to_contain_text("results for 'but blue'")
+        expect(status).to_contain_text("filters: body pickup, colour blue")
+        expect(captions.first).to_contain_text("Ford F-150")
+        assert "blue" in _fields(captions.first.inner_text())
+
+        # Folding near-duplicates: the Dodge's copy (and whatever else the model puts at
+        # a cosine of 0.95 or more: on the compact base, drawings of one colour) folds
+        # into one result with a count; selecting it lists the others' ids.
+        box.fill("a car")
+        box.press("Enter")
+        expect(status).to_contain_text("results for 'a car'")
+        expect(thumbs).to_have_count(9)  # all of the world
+        assert sum("Dodge Caravan" in n for n in _names(captions)) == 2
+        page.locator("#collapse-duplicates input").check()
+        folded = captions.filter(has_text=re.compile(r"\+\d+ duplicates?"))
+        expect(folded.first).to_contain_text("Dodge Caravan")
+        counts = [int(m) for c in captions.all_inner_texts()
+                  for m in re.findall(r"\+(\d+) duplicate", c)]
+        assert len(_names(captions)) + sum(counts) == 9, captions.all_inner_texts()
+        assert sum("Dodge Caravan" in n for n in _names(captions)) == 1
+        names = _names(captions)
+        thumbs.nth(next(i for i, n in enumerate(names) if "Dodge" in n)).click()
+        expect(page.locator("#detail")).to_contain_text(
+            re.compile(r"Folded into it: \d+ near-duplicates? \(ids \d+"))
+        page.locator("#collapse-duplicates input").uncheck()
+        expect(thumbs).to_have_count(9)
+        expect(captions.filter(has_text=re.compile(r"\+\d+ duplicate"))).to_have_count(0)
+
+        # Thumbs re-rank the page at once: the last result liked rises; the first
+        # disliked leaves the page.
+        names = _names(captions)
+        last = names[-1]
+        thumbs.nth(len(names) - 1).click()
+        expect(selected).not_to_have_value("")
+        page.locator("#thumbs-up").click()
+        expect(captions.last).not_to_have_text(re.compile(re.escape(last)))
+        assert _names(captions).index(last) < len(names) - 1
+        first = _names(captions)[0]
+        thumbs.first.click()
+        expect(selected).not_to_have_value("")
+        page.locator("#thumbs-down").click()
+        expect(captions.first).not_to_contain_text(first)
+        assert first not in _names(captions)
+    finally:
+        page.close()

@@ -64,6 +64,10 @@ def search_command(
              "(latest ingested first), within exact matches and then relaxed ones.")] = "score",
     collapse_duplicates: Annotated[bool, typer.Option(
         "--collapse-duplicates", help="Fold near-duplicate images into one hit.")] = False,
+    diversity: Annotated[float, typer.Option(
+        "--diversity", help="0-1: re-rank the best matches by maximal marginal relevance, "
+        "trading relevance for hits unlike those above them (0: off; with --sort score)."
+    )] = 0.0,
     like: Annotated[list[int] | None, typer.Option(
         "--like", metavar="ID", help="An image id you liked: moves the query toward it "
         "(repeatable).")] = None,
@@ -100,7 +104,7 @@ def search_command(
     options = _Options(exclude=parse_exclusions(exclude or []), image_id=image_id,
                        image_weight=image_weight, cursor=cursor, sort=sort,
                        collapse=collapse_duplicates, liked=tuple(like or ()),
-                       disliked=tuple(dislike or ()))
+                       disliked=tuple(dislike or ()), diversity=diversity)
     use_encoder(ctx, encoder)
     p = platform_from(ctx)
     name = collection_from(p, collection)
@@ -145,6 +149,7 @@ class _Options:
     collapse: bool = False
     liked: tuple[int, ...] = ()
     disliked: tuple[int, ...] = ()
+    diversity: float = 0.0
 
     def plain(self) -> bool:
         """Whether nothing beyond a plain image search was asked for."""
@@ -155,7 +160,7 @@ class _Options:
             "exclude": self.exclude, "image_id": self.image_id, "image": self.image,
             "cursor": self.cursor, "sort": self.sort,
             "collapse_duplicates": self.collapse, "liked": self.liked,
-            "disliked": self.disliked,
+            "disliked": self.disliked, "diversity": self.diversity,
         }
         if self.image_weight is not None:
             out["image_weight"] = self.image_weight

@@ -73,7 +73,7 @@ class Client:
         """A text query, an indexed image (``image_id=``) or both; the other options are
         `SearchQuery`'s fields (k, cursor, filters, exclude, min_prob, sort, ...)."""
         body = SearchQuery(query=query, **options)
-        return self._call("POST", "/search", SearchResponse, json=_body(body))
+        return self._call("POST", "/search", SearchResponse, **_json_body(body))
 
     def search_image(self, image: str | Path | bytes, query: str | None = None,
                      **options: Any) -> SearchResponse:
@@ -97,7 +97,7 @@ class Client:
                  query: str | None = None) -> FeedbackResult:
         body = Feedback(image_id=image_id, vote=vote,  # type: ignore[arg-type]
                         query_log_id=query_log_id, query=query)
-        return self._call("POST", "/feedback", FeedbackResult, json=_body(body))
+        return self._call("POST", "/feedback", FeedbackResult, **_json_body(body))
 
     def image(self, image_id: int) -> ImageInfo:
         return self._call("GET", f"/images/{int(image_id)}", ImageInfo)
@@ -141,6 +141,12 @@ class Client:
 
 def _body(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(exclude_defaults=True, mode="json")
+
+
+def _json_body(model: BaseModel) -> dict[str, Any]:
+    """A request body as JSON bytes, serialised by pydantic once (no dict in between)."""
+    return {"content": model.model_dump_json(exclude_defaults=True),
+            "headers": {"content-type": "application/json"}}
 
 
 def _error(r: httpx.Response) -> ApiError:

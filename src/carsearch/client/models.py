@@ -66,6 +66,10 @@ class SearchOptions(_Request):
         default_factory=list, description="image ids marked thumbs-up in this session")
     disliked: Annotated[list[StrictInt], Field(max_length=100)] = Field(
         default_factory=list, description="image ids marked thumbs-down in this session")
+    diversity: Annotated[StrictFloat | StrictInt, Field(ge=0.0, le=1.0)] = Field(
+        default=0.0, description="0-1: re-rank the best matches by maximal marginal "
+        "relevance, trading relevance for hits unlike those above them (0: off; with sort "
+        "score only)")
 
 
 class ImageSearchOptions(SearchOptions):

@@ -166,12 +166,14 @@ class PageHandlers:
     def search(self, query: str, k: int, make: Any = None, body: Any = None,
                colour: Any = None, source: Any = None, year_from: Any = None,
                year_to: Any = None, collection: Any = None, min_prob: Any = None,
+               diversity: Any = None,
                request: gr.Request | None = None) -> tuple[Any, ...]:
         """A new query: read its chips (all ticked) and search."""
         picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
             self._admit(request)
-            res = self.page.search_text(query, k, _picked(*picked))
+            res = self.page.search_text(query, k, _picked(*picked),
+                                        controls=SearchControls(diversity=_share(diversity)))
         except Exception as exc:
             return (*self._failed(exc, "search"), gr.update(choices=[], value=[]))
         assert res.parsed is not None
@@ -182,13 +184,15 @@ class PageHandlers:
     def refine(self, query: str, chips: list[str] | None, k: int, make: Any = None,
                body: Any = None, colour: Any = None, source: Any = None,
                year_from: Any = None, year_to: Any = None, collection: Any = None,
-               min_prob: Any = None, request: gr.Request | None = None) -> tuple[Any, ...]:
+               min_prob: Any = None, diversity: Any = None,
+               request: gr.Request | None = None) -> tuple[Any, ...]:
         """The same query with only the ticked chips (a chip was removed or put back)."""
         picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
             self._admit(request)
             res = self.page.search_text(query, k, _picked(*picked),
-                                        keep_chips=list(chips or []))
+                                        keep_chips=list(chips or []),
+                                        controls=SearchControls(diversity=_share(diversity)))
         except Exception as exc:
             return self._failed(exc, "refine")
         return self._outputs(res)
@@ -244,6 +248,10 @@ class PageHandlers:
             f" · score {h['score']:.3f} · colour {h.get('colour') or '?'}"
             f" · source {h.get('source') or '?'} · id {h['image_id']}"
         )
+        dups = [str(i) for i in h.get("duplicate_ids") or []]
+        if dups:  # the near-duplicates folded into it, on demand
+            detail += f"\n\nFolded into it: {len(dups)} near-duplicate" \
+                      f"{'s' if len(dups) > 1 else ''} (ids {', '.join(dups)})"
         return str(h["image_id"]), detail
 
     def vote(self, vote: int) -> Callable[..., str]:
@@ -264,13 +272,15 @@ class PageHandlers:
                    disliked: list[int] | None, k: int, make: Any = None, body: Any = None,
                    colour: Any = None, source: Any = None, year_from: Any = None,
                    year_to: Any = None, collection: Any = None, min_prob: Any = None,
+                   diversity: Any = None,
                    request: gr.Request | None = None) -> tuple[Any, ...]:
         """The query again with the controls: an exclusion unticked (``read``: those the
-        text gave), another order, duplicates folded, the session's thumbs."""
+        text gave), another order, duplicates folded, the session's thumbs, diversity."""
         picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
             self._admit(request)
-            controls = _controls(exclusions, read, sort, collapse, liked, disliked)
+            controls = _diverse(_controls(exclusions, read, sort, collapse, liked, disliked),
+                                diversity)
             res = self.page.search_text(query, k, _picked(*picked),
                                         keep_chips=self._kept(query, chips), controls=controls)
         except Exception as exc:
@@ -283,7 +293,7 @@ class PageHandlers:
                      cursor: str | None, shown: list[Any] | None, hits: list[Any] | None,
                      k: int, make: Any = None, body: Any = None, colour: Any = None,
                      source: Any = None, year_from: Any = None, year_to: Any = None,
-                     collection: Any = None, min_prob: Any = None,
+                     collection: Any = None, min_prob: Any = None, diversity: Any = None,
                      request: gr.Request | None = None) -> tuple[Any, ...]:
         """The next page of the text query, added below the results shown."""
         shown, hits = list(shown or []), list(hits or [])
@@ -293,8 +303,8 @@ class PageHandlers:
         picked = (make, body, colour, source, year_from, year_to, collection, min_prob)
         try:
             self._admit(request)
-            controls = replace(_controls(exclusions, read, sort, collapse, liked, disliked),
-                               cursor=str(cursor))
+            controls = _diverse(replace(_controls(exclusions, read, sort, collapse, liked,
+                                                  disliked), cursor=str(cursor)), diversity)
             res = self.page.search_text(query, k, _picked(*picked),
                                         keep_chips=self._kept(query, chips), controls=controls)
         except Exception as exc:
@@ -420,6 +430,21 @@ def _ids(values: Any) -> tuple[int, ...]:
     return tuple(out[-50:])
 
 
+def _share(value: Any) -> float:
+    """A slider's 0-1 value (anything else: 0, off)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    v = float(value)
+    return v if 0.0 <= v <= 1.0 else 0.0
+
+
+def _diverse(controls: SearchControls, diversity: Any) -> SearchControls:
+    """The diversity slider's value on the controls; it re-ranks the best matches, so
+    with another order chosen it is off (the page does not refuse the pair)."""
+    share = _share(diversity) if controls.sort == "score" else 0.0
+    return replace(controls, diversity=share)
+
+
 def _controls(exclusions: Any, read: Any, sort: Any, collapse: Any, liked: Any,
               disliked: Any) -> SearchControls:
     """The controls' widget values as SearchControls: the exclusions read from the text
@@ -495,6 +520,12 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
                                        label="Sort what passed", elem_id="sort")
                     collapse = gr.Checkbox(False, label="Fold near-duplicates into one",
                                            elem_id="collapse-duplicates")
+                    diversity = gr.Slider(
+                        0.0, 1.0, value=0.0, step=0.05, elem_id="diversity",
+                        label="Diversity (text queries, best match order; 0: off)",
+                        info="Re-ranks the best matches by maximal marginal relevance: "
+                             "higher trades relevance for results unlike those above "
+                             "them.")
                     make = gr.Dropdown([], multiselect=True, allow_custom_value=True, label="Make")
                     body = gr.Dropdown([], multiselect=True, allow_custom_value=True,
                                        label="Body type")
@@ -572,10 +603,12 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
         results = [gallery, status, hits, qlog, selected, detail, cursor, read, shown]
         for event, api in ((go.click, "search"), (query.submit, None)):
             visible = {"api_name": api} if api else {"api_visibility": "private"}
-            event(h.search, [query, k, *filters], [*results, chips], **visible).then(
+            event(h.search, [query, k, *filters, diversity], [*results, chips],
+                  **visible).then(
                 h.show_exclusions, [read], exclusions, api_visibility="private").then(
                 h.new_session, None, [liked, disliked], api_visibility="private")
-        chips.input(h.refine, [query, chips, k, *filters], results, api_name="refine")
+        chips.input(h.refine, [query, chips, k, *filters, diversity], results,
+                    api_name="refine")
         upload_btn.click(h.image_search, [upload, k, *filters, image_text], [*results, chips],
                          api_name="image_search")
         upload.upload(h.image_search, [upload, k, *filters, image_text], [*results, chips],
@@ -583,19 +616,20 @@ def build_app(page: SearchPage, *, limits: ClientLimits | None = None,
         more.click(h.more_like_this, [selected, k, *filters, image_text], [*results, chips],
                    api_name="more_like_this")
         controls = [query, chips, exclusions, read, sort, collapse, liked, disliked]
-        exclusions.input(h.controlled, [*controls, k, *filters], results,
+        exclusions.input(h.controlled, [*controls, k, *filters, diversity], results,
                          api_name="search_controlled")
-        for widget in (sort, collapse):
-            widget.input(h.controlled, [*controls, k, *filters], results,
+        for widget in (sort, collapse, diversity):
+            widget.input(h.controlled, [*controls, k, *filters, diversity], results,
                          api_visibility="private")
-        more_results.click(h.more_results, [*controls, cursor, shown, hits, k, *filters],
+        more_results.click(h.more_results,
+                           [*controls, cursor, shown, hits, k, *filters, diversity],
                            [gallery, status, hits, qlog, cursor, shown],
                            api_name="more_results")
         gallery.select(h.select, [hits], [selected, detail], api_name="select_result")
         cls_btn.click(h.classify, [cls_upload, cls_labels, cls_template], [cls_out, cls_note],
                       api_name="classify")
         rerank_in = [selected, liked, disliked, query, chips, exclusions, read, sort, collapse,
-                     k, *filters]
+                     k, *filters, diversity]
         for button, vote, api in ((up, 1, "vote_up"), (down, -1, "vote_down")):
             button.click(h.vote(vote), [selected, qlog, query], status, api_name=api).then(
                 h.rerank(vote), rerank_in, [*results, liked, disliked],

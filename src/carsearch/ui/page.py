@@ -19,7 +19,6 @@ from typing import Any, Protocol
 from PIL import Image as PILImage
 from pydantic import ValidationError
 
-from carsearch.platform.db import QueryFeedback, QueryLog
 from carsearch.platform.errors import CarsearchError, ImageRejectedError, QueryError
 from carsearch.platform.images import DECODE_MAX_SIDE, load_image_bytes
 from carsearch.platform.runtime import Platform
@@ -116,6 +115,7 @@ class SearchControls:
     disliked: tuple[int, ...] = ()
     cursor: str | None = None
     image_weight: float | None = None
+    diversity: float = 0.0
 
     def is_plain(self) -> bool:
         return self == SearchControls()
@@ -125,7 +125,8 @@ class SearchControls:
         out: dict[str, Any] = {
             "drop_exclusions": self.drop_exclusions, "sort": self.sort,
             "collapse_duplicates": self.collapse_duplicates, "liked": self.liked,
-            "disliked": self.disliked, "cursor": self.cursor}
+            "disliked": self.disliked, "cursor": self.cursor,
+            "diversity": self.diversity}
         if self.image_weight is not None:
             out["image_weight"] = self.image_weight
         return out
@@ -394,31 +395,12 @@ class SearchPage:
         self, query_log_id: int | None, image_id: int | str | None, vote: int,
         query: str | None = None,
     ) -> int:
-        """Store a thumbs-up (+1) / thumbs-down (-1) on a result; returns the row id."""
-        if vote not in (1, -1) or isinstance(vote, bool):
-            raise PageError("a vote is +1 or -1")
-        if image_id in (None, "", 0):
-            raise PageError("select a result first, then vote on it")
-        iid = self.service.check_image_id(image_id)
-        qid: int | None = None
-        if query_log_id is not None:
-            try:
-                qid = self.service.check_image_id(query_log_id)  # the same id range
-            except QueryError:
-                qid = None  # a stale or odd page state: the vote is kept without it
-        if query is not None and not isinstance(query, str):
-            query = None
-        elif query is not None:
-            query = query.encode("utf-8", "replace").decode("utf-8").replace("\x00", "")[:2000]
-        with self.platform.db.session() as s:
-            logged = s.get(QueryLog, qid) if qid is not None else None
-            if logged is not None and logged.query:
-                query = logged.query  # the text that produced the result, not the box now
-            row = QueryFeedback(query_log_id=qid if logged is not None else None,
-                                image_id=iid, vote=vote, query=query)
-            s.add(row)
-            s.flush()
-            return int(row.id)
+        """Store a thumbs-up (+1) / thumbs-down (-1) on a result; returns the row id
+        (`SearchService.record_feedback`, the call the API makes)."""
+        try:
+            return self.service.record_feedback(query_log_id, image_id, vote, query)
+        except QueryError as exc:
+            raise PageError(str(exc)) from None
 
     # -- labelling ---------------------------------------------------------------------------
     def _labeller(self) -> Labeller:

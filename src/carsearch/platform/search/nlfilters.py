@@ -499,6 +499,18 @@ def _indexed_makes(vocab: FilterVocabulary) -> dict[tuple[str, ...], tuple[Field
     return extra
 
 
+def _lookup(phrase: tuple[str, ...], extra: dict[tuple[str, ...], tuple[FieldName, str]],
+            ) -> tuple[FieldName, str] | None:
+    """The facet a phrase names; a plural ("pickups", "SUVs", "sedans") reads as its
+    singular (the last word less its "s", words of four letters or more)."""
+    entry = _PHRASES.get(phrase) or extra.get(phrase)
+    last = phrase[-1]
+    if entry is None and len(last) > 3 and last.endswith("s"):
+        single = (*phrase[:-1], last[:-1])
+        entry = _PHRASES.get(single) or extra.get(single)
+    return entry
+
+
 def _candidates(
     words: list[str],
     extra: dict[tuple[str, ...], tuple[FieldName, str]] | None = None,
@@ -522,7 +534,7 @@ def _candidates(
             continue
         for n in range(min(longest, len(words) - i), 0, -1):
             phrase = tuple(words[i : i + n])
-            entry = _PHRASES.get(phrase) or extra.get(phrase)
+            entry = _lookup(phrase, extra)
             if entry is not None:
                 text = " ".join(phrase)
                 found.append(_Candidate(entry[0], entry[1], text, text in AMBIGUOUS))
@@ -633,11 +645,7 @@ def _facet_at(words: Sequence[str], i: int,
     longest = max([_MAX_WORDS, *(len(k) for k in extra)])
     for n in range(min(longest, len(words) - i), 0, -1):
         phrase = tuple(words[i:i + n])
-        entry = _PHRASES.get(phrase) or extra.get(phrase)
-        last = phrase[-1]
-        if entry is None and len(last) > 3 and last.endswith("s"):
-            single = (*phrase[:-1], last[:-1])
-            entry = _PHRASES.get(single) or extra.get(single)
+        entry = _lookup(phrase, extra)
         if entry is not None:
             text = " ".join(phrase)
             return n, _Candidate(entry[0], entry[1], text, text in AMBIGUOUS)

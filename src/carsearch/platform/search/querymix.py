@@ -47,3 +47,35 @@ def rocchio(query: np.ndarray, liked: np.ndarray, disliked: np.ndarray,
     if len(disliked):
         out = out - gamma * normalise(disliked.mean(axis=0))
     return normalise(out)
+
+
+def mmr_order(relevance: np.ndarray, vectors: np.ndarray, k: int,
+              diversity: float) -> list[int]:
+    """Maximal marginal relevance: the indices of ``k`` candidates, each chosen in turn
+    to maximise (1 - diversity) * relevance - diversity * its highest cosine with those
+    chosen before it. Relevance (the candidates' scores against the query) is scaled to
+    0-1 over the candidates first, so that it and the cosines between images weigh on
+    one scale whatever the model's score range; ``vectors`` are unit rows (a row of
+    zeros: a candidate with no stored vector, never redundant). ``diversity`` 0 keeps the
+    relevance order."""
+    n = len(relevance)
+    k = min(k, n)
+    if k <= 0:
+        return []
+    rel = np.asarray(relevance, dtype=np.float64)
+    span = float(rel.max() - rel.min())
+    rel = (rel - rel.min()) / span if span > 1e-12 else np.ones(n)
+    if diversity <= 0.0:
+        return [int(i) for i in np.argsort(-rel, kind="stable")[:k]]
+    vecs = np.asarray(vectors, dtype=np.float32).reshape(n, -1)
+    redundancy = np.zeros(n)  # the highest cosine (at least 0) with those chosen
+    free = np.ones(n, dtype=bool)
+    chosen: list[int] = []
+    for _ in range(k):
+        gain = (1.0 - diversity) * rel - diversity * redundancy
+        gain[~free] = -np.inf
+        best = int(np.argmax(gain))
+        chosen.append(best)
+        free[best] = False
+        redundancy = np.maximum(redundancy, vecs @ vecs[best])
+    return chosen

@@ -65,7 +65,13 @@ from carsearch.platform.search.nlfilters import (
     relaxation_tiers,
 )
 from carsearch.platform.search.paging import decode_cursor, encode_cursor, fingerprint
-from carsearch.platform.search.querymix import combine, normalise, rocchio, subtract
+from carsearch.platform.search.querymix import (
+    combine,
+    mmr_order,
+    normalise,
+    rocchio,
+    subtract,
+)
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.filters import SearchFilters
@@ -76,15 +82,21 @@ log = logging.getLogger(__name__)
 
 MAX_K = 1000
 SORTS = ("score", "year", "arrival")
-# The image vector's share in an image + text query (measured: docs/BENCHMARKS.md).
-IMAGE_WEIGHT = 0.75
-# The weight of a negated concept's text vector subtracted from the query vector.
-NEGATIVE_WEIGHT = 0.3
+# The image vector's share in an image + text query (measured on the fine-tuned demo
+# model: docs/BENCHMARKS.md, "Search defaults re-measured").
+IMAGE_WEIGHT = 0.25
+# The weight of a negated concept's text vector subtracted from the query vector
+# (measured on the fine-tuned demo model: docs/BENCHMARKS.md, "Search defaults re-measured").
+NEGATIVE_WEIGHT = 0.6
 # Cosine at or above which two images are near-duplicates (measured: docs/BENCHMARKS.md).
 DUPLICATE_COSINE = 0.95
 # Rocchio: query, liked-centroid and disliked-centroid weights, and the most ids of each.
 ROCCHIO = (1.0, 0.75, 0.25)
 MAX_FEEDBACK_IDS = 50
+# Diversity (maximal marginal relevance) re-ranks a pool of this many times the page's
+# size (at least MMR_POOL_MIN more than the page) of the best hits.
+MMR_POOL_FACTOR = 4
+MMR_POOL_MIN = 20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -212,6 +224,10 @@ class SearchRequest:
     # toward the liked and away from the disliked (Rocchio, bounded) at once.
     liked: Sequence[int] = ()
     disliked: Sequence[int] = ()
+    # Diversity of the page, 0-1 (0: off): maximal marginal relevance over the stored
+    # vectors of the best hits re-ranks them, trading relevance for hits unlike those
+    # above them (`querymix.mmr_order`); with sort "score" only.
+    diversity: Any = 0.0
 
 
 class _Empty(threading.local):
@@ -319,6 +335,7 @@ class _Plan:
     shown: int = 0
     max_results: int = MAX_K
     fingerprint: bytes | None = None  # None: no cursor is given out
+    diversity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -653,6 +670,10 @@ class SearchService:
         if not isinstance(sort, str) or sort not in SORTS:
             raise QueryError(f"sort is one of {', '.join(SORTS)}, got {sort!r}"[:200])
         weight = self.check_image_weight(request.image_weight)
+        diversity = self.check_diversity(request.diversity)
+        if diversity > 0.0 and sort != "score":
+            raise QueryError(f"diversity re-ranks the best matches: it does not combine "
+                             f"with sort {sort}")
         image_id = self.check_image_id(request.image_id) if request.image_id is not None \
             else None
         liked = self._feedback_ids(request.liked, "liked")
@@ -682,7 +703,7 @@ class SearchService:
         else:
             vector_text = parsed.positive or ("a photo of a vehicle" if labels else "a photo")
         plan = self._plan(request, name, k, sort, image_id, weight, liked, disliked,
-                          kept=tuple(sorted(parsed.keys())))
+                          kept=tuple(sorted(parsed.keys())), diversity=diversity)
         return _Prepared(
             name=name, text=text, kind="image" if has_image else "text", k=k, cut=cut,
             hard=hard, soft=[c for c in chips if not _overridden(c, hard)], chips=chips,
@@ -721,7 +742,8 @@ class SearchService:
 
     def _plan(self, request: SearchRequest, name: str, k: int, sort: str,
               image_id: int | None, weight: float, liked: tuple[int, ...],
-              disliked: tuple[int, ...], kept: tuple[str, ...] = ()) -> _Plan:
+              disliked: tuple[int, ...], kept: tuple[str, ...] = (),
+              diversity: float = 0.0) -> _Plan:
         """Paging, order and folding of a request; the cursor checked against it. The
         cursor belongs to the chips the search used (``kept``), not to how the request
         named them: every chip ticked and no ``keep_chips`` are the same query."""
@@ -737,6 +759,7 @@ class SearchService:
             "drop": sorted(request.drop_exclusions), "c": name, "p": request.min_prob,
             "i": image_id, "ih": image_hash, "w": weight, "s": sort,
             "d": request.collapse_duplicates, "l": liked, "dl": disliked,
+            **({"dv": diversity} if diversity else {}),
         })
         seen: frozenset[int] = frozenset(disliked)
         shown = 0
@@ -744,7 +767,19 @@ class SearchService:
             state = decode_cursor(request.cursor, fp)
             seen, shown = seen | state.seen, state.shown
         return _Plan(sort=sort, collapse=request.collapse_duplicates, seen=seen, shown=shown,
-                     max_results=limit, fingerprint=fp)
+                     max_results=limit, fingerprint=fp, diversity=diversity)
+
+    @staticmethod
+    def check_diversity(value: Any) -> float:
+        if value is None:
+            return 0.0
+        try:
+            d = float(value)
+        except (TypeError, ValueError, OverflowError):
+            d = float("nan")
+        if isinstance(value, bool) or not 0.0 <= d <= 1.0:
+            raise QueryError(f"diversity is a share from 0 to 1, got {value!r}"[:200])
+        return d
 
     @staticmethod
     def check_image_weight(value: Any) -> float:
@@ -929,6 +964,8 @@ class SearchService:
         # What is gathered: the page, or for another order everything the query may still
         # page through (sorted below, within each relaxation tier).
         want = page_k if plan.sort == "score" else room
+        if plan.diversity > 0.0:  # a pool of the best to re-rank by MMR
+            want = min(room, max(page_k * MMR_POOL_FACTOR, page_k + MMR_POOL_MIN))
         picked: list[_Picked] = []
         seen: set[int] = set(plan.seen)
         ran: list[dict[str, Any]] = []
@@ -986,7 +1023,10 @@ class SearchService:
                         "hits": added})
         if plan.sort != "score":
             picked.sort(key=_SORT_KEYS[plan.sort])
-        page = picked[:page_k]
+        if plan.diversity > 0.0:
+            page = self._diverse(version.collection, picked, page_k, plan.diversity)
+        else:
+            page = picked[:page_k]
         out = [p.hit(plan.shown + n + 1) for n, p in enumerate(page)]
         latency = (time.perf_counter() - t0) * 1000.0
         METRICS.search_stage.labels("vector_search").observe(ann_s)
@@ -1012,6 +1052,23 @@ class SearchService:
         return SearchResult(text, kind, version.name, k, fdict, round(latency, 3), out, qid,
                             note, ran if soft else [], version.image_collection,
                             next_cursor=cursor)
+
+    def _diverse(self, collection: str, pool: list[_Picked], k: int,
+                 diversity: float) -> list[_Picked]:
+        """``k`` of the pool by maximal marginal relevance over their stored vectors,
+        the exact matches still before the relaxed ones (by tier, then MMR's order)."""
+        if not pool:
+            return []
+        ids = [p.hit_id for p in pool]
+        found, vecs = self.store.vectors(collection, ids)
+        at = {int(i): n for n, i in enumerate(found.tolist())}
+        dim = vecs.shape[1] if len(found) else 1
+        matrix = np.zeros((len(pool), dim), dtype=np.float32)
+        for n, i in enumerate(ids):
+            if i in at:
+                matrix[n] = vecs[at[i]]
+        order = mmr_order(np.array([p.found.score for p in pool]), matrix, k, diversity)
+        return sorted((pool[n] for n in order), key=lambda p: p.tier)
 
     # -- feedback ----------------------------------------------------------------------
     def record_feedback(self, query_log_id: Any, image_id: Any, vote: Any,
