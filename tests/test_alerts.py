@@ -133,7 +133,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_a_real_prometheus_scrapes_the_ingest_worker(tmp_path: Path, compact_model: Path) -> None:
+def test_a_real_prometheus_scrapes_the_ingest_worker(tmp_path: Path, make_database,
+                                                     published_model) -> None:
     """The worker ingests one image (so its labelled counters exist), a drift report and
     an ANN audit sit in the database; Prometheus scrapes the worker's /metrics every
     second and must see every dashboard metric that a worker exports. The page's search
@@ -143,8 +144,7 @@ def test_a_real_prometheus_scrapes_the_ingest_worker(tmp_path: Path, compact_mod
     from carsearch.platform.db import AnnReport, DriftReport
     from ingest_world import make_image, world
 
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", compact_model,
-              str(tmp_path / "m.db"))
+    p = world(tmp_path, make_database("sqlite").url, published_model, str(tmp_path / "m.db"))
     with p.db.session() as s:
         s.add(DriftReport(n_images=10, n_isolated=2, report={}))
         s.add(AnnReport(index_type="HNSW", n_queries=5, n_vectors=10, recall_at_10=0.99))
