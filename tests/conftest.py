@@ -116,7 +116,7 @@ LONG_TESTS = {
 }
 
 
-# `make test-all` runs on two pytest-xdist workers with `--dist loadscope`: each module
+# `make test-all TEST_WORKERS=2` runs on two pytest-xdist workers, `--dist loadscope`: each module
 # (or class) whole on one worker, so its module-scoped worlds, servers and browsers are
 # made once, and the chaos runs (one module) never run beside each other; handed out in
 # collection order. Under xdist the modules measured longest go first, so that no worker
@@ -255,7 +255,7 @@ class MakeDatabase:
 
     def __call__(self, kind: str) -> Database:
         if kind == "sqlite":
-            path = self.tmp_path / ("test.db" if not self.made else f"test{len(self.made)}.db")
+            path = self.tmp_path / f"migrated{len(self.made)}.db"  # not db_url's test.db
             shutil.copyfile(self.request.getfixturevalue("sqlite_template"), path)
             db = Database(f"sqlite:///{path}")
             self.made.append((db, None))
