@@ -46,8 +46,10 @@ $(PROMTOOL):
 
 # `make test`: the fast tier (unit tests, the embedded shape, one page smoke), minutes on
 # 2 cores. `make test-all`: every test (server shapes, real photos, browser, training runs),
-# what CI runs. PYTEST_ARGS passes more (PYTEST_ARGS='-k drift -x').
+# what CI runs; TEST_WORKERS=2 runs it on two pytest-xdist workers (each module whole on one
+# worker; docs/TESTING.md). PYTEST_ARGS passes more (PYTEST_ARGS='-k drift -x').
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 0
 PYTEST := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest --durations=30
 
 test: $(STAMP)
@@ -56,7 +58,7 @@ test: $(STAMP)
 
 test-all: $(STAMP) | $(CHROMIUM) $(PROMTOOL)
 	$(VENV)/bin/ruff check .
-	$(PYTEST) $(PYTEST_ARGS)
+	$(PYTEST) $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder) $(PYTEST_ARGS)
 
 # Random credentials for docker-compose.yml in the git-ignored secrets/ (kept when they
 # exist; SECRETS_ARGS=--force rewrites them, SECRETS_ARGS='--ui-user NAME' names the login).

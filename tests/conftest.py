@@ -27,9 +27,11 @@ from carsearch.platform.db import Database, migrate
 from carsearch.platform.settings import Settings
 from carsearch.platform.vectors.server import LocalMilvusServer, MilvusServerError
 from fixtures.common import REPO, empty_server, in_ci, reset_pg
+from ingest_world import PublishedModel
 
 # Fixture modules every test module can use (their fixtures are named as parameters).
-pytest_plugins = ["fixtures.cli", "fixtures.site", "fixtures.search_world"]
+pytest_plugins = ["fixtures.cli", "fixtures.site", "fixtures.search_world",
+                  "fixtures.pages"]
 
 PG_SERVER = os.environ.get(
     "CARSEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -114,6 +116,29 @@ LONG_TESTS = {
 }
 
 
+# `make test-all TEST_WORKERS=2` runs on two pytest-xdist workers, `--dist loadscope`: each module
+# (or class) whole on one worker, so its module-scoped worlds, servers and browsers are
+# made once, and the chaos runs (one module) never run beside each other; handed out in
+# collection order. Under xdist the modules measured longest go first, so that no worker
+# is left running one of them alone at the end; the others, and every module's own tests,
+# keep their order. Each worker has its own temporary directory (so its own Milvus server
+# data, SQLite template and Lite files), PostgreSQL database names carry the process id,
+# ports are free ones, and Milvus server starts are serialised machine-wide
+# (`LocalMilvusServer`).
+LONGEST_FIRST = [
+    "test_retrain.py",
+    "test_chaos.py",
+    "test_checkpoint_layouts.py",
+    "test_ann_audit.py",
+    "test_security.py",
+    "test_production_shape.py",
+    "test_ui_browser.py",
+    "test_demo_script.py",
+    "test_train_ddp.py",
+    "test_cli.py",
+]
+
+
 def _in_full_tier(item: pytest.Item) -> bool:
     module = item.path.name
     name = f"{module}::{item.originalname if isinstance(item, pytest.Function) else item.name}"
@@ -130,6 +155,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         limit = LONG_TESTS.get(name) or LONG_TESTS.get(item.path.name)
         if limit and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(limit))
+    if hasattr(config, "workerinput"):  # an xdist worker: the same order on every worker
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
@@ -216,27 +244,53 @@ def db_url(db_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
+class MakeDatabase:
+    """`make_database(kind)`: a migrated database of that kind, a copy of this run's
+    template (a file copy on SQLite, `CREATE DATABASE ... TEMPLATE` on PostgreSQL), not
+    Alembic per test; each is disposed (and on PostgreSQL dropped) after the test."""
+
+    def __init__(self, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        self.request, self.tmp_path = request, tmp_path
+        self.made: list[tuple[Database, str | None]] = []
+
+    def __call__(self, kind: str) -> Database:
+        if kind == "sqlite":
+            path = self.tmp_path / f"migrated{len(self.made)}.db"  # not db_url's test.db
+            shutil.copyfile(self.request.getfixturevalue("sqlite_template"), path)
+            db = Database(f"sqlite:///{path}")
+            self.made.append((db, None))
+            return db
+        server: str = self.request.getfixturevalue("pg_server")
+        template: str = self.request.getfixturevalue("pg_template")
+        name = f"carsearch_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        _pg_admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        db = Database(_pg_url(server, name))
+        self.made.append((db, server))
+        return db
+
+    def close(self) -> None:
+        for db, server in reversed(self.made):
+            db.dispose()
+            if server is not None:
+                name = db.url.rsplit("/", 1)[1]
+                _pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
-def database(db_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+def make_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeDatabase]:
+    """A factory of migrated databases (`make_database("sqlite" | "postgresql")`)."""
+    made = MakeDatabase(request, tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def database(db_kind: str, make_database: MakeDatabase) -> Database:
     """A migrated database of each kind: a copy of this run's migrated template (a file
     copy on SQLite, `CREATE DATABASE ... TEMPLATE` on PostgreSQL), not Alembic per test."""
-    if db_kind == "sqlite":
-        path = tmp_path / "test.db"
-        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
-        db = Database(f"sqlite:///{path}")
-        yield db
-        db.dispose()
-        return
-    server: str = request.getfixturevalue("pg_server")
-    template: str = request.getfixturevalue("pg_template")
-    name = f"carsearch_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    _pg_admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    db = Database(_pg_url(server, name))
-    try:
-        yield db
-    finally:
-        db.dispose()
-        _pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return make_database(db_kind)
 
 
 @pytest.fixture(scope="session")
@@ -278,6 +332,21 @@ def compact_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "compact"
     build_compact_base(out, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def published_model(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path,
+                    compact_model: Path) -> PublishedModel:
+    """The compact model published once per run as `v1` (the real `Registry.publish`, into
+    a registry of its own): `ingest_world.world` copies its folder and records its row in
+    a test's database instead of publishing and promoting per test."""
+    root = tmp_path_factory.mktemp("published")
+    shutil.copyfile(sqlite_template, root / "registry.db")
+    db = Database(f"sqlite:///{root / 'registry.db'}")
+    try:
+        return PublishedModel.publish(db, root / "models", compact_model, "v1")
+    finally:
+        db.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -133,7 +133,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_a_real_prometheus_scrapes_the_ingest_worker(tmp_path: Path, compact_model: Path) -> None:
+def test_a_real_prometheus_scrapes_the_ingest_worker(tmp_path: Path, make_database,
+                                                     published_model) -> None:
     """The worker ingests one image (so its labelled counters exist), a drift report and
     an ANN audit sit in the database; Prometheus scrapes the worker's /metrics every
     second and must see every dashboard metric that a worker exports. The page's search
@@ -143,8 +144,8 @@ def test_a_real_prometheus_scrapes_the_ingest_worker(tmp_path: Path, compact_mod
     from carsearch.platform.db import AnnReport, DriftReport
     from ingest_world import make_image, world
 
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", compact_model,
-              str(tmp_path / "m.db"))
+    url = make_database("sqlite").url
+    p = world(tmp_path, url, published_model, str(tmp_path / "m.db"))
     with p.db.session() as s:
         s.add(DriftReport(n_images=10, n_isolated=2, report={}))
         s.add(AnnReport(index_type="HNSW", n_queries=5, n_vectors=10, recall_at_10=0.99))
@@ -154,7 +155,7 @@ def test_a_real_prometheus_scrapes_the_ingest_worker(tmp_path: Path, compact_mod
     make_image(inbox / "a.png", 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARSEARCH_")}
     env.update(CARSEARCH_DATA_DIR=str(tmp_path / "data"), CARSEARCH_LOG_LEVEL="WARNING",
-               CARSEARCH_DATABASE_URL=f"sqlite:///{tmp_path / 'c.db'}",
+               CARSEARCH_DATABASE_URL=url,
                CARSEARCH_MILVUS_URI=str(tmp_path / "m.db"), OMP_NUM_THREADS="1")
     health, web = _free_port(), _free_port()
     worker = subprocess.Popen(

@@ -28,8 +28,9 @@ from carsearch.platform.runtime import Platform
 from carsearch.ui.guard import ClientLimits
 from carsearch.ui.page import PickedFilters, SearchPage
 from fixtures.api import api_app
+from fixtures.pages import log_since
 from shapes import shape as _shape
-from ui_world import CARS, World, build_world, draw_car, run_server
+from ui_world import CARS, Server, World, build_world, draw_car
 
 shape = _shape
 
@@ -305,30 +306,27 @@ def test_search_image_and_feedback_in_both_shapes(shape: Platform, tmp_path: Pat
 
 
 # -- the real server -----------------------------------------------------------------------
-def test_the_served_api_needs_the_page_login(tmp_path: Path, compact_model: Path) -> None:
-    world = build_world(tmp_path / "w", compact_model)
-    servers = run_server(world, tmp_path / "server.log", {"CARSEARCH_UI_AUTH": "ann:s3cret"})
-    server = next(servers)
-    try:
-        import httpx
+def test_the_served_api_needs_the_page_login(auth_server: Server) -> None:
+    import httpx
 
-        with httpx.Client(base_url=server.url) as anon:
-            for method, path in (("POST", "/api/v1/search"), ("GET", "/api/v1/health"),
-                                 ("GET", "/api/v1/openapi.json"),
-                                 ("GET", "/api/v1/images/1/thumbnail")):
-                r = anon.request(method, path, json={"query": "a car"})
-                assert _error(r, 401)["detail"] == "Not authenticated"
-        with pytest.raises(ApiError) as err, Client(server.url, auth=("ann", "nope")) as bad:
-            bad.health()
-        assert err.value.status == 400  # Gradio's answer to wrong credentials
-        with Client(server.url, auth=("ann", "s3cret")) as api:
-            res = api.search("blue ford", k=2)
-            assert res.hits and res.version == "base"
-            assert api.thumbnail(res.hits[0].image_id)[:3] == b"\xff\xd8\xff"
-            assert "/search" in api.openapi()["paths"]
-            with pytest.raises(ApiError) as err:
-                api.search("   ")
-            assert err.value.status == 400 and err.value.request_id
-    finally:
-        servers.close()
-    assert "Traceback" not in server.log.read_text()
+    server = auth_server  # the run's page behind a login (tests/fixtures/pages.py)
+    logged = server.log.stat().st_size
+
+    with httpx.Client(base_url=server.url) as anon:
+        for method, path in (("POST", "/api/v1/search"), ("GET", "/api/v1/health"),
+                             ("GET", "/api/v1/openapi.json"),
+                             ("GET", "/api/v1/images/1/thumbnail")):
+            r = anon.request(method, path, json={"query": "a car"})
+            assert _error(r, 401)["detail"] == "Not authenticated"
+    with pytest.raises(ApiError) as err, Client(server.url, auth=("ann", "nope")) as bad:
+        bad.health()
+    assert err.value.status == 400  # Gradio's answer to wrong credentials
+    with Client(server.url, auth=("ann", "s3cret")) as api:
+        res = api.search("blue ford", k=2)
+        assert res.hits and res.version == "base"
+        assert api.thumbnail(res.hits[0].image_id)[:3] == b"\xff\xd8\xff"
+        assert "/search" in api.openapi()["paths"]
+        with pytest.raises(ApiError) as err:
+            api.search("   ")
+        assert err.value.status == 400 and err.value.request_id
+    assert "Traceback" not in log_since(server, logged)

@@ -29,7 +29,7 @@ from carsearch.platform.vectors.milvus import MilvusStore
 from fixtures.cli import invoke, one_line_error, run
 from fixtures.common import empty_server
 from fixtures.common import reset_pg as _reset_pg
-from ingest_world import world
+from ingest_world import PublishedModel, world
 from ui_world import draw_car
 
 CLASSES = [("Chevrolet Silverado 1500 Regular Cab 2012", (200, 20, 20)),
@@ -53,9 +53,11 @@ def _ingest(p: Platform, folder: Path, n0: int, n: int) -> int:
                         max_pixels=p.settings.max_image_pixels, progress=False).indexed
 
 
-def _source(tmp: Path, model: Path, db_url: str, milvus_uri: str, n: int = 24) -> Platform:
+def _source(tmp: Path, model: PublishedModel, db_url: str, milvus_uri: str,
+            n: int = 24) -> Platform:
+    migrate.upgrade(db_url)  # where the drill puts it, not a copy of the template
     p = world(tmp, db_url, model, milvus_uri)
-    p.registry.publish(model, name="v2")  # a candidate, no collection yet
+    p.registry.publish(model.artifact, name="v2")  # a candidate, no collection yet
     v1 = p.registry.require_serving()
     if not p.settings.milvus_is_lite:
         p.store.ensure_collection(v1.collection, v1.dim)
@@ -106,14 +108,15 @@ def _check_restored(s: Settings, body: dict, answers: list[list[int]]) -> None:
 @pytest.mark.postgres
 @pytest.mark.milvus_server
 @pytest.mark.parametrize("direction", ["lite-to-server", "server-to-lite"])
-def test_restore_drill_across_shapes(tmp_path: Path, compact_model: Path, pg_database: str,
+def test_restore_drill_across_shapes(tmp_path: Path, published_model: PublishedModel,
+                                     pg_database: str,
                                      milvus_server, direction: str) -> None:
     _reset_pg(pg_database)
     empty_server(milvus_server.uri)
     lite = (f"sqlite:///{tmp_path / 'lite' / 'carsearch.db'}", str(tmp_path / "lite" / "m.db"))
     server = (pg_database, milvus_server.uri)
     src, dst = (lite, server) if direction == "lite-to-server" else (server, lite)
-    p = _source(tmp_path / "src", compact_model, *src)
+    p = _source(tmp_path / "src", published_model, *src)
     answers = _answers(p)
     assert all(answers)
     settings = p.settings
@@ -134,13 +137,14 @@ def test_restore_drill_across_shapes(tmp_path: Path, compact_model: Path, pg_dat
 @pytest.mark.postgres
 @pytest.mark.milvus_server
 def test_backup_taken_while_ingesting_holds_the_snapshot(
-        tmp_path: Path, compact_model: Path, pg_database: str, milvus_server) -> None:
+        tmp_path: Path, published_model: PublishedModel, pg_database: str,
+        milvus_server) -> None:
     """The production shape keeps ingesting while the backup runs: 12 more images are
     indexed between the database snapshot and the vector read (forced by the hook). The
     backup holds the snapshot's 12 and restores with the invariant holding."""
     _reset_pg(pg_database)
     empty_server(milvus_server.uri)
-    p = _source(tmp_path / "src", compact_model, pg_database, milvus_server.uri, n=12)
+    p = _source(tmp_path / "src", published_model, pg_database, milvus_server.uri, n=12)
     v = p.registry.require_serving()
     try:
         body = create_backup(p.settings, tmp_path / "backup", progress=False,
@@ -162,8 +166,9 @@ def test_backup_taken_while_ingesting_holds_the_snapshot(
 
 
 @pytest.fixture
-def lite_backup(tmp_path: Path, compact_model: Path) -> tuple[Path, list[list[int]]]:
-    p = _source(tmp_path / "src", compact_model, f"sqlite:///{tmp_path / 'src.db'}",
+def lite_backup(tmp_path: Path, published_model: PublishedModel
+                ) -> tuple[Path, list[list[int]]]:
+    p = _source(tmp_path / "src", published_model, f"sqlite:///{tmp_path / 'src.db'}",
                 str(tmp_path / "src-m.db"), n=12)
     answers = _answers(p)
     settings = p.settings

@@ -207,7 +207,8 @@ class TokenizerSpy:
 
 
 def test_load_train_publish_reindex_search(
-    reference: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    reference: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    make_database
 ) -> None:
     name, path = reference
     spec = driven(name)
@@ -227,8 +228,7 @@ def test_load_train_publish_reindex_search(
     spy.check()
     del enc, loaded
 
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", path,
-              str(tmp_path / "milvus.db"))
+    p = world(tmp_path, make_database("sqlite").url, path, str(tmp_path / "milvus.db"))
     try:
         inbox = tmp_path / "inbox"
         inbox.mkdir()

@@ -17,7 +17,7 @@ from carsearch.ingest.worker import IngestWorker
 from carsearch.lifecycle.reconcile import reconcile
 from carsearch.lifecycle.reindex import promote_with_backfill
 from carsearch.platform import collections
-from carsearch.platform.db import Image, IngestJob, JobState, images, queue
+from carsearch.platform.db import Database, Image, IngestJob, JobState, images, queue
 from carsearch.platform.errors import ModelNotFoundError, QueryError
 from carsearch.platform.ids import image_id
 from carsearch.platform.images import sha256_file
@@ -26,7 +26,7 @@ from carsearch.platform.search.nlfilters import load_vocabulary, parse_query
 from carsearch.platform.vectors.filters import SearchFilters
 from fixtures.cli import invoke, one_line_error  # `env`: tests/fixtures/cli.py (in-process)
 from fixtures.site import Site  # the `site` fixture: tests/fixtures/site.py
-from ingest_world import make_image, world
+from ingest_world import PublishedModel, make_image, world
 
 
 def _ingest(p: Platform, collection: str, items: list[IngestItem]) -> int:
@@ -46,10 +46,11 @@ def _invariant(p: Platform, collection: str) -> set[int]:
 
 
 @pytest.fixture
-def two(tmp_path: Path, db_url: str, compact_model: Path, milvus_uri: str):
+def two(tmp_path: Path, database: Database, published_model: PublishedModel,
+        compact_model: Path, milvus_uri: str):
     """vehicles (v1 serving, three labelled cars) and photos (p1 serving, three photos,
     one of them the same file as a car)."""
-    p = world(tmp_path, db_url, compact_model, milvus_uri)
+    p = world(tmp_path, database.url, published_model, milvus_uri)
     collections.create(p.db, "photos", "general", "street photos")
     p.registry.publish(compact_model, name="p1", collection="photos")
     promote_with_backfill(p, "p1", progress=False)
@@ -164,8 +165,8 @@ def test_the_worker_routes_queued_jobs_by_collection(two, tmp_path: Path) -> Non
 
 
 def test_a_collection_without_a_serving_version_says_so(
-        tmp_path: Path, db_url: str, compact_model: Path) -> None:
-    p = world(tmp_path, db_url, compact_model)
+        tmp_path: Path, database: Database, published_model: PublishedModel) -> None:
+    p = world(tmp_path, database.url, published_model)
     try:
         collections.create(p.db, "photos", "general")
         with pytest.raises(ModelNotFoundError, match="for collection photos"):

@@ -12,6 +12,7 @@ failure reproduces.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from carsearch.ingest.pipeline import LABEL_FIELDS
 from carsearch.ingest.worker import IngestWorker
 from carsearch.platform.db import IngestJob, JobState, queue
 from carsearch.platform.runtime import Platform
-from ingest_world import assert_invariant, make_image, world
+from ingest_world import PublishedModel, assert_invariant, make_image, world
 
 FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -59,9 +60,11 @@ sidecar = st.one_of(
 
 
 @pytest.fixture(scope="module")
-def fz(tmp_path_factory: pytest.TempPathFactory, compact_model: Path) -> Iterator[Platform]:
+def fz(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path,
+       published_model: PublishedModel) -> Iterator[Platform]:
     tmp = tmp_path_factory.mktemp("fuzz-ingest")
-    p = world(tmp, f"sqlite:///{tmp / 'db.sqlite'}", compact_model, str(tmp / "milvus.db"))
+    shutil.copyfile(sqlite_template, tmp / "db.sqlite")  # the run's migrated template
+    p = world(tmp, f"sqlite:///{tmp / 'db.sqlite'}", published_model, str(tmp / "milvus.db"))
     yield p
     p.close()
 

@@ -2,7 +2,7 @@
 failure pauses claiming (and says why) instead of spending attempts; dead jobs can be
 requeued; inbox links are refused; sidecars and images wait for each other.
 
-Real parts: SQLite and PostgreSQL (``db_url``) where the queue's shape matters, Milvus
+Real parts: SQLite and PostgreSQL (``database``) where the queue's shape matters, Milvus
 Lite files, a real compact model, a real tmpfs for the full image store (root here;
 where mounting is not allowed, ENOSPC comes from a hook instead, and the test says so).
 Each input or interleaving is forced: rows inserted as another system would, a hook
@@ -41,7 +41,7 @@ from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
 from carsearch.platform.telemetry import METRICS
 from carsearch.platform.vectors.protocol import VectorStoreError
-from ingest_world import assert_invariant, make_image, world
+from ingest_world import PublishedModel, assert_invariant, make_image, world
 
 # Rows another system might insert: each must go dead with its reason at its claim.
 MALFORMED: list[Any] = [
@@ -98,9 +98,10 @@ def _cli(settings: Settings, *args: str) -> Any:
 
 
 @pytest.fixture
-def lite(tmp_path: Path, compact_model: Path) -> Iterator[Platform]:
+def lite(tmp_path: Path, make_database, published_model: PublishedModel
+         ) -> Iterator[Platform]:
     """SQLite and a Milvus Lite file: for what does not depend on the shape."""
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", compact_model,
+    p = world(tmp_path, make_database("sqlite").url, published_model,
               str(tmp_path / "milvus.db"))
     yield p
     p.close()
@@ -123,9 +124,9 @@ def test_a_malformed_queue_row_costs_that_job_alone(database: Database) -> None:
 
 
 # -- items 1 and 4: one bad job in a batch costs itself alone ---------------------------
-def test_one_bad_job_in_a_batch_costs_itself_alone(tmp_path: Path, db_url: str,
-                                                    compact_model: Path) -> None:
-    p = world(tmp_path, db_url, compact_model, str(tmp_path / "milvus.db"))
+def test_one_bad_job_in_a_batch_costs_itself_alone(
+        tmp_path: Path, database: Database, published_model: PublishedModel) -> None:
+    p = world(tmp_path, database.url, published_model, str(tmp_path / "milvus.db"))
     good = [make_image(tmp_path / f"g{i}.png", 600 + i) for i in range(4)]
     # A parent that cannot be looked at: root traverses any directory, so a component
     # too long for the filesystem (ENAMETOOLONG) makes the path raise the same way.
@@ -299,8 +300,9 @@ def test_a_full_image_store_pauses_claiming_until_it_has_room(
 
 # -- item 5: no serving version yet: the docker-compose order ----------------------------
 def test_files_delivered_before_the_first_promotion_wait_for_it(
-        tmp_path: Path, db_url: str, compact_model: Path) -> None:
-    p = world(tmp_path, db_url, compact_model, str(tmp_path / "milvus.db"), promote=False)
+        tmp_path: Path, database: Database, published_model: PublishedModel) -> None:
+    p = world(tmp_path, database.url, published_model, str(tmp_path / "milvus.db"),
+              promote=False)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for i in range(3):
@@ -385,8 +387,9 @@ def test_an_unavailable_vector_store_pauses_and_says_why(lite: Platform, tmp_pat
 
 
 # -- item 5: requeue -----------------------------------------------------------------------
-def test_requeue_brings_dead_jobs_back(tmp_path: Path, db_url: str, compact_model: Path) -> None:
-    p = world(tmp_path, db_url, compact_model, str(tmp_path / "milvus.db"))
+def test_requeue_brings_dead_jobs_back(tmp_path: Path, database: Database,
+                                       published_model: PublishedModel) -> None:
+    p = world(tmp_path, database.url, published_model, str(tmp_path / "milvus.db"))
     late = tmp_path / "late.png"
     (job,) = queue.enqueue(p.db, [{"path": str(late)}], max_attempts=1)
     w = IngestWorker(p)

@@ -25,12 +25,12 @@ from carsearch.platform.db import Image, ImageStatus, IngestJob, JobState, queue
 from carsearch.platform.db.images import indexed_ids
 from carsearch.platform.runtime import Platform
 from carsearch.platform.vectors.protocol import VectorRow, VectorStoreError
-from ingest_world import assert_invariant, make_image, world
+from ingest_world import PublishedModel, assert_invariant, make_image, world
 
 
 @pytest.fixture
-def plat(tmp_path: Path, compact_model: Path, milvus_uri: str):
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", compact_model, milvus_uri)
+def plat(tmp_path: Path, make_database, published_model: PublishedModel, milvus_uri: str):
+    p = world(tmp_path, make_database("sqlite").url, published_model, milvus_uri)
     yield p
     p.close()
 
@@ -225,16 +225,9 @@ def test_promotion_during_ingest(plat: Platform, tmp_path: Path, compact_model: 
 
 
 @pytest.mark.postgres
-def test_two_workers_share_one_queue(tmp_path: Path, pg_database: str, compact_model: Path,
-                                     milvus_uri: str):
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(pg_database)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA public"))
-    engine.dispose()
-    p1 = world(tmp_path, pg_database, compact_model, milvus_uri)
+def test_two_workers_share_one_queue(tmp_path: Path, make_database,
+                                     published_model: PublishedModel, milvus_uri: str):
+    p1 = world(tmp_path, make_database("postgresql").url, published_model, milvus_uri)
     p2 = Platform(p1.settings)
     if p1.settings.milvus_is_lite:  # one Milvus Lite file per process: share the client
         p2.__dict__["store"] = p1.store

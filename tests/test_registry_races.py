@@ -20,12 +20,13 @@ from carsearch.lifecycle.reindex import drop_version_data
 from carsearch.platform.db import Database, VersionStatus
 from carsearch.platform.models.registry import Registry, RegistryError
 from carsearch.platform.runtime import Platform
-from ingest_world import world
+from ingest_world import PublishedModel, world
 
 
 @pytest.fixture
-def plat(tmp_path: Path, compact_model: Path, database: Database) -> Iterator[Platform]:
-    p = world(tmp_path, database.url, compact_model, str(tmp_path / "milvus.db"))
+def plat(tmp_path: Path, compact_model: Path, published_model: PublishedModel,
+         database: Database) -> Iterator[Platform]:
+    p = world(tmp_path, database.url, published_model, str(tmp_path / "milvus.db"))
     p.registry.publish(compact_model, name="v2")
     for name in ("v1", "v2"):
         v = p.registry.get(name)

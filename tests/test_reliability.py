@@ -33,12 +33,13 @@ from carsearch.platform.db.images import indexed_ids
 from carsearch.platform.models.registry import RegistryError
 from carsearch.platform.runtime import Platform
 from carsearch.platform.vectors.filters import SearchFilters
-from ingest_world import assert_invariant, make_image, world
+from ingest_world import PublishedModel, assert_invariant, make_image, world
 
 
 @pytest.fixture
-def plat(tmp_path: Path, compact_model: Path, database: Database, milvus_uri: str):
-    p = world(tmp_path, database.url, compact_model, milvus_uri)
+def plat(tmp_path: Path, published_model: PublishedModel, database: Database,
+         milvus_uri: str):
+    p = world(tmp_path, database.url, published_model, milvus_uri)
     yield p
     p.close()
 

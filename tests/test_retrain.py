@@ -46,12 +46,11 @@ from carsearch.lifecycle.labelling import export_rows, import_labels, write_rows
 from carsearch.lifecycle.reindex import promote_with_backfill
 from carsearch.lifecycle.retrain import RetrainJob, labelled_images, write_training_set
 from carsearch.monitoring.drift import run_drift
-from carsearch.platform.db import Image, TrainingRun, labels, migrate, reports, retrains
+from carsearch.platform.db import Image, TrainingRun, labels, reports, retrains
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import RetrainSettings, Settings
 from carsearch.training.trainer import TrainConfig, train
 from fixtures.common import empty_server
-from fixtures.common import reset_pg as _reset_pg
 from fixtures.drift_world import (
     World,
     _fill,
@@ -165,12 +164,12 @@ SHAPES = ["lite-sqlite",
 
 
 @pytest.fixture(params=SHAPES)
-def shape(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
-    """(database URL, Milvus URI) of one shape, empty."""
+def shape(request: pytest.FixtureRequest, tmp_path: Path, make_database) -> tuple[str, str]:
+    """(database URL, Milvus URI) of one shape: a copy of the run's migrated database
+    template, an empty Milvus."""
     if request.param == "lite-sqlite":
-        return f"sqlite:///{tmp_path / 'c.db'}", str(tmp_path / "milvus.db")
-    url: str = request.getfixturevalue("pg_database")
-    _reset_pg(url)
+        return make_database("sqlite").url, str(tmp_path / "milvus.db")
+    url = make_database("postgresql").url
     server = request.getfixturevalue("milvus_server")
     empty_server(server.uri)
     return url, str(server.uri)
@@ -193,20 +192,28 @@ def _ingest(p: Platform, items: list[IngestItem]) -> list[int]:
         return list(s.scalars(select(Image.id).order_by(Image.id.desc()).limit(len(items))))
 
 
+# Tests 3 and 4 assert the request's life and which process runs it, not what the index
+# answers: their worlds index 24 of the catalogue's test photos, not all of them (the
+# retrain reads the catalogue from disk, not from the index; a promotion backfills fewer).
+FEW_INDEXED = {"test_a_killed_retrain_is_interrupted_not_restarted": 24,
+               "test_serve_holding_the_lite_file_runs_and_promotes": 24}
+
+
 @pytest.fixture
-def loop(trained: Trained, shape: tuple[str, str], tmp_path: Path) -> Iterator[Loop]:
+def loop(trained: Trained, shape: tuple[str, str], tmp_path: Path,
+         request: pytest.FixtureRequest) -> Iterator[Loop]:
     url, uri = shape
     settings = Settings(data_dir=tmp_path / "data", database_url=url, milvus_uri=uri,
                         retrain=RetrainSettings(data=trained.catalogue, steps=200,
                                                 batch_size=32, lr=3e-4))
     settings.ensure_dirs()
-    migrate.upgrade(url)
     p = Platform(settings)
     p.registry.publish(trained.model, name="v1")
     p.registry.promote("v1")
     from carsearch.data.stanford import load_stanford
 
     test = load_stanford(trained.catalogue, split="test").images
+    test = test[:FEW_INDEXED.get(request.node.originalname, len(test))]
     _ingest(p, [IngestItem(im.path, source="catalogue",
                            meta={"class_name": im.label.class_name,
                                  "colour": im.label.colour}) for im in test])
@@ -362,10 +369,14 @@ def test_serve_holding_the_lite_file_runs_and_promotes(loop: Loop) -> None:
     p.close()
     port = free_port()
     log = loop.tmp / "serve.log"
+    # 20 steps, not the loop's 200: what is asserted here is who runs the request and that
+    # the gate's decision is followed, whichever it is; the 200-step retrain's quality is
+    # asserted in test_labelled_novel_make_is_retrained_promoted_and_findable.
     with log.open("wb") as fh:
         page = subprocess.Popen(
             [sys.executable, "-m", "carsearch.cli", "serve", "--port", str(port), "--ingest",
-             "--retrain-every", "2"], env=_env(settings), stdout=fh, stderr=subprocess.STDOUT)
+             "--retrain-every", "2"], env=_env(settings, CARSEARCH_RETRAIN__STEPS="20"),
+            stdout=fh, stderr=subprocess.STDOUT)
     try:
         wait_for(f"http://127.0.0.1:{port}/", page, log)
         # Another process cannot open the Lite file, so it only asks (the database).

@@ -276,55 +276,49 @@ def test_a_burst_of_searches_gets_a_one_line_refusal(server: Server, world: Worl
 
 
 # -- login --------------------------------------------------------------------------------
-def test_every_route_refuses_a_client_without_credentials(second_world: World,
-                                                         tmp_path: Path) -> None:
-    servers = run_server(second_world, tmp_path / "server.log",
-                         {"CARSEARCH_UI_AUTH": "ann:s3cret"})
-    server = next(servers)
-    try:
-        with pytest.raises(Exception):  # noqa: B017 - gradio_client's own error type
-            Client(server.url, verbose=False)
-        authed = Client(server.url, verbose=False, auth=("ann", "s3cret"))
-        thumb = _thumbnail(second_world, authed)
+def test_every_route_refuses_a_client_without_credentials(auth_server: Server) -> None:
+    server = auth_server  # the run's page behind a login (tests/fixtures/pages.py)
+    with pytest.raises(Exception):  # noqa: B017 - gradio_client's own error type
+        Client(server.url, verbose=False)
+    authed = Client(server.url, verbose=False, auth=("ann", "s3cret"))
+    thumb = _thumbnail(server.world, authed)
 
-        status, page = _get(server.url)  # the login page, and nothing of the app
-        assert status == 200 and b"auth_required" in page
-        for leak in (b"image_search", b"more_like_this", b"Describe a vehicle"):
-            assert leak not in page, leak
-        post = {"Content-Type": "application/json"}
-        refused = [
-            ("GET", "config", None), ("GET", "gradio_api/info", None),
-            ("GET", "gradio_api/openapi.json", None),
-            ("GET", f"gradio_api/file={thumb}", None),
-            ("GET", "gradio_api/app_id", None),
-            ("GET", "gradio_api/heartbeat/abc", None), ("GET", "gradio_api/user", None),
-            ("GET", "gradio_api/queue/data?session_hash=abc", None),
-            ("POST", "gradio_api/queue/join", b'{"data": [], "fn_index": 0}'),
-            ("POST", "gradio_api/call/search", b'{"data": ["a car", 2]}'),
-            ("POST", "gradio_api/run/search", b'{"data": ["a car", 2]}'),
-            ("POST", "gradio_api/upload", b"x"), ("POST", "gradio_api/cancel", b"{}"),
-        ]
-        for method, path, data in refused:
-            status, body = _get(server.url + path, post if data else None, method, data)
-            assert status in (401, 403), (method, path, status, body[:200])
-            assert b"Describe a vehicle" not in body and b"image_search" not in body
+    status, page = _get(server.url)  # the login page, and nothing of the app
+    assert status == 200 and b"auth_required" in page
+    for leak in (b"image_search", b"more_like_this", b"Describe a vehicle"):
+        assert leak not in page, leak
+    post = {"Content-Type": "application/json"}
+    refused = [
+        ("GET", "config", None), ("GET", "gradio_api/info", None),
+        ("GET", "gradio_api/openapi.json", None),
+        ("GET", f"gradio_api/file={thumb}", None),
+        ("GET", "gradio_api/app_id", None),
+        ("GET", "gradio_api/heartbeat/abc", None), ("GET", "gradio_api/user", None),
+        ("GET", "gradio_api/queue/data?session_hash=abc", None),
+        ("POST", "gradio_api/queue/join", b'{"data": [], "fn_index": 0}'),
+        ("POST", "gradio_api/call/search", b'{"data": ["a car", 2]}'),
+        ("POST", "gradio_api/run/search", b'{"data": ["a car", 2]}'),
+        ("POST", "gradio_api/upload", b"x"), ("POST", "gradio_api/cancel", b"{}"),
+    ]
+    for method, path, data in refused:
+        status, body = _get(server.url + path, post if data else None, method, data)
+        assert status in (401, 403), (method, path, status, body[:200])
+        assert b"Describe a vehicle" not in body and b"image_search" not in body
 
-        # The same routes answer once logged in.
-        status, _ = _get(server.url + "login", {"Content-Type":
-                                                "application/x-www-form-urlencoded"},
-                         "POST", b"username=ann&password=wrong")
-        assert status == 400
-        cookie = _login(server, "ann", "s3cret")
-        assert _get(server.url + "gradio_api/info", {"Cookie": cookie})[0] == 200
-        status, body = _get(server.url + f"gradio_api/file={thumb}", {"Cookie": cookie})
-        assert status == 200 and body[:3] == b"\xff\xd8\xff"
-        status, page = _get(server.url, {"Cookie": cookie})
-        assert status == 200 and b"image_search" in page
-        gallery, status_line, *_ = authed.predict("blue ford", 2, *NO_FILTERS,
-                                                  api_name="/search")
-        assert gallery and "results for" in status_line
-    finally:
-        servers.close()
+    # The same routes answer once logged in.
+    status, _ = _get(server.url + "login", {"Content-Type":
+                                            "application/x-www-form-urlencoded"},
+                     "POST", b"username=ann&password=wrong")
+    assert status == 400
+    cookie = _login(server, "ann", "s3cret")
+    assert _get(server.url + "gradio_api/info", {"Cookie": cookie})[0] == 200
+    status, body = _get(server.url + f"gradio_api/file={thumb}", {"Cookie": cookie})
+    assert status == 200 and body[:3] == b"\xff\xd8\xff"
+    status, page = _get(server.url, {"Cookie": cookie})
+    assert status == 200 and b"image_search" in page
+    gallery, status_line, *_ = authed.predict("blue ford", 2, *NO_FILTERS,
+                                              api_name="/search")
+    assert gallery and "results for" in status_line
 
 
 def _login(server: Server, user: str, password: str) -> str:
@@ -385,8 +379,7 @@ def test_no_auth_starts_on_the_network_and_the_page_says_so(second_world: World,
         servers.close()
 
 
-def test_a_person_logs_in_through_the_gate_in_chromium(second_world: World,
-                                                      tmp_path: Path) -> None:
+def test_a_person_logs_in_through_the_gate_in_chromium(auth_server: Server) -> None:
     """What the login page needs is let through the gate: the form, then the page with
     its thumbnails, in a real browser."""
     from fixtures.browser import ARGS, CHROMIUM, _need
@@ -395,36 +388,31 @@ def test_a_person_logs_in_through_the_gate_in_chromium(second_world: World,
           f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright
 
-    servers = run_server(second_world, tmp_path / "server.log",
-                         {"CARSEARCH_UI_AUTH": "ann:s3cret"})
-    server = next(servers)
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 1000})
-                page.set_default_timeout(60_000)
-                page.goto(server.url)
-                page.get_by_label("username").fill("ann")
-                page.get_by_label("password").fill("s3cret")
-                page.get_by_role("button", name="Login").click()
-                expect(page.locator("#header")).to_contain_text("Serving model base")
-                box = page.locator("#query textarea, #query input").first
-                box.fill("a car")
-                box.press("Enter")
-                expect(page.locator("#status")).to_contain_text("results for 'a car'")
-                thumbs = page.locator("#results img")
-                expect(thumbs).to_have_count(8)
-                expect(thumbs.first).to_be_visible()
-                # The file comes through the gate: wait for it to be decoded (a 401/403
-                # never is), rather than read it the moment the element shows.
-                page.wait_for_function(
-                    "() => { const i = document.querySelector('#results img');"
-                    " return !!i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
-            finally:
-                browser.close()
-    finally:
-        servers.close()
+    server = auth_server  # the run's page behind a login (tests/fixtures/pages.py)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(server.url)
+            page.get_by_label("username").fill("ann")
+            page.get_by_label("password").fill("s3cret")
+            page.get_by_role("button", name="Login").click()
+            expect(page.locator("#header")).to_contain_text("Serving model base")
+            box = page.locator("#query textarea, #query input").first
+            box.fill("a car")
+            box.press("Enter")
+            expect(page.locator("#status")).to_contain_text("results for 'a car'")
+            thumbs = page.locator("#results img")
+            expect(thumbs).to_have_count(8)
+            expect(thumbs.first).to_be_visible()
+            # The file comes through the gate: wait for it to be decoded (a 401/403
+            # never is), rather than read it the moment the element shows.
+            page.wait_for_function(
+                "() => { const i = document.querySelector('#results img');"
+                " return !!i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
+        finally:
+            browser.close()
 
 
 # -- issue 22: login throttling (item 11) and forwarded headers (item 12) -----------------

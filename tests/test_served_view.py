@@ -16,6 +16,7 @@ from PIL import Image
 
 from carsearch.data.stanford import load_stanford, validation_ids
 from carsearch.ingest.pipeline import BatchWriter, IngestItem, clean_metadata, ingest_items
+from carsearch.platform.db import Database
 from carsearch.platform.db import Image as ImageRow
 from carsearch.platform.ids import image_id
 from carsearch.platform.images import sha256_file
@@ -44,7 +45,7 @@ from carsearch.platform.search.evaluation import (
     stored_served,
 )
 from carsearch.training.evaluate import held_out_queries, image_embeddings, label_fields
-from ingest_world import world
+from ingest_world import PublishedModel, world
 from train_helpers import tiny_catalogue
 
 
@@ -142,11 +143,12 @@ def test_metadata_box_is_kept_or_refused_never_fatal() -> None:
 
 # -- ingest stores what evaluation measures ------------------------------------------------
 def test_ingest_vector_equals_evaluation_vector(
-    tmp_path: Path, db_url: str, milvus_uri: str, policy_model: Path, catalogue: Path
+    tmp_path: Path, database: Database, milvus_uri: str, policy_model: Path,
+    catalogue: Path
 ) -> None:
     ds = load_stanford(catalogue)
     items = ds.split("test")[:6]
-    p = world(tmp_path, db_url, policy_model, milvus_uri)
+    p = world(tmp_path, database.url, policy_model, milvus_uri)
     try:
         v = p.registry.require_serving()
         enc = p.search.encoder_for(v)
@@ -184,11 +186,12 @@ def test_ingest_vector_equals_evaluation_vector(
         p.close()
 
 
-def test_a_bad_box_costs_only_the_box(tmp_path: Path, compact_model: Path,
+def test_a_bad_box_costs_only_the_box(tmp_path: Path, make_database,
+                                      published_model: PublishedModel,
                                       catalogue: Path) -> None:
     ds = load_stanford(catalogue)
     im = ds.split("test")[0]
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", compact_model)
+    p = world(tmp_path, make_database("sqlite").url, published_model)
     try:
         v = p.registry.require_serving()
         writer = BatchWriter.fixed(p.db, p.store, p.search.encoder_for(v), v)
@@ -300,11 +303,12 @@ def test_held_out_phrasings_are_labelled_by_their_attributes(catalogue: Path) ->
 
 # -- the served view -----------------------------------------------------------------------
 def test_served_evaluation_scores_the_index_against_the_database(
-    tmp_path: Path, db_url: str, milvus_uri: str, compact_model: Path, catalogue: Path
+    tmp_path: Path, database: Database, milvus_uri: str, published_model: PublishedModel,
+    catalogue: Path
 ) -> None:
     ds = load_stanford(catalogue)
     items = ds.split("test")[:8]
-    p = world(tmp_path, db_url, compact_model, milvus_uri)
+    p = world(tmp_path, database.url, published_model, milvus_uri)
     try:
         v = p.registry.require_serving()
         enc = p.search.encoder_for(v)
@@ -398,12 +402,12 @@ def test_offline_evaluation_reports_sets_chance_intervals_and_calibration(
 
 
 def test_label_import_sets_a_box_and_re_embeds_the_crop(
-    tmp_path: Path, compact_model: Path, catalogue: Path
+    tmp_path: Path, make_database, published_model: PublishedModel, catalogue: Path
 ) -> None:
     from carsearch.lifecycle.labelling import LabelImportError, import_rows
 
     im = load_stanford(catalogue).split("test")[0]
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", compact_model)
+    p = world(tmp_path, make_database("sqlite").url, published_model)
     try:
         v = p.registry.require_serving()
         enc = p.search.encoder_for(v)

@@ -16,7 +16,7 @@ from carsearch.platform.db import queue
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search.service import SearchRequest
 from carsearch.platform.telemetry import INGEST_STAGES, METRICS, SEARCH_STAGES
-from ingest_world import make_image, world
+from ingest_world import PublishedModel, make_image, world
 
 N_IMAGES = 10
 CHUNK = 8  # two chunks: 8 images, then 2
@@ -33,9 +33,9 @@ def _sums(metric: str, stages: tuple[str, ...]) -> dict[str, float]:
 
 
 @pytest.fixture
-def platform(tmp_path: Path, compact_model: Path) -> Iterator[Platform]:
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", compact_model,
-              str(tmp_path / "m.db"))
+def platform(tmp_path: Path, make_database, published_model: PublishedModel
+             ) -> Iterator[Platform]:
+    p = world(tmp_path, make_database("sqlite").url, published_model, str(tmp_path / "m.db"))
     yield p
     p.close()
 

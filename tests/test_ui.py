@@ -390,20 +390,13 @@ def test_captions_and_filter_descriptions() -> None:
     )
 
 
-def test_login_is_required_when_auth_is_set(
-    tmp_path: Path, compact_model: Path
-) -> None:
-    world = build_world(tmp_path / "auth-world", compact_model)
-    servers = run_server(world, tmp_path / "server.log", {"CARSEARCH_UI_AUTH": "ann:s3cret"})
-    server = next(servers)
-    try:
-        with pytest.raises(Exception):  # noqa: B017 - the client raises its own error type
-            Client(server.url, verbose=False)
-        authed = Client(server.url, verbose=False, auth=("ann", "s3cret"))
-        gallery, status, *_ = authed.predict("blue ford", 2, *NO_FILTERS, api_name="/search")
-        assert gallery and "Error" not in status
-    finally:
-        servers.close()
+def test_login_is_required_when_auth_is_set(auth_server: Server) -> None:
+    """The run's page behind a login (tests/fixtures/pages.py)."""
+    with pytest.raises(Exception):  # noqa: B017 - the client raises its own error type
+        Client(auth_server.url, verbose=False)
+    authed = Client(auth_server.url, verbose=False, auth=("ann", "s3cret"))
+    gallery, status, *_ = authed.predict("blue ford", 2, *NO_FILTERS, api_name="/search")
+    assert gallery and "Error" not in status
 
 
 def test_the_classify_tab(client: Client, world: World) -> None:

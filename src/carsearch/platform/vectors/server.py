@@ -29,6 +29,7 @@ request paths starts a server.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -36,7 +37,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from carsearch.platform.errors import CarsearchError
@@ -132,16 +135,17 @@ class LocalMilvusServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "ETCD_CONFIG_PATH": str(self._write_etcd_config())}
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.command(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        with _start_lock():  # the launcher's own metrics-port pick is not atomic
+            with self.log_path.open("ab") as out:
+                self.proc = subprocess.Popen(
+                    self.command(), stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                )
+            try:
+                self._wait_ready()
+            except BaseException:
+                self.stop()
+                raise
         log.info("Milvus server %s ready (pid %d, data %s)", self.uri, self.proc.pid,
                  self.data_dir)
         return self.uri
@@ -243,6 +247,26 @@ class LocalMilvusServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def _start_lock() -> Iterator[None]:
+    """One server start at a time on this machine (an exclusive lock on a file in the
+    temporary directory; released by the kernel if this process dies). Where the file
+    cannot be opened (another user's), the start goes on unserialised."""
+    path = Path(tempfile.gettempdir()) / "carsearch-milvus-server-start.lock"
+    try:
+        fh = path.open("a")
+    except OSError as exc:
+        log.debug("no Milvus start lock at %s: %s", path, exc)
+        yield
+        return
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
