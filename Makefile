@@ -46,10 +46,10 @@ $(PROMTOOL):
 
 # `make test`: the fast tier (unit tests, the embedded shape, one page smoke), minutes on
 # 2 cores. `make test-all`: every test (server shapes, real photos, browser, training runs),
-# what CI runs; TEST_WORKERS=2 runs it on two pytest-xdist workers (each module whole on one
-# worker; docs/TESTING.md). PYTEST_ARGS passes more (PYTEST_ARGS='-k drift -x').
+# what CI runs, on TEST_WORKERS (2) pytest-xdist workers (each module whole on one
+# worker; TEST_WORKERS=0: one process; docs/TESTING.md). PYTEST_ARGS passes more (PYTEST_ARGS='-k drift -x').
 PYTEST_ARGS ?=
-TEST_WORKERS ?= 0
+TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false $(PY) -m pytest --durations=30
 
 test: $(STAMP)

@@ -351,14 +351,17 @@ def test_stage1_cached_runs_train_as_the_big_batch(
 ) -> None:
     """Whole stage-1 runs: with the texts fixed (class names only, one view) and no
     reshuffle within the 2 steps (12 train images), 2 x 3 cached trains as a batch of 6
-    does (the same losses, the same weights after)."""
+    does (the same losses, the same weights after). Feature dropout is off: its masks
+    are drawn per micro-batch, so they differ from the big batch's by construction (the
+    cached re-run's own masks are checked in tests/test_grad_cache.py)."""
     from safetensors.torch import load_file
 
     from carsearch.platform.errors import ConfigError
     from carsearch.training import stage1
 
     common = {"data": catalogue, "base": str(small_base), "cache_dir": tmp_path / "cache",
-              "steps": 2, "caption_prob": 1.0, "loss": loss, "progress": False}
+              "steps": 2, "caption_prob": 1.0, "loss": loss, "progress": False,
+              "feature_dropout": 0.0}
     one = stage1.train_stage1(stage1.Stage1Config(out=tmp_path / "b6", batch_size=6,
                                                   **common))  # type: ignore[arg-type]
     assert one.n_train == 12
@@ -370,8 +373,11 @@ def test_stage1_cached_runs_train_as_the_big_batch(
         "accumulate"] == "cached"
     a = load_file(str(one.model_dir / "model.safetensors"))
     b = load_file(str(two.model_dir / "model.safetensors"))
+    # Adam divides by the root of the squared gradient: a weight whose gradient is near 0
+    # moves by up to a learning rate on float rounding alone (3e-5 seen beside other
+    # tests' thread settings), so the weights are compared to a tenth of the lr (1e-3)
     for name in ("vision_model.projection.weight", "logit_scale"):
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="plain, cached"):
         stage1.train_stage1(stage1.Stage1Config(out=tmp_path / "x", accumulate="gradcache",
                                                 **common))  # type: ignore[arg-type]

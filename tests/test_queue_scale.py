@@ -152,10 +152,11 @@ def test_the_worker_prunes_old_done_rows_at_its_interval(shape: Platform,  # noq
     assert w.prune_done(force=True) == 0 and queue.counts(p.db)["done"] == 1
 
 
-def test_the_cli_prunes_on_demand(tmp_path: Path, compact_model: Path) -> None:
+def test_the_cli_prunes_on_demand(tmp_path: Path, make_database: Any,
+                                  published_model: Any) -> None:
     """`carsearch ingest prune`: the workers' prune for a scheduled job; retention 0
     refuses unless a age is given."""
-    p = world(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", compact_model,
+    p = world(tmp_path, make_database("sqlite").url, published_model,
               str(tmp_path / "milvus.db"))
     ids = queue.enqueue(p.db, [{"path": f"/s/{i}.jpg"} for i in range(4)])
     _set_state(p.db, ids[:3], JobState.done)

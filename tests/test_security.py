@@ -454,8 +454,10 @@ def _try_login(server: Server, user: str, password: str,
 
 
 def _rest_search(server: Server, headers: dict[str, str]) -> str:
-    """One /search through Gradio's REST API with `headers`; the status line it shows."""
-    data = json.dumps({"data": ["blue ford", 2, *NO_FILTERS, "", 0]}).encode()
+    """One /search through Gradio's REST API with `headers`; the status line it shows.
+    Every input of the event is sent (the REST route fills none): query, k, the filters,
+    collection, min_prob, diversity."""
+    data = json.dumps({"data": ["blue ford", 2, *NO_FILTERS, "", 0, 0]}).encode()
     status, body = _get(server.url + "gradio_api/call/search",
                         {"Content-Type": "application/json", **headers}, "POST", data)
     assert status == 200, body[:300]
