@@ -669,8 +669,9 @@ class SearchService:
         sort = request.sort
         if not isinstance(sort, str) or sort not in SORTS:
             raise QueryError(f"sort is one of {', '.join(SORTS)}, got {sort!r}"[:200])
-        weight = self.check_image_weight(request.image_weight)
-        diversity = self.check_diversity(request.diversity)
+        weight = self.check_share(request.image_weight, "image_weight")
+        diversity = (0.0 if request.diversity is None
+                     else self.check_share(request.diversity, "diversity"))
         if diversity > 0.0 and sort != "score":
             raise QueryError(f"diversity re-ranks the best matches: it does not combine "
                              f"with sort {sort}")
@@ -770,26 +771,15 @@ class SearchService:
                      max_results=limit, fingerprint=fp, diversity=diversity)
 
     @staticmethod
-    def check_diversity(value: Any) -> float:
-        if value is None:
-            return 0.0
+    def check_share(value: Any, name: str) -> float:
+        """A share from 0 to 1 (`image_weight`, `diversity`), else a one-line QueryError."""
         try:
-            d = float(value)
+            x = float(value)
         except (TypeError, ValueError, OverflowError):
-            d = float("nan")
-        if isinstance(value, bool) or not 0.0 <= d <= 1.0:
-            raise QueryError(f"diversity is a share from 0 to 1, got {value!r}"[:200])
-        return d
-
-    @staticmethod
-    def check_image_weight(value: Any) -> float:
-        try:
-            w = float(value)
-        except (TypeError, ValueError, OverflowError):
-            w = float("nan")
-        if isinstance(value, bool) or not 0.0 <= w <= 1.0:
-            raise QueryError(f"image_weight is a share from 0 to 1, got {value!r}"[:200])
-        return w
+            x = float("nan")
+        if isinstance(value, bool) or not 0.0 <= x <= 1.0:
+            raise QueryError(f"{name} is a share from 0 to 1, got {value!r}"[:200])
+        return x
 
     def _feedback_ids(self, ids: Any, what: str) -> tuple[int, ...]:
         if isinstance(ids, str | bytes) or not isinstance(ids, Sequence | set | frozenset):
