@@ -77,19 +77,28 @@ def main() -> None:
 
     plain_project = compact.CompactVisionModel.project
     train_feats = features_for(net0, proc0, dataset, train_items, args.cache)
-    mean = torch.from_numpy(train_feats.mean(0))
-    std = torch.from_numpy(train_feats.std(0) + 1e-3)
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for power in (1.0, 0.5):
+        f = torch.from_numpy(train_feats).clamp_min(0) ** power
+        stats[str(power)] = (f.mean(0), f.std(0) + 1e-3)
 
-    def standardised(self: Any, features: torch.Tensor) -> torch.Tensor:
-        return plain_project(self, (features - mean) / std)
+    def patched(power: float, standardise: bool) -> Any:
+        mean, std = stats[str(power)]
+
+        def project(self: Any, features: torch.Tensor) -> torch.Tensor:
+            x = features.clamp_min(0) ** power if power != 1.0 else features
+            return plain_project(self, (x - mean) / std if standardise else x)
+        return project
 
     for i, overrides in enumerate(grid):
-        # experiment-only keys (not Stage1Config fields): "_standardise" divides the
-        # features by the train images' per-dimension statistics before the layer norm,
-        # by patching the class for this process (training and scoring alike)
+        # experiment-only keys (not Stage1Config fields), by patching the class for this
+        # process (training and scoring alike): "_power" raises the features to that power
+        # first, "_standardise" then divides them by the train images' per-dimension
+        # statistics before the layer norm
         overrides = dict(overrides)
+        power, standardise = float(overrides.get("_power", 1.0)), bool(overrides.get("_standardise"))
         compact.CompactVisionModel.project = (  # type: ignore[method-assign]
-            standardised if overrides.get("_standardise") else plain_project)
+            patched(power, standardise) if power != 1.0 or standardise else plain_project)
         fields = {k: v for k, v in overrides.items() if not k.startswith("_")}
         config = Stage1Config(data=args.root, base=str(base),
                               out=args.work / f"run-{os.getpid()}-{i}",

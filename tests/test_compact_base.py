@@ -10,6 +10,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from carsearch.platform.db import Database
+from carsearch.platform.errors import ConfigError
 from carsearch.platform.models.encoder import Encoder
 from carsearch.platform.models.registry import Registry, embedding_dim
 from carsearch.training.pretrained_base import (
@@ -581,3 +583,57 @@ def test_the_feature_cache_keeps_one_row_a_key_when_a_chunk_repeats_a_photo(
     for reader in (cache, FeatureCache(tmp_path, "d" * 64)):
         assert len(reader) == 5
         assert reader.get(["e", "c", "a", "d", "b"]).ravel().tolist() == [5, 3, 1, 4, 2]
+
+
+def test_stage1_mirrors_images_when_asked_and_caches_the_mirror_as_its_own_row(
+    small_base: Path, catalogue: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `flip_prob`, stage 1 caches a second row per image (the backbone's features of
+    the photo mirrored left to right, under its own key) and a step draws the mirrored row
+    for about that share of its images; without it nothing mirrored is computed."""
+    from PIL import ImageOps
+
+    import carsearch.training.stage1 as stage1
+    from carsearch.data.stanford import load_stanford
+    from carsearch.training.feature_cache import backbone_features
+    from carsearch.training.trainer import load_base
+
+    drawn: list[torch.Tensor] = []
+    real_module = stage1.Stage1Module.forward
+
+    def recording(self: stage1.Stage1Module, features: torch.Tensor,
+                  input_ids: torch.Tensor) -> Any:
+        drawn.append(features.detach().clone())
+        return real_module(self, features, input_ids)
+
+    monkeypatch.setattr(stage1.Stage1Module, "forward", recording)
+    plain = stage1.train_stage1(stage1.Stage1Config(
+        data=catalogue, base=str(small_base), out=tmp_path / "plain",
+        cache_dir=tmp_path / "c0", steps=1, batch_size=8, feature_dropout=0.0,
+        progress=False))
+    assert plain.cache["computed"] == plain.n_train
+    drawn.clear()
+    cache = tmp_path / "c1"
+    result = stage1.train_stage1(stage1.Stage1Config(
+        data=catalogue, base=str(small_base), out=tmp_path / "flip", cache_dir=cache,
+        steps=6, batch_size=8, flip_prob=0.5, feature_dropout=0.0, progress=False))
+    assert result.cache["computed"] == 2 * result.n_train
+    ds = load_stanford(catalogue)
+    items = ds.subset("train")
+    net, processor = load_base(str(small_base))
+    flipped = stage1.features_for(net, processor, ds, items, cache, flip=True, progress=False)
+    upright = stage1.features_for(net, processor, ds, items, cache, progress=False)
+    direct = backbone_features(
+        net, processor, [ImageOps.mirror(ds.open_image(x).convert("RGB")) for x in items[:3]])
+    np.testing.assert_allclose(flipped[:3], direct, atol=1e-5)
+    assert not np.allclose(flipped, upright)
+    rows = torch.cat(drawn).numpy()
+    # every drawn row is one of the two cached rows of some image, and both kinds occur
+    near_flipped = np.abs(rows[:, None] - flipped[None]).max(-1).min(-1) < 1e-5
+    near_upright = np.abs(rows[:, None] - upright[None]).max(-1).min(-1) < 1e-5
+    assert (near_flipped | near_upright).all()
+    assert 0.2 < near_flipped.mean() < 0.8 and near_upright.any()
+    with pytest.raises(ConfigError, match="flip_prob"):
+        stage1.train_stage1(stage1.Stage1Config(
+            data=catalogue, base=str(small_base), out=tmp_path / "bad", cache_dir=cache,
+            flip_prob=1.5, progress=False))

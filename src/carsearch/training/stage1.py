@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from PIL import ImageOps
 from torch import nn
 from tqdm import tqdm
 
@@ -91,6 +92,9 @@ class Stage1Config:
     # `frame_prob` when the views hold it, else uniformly among the others)
     views: tuple[float, ...] = (0.0,)
     frame_prob: float = 0.25
+    # the share of samples that see their image mirrored left to right (a second cached
+    # row per image and view); 0 caches and trains the unmirrored rows only
+    flip_prob: float = 0.0
     seed: int = 0
     progress: bool = True
     loss: str = "sigmoid"  # or "softmax" (training/loss.py)
@@ -146,21 +150,32 @@ def image_keys(items: Sequence[LabelledImage]) -> list[str]:
 
 def features_for(net: Any, processor: Any, dataset: StanfordDataset,
                  items: Sequence[LabelledImage], cache_dir: Path, *, progress: bool = True,
-                 stats: CacheStats | None = None, view: float = 0.0) -> np.ndarray:
+                 stats: CacheStats | None = None, view: float = 0.0,
+                 flip: bool = False) -> np.ndarray:
     """Backbone features of each item's view ``view`` (0: its box crop, 1: the whole
-    frame, between: the box widened towards the frame, as `ImagePolicy.train_view`)."""
+    frame, between: the box widened towards the frame, as `ImagePolicy.train_view`),
+    mirrored left to right when ``flip`` (a car seen from its other side)."""
     cache = FeatureCache(cache_dir, tower_key(net, processor))
+    mirror = "|flip" if flip else ""
     if view <= 0.0:
-        return cached_features(net, processor, image_keys(items),
-                               lambda i: dataset.open_image(items[i]), cache,
-                               progress=progress, stats=stats)
+        keys = (image_keys(items) if not flip else
+                [content_key(item.path, f"{item.bbox!r}{mirror}") for item in items])
+
+        def open_box(i: int) -> Any:
+            image = dataset.open_image(items[i])
+            return ImageOps.mirror(image.convert("RGB")) if flip else image
+
+        return cached_features(net, processor, keys, open_box, cache, progress=progress,
+                               stats=stats)
     from carsearch.platform.models.image_policy import ImagePolicy
 
     policy = ImagePolicy(train_views="box-to-frame")
-    keys = [content_key(item.path, f"{item.bbox!r}|view={view:.4f}") for item in items]
+    keys = [content_key(item.path, f"{item.bbox!r}|view={view:.4f}{mirror}")
+            for item in items]
 
     def open_view(i: int) -> Any:
-        return policy.train_view(dataset.open_image(items[i], crop=False), items[i].bbox, view)
+        image = policy.train_view(dataset.open_image(items[i], crop=False), items[i].bbox, view)
+        return ImageOps.mirror(image.convert("RGB")) if flip else image
 
     return cached_features(net, processor, keys, open_view, cache, progress=progress,
                            stats=stats)
@@ -346,6 +361,8 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
                           f"not {config.train_subset!r}")
     if not (0.0 <= config.feature_dropout < 1.0 and 0.0 <= config.token_dropout < 1.0):
         raise ConfigError("dropout shares must be in [0, 1)")
+    if not 0.0 <= config.flip_prob <= 1.0:
+        raise ConfigError("flip_prob must be in [0, 1]")
     if config.loss not in LOSSES:
         raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
     if config.accumulate not in ACCUMULATE:
@@ -367,10 +384,12 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         train_items, val_items = dataset.subset("train"), dataset.subset("validation")
     stats = CacheStats()
     views = tuple(config.views) or (0.0,)
-    # (views, images, d): every view of every train image, computed once
-    feats = torch.from_numpy(np.stack([
+    mirrors = (False, True) if config.flip_prob > 0 else (False,)
+    # (views, mirrors, images, d): every view of every train image, computed once
+    feats = torch.from_numpy(np.stack([np.stack([
         features_for(net, processor, dataset, train_items, config.cache_dir,
-                     progress=config.progress, stats=stats, view=t) for t in views]))
+                     progress=config.progress, stats=stats, view=t, flip=m)
+        for m in mirrors]) for t in views]))
     names = sorted({x.label.class_name for x in train_items})
     index = {n: i for i, n in enumerate(names)}
     classes = torch.tensor([index[x.label.class_name] for x in train_items])
@@ -417,8 +436,11 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
                 for i in batch
             ]
             picked = draw_views(rng, views, config.frame_prob, len(batch))
+            mirrored = ([int(rng.random() < config.flip_prob) for _ in batch]
+                        if config.flip_prob > 0 else [0] * len(batch))
             micro.append(MicroBatch(
-                features=feats[torch.tensor(picked), torch.tensor(batch)], texts=texts,
+                features=feats[torch.tensor(picked), torch.tensor(mirrored),
+                               torch.tensor(batch)], texts=texts,
                 classes=classes[batch], colours=colours[batch],
                 text_colours=torch.tensor([colour_id(named_colour(t)) for t in texts])))
         if config.accumulate == "cached":
