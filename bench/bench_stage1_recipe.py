@@ -96,7 +96,8 @@ def main() -> None:
         # first, "_standardise" then divides them by the train images' per-dimension
         # statistics before the layer norm
         overrides = dict(overrides)
-        power, standardise = float(overrides.get("_power", 1.0)), bool(overrides.get("_standardise"))
+        power = float(overrides.get("_power", 1.0))
+        standardise = bool(overrides.get("_standardise"))
         compact.CompactVisionModel.project = (  # type: ignore[method-assign]
             patched(power, standardise) if power != 1.0 or standardise else plain_project)
         fields = {k: v for k, v in overrides.items() if not k.startswith("_")}
