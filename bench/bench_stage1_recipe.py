@@ -46,6 +46,8 @@ def main() -> None:
     p.add_argument("--grid", type=str, default="[{}]")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--size", type=int, default=0, help="image size of the base (0: the "
+                   "recipe's)")
     p.add_argument("--refit-test", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep each run's model")
     p.add_argument("--no-score", action="store_true",
@@ -54,9 +56,10 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    base = args.work / "base-224"
+    spec = PretrainedSpec(**({"image_size": args.size} if args.size else {}))
+    base = args.work / f"base-{spec.image_size}"
     if not (base / "config.json").is_file():
-        build_pretrained_base(base, spec=PretrainedSpec())
+        build_pretrained_base(base, spec=spec)
     dataset = load_stanford(args.root)
     grid: list[dict[str, Any]] = json.loads(args.grid)
     if args.refit_test:
