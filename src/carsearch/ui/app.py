@@ -709,4 +709,27 @@ def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
         share=False,
         app_kwargs={"middleware": [gate], "routes": [api]},
     )
+    log_http_stack(demo)
     return demo
+
+
+def log_http_stack(demo: gr.Blocks) -> str:
+    """Log (and return) what uvicorn serves the page and the API with. Gradio starts
+    uvicorn with its defaults, which pick httptools and uvloop when they are installed
+    (both are dependencies of the project) and otherwise fall back to the pure-Python h11
+    and asyncio: about 0.1-0.2 ms more per API call (docs/BENCHMARKS.md, "The JSON API's
+    transport"), so the fallback is a warning."""
+    config = getattr(getattr(demo, "server", None), "config", None)
+    proto = getattr(getattr(config, "http_protocol_class", None), "__name__", "unknown")
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    line = f"HTTP: uvicorn {proto} on {loop}"
+    if proto == "H11Protocol" or loop != "uvloop":
+        log.warning("%s: install httptools and uvloop for the faster HTTP stack", line)
+    else:
+        log.info(line)
+    return line
