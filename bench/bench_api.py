@@ -64,8 +64,8 @@ from carsearch.platform.search.nlfilters import VocabularyCache
 from carsearch.platform.search.service import SearchRequest
 from carsearch.platform.settings import Settings
 from carsearch.training.base_model import build_compact_base
-from carsearch.ui.app import LaunchOptions, launch
-from machine import machine_line
+from carsearch.ui.app import LaunchOptions, launch, log_http_stack
+from machine import machine_line, wait_until_idle
 
 # The client in its own process: reads "search K QUERY" or "health" lines, answers
 # "WALL_MS CPU_MS" (wall and its own CPU time for the call, through carsearch.client).
@@ -134,19 +134,10 @@ def uvicorn_setup(name: str) -> Iterator[None]:
         uc.HTTP_PROTOCOLS["auto"], uc.LOOP_FACTORIES["auto"] = saved
 
 
-def served_by(demo: object, name: str) -> str:
+def served_by(demo: object) -> str:
     """The HTTP implementation and event loop a started page runs on."""
-    config = getattr(getattr(demo, "server", None), "config", None)
-    proto = getattr(getattr(config, "http_protocol_class", None), "__name__", "?")
-    loop = name.partition("+")[2] or "asyncio"
-    if name == "auto":
-        try:
-            import uvloop  # noqa: F401
-
-            loop = "uvloop"
-        except ImportError:
-            loop = "asyncio"
-    return f"{proto} + {loop}"
+    line = log_http_stack(demo)  # type: ignore[arg-type]
+    return line.removeprefix("HTTP: uvicorn ").replace(" on ", " + ")
 
 
 def p50_p95(ms: list[float]) -> tuple[float, float]:
@@ -186,16 +177,18 @@ def main() -> None:
             version = plat.registry.publish(model, name="bench")
             plat.registry.promote("bench")
             fill(plat, version.collection, version.dim, args.size, photo)
+            plat.search.warm(wait=True)  # the mirror built before timing
+            waited = wait_until_idle()  # Milvus Lite's index build after the flush
+            print(f"waited {waited:.0f} s for the process to be idle", flush=True)
             urls: dict[str, str] = {}
             labels: dict[str, str] = {}
             for name in servers:
                 port = free_port()
                 with uvicorn_setup(name):
                     demo = launch(plat, LaunchOptions(port=port), block=False)
+                    labels[name] = served_by(demo)  # while uvicorn's "auto" means it
                 demos.append(demo)
                 urls[name] = f"http://127.0.0.1:{port}"
-                labels[name] = served_by(demo, name)
-            plat.search.warm(wait=True)  # the mirror built before timing
             vocab = VocabularyCache(plat.db).get()  # cached, as the page's is
             queries = [QUERIES[i % len(QUERIES)] for i in range(args.queries)]
             pairs = [(s_, t_) for s_ in servers for t_ in transports]

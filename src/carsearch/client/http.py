@@ -324,16 +324,21 @@ def _quote(value: str) -> str:
 def multipart(fields: Mapping[str, str], files: Mapping[str, tuple[str, bytes, str]]
               ) -> tuple[bytes, str]:
     """A multipart/form-data body and its content type: text ``fields``, then ``files``
-    (name: (filename, bytes, content type))."""
+    (name: (filename, bytes, content type)). Names are written as UTF-8; a character
+    that has none (a lone surrogate, as undecodable bytes in a file name become) as "?"."""
     boundary = uuid.uuid4().hex
+
+    def utf8(text: str) -> bytes:
+        return text.encode("utf-8", "replace")
+
     parts: list[bytes] = []
     for name, value in fields.items():
-        parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote(name)}"'
-                  "\r\n\r\n".encode(), value.encode(), b"\r\n"]
+        parts += [utf8(f'--{boundary}\r\nContent-Disposition: form-data; '
+                       f'name="{_quote(name)}"\r\n\r\n'), utf8(value), b"\r\n"]
     for name, (filename, data, ctype) in files.items():
-        parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote(name)}"; '
-                  f'filename="{_quote(filename)}"\r\nContent-Type: {ctype}\r\n\r\n'.encode(),
-                  data, b"\r\n"]
+        parts += [utf8(f'--{boundary}\r\nContent-Disposition: form-data; '
+                       f'name="{_quote(name)}"; filename="{_quote(filename)}"\r\n'
+                       f"Content-Type: {_quote(ctype)}\r\n\r\n"), data, b"\r\n"]
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 

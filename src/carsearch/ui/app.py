@@ -719,14 +719,19 @@ def log_http_stack(demo: gr.Blocks) -> str:
     (both are dependencies of the project) and otherwise fall back to the pure-Python h11
     and asyncio: about 0.1-0.2 ms more per API call (docs/BENCHMARKS.md, "The JSON API's
     transport"), so the fallback is a warning."""
+    import uvicorn.config
+
     config = getattr(getattr(demo, "server", None), "config", None)
     proto = getattr(getattr(config, "http_protocol_class", None), "__name__", "unknown")
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
+    factory = str(uvicorn.config.LOOP_FACTORIES.get(str(getattr(config, "loop", "auto")), ""))
+    loop = "uvloop" if "uvloop" in factory else "asyncio"
+    if "loops.auto" in factory:  # uvicorn's "auto": uvloop when it is installed
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            loop = "asyncio"
+        else:
+            loop = "uvloop"
     line = f"HTTP: uvicorn {proto} on {loop}"
     if proto == "H11Protocol" or loop != "uvloop":
         log.warning("%s: install httptools and uvloop for the faster HTTP stack", line)
