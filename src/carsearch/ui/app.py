@@ -424,7 +424,7 @@ def _text(value: Any) -> str | None:
 
 def _ids(values: Any) -> tuple[int, ...]:
     out = []
-    for v in values or []:
+    for v in values if isinstance(values, list | tuple) else []:
         if isinstance(v, int) and not isinstance(v, bool):
             out.append(v)
     return tuple(out[-50:])
@@ -450,7 +450,8 @@ def _controls(exclusions: Any, read: Any, sort: Any, collapse: Any, liked: Any,
     """The controls' widget values as SearchControls: the exclusions read from the text
     that are no longer ticked are dropped."""
     ticked = {str(x) for x in exclusions or []} if isinstance(exclusions, list) else set()
-    keys = [str(c[1]) for c in read or [] if isinstance(c, list | tuple) and len(c) == 2]
+    keys = [str(c[1]) for c in (read if isinstance(read, list | tuple) else [])
+            if isinstance(c, list | tuple) and len(c) == 2]
     sort_by = sort if sort in SORTS else "score"
     return SearchControls(drop_exclusions=tuple(k for k in keys if k not in ticked),
                           sort=sort_by, collapse_duplicates=collapse is True,
