@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import threading
 import urllib.parse
 import urllib.request
@@ -100,8 +101,10 @@ class _Stdlib:
 
     Idle connections wait in a pool; a request takes one (or opens one), so threads
     never share a connection in flight. A kept-alive connection the server has closed
-    meanwhile (uvicorn closes them after 5 s idle) fails before any answer: the request
-    is sent once more on a new connection, as urllib3 and httpx do. Cookies the server
+    meanwhile (uvicorn closes them after 5 s idle) is seen before it is used (its socket
+    reads ready: urllib3 and httpx check the same) and replaced; one closed in the
+    moment between that check and the request fails before any answer, and the request
+    is sent once more on a new connection. Cookies the server
     sets (the login's session) are kept and sent back: one origin, so no domain or path
     rules apply beyond the server's own."""
 
@@ -124,6 +127,9 @@ class _Stdlib:
             headers = {**headers, "cookie": self.cookie_header}
         with self.lock:
             reused = self.idle.pop() if self.idle else None
+        if reused is not None and _dropped(reused):
+            reused.close()  # the server closed it while it was idle: a new one
+            reused = None
         if reused is not None:
             try:
                 return self._exchange(reused, method, path, body, headers)
@@ -175,6 +181,19 @@ class _Stdlib:
             idle, self.idle = self.idle, []
         for conn in idle:
             conn.close()
+
+
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """Whether an idle kept-alive connection was closed by the server (or has bytes
+    nobody asked for): its socket reads ready before a request is sent on it."""
+    sock = conn.sock
+    if sock is None:
+        return False  # closed on our side: http.client opens a new one
+    try:
+        ready, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(ready)
 
 
 def _stdlib_fits(url: urllib.parse.SplitResult) -> bool:
