@@ -23,6 +23,10 @@ and its scored hits are the half's images only.
    nothing filtered): distinct classes in the top 10 against the share of the top 10
    that has the asked body type or make (the relevance it costs), by diversity; and the
    latency of the re-ranking.
+7. What the negative term costs the rest of the ranking: "<model A> not <model B>" for
+   every model A, B another make's model (unrelated) or the same make's (a look-alike);
+   the mAP of A's images (the hits the person wants, not negated) and the share of B in
+   the top 10, by negative weight. A cost shows as A's mAP falling with the weight.
 
     CARSEARCH_DATA_DIR=demo-data OMP_NUM_THREADS=1 python bench/bench_search_features.py
 """
@@ -271,11 +275,60 @@ def diversity(svc: SearchService, rows: dict[int, Image],
     return lines
 
 
+def negative_cost(svc: SearchService, rows: dict[int, Image],
+                  weights: Sequence[float]) -> list[str]:
+    models = sorted({(r.make, r.model) for r in rows.values() if r.make and r.model})
+    ids_of: dict[tuple[str, str], list[int]] = {}
+    for i, r in rows.items():
+        if r.make and r.model:
+            ids_of.setdefault((r.make, r.model), []).append(i)
+    pairs: list[tuple[str, tuple[str, str], tuple[str, str]]] = []
+    for n, a in enumerate(models):
+        other = [b for b in models[n + 1:] + models[:n] if b[0] != a[0]]
+        same = [b for b in models[n + 1:] + models[:n] if b[0] == a[0] and b != a]
+        if other:
+            pairs.append(("another make", a, other[0]))
+        if same:
+            pairs.append(("the same make", a, same[0]))
+    # The queries whose B is read as a negative term (not a facet, not refused), once.
+    kept = []
+    for kind, a, b in pairs:
+        q = f"{_model_words_of(a)} not {_model_words_of(b)}"
+        try:
+            res = svc.search(SearchRequest(q, k=10))
+        except QueryError:
+            continue
+        if res.negative_terms:
+            kept.append((kind, a, b, q))
+    lines = ["| B is | negative weight | queries | mAP of A (the wanted hits) "
+             "| B's share of the top 10 |", "|---|---|---|---|---|"]
+    saved = service_mod.NEGATIVE_WEIGHT
+    try:
+        for kind in ("another make", "the same make"):
+            chosen = [x for x in kept if x[0] == kind]
+            for w in weights:
+                service_mod.NEGATIVE_WEIGHT = w
+                aps, share_b = [], []
+                for _, a, b, q in chosen:
+                    res = svc.search(SearchRequest(q, k=100))
+                    got = [(rows[h.image_id].make, rows[h.image_id].model) for h in res.hits]
+                    aps.append(_ap([g == a for g in got], len(ids_of[a])))
+                    share_b.append(float(np.mean([g == b for g in got[:10]])) if got else 0.0)
+                lines.append(f"| {kind} | {w:g} | {len(aps)} | {_ci(aps)} | {_ci(share_b)} |")
+    finally:
+        service_mod.NEGATIVE_WEIGHT = saved
+    return lines
+
+
+def _model_words_of(make_model: tuple[str, str]) -> str:
+    return make_model[1].lower()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path,
                     default=Path(os.environ.get("CARSEARCH_DATA_DIR", "demo-data")))
-    ap.add_argument("--parts", default="123456", help="Which parts to run (digits).")
+    ap.add_argument("--parts", default="1234567", help="Which parts to run (digits).")
     args = ap.parse_args()
     parts = set(args.parts)
     settings = Settings(data_dir=args.data_dir)
@@ -318,6 +371,9 @@ def main() -> None:
         if "6" in parts:
             print("\n## 6. diversity (MMR)\n")
             print("\n".join(diversity(svc, rows, [0.0, 0.25, 0.5, 0.75])))
+        if "7" in parts:
+            print("\n## 7. the negative term's cost to the rest of the ranking\n")
+            print("\n".join(negative_cost(svc, rows, [0.0, 0.3, 0.6, 0.9])))
         lat = [svc.search(SearchRequest("pickup not red", k=10)).latency_ms for _ in range(10)]
         print(f"\n'pickup not red' latency median {statistics.median(lat):.1f} ms (10 runs)")
     finally:

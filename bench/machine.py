@@ -44,3 +44,21 @@ def sample_photos(n: int) -> tuple[list[Any], str]:
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(n)]
     return [Image.fromarray(a, "RGB") for a in noise], "synthetic 320×240 images"
+
+
+def wait_until_idle(max_rate: float = 0.15, window_s: float = 2.0,
+                    timeout_s: float = 900.0) -> float:
+    """Block until this process uses less than ``max_rate`` of a CPU over ``window_s``
+    (background work done: Milvus Lite builds a collection's HNSW index in a thread of
+    this process after a flush, a whole core for minutes at 100k rows), or until
+    ``timeout_s``; returns the seconds waited. A timing taken before would share the
+    machine with that build."""
+    import time
+
+    t_start = time.perf_counter()
+    while time.perf_counter() - t_start < timeout_s:
+        c0, t0 = time.process_time(), time.perf_counter()
+        time.sleep(window_s)
+        if (time.process_time() - c0) / (time.perf_counter() - t0) < max_rate:
+            break
+    return time.perf_counter() - t_start

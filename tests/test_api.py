@@ -11,6 +11,7 @@ refused, the client logs in as the page does.
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from carsearch.client import ApiError, Client
+from carsearch.client.http import _dropped
 from carsearch.client.models import Chip, Hit, SearchResponse
 from carsearch.ingest.pipeline import BatchWriter, IngestItem, ingest_items
 from carsearch.platform.db import QueryFeedback
@@ -28,7 +30,7 @@ from carsearch.platform.runtime import Platform
 from carsearch.ui.guard import ClientLimits
 from carsearch.ui.page import PickedFilters, SearchPage
 from fixtures.api import api_app
-from fixtures.pages import log_since
+from fixtures.pages import AUTH, log_since
 from shapes import shape as _shape
 from ui_world import CARS, Server, World, build_world, draw_car
 
@@ -330,3 +332,55 @@ def test_the_served_api_needs_the_page_login(auth_server: Server) -> None:
             api.search("   ")
         assert err.value.status == 400 and err.value.request_id
     assert "Traceback" not in log_since(server, logged)
+
+
+# -- the client's transports ---------------------------------------------------------------
+def test_the_client_picks_its_transport(monkeypatch: pytest.MonkeyPatch) -> None:
+    """http.client for a plain http:// URL with no proxy; httpx for https, a proxy from
+    the environment, or when asked."""
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+                "no_proxy", "REQUEST_METHOD"):
+        monkeypatch.delenv(var, raising=False)
+    with Client("http://127.0.0.1:9") as local, Client("https://cars.example") as tls, \
+            Client("http://127.0.0.1:9", transport="httpx") as asked:
+        assert (local.transport, tls.transport, asked.transport) == ("stdlib", "httpx", "httpx")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    with Client("http://cars.example:7860") as proxied:
+        assert proxied.transport == "httpx"
+    monkeypatch.setenv("NO_PROXY", "cars.example")
+    with Client("http://cars.example:7860") as bypassed:
+        assert bypassed.transport == "stdlib"
+    with pytest.raises(ValueError, match="http:// only"):
+        Client("https://cars.example", transport="stdlib")
+
+
+def test_an_upload_with_an_odd_file_name(api: Client, world: World, tmp_path: Path) -> None:
+    """The client writes its multipart body itself: quotes, backslashes, control and
+    non-ASCII characters in the file name reach the server as one well-formed part."""
+    odd = tmp_path / 'car "red" \\ ü\x01;name=x.png'
+    odd.write_bytes(world.photos[2].read_bytes())
+    res = api.search_image(odd, "but blue", k=2)
+    assert res.hits and res.kind != "text" and res.query == "but blue"
+
+
+@pytest.mark.full  # the shared page server, and uvicorn's 5 s keep-alive
+def test_the_stdlib_transport_keeps_one_connection_and_the_login(auth_server: Server) -> None:
+    server = auth_server
+    assert "HTTP: uvicorn HttpToolsProtocol on uvloop" in log_since(server, 0)
+    with Client(server.url, auth=AUTH) as api, \
+            Client(server.url, auth=AUTH, transport="httpx") as other:
+        assert (api.transport, other.transport) == ("stdlib", "httpx")
+        res = api.search("blue ford", k=3)
+        assert [h.image_id for h in res.hits] == [
+            h.image_id for h in other.search("blue ford", k=3).hits]
+        wire: Any = api._wire
+        first = wire.idle[0].sock.getsockname()
+        for _ in range(3):
+            assert api.health().status == "ok"
+        assert [c.sock.getsockname() for c in wire.idle] == [first]  # kept alive, reused
+        up = api.search_image(api.thumbnail(res.hits[0].image_id), "but blue", k=1)
+        assert len(up.hits) == 1 and up.kind != "text"
+        time.sleep(5.5)  # uvicorn closes a connection idle for 5 s
+        assert _dropped(wire.idle[0])  # seen before it is used
+        assert api.search("blue ford", k=3).hits == res.hits  # on a new one
+        assert [c.sock.getsockname() for c in wire.idle] != [first]

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from carsearch.cli.search import search_command
+from carsearch.cli.search import duplicates_command, search_command
 from carsearch.platform.errors import CarsearchError
 from carsearch.platform.runtime import Platform
 from carsearch.ui.app import PageHandlers
@@ -102,6 +102,48 @@ def test_the_page_handlers_always_answer(page: SearchPage, query: Any, k: Any, m
     assert isinstance(h.vote(1)(iid, iid, query), str)
 
 
+odd_state_ids = st.one_of(st.none(), st.lists(st.integers(-2, 2**63), max_size=5),
+                         st.lists(odd_value, max_size=3))
+
+
+@pytest.mark.full  # a few searches per example
+@FUZZ
+@given(query=any_text, chips=st.one_of(st.none(), st.lists(any_text, max_size=3)),
+       exclusions=st.one_of(odd_value, st.lists(any_text, max_size=3)),
+       read=st.one_of(st.none(), odd_list, st.lists(st.tuples(any_text, any_text), max_size=3)),
+       sort=st.one_of(st.sampled_from(["score", "year", "arrival"]), odd_value),
+       collapse=odd_value, liked=odd_state_ids, disliked=odd_state_ids, k=odd_number,
+       make=odd_list, cursor=st.one_of(st.none(), any_text),
+       diversity=st.one_of(st.floats(0, 1), odd_value), text=odd_value, iid=odd_value,
+       upload=st.one_of(st.none(), any_text))
+def test_the_page_controls_always_answer(
+        page: SearchPage, query: Any, chips: Any, exclusions: Any, read: Any, sort: Any,
+        collapse: Any, liked: Any, disliked: Any, k: Any, make: Any, cursor: Any,
+        diversity: Any, text: Any, iid: Any, upload: Any) -> None:
+    """Issue 26's controls on the page (exclusion chips, sort, duplicates, thumbs,
+    diversity, the next page, image + text): every call answers with a message, none of
+    them an internal error."""
+    h = PageHandlers(page)
+    filters = (make, [], [], [], None, None, "any", None)
+    controls = (query, chips, exclusions, read, sort, collapse, liked, disliked)
+
+    def status(out: tuple[Any, ...]) -> str:
+        assert isinstance(out[1], str) and "internal error" not in out[1], out[1]
+        return out[1]
+
+    status(h.controlled(*controls, k, *filters, diversity))
+    status(h.more_results(*controls, cursor, [], [], k, *filters, diversity))
+    status(h.image_search(upload, k, *filters, text))
+    status(h.more_like_this(iid, k, *filters, text))
+    if all(isinstance(v, list | type(None)) and all(isinstance(i, int) for i in v or [])
+           for v in (liked, disliked)):  # the session's State, which only the page writes
+        out = h.rerank(1)(iid, liked, disliked, query, chips, exclusions, read, sort,
+                          collapse, k, *filters, diversity)
+        assert isinstance(out[-1], list) and isinstance(out[-2], list)
+        if isinstance(out[1], str):
+            status(out)
+
+
 def _tiny_images() -> list[Any]:
     from PIL import Image
 
@@ -122,12 +164,15 @@ odd_ids = st.one_of(odd_value, st.lists(odd_value, max_size=3),
        weight=st.one_of(st.floats(0, 1), odd_value), iid=st.one_of(st.none(), odd_value),
        image=st.sampled_from(range(5)), liked=odd_ids, disliked=odd_ids,
        collapse=st.one_of(st.booleans(), odd_value), ex_make=odd_list,
-       ex_year=odd_value, drop=odd_list, page_two=st.booleans(),
+       ex_other=st.one_of(odd_list, st.sampled_from(["red", "pickup", ["black", "suv"]])),
+       ex_year=odd_value, ex_year_max=st.one_of(odd_value, st.integers(1890, 2030)),
+       drop=odd_list, page_two=st.booleans(),
        diversity=st.one_of(st.floats(0, 1), odd_value))
 def test_the_search_options(page: SearchPage, query: Any, k: Any, cursor: Any, sort: Any,
                             weight: Any, iid: Any, image: int, liked: Any, disliked: Any,
-                            collapse: Any, ex_make: Any, ex_year: Any, drop: Any,
-                            page_two: bool, diversity: Any) -> None:
+                            collapse: Any, ex_make: Any, ex_other: Any, ex_year: Any,
+                            ex_year_max: Any, drop: Any, page_two: bool,
+                            diversity: Any) -> None:
     """Exclusions, image + text, cursors, sorts, folding and feedback ids: only the
     platform's one-line errors, whatever they are given."""
     from pydantic import ValidationError
@@ -136,8 +181,18 @@ def test_the_search_options(page: SearchPage, query: Any, k: Any, cursor: Any, s
     from carsearch.platform.vectors.filters import SearchFilters
 
     svc = page.service
-    try:  # the adapters build these from what a person sent (a 4xx / a message there)
-        exclude = SearchFilters(make=ex_make, year_min=ex_year)
+    # The adapters build these from what a person sent (a 4xx / a message there): each
+    # facet that builds alone is kept, so most runs exclude something.
+    kept: dict[str, Any] = {}
+    for name, value in (("make", ex_make), ("colour", ex_other), ("body", ex_other),
+                        ("year_min", ex_year), ("year_max", ex_year_max)):
+        try:
+            SearchFilters(**{name: value})
+        except (ValidationError, TypeError):
+            continue
+        kept[name] = value
+    try:
+        exclude = SearchFilters(**kept) if kept else None
     except (ValidationError, TypeError):
         exclude = None
 
@@ -176,16 +231,23 @@ def test_the_cli(cli_world: World, query: str, k: int, make: str, year: int) -> 
         ctx.obj = cli_world.settings
 
     app.command("search")(search_command)
+    app.command("duplicates")(duplicates_command)
     args = ["search", query, "--k", str(k), "--make", make, "--year-min", str(year), "--json"]
     if year % 3 == 0:  # the search options beyond text on a third of the runs
         args += ["--not", f"make={make}", "--not", f"year={year}", "--sort", make[:8] or "year",
                  "--cursor", query or "x", "--like", str(year), "--collapse-duplicates"]
-    res = CliRunner().invoke(app, args)
-    if res.exit_code != 0:
-        exc = res.exception
-        assert isinstance(exc, CarsearchError | SystemExit), repr(exc)
-        if isinstance(exc, CarsearchError):
-            assert "\n" not in str(exc)
+    elif year % 3 == 1:  # image + text, thumbs down, diversity on another third
+        args += ["--image-id", str(year), "--image-weight", str(k / 100), "--dislike",
+                 str(k), "--diversity", str((year % 7) / 5)]
+    runs = [args, ["duplicates", "--threshold", str((k % 13) / 10), "--top", str(k),
+                   *(["--collection", make] if year % 2 else []), "--json"]]
+    for argv in runs:
+        res = CliRunner().invoke(app, argv)
+        if res.exit_code != 0:
+            exc = res.exception
+            assert isinstance(exc, CarsearchError | SystemExit), repr(exc)
+            if isinstance(exc, CarsearchError):
+                assert "\n" not in str(exc)
 
 
 # -- the JSON API ------------------------------------------------------------------------
@@ -219,10 +281,16 @@ def _json_answer(r: Any) -> None:
         assert isinstance(body["detail"], str) and "\n" not in body["detail"]
 
 
+feedback_body = st.dictionaries(st.sampled_from(["image_id", "vote", "query_log_id", "query",
+                                                "x"]),
+                                st.one_of(odd_value, st.integers(-2, 3)), max_size=4)
+
+
 @FUZZ
-@given(body=api_body, options=any_text, blob=st.binary(max_size=200), path=any_text)
+@given(body=api_body, options=any_text, blob=st.binary(max_size=200), path=any_text,
+       fb=feedback_body)
 def test_the_json_api_answers_every_input(api_http: Any, body: Any, options: str,
-                                          blob: bytes, path: str) -> None:
+                                          blob: bytes, path: str, fb: Any) -> None:
     import json as _json
 
     try:
@@ -237,11 +305,44 @@ def test_the_json_api_answers_every_input(api_http: Any, body: Any, options: str
     opts = _json.dumps(body) if isinstance(body, dict) and "image_id" not in body else "{}"
     _json_answer(api_http.post("/api/v1/search/image", files={"image": ("x.png", blob)},
                                data={"options": opts}))
-    feedback = body if isinstance(body, dict) else {"image_id": 1, "vote": 1,
-                                                    "query": str(body)}
+    feedback = fb if isinstance(body, dict) else {"image_id": 1, "vote": 1,
+                                                  "query": str(body)}
     _json_answer(api_http.post("/api/v1/feedback", content=_json.dumps(feedback),
                                headers={"content-type": "application/json"}))
     from urllib.parse import quote
 
-    _json_answer(api_http.get("/api/v1/images/" + quote(path.encode("utf-8", "replace"),
-                                                        safe="")))
+    image = quote(path.encode("utf-8", "replace"), safe="")
+    _json_answer(api_http.get("/api/v1/images/" + image))
+    _json_answer(api_http.get(f"/api/v1/images/{image}/thumbnail"))
+
+
+@pytest.mark.full  # a search or two per example
+@FUZZ
+@given(query=st.one_of(any_text, st.none()),
+       opts=st.dictionaries(st.sampled_from(API_KEYS), st.one_of(odd_list, odd_filters),
+                            max_size=4),
+       name=any_text, ctype=any_text, blob=st.binary(max_size=200))
+def test_the_client_sends_whatever_it_is_given(api_http: Any, query: Any, opts: Any,
+                                               name: str, ctype: str, blob: bytes) -> None:
+    """`carsearch.client` with odd options refuses them before sending (pydantic) or
+    gets the server's one-line refusal; the multipart body it writes itself reaches the
+    server whole, whatever the file's name and type."""
+    from pydantic import ValidationError
+
+    from carsearch.client import ApiError, Client
+    from carsearch.client.http import multipart
+
+    api = Client(http=api_http)
+    opts.pop("query", None)
+    image_opts = {key: v for key, v in opts.items() if key != "image_id"}
+    for call in (lambda: api.search(query, **opts),
+                 lambda: api.search_image(blob, query, **image_opts)):
+        try:
+            call()
+        except ApiError as exc:
+            assert 400 <= exc.status < 500 and exc.request_id and "\n" not in exc.detail
+        except ValidationError:
+            pass  # refused before it was sent
+    body, content_type = multipart({"options": "{}"}, {"image": (name, blob, ctype)})
+    _json_answer(api_http.post("/api/v1/search/image", content=body,
+                               headers={"content-type": content_type}))

@@ -1,6 +1,7 @@
 """A typed Python client for the JSON API under /api/v1 (`Client`), and the wire models
 the server and the client share (`models`: pydantic only). It may import no other
-carsearch package and nothing heavy: httpx and pydantic only."""
+carsearch package and nothing heavy: the standard library, pydantic, and httpx (only
+where a URL needs it: https, a proxy, or when asked)."""
 
 from __future__ import annotations
 

@@ -424,7 +424,7 @@ def _text(value: Any) -> str | None:
 
 def _ids(values: Any) -> tuple[int, ...]:
     out = []
-    for v in values or []:
+    for v in values if isinstance(values, list | tuple) else []:
         if isinstance(v, int) and not isinstance(v, bool):
             out.append(v)
     return tuple(out[-50:])
@@ -450,7 +450,8 @@ def _controls(exclusions: Any, read: Any, sort: Any, collapse: Any, liked: Any,
     """The controls' widget values as SearchControls: the exclusions read from the text
     that are no longer ticked are dropped."""
     ticked = {str(x) for x in exclusions or []} if isinstance(exclusions, list) else set()
-    keys = [str(c[1]) for c in read or [] if isinstance(c, list | tuple) and len(c) == 2]
+    keys = [str(c[1]) for c in (read if isinstance(read, list | tuple) else [])
+            if isinstance(c, list | tuple) and len(c) == 2]
     sort_by = sort if sort in SORTS else "score"
     return SearchControls(drop_exclusions=tuple(k for k in keys if k not in ticked),
                           sort=sort_by, collapse_duplicates=collapse is True,
@@ -709,4 +710,32 @@ def launch(platform: Platform, options: LaunchOptions, *, block: bool = True,
         share=False,
         app_kwargs={"middleware": [gate], "routes": [api]},
     )
+    log_http_stack(demo)
     return demo
+
+
+def log_http_stack(demo: gr.Blocks) -> str:
+    """Log (and return) what uvicorn serves the page and the API with. Gradio starts
+    uvicorn with its defaults, which pick httptools and uvloop when they are installed
+    (both are dependencies of the project) and otherwise fall back to the pure-Python h11
+    and asyncio: about 0.1-0.2 ms more per API call (docs/BENCHMARKS.md, "The JSON API's
+    transport"), so the fallback is a warning."""
+    import uvicorn.config
+
+    config = getattr(getattr(demo, "server", None), "config", None)
+    proto = getattr(getattr(config, "http_protocol_class", None), "__name__", "unknown")
+    factory = str(uvicorn.config.LOOP_FACTORIES.get(str(getattr(config, "loop", "auto")), ""))
+    loop = "uvloop" if "uvloop" in factory else "asyncio"
+    if "loops.auto" in factory:  # uvicorn's "auto": uvloop when it is installed
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            loop = "asyncio"
+        else:
+            loop = "uvloop"
+    line = f"HTTP: uvicorn {proto} on {loop}"
+    if proto == "H11Protocol" or loop != "uvloop":
+        log.warning("%s: install httptools and uvloop for the faster HTTP stack", line)
+    else:
+        log.info(line)
+    return line
