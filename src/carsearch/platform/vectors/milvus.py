@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 
 IndexType = Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"]
 
+# HNSW's search ef (settings.milvus_search_ef's default too). On a Milvus server at
+# 100,000 rows of two trained models, text queries' recall@10 against FAISS exact was
+# 0.92-0.98 at ef 64, 0.97-0.996 at 128 and 0.995-0.999 at 256, image queries 1.000 from
+# ef 64; one query's p50 was level from ef 32 to 256 (4.5-4.9 ms) and 5.5 ms at 512
+# (docs/BENCHMARKS.md, "The search ef and the interim index's nprobe").
+DEFAULT_SEARCH_EF = 256
+
 
 @dataclass(frozen=True)
 class IndexSpec:
@@ -50,14 +57,15 @@ class IndexSpec:
 
     @classmethod
     def default_for(cls, lite: bool) -> IndexSpec:
-        """HNSW (M 16, efConstruction 200, ef 64) on Lite and server alike.
+        """HNSW (M 16, efConstruction 200, ef `DEFAULT_SEARCH_EF`) on Lite and server alike.
 
         Measured on Milvus Lite 3.2.2 (docs/BENCHMARKS.md): recall@10 >= 0.996 at 10k and
         100k rows, with single-query latency no worse than IVF_FLAT; FLAT copies every
-        vector per query and is the slowest beyond a few thousand rows.
+        vector per query and is the slowest beyond a few thousand rows. The ef: text
+        queries need more candidates than image queries (see `DEFAULT_SEARCH_EF`).
         """
         del lite  # same choice for both today; kept so callers state where they run
-        return cls("HNSW", {"M": 16, "efConstruction": 200}, {"ef": 64})
+        return cls("HNSW", {"M": 16, "efConstruction": 200}, {"ef": DEFAULT_SEARCH_EF})
 
 
 # Milvus's upper bound on HNSW's ef (and on a search's limit, 16384, well above MAX_K).
