@@ -23,6 +23,12 @@ searched through its HNSW (bench_scale's finding: right after the index wait par
 the data is still searched exactly). Recall@10 per ef, and the p50 of one text query at
 a time per ef.
 
+`--lite-ef-construction 200,100`: `--lite-rows` rows into a Milvus Lite file per
+efConstruction (CPU seconds of the upsert, flush and index build: this process's and
+its children's, Milvus Lite's server among them, reaped when the store closes),
+recall@10 per ef: the check a lower efConstruction for Lite (the restore's lever,
+docs/BENCHMARKS.md) needs.
+
 `--interim N`: N rows left in growing segments (no flush; below the seal size) on a
 server started with `queryNode.segcore.interimIndex.nprobe` at each of `--nprobes`
 (`off`: the interim index disabled, a brute-force scan of growing rows), searched at the
@@ -155,6 +161,36 @@ def sealed(vectors: np.ndarray, qsets: dict[str, np.ndarray], efs: list[int],
     return out
 
 
+def lite(vectors: np.ndarray, qsets: dict[str, np.ndarray], efs: list[int],
+         ef_constructions: list[int], work: Path) -> list[dict[str, Any]]:
+    out = []
+    for efc in ef_constructions:
+        row: dict[str, Any] = {"rows": len(vectors), "efConstruction": efc,
+                               "load_start": os.getloadavg()[0]}
+        path = str(work / f"lite-{efc}.db")
+        spec = IndexSpec("HNSW", {"M": 16, "efConstruction": efc}, {"ef": 64})
+        c0, t0 = cpu_s(), time.perf_counter()  # Lite's server process is a child
+        store = MilvusStore(path, index=spec)
+        try:
+            load_rows(store, vectors)
+            store.flush(NAME)
+        finally:
+            store.close()  # Milvus Lite's close waits for the index build
+        row["build_cpu_s"] = cpu_s() - c0
+        row["build_wall_s"] = time.perf_counter() - t0
+        store = MilvusStore(path, index=spec)
+        try:
+            row["recall"] = recall_vs_exact(store, NAME, qsets, 10, efs)
+        finally:
+            store.close()
+        row["load_end"] = os.getloadavg()[0]
+        out.append(row)
+        log.info("lite efConstruction %d: %.1f CPU s; %s", efc, row["build_cpu_s"],
+                 {k: {e: round(_at(v["ef"], e)["recall"], 3) for e in efs}
+                  for k, v in row["recall"]["sets"].items()})
+    return out
+
+
 def interim(vectors: np.ndarray, qsets: dict[str, np.ndarray], nprobes: list[str],
             ef: int, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": len(vectors), "ef": ef, "configs": {}}
@@ -202,6 +238,16 @@ def table(report: dict[str, Any]) -> str:
                 f"{s['ef'][e]['recall']:.3f}" for e in efs) + " |")
         lines.append("| p50 ms, one text query | " + " | ".join(
             f"{size['p50_ms'][e]:.1f}" for e in efs) + " |")
+    for row in report.get("lite", []):
+        efs = list(next(iter(row["recall"]["sets"].values()))["ef"])
+        lines.append(f"\nMilvus Lite, {row['rows']:,} rows, efConstruction "
+                     f"{row['efConstruction']}: upsert + flush + build {row['build_cpu_s']:.1f} "
+                     f"CPU s ({row['build_wall_s']:.1f} s wall, load {row['load_start']:.1f})\n")
+        lines.append("| queries | " + " | ".join(f"ef {e}" for e in efs) + " |")
+        lines.append("|---|" + "---:|" * len(efs))
+        for label, s in row["recall"]["sets"].items():
+            lines.append(f"| {label} ({s['queries']}) | " + " | ".join(
+                f"{_at(s['ef'], e)['recall']:.3f}" for e in efs) + " |")
     if report.get("interim"):
         r = report["interim"]
         lines.append(f"\n{r['rows']:,} rows in growing segments (interim index), ef "
@@ -228,6 +274,9 @@ def main() -> None:
     p.add_argument("--nprobes", type=str, default="16,32,64,128,off")
     p.add_argument("--interim-ef", type=int, default=64)
     p.add_argument("--copy-dropout", type=float, default=0.3)
+    p.add_argument("--lite-ef-construction", type=str, default="",
+                   help="also --lite-rows on Milvus Lite at these efConstruction")
+    p.add_argument("--lite-rows", type=int, default=100_000)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--table", type=Path, default=None, help="only print a JSON's tables")
     args = p.parse_args()
@@ -239,7 +288,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)
     sizes = [int(x) for x in args.sizes.split(",") if x]
-    largest = max([*sizes, args.interim])
+    largest = max([*sizes, args.interim, args.lite_rows if args.lite_ef_construction else 0])
     vectors, qsets, info = embed(args.model, args.root, args.cache, largest, args.copy_dropout)
     report: dict[str, Any] = {"model": str(args.model), "date": time.strftime(
         "%Y-%m-%d %H:%M:%S"), "machine": machine_line(), "vectors": info,
@@ -253,6 +302,11 @@ def main() -> None:
             log.info("%d rows: %s", n, {k: {e: round(v["ef"][e]["recall"], 3) for e in efs}
                                         for k, v in report["sealed"][-1]["recall"]["sets"]
                                         .items()})
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=1) + "\n")
+        if args.lite_ef_construction:
+            report["lite"] = lite(vectors[:args.lite_rows], qsets, efs, [
+                int(x) for x in args.lite_ef_construction.split(",")], work)
             if args.json:
                 args.json.write_text(json.dumps(report, indent=1) + "\n")
         if args.interim:
