@@ -11,8 +11,9 @@ server at 127.0.0.1:5432, a fresh database dropped afterwards).
     PYTHONPATH=src:bench python bench/bench_backup.py --rows 100000 [--server] [--repeat 1]
 
 `--lite-ef-construction 200,100` restores onto Lite once per value, with the Lite
-collections' HNSW efConstruction at that value (a what-if: the product builds 200 on
-Lite and server alike; the bench swaps `IndexSpec.default_for` for its restores only).
+collections' HNSW efConstruction at that value (a what-if: the product builds
+`LITE_EF_CONSTRUCTION`, 100, on Lite, 200 until this was measured; the bench swaps
+`IndexSpec.default_for` for its restores only).
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def test_the_hnsw_ef_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CARSEARCH_MILVUS_SEARCH_EF", "96")
     p = Platform(load_settings(data_dir=tmp_path))
     index = p.store.index  # type: ignore[attr-defined]
-    assert (index.type, index.params) == ("HNSW", {"M": 16, "efConstruction": 200})
+    assert (index.type, index.params) == ("HNSW", {"M": 16, "efConstruction": 100})  # Lite
+    assert IndexSpec.default_for(False).params == {"M": 16, "efConstruction": 200}
     assert search_params_for(index, 10) == {"ef": 96}
     assert search_params_for(index, 1000) == {"ef": 1000}
     p.close()
