@@ -9,6 +9,11 @@ Milvus server (the `milvus` package's standalone binary on free ports) + Postgre
 server at 127.0.0.1:5432, a fresh database dropped afterwards).
 
     PYTHONPATH=src:bench python bench/bench_backup.py --rows 100000 [--server] [--repeat 1]
+
+`--lite-ef-construction 200,100` restores onto Lite once per value, with the Lite
+collections' HNSW efConstruction at that value (a what-if: the product builds
+`LITE_EF_CONSTRUCTION`, 100, on Lite, 200 until this was measured; the bench swaps
+`IndexSpec.default_for` for its restores only).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from carsearch.backup.restore import restore_backup
 from carsearch.platform.db import Image, ImageStatus, migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.settings import Settings
+from carsearch.platform.vectors.milvus import IndexSpec
 from carsearch.platform.vectors.protocol import VectorRow
 from machine import machine_line
 
@@ -78,6 +87,25 @@ def build_source(root: Path, rows: int, dim: int) -> Settings:
     return s
 
 
+@contextmanager
+def lite_ef_construction(efc: int | None) -> Iterator[None]:
+    """Lite collections created meanwhile get HNSW efConstruction ``efc`` (None: as is)."""
+    if efc is None:
+        yield
+        return
+    original = IndexSpec.__dict__["default_for"]
+
+    def patched(cls: type[IndexSpec], lite: bool) -> IndexSpec:
+        spec: IndexSpec = original.__func__(cls, lite)
+        return replace(spec, params={**spec.params, "efConstruction": efc}) if lite else spec
+
+    IndexSpec.default_for = classmethod(patched)  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        IndexSpec.default_for = original  # type: ignore[method-assign]
+
+
 def _cpu_s() -> float:
     """CPU seconds of this process (every thread: Milvus Lite runs in it) and its
     children so far: what the step would take on a quiet machine, near enough, where the
@@ -102,10 +130,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--server", action="store_true",
                     help="also restore onto a Milvus server + PostgreSQL")
+    ap.add_argument("--lite-ef-construction", type=str, default="",
+                    help="restore onto Lite once per efConstruction listed (a what-if)")
     args = ap.parse_args()
+    efcs: list[int | None] = ([int(x) for x in args.lite_ef_construction.split(",")]
+                              if args.lite_ef_construction else [None])
     logging.basicConfig(level=logging.WARNING)
     root = Path(tempfile.mkdtemp(prefix="bench-backup-"))
-    out: dict[str, list[float]] = {"backup": [], "restore lite+sqlite": [],
+    lite_steps = {efc: "restore lite+sqlite" + ("" if efc is None else
+                                                f" (efConstruction {efc})") for efc in efcs}
+    out: dict[str, list[float]] = {"backup": [], **{v: [] for v in lite_steps.values()},
                                    "restore server+postgresql": []}
     cpu: dict[str, list[float]] = {k: [] for k in out}
     server = None
@@ -124,13 +158,17 @@ def main() -> None:
             create_backup(src, dest, progress=False)
             out["backup"].append(time.perf_counter() - t0)
             cpu["backup"].append(_cpu_s() - c0)
-            lite = Settings(data_dir=root / f"lite{r}")
-            t0, c0 = time.perf_counter(), _cpu_s()
-            restore_backup(lite, dest, progress=False)
-            out["restore lite+sqlite"].append(time.perf_counter() - t0)
-            cpu["restore lite+sqlite"].append(_cpu_s() - c0)
-            print(f"round {r}: restore lite {out['restore lite+sqlite'][-1]:.1f} s "
-                  f"(CPU {cpu['restore lite+sqlite'][-1]:.1f} s)", flush=True)
+            for efc, step in lite_steps.items():
+                lite = Settings(data_dir=root / f"lite{r}-{efc}")
+                t0, c0 = time.perf_counter(), _cpu_s()
+                load0 = os.getloadavg()[0]
+                with lite_ef_construction(efc):
+                    restore_backup(lite, dest, progress=False)
+                out[step].append(time.perf_counter() - t0)
+                cpu[step].append(_cpu_s() - c0)
+                print(f"round {r}: {step} {out[step][-1]:.1f} s (CPU {cpu[step][-1]:.1f} s, "
+                      f"load {load0:.1f}-{os.getloadavg()[0]:.1f})", flush=True)
+                shutil.rmtree(root / f"lite{r}-{efc}", ignore_errors=True)
             if server is not None:
                 url, admin = _pg_database()
                 target = Settings(data_dir=root / f"srv{r}", database_url=url,

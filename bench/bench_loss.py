@@ -36,7 +36,8 @@ softmax's normaliser spans all 256). `--configs` names configurations instead of
 grid (`softmax:16x16:cached`, `sigmoid:32x1:names`: loss, micro-batch x accumulation,
 then any of `cached` and `names` for the class-name columns); `--pairs` may list several
 budgets (`7680,15360,30720`), each run at every one. `--keep` keeps the trained models
-(under --work/runs) for the served check.
+(under --work/runs) for the served check. `--feature-dropout` (default 0, as both passes'
+tables were made: they predate the recipe's 0.3) sets stage 1's dropout on the features.
 
     python bench/bench_loss.py --configs sigmoid:32x1,softmax:64x1 --pairs 7680,30720 \
         --seeds 0,1,2 --json best.json
@@ -155,6 +156,8 @@ def key(c: dict[str, Any]) -> str:
         name += f"-p{c['pairs']}"
     if c.get("lr"):
         name += f"-lr{c['lr']:g}"
+    if c.get("feature_dropout"):
+        name += f"-fd{c['feature_dropout']:g}"
     return name
 
 
@@ -243,6 +246,9 @@ def main() -> None:
     p.add_argument("--seeds", type=str, default="0,1,2")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--class-texts", action="store_true")
+    p.add_argument("--feature-dropout", type=float, default=0.0,
+                   help="stage 1's dropout on the cached features (0 here: both passes' "
+                        "tables were made before the recipe's 0.3 existed)")
     p.add_argument("--accumulate", type=str, default="plain",
                    help="plain, cached or both (plain,cached) for the accumulated rows")
     p.add_argument("--configs", type=str, default="",
@@ -297,7 +303,9 @@ def main() -> None:
     grid = parse_configs(args.configs) if args.configs else configs(
         [int(x) for x in args.batches.split(",")], args.effective, args.losses.split(","),
         args.accumulate.split(","), args.class_texts)
-    grid = [c | {"pairs": n, "lr": args.lr} for n in budgets for c in grid]
+    grid = [c | {"pairs": n, "lr": args.lr}
+            | ({"feature_dropout": args.feature_dropout} if args.feature_dropout else {})
+            for n in budgets for c in grid]
     for seed in (int(x) for x in args.seeds.split(",")):  # every config once, then again
         for c in grid:
             name = f"{key(c)}-s{seed}"
@@ -311,6 +319,7 @@ def main() -> None:
                 data=args.root, base=str(base), out=out, cache_dir=cache, steps=steps,
                 batch_size=c["batch"], grad_accum=c["accum"], loss=c["loss"], lr=args.lr,
                 accumulate=c["accumulate"], seed=seed, class_texts=c["class_texts"],
+                feature_dropout=c.get("feature_dropout", 0.0),
                 progress=False))
             wall = time.perf_counter() - t
             trained, proc = load_base(str(result.model_dir))

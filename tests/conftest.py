@@ -84,6 +84,7 @@ FULL_TESTS: set[str] = {  # "module::test" (every parameter of it)
     "test_collections.py::test_a_general_collection_from_an_unsplash_manifest_end_to_end",
     "test_compact_base.py::test_the_recipes_default_base_trains_stage_1_only",
     "test_compact_base.py::test_a_stage1_only_run_publishes_stage1s_model_with_its_policy",
+    "test_compact_base.py::test_train_passes_no_class_texts_to_stage_1",
     "test_compact_base.py::"
     "test_stage1_trains_on_the_served_framings_with_colour_aware_positives",
     "test_drift.py::test_cli_json_and_one_line_errors",

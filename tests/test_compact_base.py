@@ -398,6 +398,23 @@ def test_stage1_cached_runs_train_as_the_big_batch(
 def test_an_unknown_accumulation_is_a_one_line_error(cli: Cli) -> None:
     one_line_error(cli(["train", "--accumulate", "gradcache"], ok=False), "plain, cached")
 
+
+def test_train_passes_no_class_texts_to_stage_1(
+    cli: Cli, small_base: Path, catalogue: Path, tmp_path: Path
+) -> None:
+    """`carsearch train --no-class-texts` reaches stage 1 (Stage1Config.class_texts), as
+    `--loss` and `--accumulate` do; without the flag stage 1 keeps the class-name columns."""
+    cli(["db", "upgrade"])
+    common = ["train", "--data", str(catalogue), "--base", str(small_base),
+              "--stage1-steps", "1", "--no-stage2", "--no-feedback", "--eval-limit", "4",
+              "--json"]
+    for flag, shown in (("--no-class-texts", False), ("--class-texts", True)):
+        out = tmp_path / flag.lstrip("-")
+        report = json.loads(cli([*common, flag, "--out", str(out)]).stdout)
+        assert report["training"]["steps"] == 1
+        record = json.loads((out / "stage1" / "stage1.json").read_text())
+        assert record["config"]["class_texts"] is shown
+
 def test_a_stage1_only_run_publishes_stage1s_model_with_its_policy(
     small_base: Path, catalogue: Path, tmp_path: Path
 ) -> None:

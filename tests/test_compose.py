@@ -260,3 +260,28 @@ def test_make_secrets_writes_what_compose_and_the_platform_read(
     from sqlalchemy.engine import make_url
 
     assert make_url(settings.database_url).password == values["postgres_password"]
+
+
+def test_milvus_searches_unsealed_rows_at_the_codes_interim_nprobe(
+    compose: dict, tmp_path: Path
+) -> None:
+    """docker-compose's Milvus, the Helm values of the cluster (deploy/milvus/values.yaml)
+    and every server the code starts (LocalMilvusServer) search growing segments through
+    the interim index at one nprobe, the code's INTERIM_INDEX_NPROBE. Compose sets it as
+    Milvus reads any key from the environment: the dotted key upper-cased, dots as
+    underscores, as COMMON_SECURITY_AUTHORIZATIONENABLED is set."""
+    from carsearch.platform.vectors.server import INTERIM_INDEX_NPROBE, LocalMilvusServer
+
+    key = "queryNode.segcore.interimIndex.nprobe"
+    env = _environment(compose["services"]["milvus"])
+    assert env[key.upper().replace(".", "_")] == str(INTERIM_INDEX_NPROBE)
+    values = yaml.safe_load((REPO / "deploy" / "milvus" / "values.yaml").read_text())
+    assert values["cluster"]["enabled"] is True
+    user = yaml.safe_load(values["extraConfigFiles"]["user.yaml"])
+    assert user["queryNode"]["segcore"]["interimIndex"]["nprobe"] == INTERIM_INDEX_NPROBE
+    assert user["common"]["security"]["authorizationEnabled"] is True
+    assert LocalMilvusServer(tmp_path).extra_config[key] == INTERIM_INDEX_NPROBE
+    off = {"queryNode.segcore.interimIndex.enableIndex": False}
+    assert LocalMilvusServer(tmp_path, extra_config=off).extra_config == {
+        key: INTERIM_INDEX_NPROBE, **off}
+    assert LocalMilvusServer(tmp_path, extra_config={key: 128}).extra_config[key] == 128

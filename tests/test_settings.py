@@ -122,19 +122,22 @@ def test_unusable_secret_files_are_one_line_errors_without_the_secret(
 
 
 def test_the_hnsw_ef_is_a_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """CARSEARCH_MILVUS_SEARCH_EF reaches the store's search parameters (64 by default;
-    still raised to k where k is larger)."""
+    """CARSEARCH_MILVUS_SEARCH_EF reaches the store's search parameters (256 by default,
+    the index's own default; still raised to k where k is larger)."""
     from carsearch.platform.runtime import Platform
-    from carsearch.platform.vectors.milvus import search_params_for
+    from carsearch.platform.vectors.milvus import DEFAULT_SEARCH_EF, IndexSpec, search_params_for
 
+    assert Settings(data_dir=tmp_path).milvus_search_ef == DEFAULT_SEARCH_EF == 256
+    assert IndexSpec.default_for(False).search_params == {"ef": DEFAULT_SEARCH_EF}
     p = Platform(Settings(data_dir=tmp_path))
-    assert p.store.index.search_params == {"ef": 64}  # type: ignore[attr-defined]
+    assert p.store.index.search_params == {"ef": 256}  # type: ignore[attr-defined]
     p.close()
-    monkeypatch.setenv("CARSEARCH_MILVUS_SEARCH_EF", "256")
+    monkeypatch.setenv("CARSEARCH_MILVUS_SEARCH_EF", "96")
     p = Platform(load_settings(data_dir=tmp_path))
     index = p.store.index  # type: ignore[attr-defined]
-    assert (index.type, index.params) == ("HNSW", {"M": 16, "efConstruction": 200})
-    assert search_params_for(index, 10) == {"ef": 256}
+    assert (index.type, index.params) == ("HNSW", {"M": 16, "efConstruction": 100})  # Lite
+    assert IndexSpec.default_for(False).params == {"M": 16, "efConstruction": 200}
+    assert search_params_for(index, 10) == {"ef": 96}
     assert search_params_for(index, 1000) == {"ef": 1000}
     p.close()
     with pytest.raises(SettingsError, match="MILVUS_SEARCH_EF"):

@@ -148,7 +148,7 @@ def test_index_build_parameters_reach_milvus_lite(tmp_path: Path) -> None:
     default = MilvusStore(str(tmp_path / "d.db"))
     default.ensure_collection("c", DIM)
     params = default.client.describe_index("c", "vector")["params"]
-    assert params == {"M": 16, "efConstruction": 200}
+    assert params == {"M": 16, "efConstruction": 100}  # LITE_EF_CONSTRUCTION
     default.close()
 
 

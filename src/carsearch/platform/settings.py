@@ -163,11 +163,13 @@ class Settings(BaseSettings):
         "that decide repairs (reconcile, re-index, counts, scans) are always Strong.",
     )
     milvus_search_ef: int = Field(
-        default=64, ge=1, le=32_768,
+        default=256, ge=1, le=32_768,
         description="HNSW's ef for searches (raised to k where k is larger): more "
-        "candidates, better recall, slower. 64 measured recall@10 0.993 at 1M on the "
-        "server with queries near the data; text queries against image vectors may need "
-        "more (docs/BENCHMARKS.md, the scale run): check with `carsearch evaluate ann`.")
+        "candidates, better recall, slower. Text queries against image vectors need more "
+        "than image queries: at 100k rows of a trained model, text recall@10 0.92-0.98 at "
+        "ef 64, 0.995-0.999 at 256, at the same one-query latency (docs/BENCHMARKS.md, "
+        "\"The search ef and the interim index's nprobe\"); check with `carsearch "
+        "evaluate ann`. The same number as vectors.milvus.DEFAULT_SEARCH_EF.")
     model_dir: Path = Field(default=Path(""), description="Where model versions are stored.")
     base_model: str = Field(
         default="",

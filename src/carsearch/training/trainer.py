@@ -766,7 +766,7 @@ def _run_stage1(config: TrainConfig) -> TrainConfig:
             queries=config.queries, steps=config.stage1_steps,
             batch_size=config.stage1_batch_size, seed=config.seed, progress=config.progress,
             loss=config.loss, grad_accum=config.stage1_grad_accum,
-            accumulate=config.accumulate,
+            accumulate=config.accumulate, class_texts=config.class_texts,
             **({"lr": config.stage1_lr} if config.stage1_lr > 0 else {}),
             **({"feature_dropout": config.stage1_feature_dropout}
                if config.stage1_feature_dropout >= 0 else {}),
