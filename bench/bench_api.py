@@ -56,7 +56,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from PIL import Image as PILImage
 
-from bench_search import QUERIES, fill
+from bench_search import QUERIES, published_and_filled
 from carsearch.client import Client
 from carsearch.platform.db import migrate
 from carsearch.platform.runtime import Platform
@@ -65,7 +65,7 @@ from carsearch.platform.search.service import SearchRequest
 from carsearch.platform.settings import Settings
 from carsearch.training.base_model import build_compact_base
 from carsearch.ui.app import LaunchOptions, launch, log_http_stack
-from machine import machine_line, wait_until_idle
+from machine import machine_line
 
 # The client in its own process: reads "search K QUERY" or "health" lines, answers
 # "WALL_MS CPU_MS" (wall and its own CPU time for the call, through carsearch.client).
@@ -174,12 +174,7 @@ def main() -> None:
         demos: list[object] = []
         children: dict[str, ChildClient] = {}
         try:
-            version = plat.registry.publish(model, name="bench")
-            plat.registry.promote("bench")
-            fill(plat, version.collection, version.dim, args.size, photo)
-            plat.search.warm(wait=True)  # the mirror built before timing
-            waited = wait_until_idle()  # Milvus Lite's index build after the flush
-            print(f"waited {waited:.0f} s for the process to be idle", flush=True)
+            published_and_filled(plat, model, args.size, photo)
             urls: dict[str, str] = {}
             labels: dict[str, str] = {}
             for name in servers:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from bench_search import QUERIES, fill
+from bench_search import QUERIES, published_and_filled
 from carsearch.platform.db import migrate
 from carsearch.platform.runtime import Platform
 from carsearch.platform.search import service as service_mod
@@ -37,7 +37,7 @@ from carsearch.platform.search.querymix import mmr_order
 from carsearch.platform.search.service import SearchRequest
 from carsearch.platform.settings import Settings
 from carsearch.training.base_model import build_compact_base
-from machine import machine_line, wait_until_idle
+from machine import machine_line
 
 
 def pool_size(k: int) -> int:
@@ -66,12 +66,7 @@ def main() -> None:
         PILImage.new("RGB", (128, 96), (180, 30, 30)).save(photo)
         plat = Platform(settings)
         try:
-            version = plat.registry.publish(model, name="bench")
-            plat.registry.promote("bench")
-            fill(plat, version.collection, version.dim, args.size, photo)
-            plat.search.warm(wait=True)  # the mirror built before timing
-            waited = wait_until_idle()  # Milvus Lite's index build after the flush
-            print(f"waited {waited:.0f} s for the process to be idle", flush=True)
+            version = published_and_filled(plat, model, args.size, photo)
             svc = plat.search
             svc.warm(wait=True)
             vocab = VocabularyCache(plat.db).get()

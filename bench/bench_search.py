@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -47,7 +48,7 @@ from carsearch.platform.vectors.protocol import VectorRow, VectorStoreError
 from carsearch.platform.vehicles import COLOURS, MAKE_ALIASES
 from carsearch.training.base_model import build_compact_base
 from carsearch.ui.page import PickedFilters, SearchPage
-from machine import cpu_name
+from machine import cpu_name, wait_until_idle
 
 BODIES = {"Sedan": "sedan", "Coupe": "coupe", "SUV": "suv", "Crew Cab": "pickup",
           "Hatchback": "hatchback", "Convertible": "convertible", "Minivan": "minivan"}
@@ -64,6 +65,19 @@ def synthetic_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     labels = rng.integers(0, len(centres), n)
     vecs = centres[labels] + 0.35 * rng.normal(size=(n, dim)).astype(np.float32)
     return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+
+def published_and_filled(platform_: Platform, model: Path, n: int, photo: Path) -> Any:
+    """`model` published and promoted as "bench", its collection filled with n synthetic
+    vehicles, the search mirror built and Milvus Lite's index build after the flush
+    waited out: a serving collection ready to time."""
+    version = platform_.registry.publish(model, name="bench")
+    platform_.registry.promote("bench")
+    fill(platform_, version.collection, version.dim, n, photo)
+    platform_.search.warm(wait=True)  # the mirror built before timing
+    waited = wait_until_idle()  # Milvus Lite's index build after the flush
+    print(f"waited {waited:.0f} s for the process to be idle", flush=True)
+    return version
 
 
 def fill(platform_: Platform, collection: str, dim: int, n: int, photo: Path) -> None:
