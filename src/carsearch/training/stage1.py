@@ -157,16 +157,16 @@ def features_for(net: Any, processor: Any, dataset: StanfordDataset,
     mirrored left to right when ``flip`` (a car seen from its other side)."""
     cache = FeatureCache(cache_dir, tower_key(net, processor))
     mirror = "|flip" if flip else ""
+
+    def oriented(image: Any) -> Any:
+        return ImageOps.mirror(image.convert("RGB")) if flip else image
+
     if view <= 0.0:
         keys = (image_keys(items) if not flip else
                 [content_key(item.path, f"{item.bbox!r}{mirror}") for item in items])
-
-        def open_box(i: int) -> Any:
-            image = dataset.open_image(items[i])
-            return ImageOps.mirror(image.convert("RGB")) if flip else image
-
-        return cached_features(net, processor, keys, open_box, cache, progress=progress,
-                               stats=stats)
+        return cached_features(net, processor, keys,
+                               lambda i: oriented(dataset.open_image(items[i])), cache,
+                               progress=progress, stats=stats)
     from carsearch.platform.models.image_policy import ImagePolicy
 
     policy = ImagePolicy(train_views="box-to-frame")
@@ -174,8 +174,8 @@ def features_for(net: Any, processor: Any, dataset: StanfordDataset,
             for item in items]
 
     def open_view(i: int) -> Any:
-        image = policy.train_view(dataset.open_image(items[i], crop=False), items[i].bbox, view)
-        return ImageOps.mirror(image.convert("RGB")) if flip else image
+        return oriented(policy.train_view(dataset.open_image(items[i], crop=False),
+                                          items[i].bbox, view))
 
     return cached_features(net, processor, keys, open_view, cache, progress=progress,
                            stats=stats)
