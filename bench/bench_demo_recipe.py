@@ -29,6 +29,7 @@ from carsearch.data.stanford import load_stanford
 from carsearch.platform.metrics import query_scores
 from carsearch.platform.search.evaluation import summarise
 from carsearch.training.evaluate import class_name_queries, held_out_queries, label_fields
+from carsearch.training.recipe import PROJECTIONS, STAGE1_PROJECTION
 from carsearch.training.stage1 import (
     Stage1Config,
     features_for,
@@ -69,6 +70,10 @@ def main() -> None:
     p.add_argument("--views", type=str, default="0")
     p.add_argument("--frame-prob", type=float, default=0.25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--projection", choices=PROJECTIONS, default=STAGE1_PROJECTION,
+                   help="stage 1's image projection (ridge: fitted, then fixed)")
+    p.add_argument("--feature-dropout", type=float, default=0.0,
+                   help="dropout on the cached features (the demo's: 0)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -81,7 +86,8 @@ def main() -> None:
         data=args.data, base=str(args.base), out=args.work / "stage1", cache_dir=cache,
         queries=args.queries, steps=args.steps, batch_size=args.batch, lr=args.lr,
         caption_prob=args.caption_prob, views=views, frame_prob=args.frame_prob,
-        seed=args.seed, progress=False))
+        seed=args.seed, progress=False, projection=args.projection,
+        feature_dropout=args.feature_dropout))
     trained_s = time.perf_counter() - start
     dataset = load_stanford(args.data)
     val = dataset.subset("validation")

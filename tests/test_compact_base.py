@@ -654,3 +654,96 @@ def test_stage1_mirrors_images_when_asked_and_caches_the_mirror_as_its_own_row(
         stage1.train_stage1(stage1.Stage1Config(
             data=catalogue, base=str(small_base), out=tmp_path / "bad", cache_dir=cache,
             flip_prob=1.5, progress=False))
+
+
+def test_ridge_projection_fits_the_labels_and_fills_the_rest_with_residual_directions(
+) -> None:
+    """The closed-form projection: its label columns rank each image's own class first
+    (a well-separated toy), its filled rows lie outside the ridge's directions with the
+    spread asked for, and more label columns than dimensions keep the leading ones."""
+    from carsearch.training.stage1 import label_targets, ridge_projection
+
+    gen = torch.Generator().manual_seed(0)
+    classes = torch.arange(6).repeat_interleave(20)
+    colours = torch.tensor([-1, 0, 2] * 40)
+    centres = torch.randn(6, 32, generator=gen) * 3
+    feats = centres[classes] + torch.randn(120, 32, generator=gen)
+    feats[:, 31] += 4 * (colours == 2).float()  # colour 2 shows in one direction
+    targets = label_targets(classes, colours)
+    assert targets.shape == (120, 8)  # 6 classes, the 2 colours present
+    assert torch.equal(targets[0, 6:], torch.zeros(2))  # colour unknown: no target
+    assert targets[1, 6:].tolist() == [1.0, -1.0] and targets[2, 6:].tolist() == [-1.0, 1.0]
+
+    weight, bias = ridge_projection(feats, targets, dim=12, lam=1.0, fill=0.5)
+    assert weight.shape == (12, 32) and bias.shape == (12,)
+    out = feats @ weight.T + bias
+    assert (out[:, :6].argmax(1) == classes).float().mean() > 0.95
+    known = colours >= 0
+    assert (out[known, 6:8].argmax(1) == (colours[known] == 2).long()).float().mean() > 0.9
+    u, sv, _ = torch.linalg.svd(weight[:8].T.double(), full_matrices=False)
+    basis = u[:, sv > sv.max() * 1e-6]
+    leak = weight[8:].double() @ basis
+    assert leak.abs().max() < 1e-6 * weight[8:].abs().max()  # outside the ridge's span
+    spread = out[:, :8].std(0).mean()
+    torch.testing.assert_close(out[:, 8:].std(0), torch.full((4,), 0.5 * float(spread)),
+                               rtol=1e-3, atol=1e-5)
+    assert abs(float(out.mean(0).abs().max())) < 1e-4  # centred on the train features
+
+    narrow, _ = ridge_projection(feats, targets, dim=4, lam=1.0, fill=1.0)
+    assert narrow.shape == (4, 32)
+    reduced = feats @ narrow.T
+    nearest = torch.cdist(reduced, reduced).fill_diagonal_(1e9).argmin(1)
+    assert (classes[nearest] == classes).float().mean() > 0.9  # still separates classes
+    empty, _ = ridge_projection(feats, targets, dim=12, lam=1.0, fill=0.0)
+    assert torch.equal(empty[8:], torch.zeros(4, 32))
+
+
+@pytest.mark.parametrize("projection", ["ridge", "learned"])
+def test_stage1_fits_the_projection_to_the_labels_and_keeps_it(
+    projection: str, small_base: Path, catalogue: Path, tmp_path: Path
+) -> None:
+    """projection="ridge" (the recipe): the saved image projection is the ridge fit of the
+    cached features (the steps did not move it) and the text tower trained; "learned"
+    trains the projection with the text tower."""
+    from safetensors.torch import load_file
+
+    from carsearch.data.stanford import load_stanford
+    from carsearch.training.recipe import STAGE1_RIDGE_FILL, STAGE1_RIDGE_LAMBDA
+    from carsearch.training.stage1 import (
+        Stage1Config,
+        features_for,
+        label_targets,
+        ridge_projection,
+        train_stage1,
+    )
+    from carsearch.training.train_data import colour_id
+    from carsearch.training.trainer import load_base
+
+    cache = tmp_path / "cache"
+    result = train_stage1(Stage1Config(data=catalogue, base=str(small_base),
+                                       out=tmp_path / "s1", cache_dir=cache, steps=3,
+                                       batch_size=4, progress=False, projection=projection))
+    saved = load_file(str(result.model_dir / "model.safetensors"))
+    base = load_file(str(small_base / "model.safetensors"))
+    net, processor = load_base(str(small_base))
+    items = load_stanford(catalogue).subset("train")
+    feats = torch.from_numpy(features_for(net, processor, load_stanford(catalogue), items,
+                                          cache, progress=False))
+    names = sorted({x.label.class_name for x in items})
+    targets = label_targets(torch.tensor([names.index(x.label.class_name) for x in items]),
+                            torch.tensor([colour_id(x.label.colour) for x in items]))
+    with torch.no_grad():
+        weight, bias = ridge_projection(net.vision_model.norm(feats), targets, 256,
+                                        STAGE1_RIDGE_LAMBDA, STAGE1_RIDGE_FILL)
+    fitted = (torch.allclose(saved["vision_model.projection.weight"], weight, atol=1e-5)
+              and torch.allclose(saved["vision_model.projection.bias"], bias, atol=1e-5))
+    assert fitted is (projection == "ridge")
+    assert not torch.equal(saved["text_model.projection.0.weight"],
+                           base["text_model.projection.0.weight"])
+    with pytest.raises(ConfigError, match="projection"):
+        train_stage1(Stage1Config(data=catalogue, base=str(small_base), out=tmp_path / "x",
+                                  cache_dir=cache, projection="pca", progress=False))
+
+
+def test_an_unknown_stage1_projection_is_a_one_line_error(cli: Cli) -> None:
+    one_line_error(cli(["train", "--stage1-projection", "pca"], ok=False), "ridge, learned")

@@ -24,7 +24,9 @@ from carsearch.cli.context import settings_from
 from carsearch.platform.errors import ConfigError
 from carsearch.platform.settings import Settings
 from carsearch.training.recipe import (
+    PROJECTIONS,
     STAGE1_FEATURE_DROPOUT,
+    STAGE1_PROJECTION,
     STAGE1_STEPS,
     has_cached_feature_tower,
 )
@@ -99,6 +101,9 @@ def train_command(
     stage1_feature_dropout: Annotated[float, typer.Option(
         min=-1.0, max=0.95, help="Stage 1's dropout on the cached image features (-1: the "
         f"recipe's, {STAGE1_FEATURE_DROPOUT}).")] = -1.0,
+    stage1_projection: Annotated[str, typer.Option(
+        help="Stage 1's image projection: ridge (fitted to the labels in closed form, then "
+        "fixed; the recipe's) or learned (trained with the text tower).")] = STAGE1_PROJECTION,
     stage2: Annotated[bool | None, typer.Option("--stage2/--no-stage2", help="After stage "
                                                 "1, LoRA on both towers (default: only when "
                                                 "--steps or --epochs is given).")] = None,
@@ -162,6 +167,9 @@ def train_command(
         raise ConfigError("--resume needs --out (the run directory to continue)")
     if loss not in LOSSES:
         raise ConfigError(f"--loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+    if stage1_projection not in PROJECTIONS:
+        raise ConfigError(f"--stage1-projection must be one of {', '.join(PROJECTIONS)}, "
+                          f"not {stage1_projection!r}")
     if accumulate not in ACCUMULATE:
         raise ConfigError(f"--accumulate must be one of {', '.join(ACCUMULATE)}, not "
                           f"{accumulate!r}")
@@ -188,6 +196,7 @@ def train_command(
         ledger_db=settings.database_url,  # checkpoint hashes, checked by --resume
         train_views=train_views, frame_prob=frame_prob, box_margin=box_margin,
         stage1_steps=stage1, stage1_lr=stage1_lr, stage1_feature_dropout=stage1_feature_dropout,
+        stage1_projection=stage1_projection,
         stage1_grad_accum=stage1_grad_accum, accumulate=accumulate,
         stage2=stage2 if stage2 is not None else (stage1 == 0 or bool(steps or epochs)),
         feature_cache=settings.data_dir / "feature-cache",

@@ -56,9 +56,13 @@ from carsearch.training.grad_cache import ACCUMULATE, cached_backward
 from carsearch.training.loss import LOSSES, contrastive_loss
 from carsearch.training.query_metrics import per_query
 from carsearch.training.recipe import (
+    PROJECTIONS,
     STAGE1_BATCH,
     STAGE1_FEATURE_DROPOUT,
     STAGE1_LR,
+    STAGE1_PROJECTION,
+    STAGE1_RIDGE_FILL,
+    STAGE1_RIDGE_LAMBDA,
     STAGE1_STEPS,
 )
 from carsearch.training.train_data import (
@@ -111,6 +115,11 @@ class Stage1Config:
     # carve held out, as promotion reads it) or "train+validation" (every train image,
     # a refit once the recipe is chosen)
     train_subset: str = "train"
+    # the image projection: "ridge" (fitted to the labels in closed form before the first
+    # step, then fixed: `ridge_projection`) or "learned" (trained with the text tower)
+    projection: str = STAGE1_PROJECTION
+    ridge_lambda: float = STAGE1_RIDGE_LAMBDA
+    ridge_fill: float = STAGE1_RIDGE_FILL
 
 
 @dataclass
@@ -211,6 +220,69 @@ class Stage1Module(nn.Module):
         image = F.normalize(net.project_image(features), dim=-1)
         text = F.normalize(net.get_text_features(input_ids=input_ids), dim=-1)
         return image, text, net.logit_scale.reshape(()), net.logit_bias.reshape(())
+
+
+def label_targets(classes: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """The ridge's targets, one row an image: +1 in its class's column, -1 in the other
+    classes'; a column per colour some image has, +1 / -1 where the image's colour is
+    known, 0 where it is not."""
+    n_classes = int(classes.max()) + 1
+    cls = -torch.ones(len(classes), n_classes, dtype=torch.float64)
+    cls[torch.arange(len(classes)), classes] = 1.0
+    present = sorted(int(c) for c in colours.unique() if c >= 0)
+    col = torch.zeros(len(classes), len(present), dtype=torch.float64)
+    for j, c in enumerate(present):
+        known = colours >= 0
+        col[known, j] = torch.where(colours[known] == c, 1.0, -1.0).double()
+    return torch.cat([cls, col], dim=1)
+
+
+def ridge_projection(features: torch.Tensor, targets: torch.Tensor, dim: int, lam: float,
+                     fill: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear map (weight (dim, d), bias (dim,)) of features onto `dim` outputs: the
+    ridge regression of the centred features onto the targets (penalty `lam`); with more
+    target columns than `dim`, its `dim` leading directions (reduced rank); with fewer,
+    the rest are the leading principal directions of the features' residual (what the
+    ridge's directions leave), each scaled to `fill` times the ridge outputs' mean
+    standard deviation (0: left at zero)."""
+    z = features.double()
+    mean = z.mean(0)
+    zc = z - mean
+    d = z.shape[1]
+    gram = zc.T @ zc
+    w = torch.linalg.solve(gram + lam * torch.eye(d, dtype=torch.float64), zc.T @ targets)
+    if w.shape[1] > dim:  # more label columns than dimensions: the fitted outputs' top
+        _, _, vt = torch.linalg.svd(zc @ w, full_matrices=False)
+        w = w @ vt[:dim].T
+    rest = dim - w.shape[1]
+    if rest > 0:
+        spread = (zc @ w).std(0).mean()
+        # the ridge's directions, orthonormal: its rank (the class columns, centred, sum
+        # to zero: one fewer than there are), not its column count
+        u, sv, _ = torch.linalg.svd(w, full_matrices=False)
+        basis = u[:, sv > sv.max() * 1e-9]
+        keep = torch.eye(d, dtype=torch.float64) - basis @ basis.T
+        residual_cov = keep @ gram @ keep
+        _, vecs = torch.linalg.eigh(residual_cov)  # ascending
+        comps = vecs[:, -rest:].flip(1)  # (d, rest), the largest first
+        std = (zc @ comps).std(0).clamp_min(1e-12)
+        w = torch.cat([w, comps * (fill * spread / std)], dim=1)
+    return w.T.float().contiguous(), (-(mean @ w)).float()
+
+
+def fit_ridge_projection(net: Any, features: torch.Tensor, targets: torch.Tensor,
+                         lam: float, fill: float) -> None:
+    """Set the image projection to `ridge_projection` of the layer-normed features and
+    fix it (and the layer norm): the steps train the text tower to it."""
+    vision = net.vision_model
+    with torch.no_grad():
+        normed = vision.norm(features.float())
+        weight, bias = ridge_projection(normed, targets, vision.projection.out_features,
+                                        lam, fill)
+        vision.projection.weight.copy_(weight)
+        vision.projection.bias.copy_(bias)
+    vision.projection.requires_grad_(False)
+    vision.norm.requires_grad_(False)
 
 
 def freeze_image_backbone(net: Any) -> None:
@@ -365,6 +437,11 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
         raise ConfigError("flip_prob must be in [0, 1]")
     if config.loss not in LOSSES:
         raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {config.loss!r}")
+    if config.projection not in PROJECTIONS:
+        raise ConfigError(f"projection must be one of {', '.join(PROJECTIONS)}, not "
+                          f"{config.projection!r}")
+    if config.ridge_lambda <= 0 or config.ridge_fill < 0:
+        raise ConfigError("ridge_lambda must be > 0 and ridge_fill >= 0")
     if config.accumulate not in ACCUMULATE:
         raise ConfigError(f"accumulate must be one of {', '.join(ACCUMULATE)}, not "
                           f"{config.accumulate!r}")
@@ -398,6 +475,14 @@ def train_stage1(config: Stage1Config) -> Stage1Result:
     tokens = TokenTable(processor, [*names, *(q for qs in queries for q in qs)], max_len)
     colours = torch.tensor([colour_id(x.label.colour) for x in train_items])
     freeze_image_backbone(net)
+    if config.projection == "ridge":  # every cached row (view, mirror) with its labels
+        n_rows, fit_start = feats.shape[0] * feats.shape[1], time.perf_counter()
+        fit_ridge_projection(
+            net, feats.reshape(-1, feats.shape[-1]),
+            label_targets(classes.repeat(n_rows), colours.repeat(n_rows)),
+            config.ridge_lambda, config.ridge_fill)
+        log.info("stage 1: image projection fitted by ridge regression on %d rows in %.1f s",
+                 n_rows * len(train_items), time.perf_counter() - fit_start)
     module = Stage1Module(net, config.feature_dropout)
     optimizers = stage1_optimizers(net, config)
     from transformers import get_cosine_schedule_with_warmup

@@ -78,6 +78,7 @@ from carsearch.training.feedback import (
     load_feedback,
 )
 from carsearch.training.loss import LOSSES, contrastive_loss, feedback_loss
+from carsearch.training.recipe import STAGE1_PROJECTION
 from carsearch.training.train_data import (
     Collate,
     SampleStream,
@@ -162,6 +163,7 @@ class TrainConfig:
     accumulate: str = "plain"
     stage1_lr: float = 0.0  # 0: Stage1Config's default (training/recipe.py)
     stage1_feature_dropout: float = -1.0  # < 0: Stage1Config's default (the recipe's)
+    stage1_projection: str = STAGE1_PROJECTION  # "ridge" or "learned" (training/stage1.py)
     # False: stage 1's model is the run's result (the image tower as pre-trained, no LoRA
     # stage; the feedback votes are not used)
     stage2: bool = True
@@ -771,7 +773,7 @@ def _run_stage1(config: TrainConfig) -> TrainConfig:
             **({"feature_dropout": config.stage1_feature_dropout}
                if config.stage1_feature_dropout >= 0 else {}),
             views=STAGE1_VIEWS if config.train_views == "box-to-frame" else (0.0,),
-            frame_prob=config.frame_prob,
+            frame_prob=config.frame_prob, projection=config.stage1_projection,
         ))
     return replace(config, base=str(model_dir), full=config.full or False)
 
