@@ -696,6 +696,12 @@ def test_ridge_projection_fits_the_labels_and_fills_the_rest_with_residual_direc
     assert (classes[nearest] == classes).float().mean() > 0.9  # still separates classes
     empty, _ = ridge_projection(feats, targets, dim=12, lam=1.0, fill=0.0)
     assert torch.equal(empty[8:], torch.zeros(4, 32))
+    # 10 photos of 6 classes, no colour known among them, in 32 dimensions: the centred
+    # features span 9 directions, the ridge 5 of them; 4 filled rows carry the other 4
+    # and the remaining 8 stay zero, not scaled up from numerical noise
+    few, _ = ridge_projection(feats[::12], targets[::12], dim=20, lam=1.0, fill=1.0)
+    assert torch.isfinite(few).all() and few.abs().max() < 10 * weight.abs().max()
+    assert (few[8:].abs().sum(1) > 0).tolist() == [True] * 4 + [False] * 8
 
 
 @pytest.mark.parametrize("projection", ["ridge", "learned"])

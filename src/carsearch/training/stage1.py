@@ -244,7 +244,8 @@ def ridge_projection(features: torch.Tensor, targets: torch.Tensor, dim: int, la
     target columns than `dim`, its `dim` leading directions (reduced rank); with fewer,
     the rest are the leading principal directions of the features' residual (what the
     ridge's directions leave), each scaled to `fill` times the ridge outputs' mean
-    standard deviation (0: left at zero)."""
+    standard deviation (0: left at zero; so are directions the features do not vary
+    along, when there are fewer photos than dimensions)."""
     z = features.double()
     mean = z.mean(0)
     zc = z - mean
@@ -265,8 +266,12 @@ def ridge_projection(features: torch.Tensor, targets: torch.Tensor, dim: int, la
         residual_cov = keep @ gram @ keep
         _, vecs = torch.linalg.eigh(residual_cov)  # ascending
         comps = vecs[:, -rest:].flip(1)  # (d, rest), the largest first
-        std = (zc @ comps).std(0).clamp_min(1e-12)
-        w = torch.cat([w, comps * (fill * spread / std)], dim=1)
+        std = (zc @ keep @ comps).std(0)  # along what the ridge leaves, not through it
+        # fewer photos than dimensions leave directions the features never vary along:
+        # those stay at zero rather than being blown up to the spread
+        varied = std > 1e-6 * std.max().clamp_min(1e-12)
+        scale = torch.where(varied, fill * spread / std.clamp_min(1e-12), 0.0)
+        w = torch.cat([w, comps * scale], dim=1)
     return w.T.float().contiguous(), (-(mean @ w)).float()
 
 
