@@ -115,6 +115,9 @@ _register()
 
 
 def main() -> None:
+    from carsearch.platform.memory import keep_freed_memory
+
+    keep_freed_memory()  # batches reuse freed pages: platform/memory.py
     try:
         app()
     except CarsearchError as exc:
