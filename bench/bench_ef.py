@@ -225,17 +225,23 @@ def _at(by_ef: dict[Any, Any], ef: int) -> Any:
     return by_ef[ef] if ef in by_ef else by_ef[str(ef)]
 
 
+def _recall_rows(sets: dict[str, Any], efs: list[Any]) -> list[str]:
+    """A recall table's header and one row per query set, a column per ef."""
+    rows = ["| queries | " + " | ".join(f"ef {e}" for e in efs) + " |",
+            "|---|" + "---:|" * len(efs)]
+    for label, s in sets.items():
+        rows.append(f"| {label} ({s['queries']}) | " + " | ".join(
+            f"{_at(s['ef'], e)['recall']:.3f}" for e in efs) + " |")
+    return rows
+
+
 def table(report: dict[str, Any]) -> str:
     lines = []
     for size in report.get("sealed", []):
         efs = list(size["p50_ms"])
         lines.append(f"\n{size['rows']:,} rows (sealed, HNSW), load "
                      f"{size['load_start']:.1f}-{size['load_end']:.1f}\n")
-        lines.append("| queries | " + " | ".join(f"ef {e}" for e in efs) + " |")
-        lines.append("|---|" + "---:|" * len(efs))
-        for label, s in size["recall"]["sets"].items():
-            lines.append(f"| {label} ({s['queries']}) | " + " | ".join(
-                f"{s['ef'][e]['recall']:.3f}" for e in efs) + " |")
+        lines += _recall_rows(size["recall"]["sets"], efs)
         lines.append("| p50 ms, one text query | " + " | ".join(
             f"{size['p50_ms'][e]:.1f}" for e in efs) + " |")
     for row in report.get("lite", []):
@@ -243,11 +249,7 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"\nMilvus Lite, {row['rows']:,} rows, efConstruction "
                      f"{row['efConstruction']}: upsert + flush + build {row['build_cpu_s']:.1f} "
                      f"CPU s ({row['build_wall_s']:.1f} s wall, load {row['load_start']:.1f})\n")
-        lines.append("| queries | " + " | ".join(f"ef {e}" for e in efs) + " |")
-        lines.append("|---|" + "---:|" * len(efs))
-        for label, s in row["recall"]["sets"].items():
-            lines.append(f"| {label} ({s['queries']}) | " + " | ".join(
-                f"{_at(s['ef'], e)['recall']:.3f}" for e in efs) + " |")
+        lines += _recall_rows(row["recall"]["sets"], efs)
     if report.get("interim"):
         r = report["interim"]
         lines.append(f"\n{r['rows']:,} rows in growing segments (interim index), ef "

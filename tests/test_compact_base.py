@@ -732,9 +732,10 @@ def test_stage1_fits_the_projection_to_the_labels_and_keeps_it(
     saved = load_file(str(result.model_dir / "model.safetensors"))
     base = load_file(str(small_base / "model.safetensors"))
     net, processor = load_base(str(small_base))
-    items = load_stanford(catalogue).subset("train")
-    feats = torch.from_numpy(features_for(net, processor, load_stanford(catalogue), items,
-                                          cache, progress=False))
+    dataset = load_stanford(catalogue)
+    items = dataset.subset("train")
+    feats = torch.from_numpy(features_for(net, processor, dataset, items, cache,
+                                          progress=False))
     names = sorted({x.label.class_name for x in items})
     targets = label_targets(torch.tensor([names.index(x.label.class_name) for x in items]),
                             torch.tensor([colour_id(x.label.colour) for x in items]))

@@ -231,8 +231,8 @@ def label_targets(classes: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     cls[torch.arange(len(classes)), classes] = 1.0
     present = sorted(int(c) for c in colours.unique() if c >= 0)
     col = torch.zeros(len(classes), len(present), dtype=torch.float64)
+    known = colours >= 0
     for j, c in enumerate(present):
-        known = colours >= 0
         col[known, j] = torch.where(colours[known] == c, 1.0, -1.0).double()
     return torch.cat([cls, col], dim=1)
 
